@@ -1,0 +1,585 @@
+"""Time one DRAW training step in npdraw, side by side with a plain PyTorch peer.
+
+One step = ``loss_and_grads`` + global-norm clipping + one Adam update, on a fixed
+batch and fixed noise, after warm-up; the figure is the median over ``--steps``
+steps. npdraw and the PyTorch peer (bench/torch_draw.py) take turns step by step
+(A B B A A B ...), so that noise from other work on the machine falls on both.
+
+Before any ratio is printed, the peer is loaded with npdraw's parameters and must
+give npdraw's loss on the same batch and noise (float32, relative difference
+< 1e-4) and, in float64 on a smaller batch, the same loss and gradients (relative
+difference < 1e-6). If it does not, no ratio is printed and the exit status is 1.
+
+Run from the repository root:
+
+    python bench/run.py                    # paper's MNIST config, both models
+    python bench/run.py --T 8 --steps 3    # quicker
+    python bench/run.py --json             # the same figures as JSON
+
+Exit status: 0 done, 1 the peer disagreed with npdraw, 2 bad usage or no such device.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first, not the root
+    sys.path.insert(0, str(_REPO_ROOT))
+
+import numpy as np  # noqa: E402
+
+LOSS_RTOL_F32 = 1e-4
+RTOL_F64 = 1e-6
+CLIP = 10.0
+LR, BETA1, BETA2, ADAM_EPS = 1e-3, 0.9, 0.999, 1e-8
+CHECK_GRADS = ("enc_W", "dec_W", "write_W", "c0")  # checked in float64, with the loss
+MODELS = {"attention": True, "no-attention": False}
+
+
+# ------------------------------------------------------------------ FLOP count
+
+def flop_terms(cfg, B: int) -> dict:
+    """Forward FLOPs of one step (all T glimpses) by component; a GEMM m x k @ k x n is 2*m*n*k.
+
+    Counted: the encoder and decoder LSTM GEMMs (inputs and recurrent rows in one
+    matrix), the q layer, the write layer and, with attention, the two attention
+    parameter layers and the filterbank matmuls: the read applies F_Y (N,H) @ img
+    (H,W) then @ F_X^T (W,N) to each of the 2C planes [x, xhat]; the write applies
+    F_Y^T (H,N) @ patch (N,N) then @ F_X (N,W) to each of the C planes.
+    Not counted: elementwise work (gates, sigmoid, exp, softmax building the
+    filters, the loss, Adam), which moves memory rather than doing GEMM work.
+    """
+    T, C, H, W = cfg.T, cfg.channels, cfg.height, cfg.width
+    D = C * H * W
+    E, Dd, Z = cfg.enc_dim, cfg.dec_dim, cfg.z_dim
+    if cfg.attention:
+        read_dim, write_dim = 2 * C * cfg.read_n ** 2, C * cfg.write_n ** 2
+    else:
+        read_dim, write_dim = 2 * D, D
+    terms = {
+        "encoder_lstm": 2 * B * (read_dim + Dd + E) * 4 * E,
+        "q_layer": 2 * B * E * 2 * Z,
+        "decoder_lstm": 2 * B * (Z + Dd) * 4 * Dd,
+        "write_layer": 2 * B * Dd * write_dim,
+    }
+    if cfg.attention:
+        Nr, Nw = cfg.read_n, cfg.write_n
+        terms["attention_layers"] = 2 * (2 * B * Dd * 5)
+        terms["read_filterbank"] = B * 2 * C * (2 * Nr * H * W + 2 * Nr * W * Nr)
+        terms["write_filterbank"] = B * C * (2 * H * Nw * Nw + 2 * H * Nw * W)
+    return {k: T * v for k, v in terms.items()}
+
+
+def count_flops(cfg, B: int) -> int:
+    """FLOPs of one training step: forward GEMMs (``flop_terms``) times 3.
+
+    The backward of each GEMM is two GEMMs of the same size (gradient of the input
+    and of the weight or other operand), so forward + backward = 3 x forward.
+    """
+    return 3 * sum(flop_terms(cfg, B).values())
+
+
+# ------------------------------------------------------------------ machine facts
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _openblas_fns():
+    """ctypes handles on the OpenBLAS that NumPy loaded (fallback when threadpoolctl is absent)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and ".so" in ln})
+    except OSError:
+        return []
+    found = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("", ""), ("scipy_", "64_"), ("", "64_"), ("scipy_", "")):
+            get_core = getattr(lib, f"{prefix}openblas_get_corename{suffix}", None)
+            if get_core is None:
+                continue
+            get_core.restype = ctypes.c_char_p
+            found.append({"file": os.path.basename(path), "corename": get_core,
+                          "get_threads": getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None),
+                          "set_threads": getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)})
+            break
+    return found
+
+
+def blas_info() -> list:
+    """Which BLAS kernels run NumPy's matmuls: threadpoolctl's view if installed, else OpenBLAS's own."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        threadpoolctl = None
+    if threadpoolctl is not None:
+        out = []
+        for lib in threadpoolctl.threadpool_info():
+            out.append({k: lib.get(k) for k in ("user_api", "internal_api", "version",
+                                                "architecture", "num_threads")}
+                       | {"file": os.path.basename(lib.get("filepath", ""))})
+        return out
+    out = []
+    for fns in _openblas_fns():
+        entry = {"user_api": "blas", "internal_api": "openblas", "file": fns["file"],
+                 "architecture": fns["corename"]().decode(errors="replace")}
+        if fns["get_threads"] is not None:
+            entry["num_threads"] = int(fns["get_threads"]())
+        out.append(entry)
+    return out
+
+
+def set_threads(n: int) -> None:
+    """Set the thread count of NumPy's BLAS (and of torch, if it is imported)."""
+    try:
+        import threadpoolctl
+        threadpoolctl.threadpool_limits(n)
+    except ImportError:
+        for fns in _openblas_fns():
+            if fns["set_threads"] is not None:
+                fns["set_threads"](ctypes.c_int(n))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def device_description(device: str) -> dict:
+    desc = {"platform": platform.platform(), "cpu": _cpu_model(), "cores": _usable_cores(),
+            "python": platform.python_version(), "numpy": np.__version__}
+    if device == "gpu":
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"]
+        desc["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+        desc["cupy"] = cupy.__version__
+    return desc
+
+
+# ------------------------------------------------------------------ timing helpers
+
+def _median_ms(seconds: list) -> float:
+    return 1000.0 * statistics.median(seconds)
+
+
+def gemm_gflops(matmul, make, sync, n: int, reps: int) -> float:
+    """Median GFLOP/s of an n x n x n float32 matmul (2 n^3 FLOPs), after one warm-up."""
+    a, b = make(n, 0), make(n, 1)
+    matmul(a, b)
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        matmul(a, b)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / statistics.median(times) / 1e9
+
+
+def time_interleaved(steppers: dict, steps: int, warmup: int) -> dict:
+    """Run each stepper warmup + steps times, taking turns (A B, B A, ...); seconds per step."""
+    names = list(steppers)
+    for _ in range(warmup):
+        for name in names:
+            steppers[name]()
+    times = {name: [] for name in names}
+    for rep in range(steps):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            steppers[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _rel(a, b) -> float:
+    """Norm-wise relative difference ||a - b|| / max(||b||, tiny)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def make_inputs(cfg, B: int, seed: int, dtype: str):
+    """A fixed batch (binary pixels, about MNIST's ink density) and fixed noise eps (T, B, Z)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.random((B, cfg.D)) < 0.13).astype(dtype)
+    eps = rng.standard_normal((cfg.T, B, cfg.z_dim)).astype(dtype)
+    return x, eps
+
+
+# ------------------------------------------------------------------ npdraw side
+
+class NpdrawRunner:
+    """Holds npdraw's parameters and Adam state on a device; ``step()`` is one training step."""
+
+    def __init__(self, npdraw, cfg, params, x, eps, device: str):
+        from npdraw import backend, optim
+        self.cfg, self.device = cfg, device
+        self._lag = npdraw.loss_and_grads
+        self._optim = optim
+        self.xp = backend.xp_for(device)
+        self._sync = backend.synchronize
+        self.params = {k: backend.to_device(v, device) for k, v in params.items()}
+        self.x = backend.to_device(x, device)
+        self.eps = backend.to_device(eps, device)
+        self.state = optim.adam_init(self.params)
+        self.last_loss = None
+
+    def step(self) -> float:
+        loss, grads, _stats = self._lag(self.params, self.cfg, self.x, self.eps)
+        grads, _norm = self._optim.clip_by_global_norm(grads, CLIP)
+        self.params, self.state, _ = self._optim.adam_step(
+            self.params, grads, self.state, LR, BETA1, BETA2, ADAM_EPS)
+        self._sync(self.xp)
+        self.last_loss = float(loss)
+        return self.last_loss
+
+
+# ------------------------------------------------------------------ torch side
+
+def _torch_device(device: str) -> str:
+    return "cuda" if device == "gpu" else "cpu"
+
+
+class TorchRunner:
+    """The PyTorch peer loaded with npdraw's parameters; ``step()`` is one training step."""
+
+    def __init__(self, cfg, params, x, eps, device: str):
+        import torch
+        from bench.torch_draw import TorchDraw, make_optimizer
+        self.torch = torch
+        self.dev = _torch_device(device)
+        dtype = torch.float64 if params["c0"].dtype == np.float64 else torch.float32
+        self.model = TorchDraw(cfg).to(device=self.dev, dtype=dtype).load_from_npdraw(params)
+        self.opt = make_optimizer(self.model, lr=LR, betas=(BETA1, BETA2), eps=ADAM_EPS)
+        self.x = torch.from_numpy(x).to(self.dev)
+        self.eps = torch.from_numpy(eps).to(self.dev)
+        self.last_loss = None
+
+    def step(self) -> float:
+        from bench.torch_draw import train_step
+        loss = train_step(self.model, self.opt, self.x, self.eps, CLIP)
+        self.last_loss = float(loss.item())  # waits for the device, as logging the loss does
+        return self.last_loss
+
+    def activation_bytes(self) -> int:
+        """Bytes of the tensors autograd saves for backward in one forward (parameters and inputs excluded)."""
+        torch = self.torch
+        skip = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        skip |= {self.x.untyped_storage().data_ptr(), self.eps.untyped_storage().data_ptr()}
+        seen = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in skip:
+                seen[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self.model(self.x, self.eps)
+        del loss
+        return int(sum(seen.values()))
+
+
+def check_peer(npdraw, cfg, params32, x32, eps32, seed: int, device: str, check_batch: int) -> dict:
+    """Does the peer compute npdraw's model? float32 loss at the benchmark batch, float64 loss+grads.
+
+    Returns {"ok", "loss_rel_f32", "loss_rel_f64", "grad_rel_f64": {name: rel}, "activation_bytes"}.
+    """
+    import torch
+    from bench.torch_draw import TorchDraw
+    from npdraw import backend
+
+    dev = _torch_device(device)
+
+    def both(params, x, eps):
+        p_dev = {k: backend.to_device(v, device) for k, v in params.items()}
+        loss_n, grads_n, stats = npdraw.loss_and_grads(
+            p_dev, cfg, backend.to_device(x, device), backend.to_device(eps, device))
+        dtype = torch.float64 if x.dtype == np.float64 else torch.float32
+        model = TorchDraw(cfg).to(device=dev, dtype=dtype).load_from_npdraw(params)
+        loss_t = model(torch.from_numpy(x).to(dev), torch.from_numpy(eps).to(dev))
+        loss_t.backward()
+        return float(loss_n), grads_n, stats, float(loss_t.item()), model.grads_as_npdraw()
+
+    out = {}
+    loss_n, _g, stats, loss_t, _gt = both(params32, x32, eps32)
+    out["loss_npdraw_f32"], out["loss_torch_f32"] = loss_n, loss_t
+    out["loss_rel_f32"] = abs(loss_n - loss_t) / max(abs(loss_t), 1e-300)
+    out["activation_bytes"] = int(stats["activation_bytes"])
+
+    Bc = min(check_batch, x32.shape[0])
+    params64 = {k: np.asarray(v, dtype=np.float64) for k, v in params32.items()}
+    x64, eps64 = make_inputs(cfg, Bc, seed + 1, "float64")
+    loss_n, grads_n, _s, loss_t, grads_t = both(params64, x64, eps64)
+    out["loss_rel_f64"] = abs(loss_n - loss_t) / max(abs(loss_t), 1e-300)
+    out["grad_rel_f64"] = {k: _rel(backend.to_numpy(grads_n[k]), grads_t[k]) for k in CHECK_GRADS}
+    out["ok"] = bool(out["loss_rel_f32"] < LOSS_RTOL_F32 and out["loss_rel_f64"] < RTOL_F64
+                     and all(v < RTOL_F64 for v in out["grad_rel_f64"].values()))
+    return out
+
+
+# ------------------------------------------------------------------ the run
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python bench/run.py",
+        description="Time one DRAW training step (loss_and_grads + clip + Adam) in npdraw "
+                    "and in a plain PyTorch peer, side by side.")
+    p.add_argument("--steps", type=int, default=7, help="timed steps per implementation (median taken)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--batch", type=int, default=100, help="batch size (paper: 100)")
+    p.add_argument("--T", type=int, default=64, help="glimpses (paper's MNIST model: 64)")
+    p.add_argument("--model", choices=["both", "attention", "no-attention"], default="both")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="gpu: npdraw on CuPy, torch on CUDA")
+    p.add_argument("--threads", type=int, default=0,
+                   help="set BLAS and torch thread counts (0: leave as they are)")
+    p.add_argument("--no-torch", action="store_true", help="time npdraw alone")
+    p.add_argument("--gemm-n", type=int, default=2048, help="size of the matmul that measures peak")
+    p.add_argument("--gemm-reps", type=int, default=5)
+    p.add_argument("--check-batch", type=int, default=8, help="batch of the float64 agreement check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N npdraw steps (cProfile, top functions by own time)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch", "T", "gemm_n", "gemm_reps", "check_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or args.threads < 0 or args.profile < 0:
+        p.error("--warmup, --threads and --profile must not be negative")
+    return args
+
+
+def _import_torch(device: str):
+    """torch, or (None, reason) when it cannot serve as the peer on this device."""
+    try:
+        import torch
+    except ImportError:
+        return None, "torch is not installed (pip install '.[bench]')"
+    if device == "gpu" and not torch.cuda.is_available():
+        return None, "torch has no CUDA device"
+    return torch, None
+
+
+def _impl_figures(seconds: list, B: int, flops: int, peak_gflops: float) -> dict:
+    ms = _median_ms(seconds)
+    gflops = flops / (ms / 1000.0) / 1e9
+    return {"ms_per_step": ms, "ms_all": [1000.0 * s for s in seconds],
+            "examples_per_s": B / (ms / 1000.0), "gflops": gflops,
+            "peak_fraction": gflops / peak_gflops if peak_gflops > 0 else None}
+
+
+def run(args) -> dict:
+    """Everything but printing; returns the JSON-able result (``result["ok"]`` False on disagreement)."""
+    import npdraw
+    from npdraw import backend
+
+    device = backend.resolve_device(args.device)  # ValueError when 'gpu' has no GPU (main checks)
+    xp = backend.xp_for(device)
+    torch, torch_missing = (None, "--no-torch") if args.no_torch else _import_torch(device)
+    if args.threads:
+        set_threads(args.threads)
+
+    env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                          "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    result = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device_description(device) | {"kind": device},
+        "torch": None if torch is None else torch.__version__,
+        "torch_skipped": torch_missing,
+        "blas": blas_info() if device == "cpu" else [],
+        "threads": {"torch": None if torch is None else torch.get_num_threads()},
+        "env": {k: v for k, v in env.items() if v is not None},
+        "settings": {"batch": args.batch, "T": args.T, "dtype": args.dtype, "steps": args.steps,
+                     "warmup": args.warmup, "clip": CLIP, "lr": LR, "seed": args.seed},
+    }
+    if result["blas"]:
+        result["threads"]["blas"] = result["blas"][0].get("num_threads")
+
+    # GEMM peak of this machine, measured now: NumPy/CuPy's BLAS and torch's, the best is the peak.
+    n, reps = args.gemm_n, args.gemm_reps
+    peaks = {"npdraw_blas": gemm_gflops(
+        lambda a, b: a @ b,
+        lambda n_, s: xp.asarray(np.random.default_rng(s).standard_normal((n_, n_)), dtype=xp.float32),
+        lambda: backend.synchronize(xp), n, reps)}
+    if torch is not None:
+        tdev = _torch_device(device)
+        peaks["torch"] = gemm_gflops(
+            torch.matmul,
+            lambda n_, s: torch.from_numpy(
+                np.random.default_rng(s).standard_normal((n_, n_)).astype(np.float32)).to(tdev),
+            (torch.cuda.synchronize if device == "gpu" else (lambda: None)), n, reps)
+    peak = max(peaks.values())
+    result["gemm"] = {"n": n, "gflops": peaks, "peak_gflops": peak}
+
+    ok = True
+    result["models"] = {}
+    names = list(MODELS) if args.model == "both" else [args.model]
+    for name in names:
+        cfg = npdraw.DrawConfig(T=args.T, attention=MODELS[name])
+        B = args.batch
+        flops = count_flops(cfg, B)
+        params = npdraw.init_params(cfg, args.seed, dtype=args.dtype)
+        params = {k: backend.to_numpy(v) for k, v in params.items()}
+        x, eps = make_inputs(cfg, B, args.seed, args.dtype)
+        entry = {"config": cfg.to_dict(), "flops_per_step": flops,
+                 "flop_terms_forward": flop_terms(cfg, B)}
+
+        steppers = {"npdraw": NpdrawRunner(npdraw, cfg, params, x, eps, device)}
+        if torch is not None:
+            check = check_peer(npdraw, cfg, params, x, eps, args.seed, device, args.check_batch)
+            entry["check"] = check
+            act_bytes = check.pop("activation_bytes")
+            if check["ok"]:
+                steppers["torch"] = TorchRunner(cfg, params, x, eps, device)
+            else:
+                ok = False
+        else:
+            _l, _g, stats = npdraw.loss_and_grads(
+                steppers["npdraw"].params, cfg, steppers["npdraw"].x, steppers["npdraw"].eps)
+            act_bytes = int(stats["activation_bytes"])
+
+        times = time_interleaved({k: r.step for k, r in steppers.items()}, args.steps, args.warmup)
+        entry["npdraw"] = _impl_figures(times["npdraw"], B, flops, peak)
+        entry["npdraw"]["activation_bytes_per_example"] = act_bytes / B
+        entry["npdraw"]["final_loss"] = steppers["npdraw"].last_loss
+        if "torch" in steppers:
+            entry["torch"] = _impl_figures(times["torch"], B, flops, peak)
+            entry["torch"]["activation_bytes_per_example"] = steppers["torch"].activation_bytes() / B
+            entry["torch"]["final_loss"] = steppers["torch"].last_loss
+            entry["ratio_npdraw_over_torch"] = (entry["npdraw"]["examples_per_s"]
+                                                / entry["torch"]["examples_per_s"])
+        else:
+            entry["ratio_npdraw_over_torch"] = None
+        if args.profile:
+            entry["profile"] = profile_npdraw(steppers["npdraw"], args.profile)
+        result["models"][name] = entry
+    result["ok"] = ok
+    return result
+
+
+def profile_npdraw(runner: NpdrawRunner, steps: int, top: int = 25) -> str:
+    """cProfile of ``steps`` npdraw steps, the top functions by own time, as text."""
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        runner.step()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024.0
+
+
+def format_report(r: dict) -> str:
+    d = r["device"]
+    s = r["settings"]
+    lines = [f"npdraw training-step benchmark, {r['date']}",
+             f"device: {d['kind']}: {d.get('gpu', d['cpu'])}" + ("" if d["kind"] == "gpu" else
+                                                                  f", {d['cores']} usable cores"),
+             f"python {d['python']}, numpy {d['numpy']}, torch {r['torch'] or '-'}"
+             + (f" ({r['torch_skipped']})" if r["torch_skipped"] else "")]
+    for lib in r["blas"]:
+        lines.append(f"BLAS: {lib.get('internal_api')} {lib.get('version') or ''} kernel "
+                     f"{lib.get('architecture')}, {lib.get('num_threads')} threads".replace("  ", " "))
+    lines.append(f"threads: torch {r['threads'].get('torch')}, BLAS {r['threads'].get('blas')}")
+    if r["env"]:
+        lines.append("environment: " + " ".join(f"{k}={v}" for k, v in r["env"].items()))
+        if "OPENBLAS_CORETYPE" in r["env"] or "OPENBLAS_L2_SIZE" in r["env"]:
+            lines.append("  note: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE pin an older OpenBLAS kernel; for a fair "
+                         "measure run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/run.py")
+    g = r["gemm"]
+    lines.append(f"GEMM peak ({g['n']}^3 float32 matmul, median): "
+                 + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in g["gflops"].items())
+                 + f"; peak = {g['peak_gflops']:.1f}")
+    lines.append(f"step = loss_and_grads + clip({s['clip']}) + Adam; batch {s['batch']}, T {s['T']}, "
+                 f"{s['dtype']}, median of {s['steps']} after {s['warmup']} warm-up, A/B interleaved")
+    for name, e in r["models"].items():
+        c = e["config"]
+        lines.append("")
+        arch = (f"read {c['read_n']}x{c['read_n']}, write {c['write_n']}x{c['write_n']}"
+                if c["attention"] else "no attention")
+        lines.append(f"[{name}] {c['height']}x{c['width']}x{c['channels']}, {arch}, "
+                     f"enc/dec {c['enc_dim']}/{c['dec_dim']}, z {c['z_dim']}; "
+                     f"{e['flops_per_step'] / 1e9:.2f} GFLOP/step")
+        chk = e.get("check")
+        if chk is not None:
+            grads = ", ".join(f"{k} {v:.1e}" for k, v in chk["grad_rel_f64"].items())
+            lines.append(f"  check vs torch: loss f32 {chk['loss_npdraw_f32']:.6f} vs "
+                         f"{chk['loss_torch_f32']:.6f} (rel {chk['loss_rel_f32']:.1e}); f64 loss rel "
+                         f"{chk['loss_rel_f64']:.1e}, grads rel {grads} -> "
+                         + ("OK" if chk["ok"] else "DISAGREE: no ratio"))
+        lines.append(f"  {'':8s} {'ms/step':>9s} {'ex/s':>8s} {'GFLOP/s':>8s} {'of peak':>8s} "
+                     f"{'act/example':>12s}")
+        for impl in ("npdraw", "torch"):
+            f = e.get(impl)
+            if f is None:
+                continue
+            lines.append(f"  {impl:8s} {f['ms_per_step']:9.1f} {f['examples_per_s']:8.1f} "
+                         f"{f['gflops']:8.2f} {100 * f['peak_fraction']:7.1f}% "
+                         f"{_fmt_bytes(f['activation_bytes_per_example']):>12s}")
+        if e["ratio_npdraw_over_torch"] is not None:
+            lines.append(f"  npdraw/torch throughput: {e['ratio_npdraw_over_torch']:.2f}x")
+        if e.get("profile"):
+            lines.append("  profile of npdraw steps (cProfile, by tottime):")
+            lines.extend("    " + ln for ln in e["profile"].rstrip().splitlines())
+    if not r["ok"]:
+        lines.append("")
+        lines.append("FAILED: the torch peer does not compute npdraw's loss/gradients; ratios withheld.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from npdraw import backend
+    try:
+        backend.resolve_device(args.device)
+    except ValueError as exc:  # --device gpu on a machine without CuPy or a GPU
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_report(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

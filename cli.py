@@ -1,0 +1,428 @@
+#!/usr/bin/env python
+"""npdraw command line: train, sample, evaluate, plot, attention-demo (and bench).
+
+    python cli.py --help
+    python cli.py train --epochs 20 --name mnist-att
+    python cli.py sample runs/mnist-att/best.h5 --boxes --scale 3
+    python cli.py evaluate runs/mnist-att/best.h5 --k 100
+    python cli.py plot runs/mnist-att
+    python cli.py attention-demo picture.png --n 12
+
+See docs/TRAINING.md for what each command writes.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from npdraw.config import DATASETS, DrawConfig, TrainConfig
+
+HERE = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------- helpers
+
+class AttentionType(click.ParamType):
+    """'R,W' -> (R, W) read and write window sizes; '' (or 'none') -> None (no attention)."""
+    name = "R,W"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        if text == "" or text.lower() == "none":
+            return None
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 2:
+            self.fail(f"{value!r} is not R,W (two window sizes such as 2,5; '' for none)",
+                      param, ctx)
+        try:
+            read_n, write_n = int(parts[0]), int(parts[1])
+        except ValueError:
+            self.fail(f"{value!r} is not R,W: both sizes must be integers (e.g. 2,5)", param, ctx)
+        if read_n < 1 or write_n < 1:
+            self.fail(f"{value!r}: window sizes must be at least 1", param, ctx)
+        return (read_n, write_n)
+
+
+ATTENTION = AttentionType()
+POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
+
+
+def library_errors(fn):
+    """Turn the library's ValueErrors into click errors (message, exit code 1, no traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+    return wrapper
+
+
+def _load_ckpt(path, param_hint="CHECKPOINT"):
+    from npdraw import train as train_lib
+    try:
+        return train_lib.load_checkpoint(path)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint=param_hint) from None
+
+
+def _train_cfg_or_none(ckpt):
+    from npdraw import train as train_lib
+    try:
+        return train_lib._train_cfg_of(ckpt)
+    except (ValueError, TypeError):
+        return None
+
+
+def _params_on(ckpt, device, dtype=None):
+    from npdraw import backend
+    from npdraw import train as train_lib
+    return train_lib._to_device_dict(ckpt.params, backend.resolve_device(device), dtype)
+
+
+def _ckpt_file(path: Path) -> Path:
+    """The file a CHECKPOINT argument names (a run dir means its best.h5, else checkpoint.h5)."""
+    if path.is_dir():
+        for name in ("best.h5", "checkpoint.h5"):
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
+# ----------------------------------------------------------------------------- group
+
+@click.group(context_settings=dict(help_option_names=["-h", "--help"]))
+def cli():
+    """DRAW (Gregor et al. 2015) on NumPy/CuPy: train, sample, evaluate, plot."""
+
+
+# ----------------------------------------------------------------------------- train
+
+@cli.command()
+@click.option("--dataset", type=click.Choice(DATASETS), default="bmnist", show_default=True,
+              help="Data set; the image size comes from it.")
+@click.option("--attention", type=ATTENTION, default="2,5", show_default=True,
+              help="Read,write window sizes; '' for the attention-free model.")
+@click.option("--niter", "T", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Glimpses T.")
+@click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True,
+              help="Adam learning rate.")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Total epochs (with --resume: the new total).")
+@click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
+              show_default=True, help="Minibatch size.")
+@click.option("--enc-dim", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--dec-dim", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--z-dim", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--name", default="", help="Run name (default: draw-<date>-<time>).")
+@click.option("--oldmodel", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Initialise the parameters from this checkpoint (same shapes).")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Continue the run in this run dir from its checkpoint.h5.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
+              show_default=True)
+@click.option("--data-dir", envvar="NPDRAW_DATA", default="data", show_default=True,
+              help="Where converted data sets live [env NPDRAW_DATA].")
+@click.option("--mirror", envvar="NPDRAW_MIRROR", default="",
+              help="Folder or URL to download raw data from [env NPDRAW_MIRROR].")
+@click.option("--folder", default="", help="Image folder for --dataset folder.")
+@click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Use only the first N images of each split (0: all).")
+@click.option("--clip", type=POSITIVE_FLOAT, default=10.0, show_default=True,
+              help="Global gradient-norm clipping threshold.")
+@click.option("--out", default="runs", show_default=True, help="Parent folder of run dirs.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.pass_context
+@library_errors
+def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
+          oldmodel, resume, seed, device, data_dir, mirror, folder, subset, clip, out, dtype,
+          no_progress):
+    """Train DRAW; writes a run dir under --out (see docs/TRAINING.md)."""
+    from npdraw import train as train_lib
+
+    if resume:
+        ignored = [p for p in ("dataset", "attention", "T", "lr", "batch_size", "enc_dim",
+                               "dec_dim", "z_dim", "name", "oldmodel", "seed", "subset", "clip",
+                               "out", "dtype")
+                   if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+        if ignored:
+            click.echo("note: --resume takes the model and training settings from the "
+                       f"checkpoint; ignoring {', '.join(ignored)}", err=True)
+        tcfg = TrainConfig(epochs=epochs, device=device, data_dir=data_dir, mirror=mirror,
+                           folder=folder, resume=str(resume))
+        cfg = None
+    else:
+        tcfg = TrainConfig(dataset=dataset, data_dir=data_dir, mirror=mirror, folder=folder,
+                           epochs=epochs, batch_size=batch_size, lr=lr, clip=clip, seed=seed,
+                           subset=subset, device=device, dtype=dtype, name=name, out=out,
+                           oldmodel=oldmodel or "")
+        cfg = None  # built once the data set's image shape is known
+
+    try:
+        data = None
+        if cfg is None and not resume:
+            data = train_lib._load_data(tcfg, not no_progress)
+            c, h, w = (int(s) for s in data.shape)
+            read_n, write_n = attention if attention else (2, 5)
+            cfg = DrawConfig(height=h, width=w, channels=c, T=T, read_n=read_n,
+                             write_n=write_n, enc_dim=enc_dim, dec_dim=dec_dim, z_dim=z_dim,
+                             attention=attention is not None)
+        train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress)
+    except train_lib.TrainingInterrupted as err:
+        click.echo("training interrupted", err=True)
+        ctx.exit(130)
+    except train_lib.NonFiniteLossError as err:
+        raise click.ClickException(str(err)) from None
+
+
+# ----------------------------------------------------------------------------- sample
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--rows", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--cols", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Prior noise seed.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: samples/ next to the checkpoint).")
+@click.option("--boxes/--no-boxes", default=False, show_default=True,
+              help="Outline each glimpse's write window in red.")
+@click.option("--scale", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Enlarge every image this many times.")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="GIF frames per second.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
+              show_default=True)
+@library_errors
+def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
+    """Generate rows*cols images: frame_000.png... (one per glimpse) and samples.gif."""
+    from npdraw import images as images_lib
+    from npdraw import train as train_lib
+
+    ckpt_path = _ckpt_file(checkpoint)
+    ckpt = _load_ckpt(ckpt_path)
+    cfg = ckpt.cfg
+    params = _params_on(ckpt, device)
+    if boxes and not cfg.attention:
+        click.echo("note: this model has no attention; --boxes draws nothing", err=True)
+    rng = np.random.default_rng(seed)
+    canvases, windows = train_lib.generate_samples(params, cfg, rows * cols, rng)
+    frames = train_lib.render_frames(canvases, windows, (cfg.channels, cfg.height, cfg.width),
+                                     rows, cols, boxes=boxes, scale=scale)
+    out = Path(out) if out is not None else ckpt_path.parent / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    width = max(3, len(str(len(frames) - 1)))
+    for t, frame in enumerate(frames):
+        images_lib.save_png(out / f"frame_{t:0{width}d}.png", frame)
+    gif = out / "samples.gif"
+    images_lib.save_gif(gif, frames, duration=1.0 / fps, loop=0)
+    click.echo(f"wrote {len(frames)} frames ({rows}x{cols} samples, T={cfg.T}) to {out}: "
+               f"frame_{0:0{width}d}.png ... frame_{len(frames) - 1:0{width}d}.png and {gif.name}")
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--k", "K", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Importance samples per image (K > 1 adds the IWAE estimate).")
+@click.option("--split", type=click.Choice(["test", "valid", "train"]), default="test",
+              show_default=True)
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+              help="Default: the data set the checkpoint was trained on.")
+@click.option("--data-dir", envvar="NPDRAW_DATA", default=None,
+              help="Default: the checkpoint's [env NPDRAW_DATA].")
+@click.option("--mirror", envvar="NPDRAW_MIRROR", default=None,
+              help="Default: the checkpoint's [env NPDRAW_MIRROR].")
+@click.option("--folder", default=None, help="Default: the checkpoint's.")
+@click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evaluate only the first N images (0: the whole split).")
+@click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=500,
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@library_errors
+def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, batch_size, seed,
+             device, as_json):
+    """Negative log-likelihood bound (nats per image) on a split, by default the test set."""
+    from npdraw import train as train_lib
+
+    ckpt_path = _ckpt_file(checkpoint)
+    ckpt = _load_ckpt(ckpt_path)
+    cfg = ckpt.cfg
+    saved = _train_cfg_or_none(ckpt) or TrainConfig()
+    tcfg = TrainConfig.from_dict({**saved.to_dict(),
+                                  "dataset": dataset or saved.dataset,
+                                  "data_dir": data_dir if data_dir is not None else saved.data_dir,
+                                  "mirror": mirror if mirror is not None else saved.mirror,
+                                  "folder": folder if folder is not None else saved.folder,
+                                  "resume": "", "oldmodel": ""})
+    data = train_lib._load_data(tcfg, progress=not as_json)
+    train_lib._check_data_shape(cfg, data.shape)
+    x = getattr(data, split)
+    if subset:
+        x = x[:subset]
+    params = _params_on(ckpt, device)
+    rng = np.random.default_rng(seed)
+    iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size, rng)
+    result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "dataset": tcfg.dataset,
+              "split": split, "n": int(len(x)), "k": K, "seed": seed,
+              "nll_bound": bound, "nll_iwae": iwae}
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{ckpt_path} (epoch {ckpt.epoch}) on {tcfg.dataset} {split}, {len(x)} images:")
+    click.echo(f"  NLL bound (L^x + L^z, mean over {K} draw{'s' if K > 1 else ''}): "
+               f"{bound:.2f} nats")
+    label = "single-sample bound, log-weight form" if K == 1 else f"IWAE, K={K}"
+    click.echo(f"  -log p(x) estimate ({label}): {iwae:.2f} nats")
+
+
+# ----------------------------------------------------------------------------- plot
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: the run dir).")
+@library_errors
+def plot(run_dir, out):
+    """learning_curves.png and kl_per_glimpse.png from RUN_DIR/log.jsonl."""
+    from npdraw import images as images_lib
+    from npdraw import train as train_lib
+
+    try:
+        rows = train_lib.read_log(run_dir)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="RUN_DIR") from None
+    out = Path(out) if out is not None else Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    epochs = [int(r["epoch"]) for r in rows]
+    curves = {}
+    for key, label in (("train_bound", "train"), ("valid_bound", "valid"), ("test_bound", "test")):
+        pts = [(e, float(r[key])) for e, r in zip(epochs, rows)
+               if r.get(key) is not None and math.isfinite(float(r[key]))]
+        if pts:
+            curves[label] = ([p[0] for p in pts], [p[1] for p in pts])
+    curves_path = out / "learning_curves.png"
+    images_lib.plot_lines(curves_path, curves, title="NLL bound per epoch", xlabel="epoch",
+                          ylabel="nats per image")
+    kl = [r.get("kl") or [] for r in rows]
+    n_glimpses = max((len(k) for k in kl), default=0)
+    kl_series = {}
+    for t in range(n_glimpses):
+        pts = [(e, float(k[t])) for e, k in zip(epochs, kl) if len(k) > t]
+        kl_series[f"t={t + 1}"] = ([p[0] for p in pts], [p[1] for p in pts])
+    kl_path = out / "kl_per_glimpse.png"
+    images_lib.plot_lines(kl_path, kl_series, title="KL of each glimpse", xlabel="epoch",
+                          ylabel="nats")
+    click.echo(f"wrote {curves_path} and {kl_path} ({len(rows)} epochs)")
+
+
+# ----------------------------------------------------------------------------- attention-demo
+
+@cli.command("attention-demo")
+@click.argument("img", type=click.Path(path_type=Path))
+@click.option("--n", "N", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Window size N (an N x N glimpse).")
+@click.option("--cx", type=float, default=None,
+              help="Window centre x, 1-based pixels (default: image centre (W+1)/2).")
+@click.option("--cy", type=float, default=None,
+              help="Window centre y, 1-based pixels (default: image centre (H+1)/2).")
+@click.option("--stride", type=POSITIVE_FLOAT, default=None,
+              help="Filter spacing delta (default: 0.9*(max(H,W)-1)/(N-1), filters "
+                   "spanning 90% of the image).")
+@click.option("--sigma", type=POSITIVE_FLOAT, default=None,
+              help="Filter standard deviation (default: stride/2).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True)
+@library_errors
+def attention_demo(img, N, cx, cy, stride, sigma, out):
+    """Read an N x N glimpse from IMG with the attention filterbank, write it back."""
+    from npdraw import attention as att
+    from npdraw import images as images_lib
+
+    try:
+        image = images_lib.load_image(img)
+    except (ValueError, OSError) as err:
+        raise click.BadParameter(str(err), param_hint="IMG") from None
+    image = np.asarray(image, dtype=np.float64)
+    c, h, w = image.shape
+    cx = (w + 1) / 2.0 if cx is None else cx
+    cy = (h + 1) / 2.0 if cy is None else cy
+    if stride is None:
+        stride = 0.9 * (max(h, w) - 1) / max(N - 1, 1)
+        stride = stride if stride > 0 else 1.0
+    if sigma is None:
+        sigma = stride / 2.0
+    one = lambda v: np.array([float(v)], dtype=np.float64)  # noqa: E731
+    Fx, _ = att.filterbank_forward(one(cx), one(stride), one(sigma ** 2), N, w)
+    Fy, _ = att.filterbank_forward(one(cy), one(stride), one(sigma ** 2), N, h)
+    gamma = one(1.0)
+    glimpse, _ = att.read_forward(image[None], Fy, Fx, gamma)        # (1, C, N, N)
+    written, _ = att.write_forward(glimpse, Fy, Fx, gamma)           # (1, C, H, W)
+    glimpse, written = glimpse[0], written[0]
+    # The raw write (1/gamma) Fy^T g Fx spreads each glimpse value over ~stride^2 pixels
+    # with unit-sum filter rows, so it is about stride^2 times dimmer than the image;
+    # the PNG is scaled (by one factor) to the original's brightest value for viewing.
+    peak = float(written.max())
+    gain = float(image.max()) / peak if peak > 0 else 1.0
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(img).stem
+    view = max(1, int(round(max(h, w) / N)))
+    paths = {"original": out / f"{stem}_original.png", "read": out / f"{stem}_read.png",
+             "write": out / f"{stem}_write.png"}
+    images_lib.save_png(paths["original"], _to_hwc(image))
+    enlarged = np.repeat(np.repeat(glimpse, view, axis=1), view, axis=2)
+    images_lib.save_png(paths["read"], _to_hwc(enlarged))
+    images_lib.save_png(paths["write"], _to_hwc(written * gain))
+    click.echo(f"image {c}x{h}x{w}; window N={N}, centre ({cx:g}, {cy:g}), stride {stride:g}, "
+               f"sigma {sigma:g}")
+    click.echo(f"original: {paths['original']}")
+    click.echo(f"read:     {paths['read']} ({N}x{N} glimpse shown {view}x enlarged)")
+    click.echo(f"write:    {paths['write']} (write of the glimpse, brightness x{gain:.3g} "
+               "for viewing)")
+
+
+def _to_hwc(chw: np.ndarray) -> np.ndarray:
+    """(C, H, W) floats in [0, 1] -> (H, W, 3) uint8 (grey repeated to RGB)."""
+    img = np.clip(np.asarray(chw, dtype=np.float64), 0.0, 1.0)
+    if img.shape[0] == 1:
+        img = np.repeat(img, 3, axis=0)
+    elif img.shape[0] != 3:
+        img = np.repeat(img.mean(axis=0, keepdims=True), 3, axis=0)
+    return np.round(img.transpose(1, 2, 0) * 255.0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- bench
+
+if (HERE / "bench" / "run.py").is_file():
+    @cli.command(context_settings=dict(ignore_unknown_options=True, allow_extra_args=True,
+                                       help_option_names=[]))
+    @click.pass_context
+    def bench(ctx):
+        """Benchmarks (bench/run.py); all arguments are passed through (try: bench --help)."""
+        import importlib
+        if str(HERE) not in sys.path:
+            sys.path.insert(0, str(HERE))
+        runner = importlib.import_module("bench.run")
+        ctx.exit(int(runner.main(list(ctx.args)) or 0))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,71 @@
+"""Array-module selection: the only module in npdraw that imports CuPy.
+
+Every numerical function takes its array module from its inputs
+(``xp = get_array_module(x)``), so the same code runs on NumPy and, given
+CuPy arrays, on the GPU. Nothing here is a global switch.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # CuPy is optional; a machine without it (or without a GPU) runs on NumPy.
+    import cupy as _cupy
+except Exception:  # ImportError, or a CUDA library that fails to load
+    _cupy = None
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and at least one CUDA device answers."""
+    if _cupy is None:
+        return False
+    try:
+        return _cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def get_array_module(*arrays):
+    """numpy, or cupy when any argument is a CuPy array."""
+    if _cupy is not None:
+        return _cupy.get_array_module(*arrays)
+    return np
+
+
+def is_gpu_array(array) -> bool:
+    return _cupy is not None and isinstance(array, _cupy.ndarray)
+
+
+def resolve_device(device: str) -> str:
+    """Map 'auto' | 'cpu' | 'gpu' to 'cpu' or 'gpu'; 'gpu' without one is a ValueError."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', not {device!r}")
+    if device == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    if device == "gpu" and not gpu_available():
+        raise ValueError("device 'gpu' was asked for, but CuPy or a CUDA GPU is not available")
+    return device
+
+
+def xp_for(device: str):
+    """The array module for a resolved device name."""
+    return _cupy if resolve_device(device) == "gpu" else np
+
+
+def to_device(array, device: str):
+    """Copy a NumPy array to 'cpu' (NumPy) or 'gpu' (CuPy); dtype is kept."""
+    if resolve_device(device) == "gpu":
+        return _cupy.asarray(array)
+    return to_numpy(array)
+
+
+def to_numpy(array):
+    """Any array (NumPy, CuPy or scalar) as a NumPy array; used only at I/O."""
+    if is_gpu_array(array):
+        return _cupy.asnumpy(array)
+    return np.asarray(array)
+
+
+def synchronize(xp) -> None:
+    """Wait for queued GPU work (for timing only); a no-op on NumPy."""
+    if xp is not np and _cupy is not None:
+        _cupy.cuda.get_current_stream().synchronize()

@@ -1,0 +1,307 @@
+"""HDF5 checkpoints: model config, parameters, Adam state, epoch, RNG state. No pickle.
+
+Legend of dimension letters:
+    P   the shape of one parameter (any shape; each name has its own)
+
+File layout (format_version 1; see docs/CHECKPOINT.md):
+    /                 attrs: format = "npdraw-checkpoint", format_version = 1, epoch,
+                             rng_state, train_config, extra (JSON strings; optional)
+    /config           attrs: the DrawConfig fields
+    /params/<name>    one dataset (P,) per parameter, dtype as given
+    /optimizer        optional; attr step; subgroups m/<name>, v/<name> of shape (P,)
+
+Writes are atomic: the file is written next to the target under a temporary name,
+fsync'ed, then renamed over the target, so a crash mid-save leaves the previous
+checkpoint as it was. Arrays may be CuPy; they are copied to the host here, and
+loading needs neither CuPy nor a GPU (parameters come back as NumPy arrays).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import h5py
+import numpy as np
+
+from . import backend
+from .config import DrawConfig
+
+FORMAT = "npdraw-checkpoint"
+FORMAT_VERSION = 1
+
+# Marker used to carry NumPy arrays (e.g. MT19937's key vector) through JSON.
+_ND_KEY = "__ndarray__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written, read, or does not fit the model."""
+
+
+@dataclass
+class Checkpoint:
+    cfg: DrawConfig
+    params: dict                         # {name: np.ndarray (P,)}
+    opt_state: Optional[dict] = None     # {"m": {name: (P,)}, "v": {name: (P,)}, "step": int}
+    epoch: int = 0
+    rng_state: Optional[dict] = None     # e.g. np.random.Generator().bit_generator.state
+    train_cfg: Optional[dict] = None     # TrainConfig.to_dict()
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- JSON
+
+def _json_default(obj):
+    # Python ints are arbitrary precision in JSON, so PCG64's 128-bit state survives;
+    # NumPy scalars and arrays are turned into plain Python values first.
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray) or backend.is_gpu_array(obj):
+        a = backend.to_numpy(obj)
+        return {_ND_KEY: a.tolist(), "dtype": a.dtype.str, "shape": list(a.shape)}
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _json_hook(obj):
+    if _ND_KEY in obj and set(obj) == {_ND_KEY, "dtype", "shape"}:
+        return np.array(obj[_ND_KEY], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+    return obj
+
+
+def _to_json(value, what: str) -> str:
+    try:
+        return json.dumps(value, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{what} cannot be stored as JSON: {e}") from None
+
+
+def _from_json(text, what: str, path):
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    try:
+        return json.loads(text, object_hook=_json_hook)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: attribute {what!r} is not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------- save
+
+def _host_arrays(arrays: dict, what: str) -> dict:
+    """{name: array (P,)} (NumPy or CuPy) -> {name: np.ndarray (P,)}, names checked."""
+    if not isinstance(arrays, dict):
+        raise CheckpointError(f"{what} must be a dict name -> array, got {type(arrays).__name__}")
+    out = {}
+    for name, a in arrays.items():
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            # '/' would silently create nested HDF5 groups.
+            raise CheckpointError(f"{what}: invalid name {name!r} (a non-empty string without '/')")
+        a = backend.to_numpy(a)
+        if a.dtype.kind not in "biuf":
+            raise CheckpointError(f"{what}[{name!r}]: dtype {a.dtype} cannot be stored")
+        out[name] = a
+    return out
+
+
+def _write_arrays(group, arrays: dict) -> None:
+    for name, a in arrays.items():
+        group.create_dataset(name, data=a)
+
+
+def _fsync_path(path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some platforms cannot open a directory; the rename is still done
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dict] = None,
+                    epoch: int = 0, rng_state: Optional[dict] = None,
+                    train_cfg: Optional[dict] = None, extra: Optional[dict] = None) -> None:
+    """Write a checkpoint atomically to ``path`` (an existing file there is replaced).
+
+    cfg: DrawConfig (or its dict); params: {name: (P,)}; opt_state: adam_init-style
+    {"m", "v", "step"} or None; rng_state, train_cfg (dict or TrainConfig), extra:
+    JSON-serializable (NumPy scalars/arrays allowed; tuples come back as lists).
+    On any failure the temporary file is removed and ``path`` is left as it was.
+    """
+    path = os.fspath(path)
+    # Validate and convert everything before touching the disk.
+    if isinstance(cfg, dict):
+        try:
+            cfg = DrawConfig.from_dict(cfg)
+        except ValueError as e:
+            raise CheckpointError(f"bad model config: {e}") from None
+    if not isinstance(cfg, DrawConfig):
+        raise CheckpointError(f"cfg must be a DrawConfig, got {type(cfg).__name__}")
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        raise CheckpointError(f"epoch must be a non-negative integer, got {epoch!r}")
+    host_params = _host_arrays(params, "params")
+    host_opt = None
+    if opt_state is not None:
+        if not isinstance(opt_state, dict) or not {"m", "v", "step"} <= set(opt_state):
+            raise CheckpointError("opt_state must be a dict with keys 'm', 'v' and 'step'")
+        host_opt = {"m": _host_arrays(opt_state["m"], "opt_state['m']"),
+                    "v": _host_arrays(opt_state["v"], "opt_state['v']"),
+                    "step": int(opt_state["step"])}
+    if train_cfg is not None and hasattr(train_cfg, "to_dict"):
+        train_cfg = train_cfg.to_dict()
+    json_attrs = {}
+    if rng_state is not None:
+        json_attrs["rng_state"] = _to_json(rng_state, "rng_state")
+    if train_cfg is not None:
+        json_attrs["train_config"] = _to_json(train_cfg, "train_cfg")
+    json_attrs["extra"] = _to_json({} if extra is None else extra, "extra")
+
+    directory, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"cannot save checkpoint {path}: directory {directory} does not exist")
+    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["epoch"] = int(epoch)
+            for key, text in json_attrs.items():
+                f.attrs[key] = text
+            g = f.create_group("config")
+            for key, value in cfg.to_dict().items():
+                g.attrs[key] = value
+            _write_arrays(f.create_group("params", track_order=True), host_params)
+            if host_opt is not None:
+                g = f.create_group("optimizer")
+                g.attrs["step"] = host_opt["step"]
+                _write_arrays(g.create_group("m", track_order=True), host_opt["m"])
+                _write_arrays(g.create_group("v", track_order=True), host_opt["v"])
+            f.flush()
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError):  # disk full, permissions, HDF5 I/O errors
+            raise CheckpointError(f"cannot save checkpoint {path}: {e}") from e
+        raise
+    _fsync_path(directory, directory=True)  # make the rename itself durable
+
+
+# ----------------------------------------------------------------------------- load
+
+def _read_arrays(group, where: str, path) -> dict:
+    out = {}
+    for name, ds in group.items():
+        if not isinstance(ds, h5py.Dataset):
+            raise CheckpointError(f"checkpoint {path}: {where}/{name} is not a dataset")
+        out[name] = np.asarray(ds[()])
+    return out
+
+
+def _need_group(f, name: str, path):
+    if name not in f or not isinstance(f[name], h5py.Group):
+        raise CheckpointError(f"checkpoint {path}: group '{name}' is missing")
+    return f[name]
+
+
+def _read(f, path) -> Checkpoint:
+    fmt = f.attrs.get("format")
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode("utf-8", "replace")
+    if fmt is None:
+        raise CheckpointError(f"{path} is an HDF5 file but not an npdraw checkpoint "
+                              "(no 'format' attribute)")
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path} is not an npdraw checkpoint (format {fmt!r}, "
+                              f"expected {FORMAT!r})")
+    if "format_version" not in f.attrs:
+        raise CheckpointError(f"checkpoint {path} has no 'format_version' attribute")
+    version = int(f.attrs["format_version"])
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format_version {version}; "
+                              f"this npdraw reads version {FORMAT_VERSION}")
+
+    cfg_group = _need_group(f, "config", path)
+    try:
+        cfg = DrawConfig.from_dict({k: v for k, v in cfg_group.attrs.items()})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: bad model config: {e}") from None
+    params = _read_arrays(_need_group(f, "params", path), "params", path)
+
+    opt_state = None
+    if "optimizer" in f:
+        g = _need_group(f, "optimizer", path)
+        if "step" not in g.attrs:
+            raise CheckpointError(f"checkpoint {path}: optimizer has no 'step' attribute")
+        opt_state = {"m": _read_arrays(_need_group(g, "m", path), "optimizer/m", path),
+                     "v": _read_arrays(_need_group(g, "v", path), "optimizer/v", path),
+                     "step": int(g.attrs["step"])}
+
+    json_values = {key: (_from_json(f.attrs[key], key, path) if key in f.attrs else None)
+                   for key in ("rng_state", "train_config", "extra")}
+    return Checkpoint(cfg=cfg, params=params, opt_state=opt_state,
+                      epoch=int(f.attrs.get("epoch", 0)),
+                      rng_state=json_values["rng_state"],
+                      train_cfg=json_values["train_config"],
+                      extra=json_values["extra"] or {})
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint``; arrays come back as NumPy.
+
+    Any problem (missing, not HDF5, truncated, wrong format, missing groups) is a
+    CheckpointError that names the path.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if not is_hdf5:
+        raise CheckpointError(f"{path} is not an HDF5 file (not an npdraw checkpoint)")
+    try:
+        with h5py.File(path, "r") as f:
+            return _read(f, path)
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
+        # h5py reports damaged files through several exception types.
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({e})") from None
+
+
+def check_compatible(ckpt_params: dict, params: dict) -> None:
+    """Raise CheckpointError unless both dicts have the same names and shapes.
+
+    ckpt_params, params: {name: (P,)} (NumPy or CuPy). The message names the first
+    mismatch, taking the model's names in order and then any extra checkpoint names.
+    """
+    for name, p in params.items():
+        if name not in ckpt_params:
+            raise CheckpointError(f"checkpoint lacks parameter {name!r} "
+                                  f"(model shape {tuple(p.shape)})")
+        a = ckpt_params[name]
+        if tuple(a.shape) != tuple(p.shape):
+            raise CheckpointError(f"parameter {name!r} has shape {tuple(a.shape)} in the "
+                                  f"checkpoint but {tuple(p.shape)} in the model")
+    for name, a in ckpt_params.items():
+        if name not in params:
+            raise CheckpointError(f"checkpoint has parameter {name!r} (shape {tuple(a.shape)}) "
+                                  "that the model does not have")

@@ -1,0 +1,131 @@
+"""Typed configuration: DrawConfig (the model) and TrainConfig (a training run).
+
+DrawConfig's defaults are the paper's binarized-MNIST model with attention
+(Gregor et al. 2015, table 3): 28x28x1 images, T=64 glimpses, read 2x2,
+write 5x5, 256-unit LSTMs, 100 latent units. Both dataclasses validate on
+construction and raise ValueError naming the bad field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def _check_positive_ints(obj, names):
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+@dataclass(frozen=True)
+class DrawConfig:
+    height: int = 28
+    width: int = 28
+    channels: int = 1
+    T: int = 64
+    read_n: int = 2
+    write_n: int = 5
+    enc_dim: int = 256
+    dec_dim: int = 256
+    z_dim: int = 100
+    attention: bool = True
+
+    def __post_init__(self):
+        _check_positive_ints(self, ("height", "width", "channels", "T", "read_n", "write_n",
+                                    "enc_dim", "dec_dim", "z_dim"))
+        if not isinstance(self.attention, bool):
+            raise ValueError(f"attention must be True or False, got {self.attention!r}")
+
+    @property
+    def D(self) -> int:
+        """Flattened image size C*H*W."""
+        return self.channels * self.height * self.width
+
+    @property
+    def read_dim(self) -> int:
+        """Width of r_t: 2*C*N_r^2 with attention (eq 27), 2*D without (eq 17)."""
+        if self.attention:
+            return 2 * self.channels * self.read_n ** 2
+        return 2 * self.D
+
+    @property
+    def write_dim(self) -> int:
+        """Width of the write layer's output: the patch C*N_w^2 (eq 28), or D (eq 18)."""
+        if self.attention:
+            return self.channels * self.write_n ** 2
+        return self.D
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DrawConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown DrawConfig fields: {sorted(unknown)}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                v = values[f.name]
+                kwargs[f.name] = bool(v) if f.name == "attention" else int(v)
+        return cls(**kwargs)
+
+
+DATASETS = ("bmnist", "mnist", "fashion-mnist", "cifar10", "svhn", "folder")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. The CLI's `train` options map one to one onto these fields."""
+    dataset: str = "bmnist"
+    data_dir: str = "data"
+    mirror: str = ""
+    folder: str = ""              # the image folder when dataset == "folder"
+    epochs: int = 20
+    batch_size: int = 100
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip: float = 10.0
+    seed: int = 0
+    subset: int = 0               # 0 means the whole training split
+    device: str = "auto"
+    dtype: str = "float32"
+    name: str = ""
+    out: str = "runs"
+    oldmodel: str = ""
+    resume: str = ""
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
+        _check_positive_ints(self, ("epochs", "batch_size"))
+        if self.subset < 0:
+            raise ValueError(f"subset must be 0 (all) or positive, got {self.subset}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.clip > 0:
+            raise ValueError(f"clip must be positive, got {self.clip}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"device must be auto, cpu or gpu, got {self.device!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.dataset == "folder" and not self.folder:
+            raise ValueError("dataset 'folder' needs the image folder (--folder)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        kwargs = {k: type(names[k].default)(v) for k, v in values.items()}
+        return cls(**kwargs)

@@ -1,0 +1,473 @@
+"""The DRAW network: parameters, the unrolled T-step forward, BPTT, and generation.
+
+Dimension legend
+    B  batch                 T  glimpses (cfg.T)
+    C  channels              H, W  image height and width
+    D  = C*H*W, flattened channels-first (C, H, W)
+    Nr, Nw  read and write window sizes
+    R  read width: 2*C*Nr^2 with attention, 2*D without (cfg.read_dim)
+    Pw write width: C*Nw^2 with attention, D without (cfg.write_dim)
+    He, Hd  encoder and decoder LSTM sizes     Z  latent size
+
+Paper: Gregor, Danihelka, Graves, Rezende, Wierstra, "DRAW: A Recurrent Neural
+Network For Image Generation", ICML 2015. Equation numbers below are the paper's.
+
+Parameters (name: shape, role)
+    c0          (D,)            initial canvas c_0, a learned bias
+    h_enc0      (He,)           initial encoder hidden state (cell state starts at 0)
+    h_dec0      (Hd,)           initial decoder hidden state (cell state starts at 0)
+    enc_W       (R+Hd+He, 4He)  encoder LSTM; input rows [r_t, h_dec_{t-1}, h_enc_{t-1}]
+    enc_b       (4He,)          gate column blocks [i, f, o, g]
+    q_W, q_b    (He, 2Z), (2Z,) Q(z|h_enc): columns [mu | log sigma] (eq 1-2)
+    dec_W       (Z+Hd, 4Hd)     decoder LSTM; input rows [z_t, h_dec_{t-1}]
+    dec_b       (4Hd,)
+    write_W     (Hd, Pw)        write layer: the patch w_t (eq 28) or the canvas delta (eq 18)
+    write_b     (Pw,)
+  with attention only:
+    read_att_W  (Hd, 5), read_att_b (5,)    read window (eq 21) from h_dec_{t-1}
+    write_att_W (Hd, 5), write_att_b (5,)   write window from h_dec_t
+
+The forward keeps the stacked inputs of every linear map in (T, B, .) arrays
+allocated once, and the backward keeps the stacked output gradients likewise, so
+each weight gradient is one GEMM over all T*B rows after the reverse loop.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import attention as att
+from .backend import get_array_module, to_numpy
+from .config import DrawConfig
+from .layers import (bce_backward, bce_forward, latent_backward, latent_forward,
+                     linear_forward, lstm_cell_backward, lstm_cell_forward, sigmoid)
+
+# (weight, bias, name of the stacked input, name of the stacked output gradient)
+_LINEAR_MAPS = (
+    ("enc_W", "enc_b", "enc_in", "da_enc"),
+    ("q_W", "q_b", "h_enc", "dq"),
+    ("dec_W", "dec_b", "dec_in", "da_dec"),
+    ("write_W", "write_b", "h_dec_new", "dwrite"),
+    ("write_att_W", "write_att_b", "h_dec_new", "dp_write"),
+    ("read_att_W", "read_att_b", "h_dec_prev", "dp_read"),
+)
+
+
+def param_shapes(cfg: DrawConfig) -> dict:
+    """name -> shape of every parameter for this configuration."""
+    He, Hd, Z = cfg.enc_dim, cfg.dec_dim, cfg.z_dim
+    shapes = {
+        "c0": (cfg.D,),
+        "h_enc0": (He,),
+        "h_dec0": (Hd,),
+        "enc_W": (cfg.read_dim + Hd + He, 4 * He),
+        "enc_b": (4 * He,),
+        "q_W": (He, 2 * Z),
+        "q_b": (2 * Z,),
+        "dec_W": (Z + Hd, 4 * Hd),
+        "dec_b": (4 * Hd,),
+        "write_W": (Hd, cfg.write_dim),
+        "write_b": (cfg.write_dim,),
+    }
+    if cfg.attention:
+        shapes.update({"read_att_W": (Hd, att.P_ATTENTION), "read_att_b": (att.P_ATTENTION,),
+                       "write_att_W": (Hd, att.P_ATTENTION), "write_att_b": (att.P_ATTENTION,)})
+    return shapes
+
+
+def init_params(cfg: DrawConfig, seed: int = 0, dtype="float32") -> dict:
+    """Fresh parameters as NumPy arrays (move them with backend.to_device).
+
+    LSTM weights ~ U(-1/sqrt(Hd), 1/sqrt(Hd)) as in common LSTM practice, forget
+    gate bias 1 so that memory survives the early glimpses. The output layers
+    (q, write, attention) start small (std 0.01), so at initialisation the
+    posterior is close to the prior, the canvas stays near c0 and every window
+    sits centred with unit variance, stride and intensity; the loss then starts
+    at its analytic value (see tests/test_model.py).
+    """
+    if dtype not in ("float32", "float64", np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name in ("enc_W", "dec_W"):
+            hidden = shape[1] // 4
+            value = rng.uniform(-1.0, 1.0, shape) / math.sqrt(hidden)
+        elif name in ("enc_b", "dec_b"):
+            hidden = shape[0] // 4
+            value = np.zeros(shape)
+            value[hidden:2 * hidden] = 1.0
+        elif name.endswith("_W"):
+            value = 0.01 * rng.standard_normal(shape)
+        else:
+            value = np.zeros(shape)
+        params[name] = value.astype(dtype)
+    return params
+
+
+# ---------------------------------------------------------------- input checks
+
+def _check_params(params, cfg):
+    if not isinstance(params, dict):
+        raise ValueError(f"params must be a dict of arrays, got {type(params).__name__}")
+    shapes = param_shapes(cfg)
+    missing = sorted(set(shapes) - set(params))
+    extra = sorted(set(params) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"params do not match the config: missing {missing}, unexpected {extra}")
+    dtype = params["c0"].dtype
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"params must be float32 or float64, got {dtype}")
+    for name, shape in shapes.items():
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"param {name} has shape {tuple(params[name].shape)}, "
+                             f"the config needs {shape}")
+        if params[name].dtype != dtype:
+            raise ValueError(f"param {name} is {params[name].dtype}, the others are {dtype}")
+    return dtype
+
+
+def _as_model_array(value, name, xp, dtype):
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise ValueError(f"{name} must be an array, got {type(value).__name__}")
+    if get_array_module(value) is not xp:
+        raise ValueError(f"{name} and the params live on different devices (NumPy vs CuPy)")
+    if value.dtype.kind not in "fiub":
+        raise ValueError(f"{name} must hold numbers, got dtype {value.dtype}")
+    return value.astype(dtype, copy=False)
+
+
+def _check_eps(eps, cfg, B, xp, dtype):
+    eps = _as_model_array(eps, "eps", xp, dtype)
+    if eps.shape != (cfg.T, B, cfg.z_dim):
+        raise ValueError(f"eps must have shape (T, B, z_dim) = {(cfg.T, B, cfg.z_dim)}, "
+                         f"got {tuple(eps.shape)}")
+    if not bool(xp.isfinite(eps).all()):
+        raise ValueError("eps contains NaN or inf")
+    return eps
+
+
+def _check_inputs(params, cfg, x, eps):
+    if not isinstance(cfg, DrawConfig):
+        raise ValueError(f"cfg must be a DrawConfig, got {type(cfg).__name__}")
+    dtype = _check_params(params, cfg)
+    xp = get_array_module(params["c0"])
+    x = _as_model_array(x, "x", xp, dtype)
+    if x.ndim != 2 or x.shape[1] != cfg.D or x.shape[0] < 1:
+        raise ValueError(f"x must have shape (B, D) with D = C*H*W = {cfg.D}, got {tuple(x.shape)}")
+    low, high = float(x.min()), float(x.max())  # NaN propagates into both
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("x contains NaN or inf")
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"x must hold values in [0, 1], got values in [{low:g}, {high:g}]")
+    return x, _check_eps(eps, cfg, x.shape[0], xp, dtype), xp, dtype
+
+
+# ---------------------------------------------------------------- read and write
+
+def _read_forward(params, cfg, x, x_hat, h_dec_prev):
+    """read(x, x_hat, h_dec_{t-1}) -> r_t (B, R): eq 17, or eq 21-27 with attention."""
+    xp = get_array_module(x)
+    if not cfg.attention:
+        return xp.concatenate([x, x_hat], axis=1), None
+    B, C, H, W = x.shape[0], cfg.channels, cfg.height, cfg.width
+    p, _ = linear_forward(h_dec_prev, params["read_att_W"], params["read_att_b"])
+    (Fy, Fx, gamma), window_cache = att.window_forward(p, H, W, cfg.read_n)
+    images = xp.concatenate([x.reshape(B, C, H, W), x_hat.reshape(B, C, H, W)], axis=1)
+    glimpse, read_cache = att.read_forward(images, Fy, Fx, gamma)
+    return glimpse.reshape(B, -1), (window_cache, read_cache)
+
+
+def _read_backward(dr, cache, cfg):
+    """dr: (B, R) -> (dx_hat (B, D), dp (B, 5) or None)."""
+    D = cfg.D
+    if cache is None:
+        return dr[:, D:], None
+    window_cache, read_cache = cache
+    B, C = dr.shape[0], cfg.channels
+    dimages, dFy, dFx, dgamma = att.read_backward(
+        dr.reshape(B, 2 * C, cfg.read_n, cfg.read_n), read_cache)
+    dp = att.window_backward(dFy, dFx, dgamma, window_cache)
+    return dimages[:, C:].reshape(B, D), dp
+
+
+def _write_forward(params, cfg, h_dec):
+    """write(h_dec_t) -> canvas increment (B, D): eq 18, or eq 28-29 with attention.
+
+    The cache's last item is the write window's raw parameters p (B, 5) or None.
+    """
+    w, _ = linear_forward(h_dec, params["write_W"], params["write_b"])
+    if not cfg.attention:
+        return w, None
+    B, C, H, W, N = h_dec.shape[0], cfg.channels, cfg.height, cfg.width, cfg.write_n
+    p, _ = linear_forward(h_dec, params["write_att_W"], params["write_att_b"])
+    (Fy, Fx, gamma), window_cache = att.window_forward(p, H, W, N)
+    image, write_cache = att.write_forward(w.reshape(B, C, N, N), Fy, Fx, gamma)
+    return image.reshape(B, -1), (window_cache, write_cache, p)
+
+
+def _write_backward(dcanvas, cache, cfg):
+    """dcanvas: (B, D) -> (dw (B, Pw), dp (B, 5) or None)."""
+    if cache is None:
+        return dcanvas, None
+    window_cache, write_cache, _ = cache
+    B, C, H, W = dcanvas.shape[0], cfg.channels, cfg.height, cfg.width
+    dpatch, dFy, dFx, dgamma = att.write_backward(dcanvas.reshape(B, C, H, W), write_cache)
+    return dpatch.reshape(B, -1), att.window_backward(dFy, dFx, dgamma, window_cache)
+
+
+# ---------------------------------------------------------------- one glimpse
+
+def initial_state(params, B):
+    """The state before glimpse 1: canvas c_0, learned h_0's, zero LSTM cells."""
+    xp = get_array_module(params["c0"])
+    def rows(v):
+        return xp.broadcast_to(v, (B,) + v.shape).copy()
+    return {"canvas": rows(params["c0"]),
+            "h_enc": rows(params["h_enc0"]), "c_enc": xp.zeros_like(rows(params["h_enc0"])),
+            "h_dec": rows(params["h_dec0"]), "c_dec": xp.zeros_like(rows(params["h_dec0"]))}
+
+
+def draw_step(params, cfg, x, state, eps_t):
+    """One glimpse of the inference network (eq 3-8), with no cache kept.
+
+    x: (B, D)   eps_t: (B, Z)   state: dict from initial_state or draw_step
+    -> (new state, kl_t (B,)). Written plainly, with concatenations, so that the
+    preallocated unrolled forward can be checked against it.
+    """
+    xp = get_array_module(x)
+    x_hat = x - sigmoid(state["canvas"])                                        # eq 3
+    r, _ = _read_forward(params, cfg, x, x_hat, state["h_dec"])                 # eq 4
+    a_enc = xp.concatenate([r, state["h_dec"], state["h_enc"]], axis=1) @ params["enc_W"]
+    (h_enc, c_enc), _ = lstm_cell_forward(a_enc + params["enc_b"], state["c_enc"])  # eq 5
+    q = h_enc @ params["q_W"] + params["q_b"]
+    (z, kl), _ = latent_forward(q, eps_t)                                       # eq 6
+    a_dec = xp.concatenate([z, state["h_dec"]], axis=1) @ params["dec_W"] + params["dec_b"]
+    (h_dec, c_dec), _ = lstm_cell_forward(a_dec, state["c_dec"])                # eq 7
+    w, _ = _write_forward(params, cfg, h_dec)
+    return {"canvas": state["canvas"] + w,                                      # eq 8
+            "h_enc": h_enc, "c_enc": c_enc, "h_dec": h_dec, "c_dec": c_dec}, kl
+
+
+# ---------------------------------------------------------------- unrolled forward
+
+def forward(params, cfg, x, eps, need_terms=False):
+    """The whole inference network, unrolled over T glimpses (eq 3-12).
+
+    x: (B, D) in [0, 1]   eps: (T, B, Z)
+    -> (loss_per_example (B,), terms, cache); terms holds "recon" (B,) = L^x,
+       "kl" (T, B) and, with need_terms, "log_weight" (B,) = log p(x|z) + log p(z)
+       - log q(z|x) for importance-weighted estimates.
+    Inputs are assumed checked (loss_and_grads and loss_only check them).
+    """
+    xp = get_array_module(x)
+    dtype = params["c0"].dtype
+    T, B, D, Z = cfg.T, x.shape[0], cfg.D, cfg.z_dim
+    He, Hd, R = cfg.enc_dim, cfg.dec_dim, cfg.read_dim
+
+    # stacked inputs of the linear maps, allocated once (see module docstring)
+    enc_in = xp.empty((T, B, R + Hd + He), dtype)     # [r_t, h_dec_{t-1}, h_enc_{t-1}]
+    dec_in = xp.empty((T, B, Z + Hd), dtype)          # [z_t, h_dec_{t-1}]
+    h_enc = xp.empty((T, B, He), dtype)
+    h_dec = xp.empty((T + 1, B, Hd), dtype)           # h_dec[0] is h_dec0
+    sig_prev = xp.empty((T, B, D), dtype)             # sigmoid(c_{t-1}), for eq 3's backward
+    kl = xp.empty((T, B), dtype)
+    h_dec[0] = params["h_dec0"]
+    enc_in[0, :, R + Hd:] = params["h_enc0"]
+    canvas = xp.broadcast_to(params["c0"], (B, D))
+    c_enc = xp.zeros((B, He), dtype)
+    c_dec = xp.zeros((B, Hd), dtype)
+    log_ratio = xp.zeros(B, dtype) if need_terms else None
+    steps = []
+    for t in range(T):
+        sig_prev[t] = sigmoid(canvas)
+        x_hat = x - sig_prev[t]                                                  # eq 3
+        r, read_cache = _read_forward(params, cfg, x, x_hat, h_dec[t])          # eq 4
+        enc_in[t, :, :R] = r
+        enc_in[t, :, R:R + Hd] = h_dec[t]
+        if t > 0:
+            enc_in[t, :, R + Hd:] = h_enc[t - 1]
+        a_enc, _ = linear_forward(enc_in[t], params["enc_W"], params["enc_b"])
+        (h_enc[t], c_enc), enc_cache = lstm_cell_forward(a_enc, c_enc)          # eq 5
+        q, _ = linear_forward(h_enc[t], params["q_W"], params["q_b"])
+        (dec_in[t, :, :Z], kl[t]), latent_cache = latent_forward(q, eps[t])    # eq 1-2, 6
+        dec_in[t, :, Z:] = h_dec[t]
+        a_dec, _ = linear_forward(dec_in[t], params["dec_W"], params["dec_b"])
+        (h_dec[t + 1], c_dec), dec_cache = lstm_cell_forward(a_dec, c_dec)      # eq 7
+        w, write_cache = _write_forward(params, cfg, h_dec[t + 1])
+        canvas = canvas + w                                                      # eq 8
+        if need_terms:  # log p(z_t) - log q(z_t|x) = sum_j -z^2/2 + eps^2/2 + log sigma
+            z = dec_in[t, :, :Z]
+            log_ratio += (0.5 * (eps[t] * eps[t] - z * z) + q[:, Z:]).sum(axis=1)
+        steps.append((read_cache, enc_cache, latent_cache, dec_cache, write_cache))
+    recon, bce_cache = bce_forward(canvas, x)                                    # eq 9
+    loss = recon + kl.sum(axis=0)                                                # eq 10-12
+    terms = {"recon": recon, "kl": kl}
+    if need_terms:
+        terms["log_weight"] = log_ratio - recon
+    stacked = {"enc_in": enc_in, "dec_in": dec_in, "h_enc": h_enc, "h_dec": h_dec,
+               "sig_prev": sig_prev}
+    return loss, terms, (steps, stacked, bce_cache)
+
+
+def backward(params, cfg, cache):
+    """BPTT through the unrolled forward, for loss = batch mean of L^x + L^z.
+
+    cache: from forward -> grads, a dict with the keys and shapes of params.
+    """
+    steps, stacked, bce_cache = cache
+    xp = get_array_module(stacked["enc_in"])
+    dtype = stacked["enc_in"].dtype
+    T, B = stacked["enc_in"].shape[:2]
+    Z, Hd, R = cfg.z_dim, cfg.dec_dim, cfg.read_dim
+    inv_B = 1.0 / B
+
+    out_grads = {  # stacked output gradients of the linear maps
+        "da_enc": xp.empty((T, B, 4 * cfg.enc_dim), dtype),
+        "dq": xp.empty((T, B, 2 * Z), dtype),
+        "da_dec": xp.empty((T, B, 4 * Hd), dtype),
+        "dwrite": xp.empty((T, B, cfg.write_dim), dtype),
+    }
+    if cfg.attention:
+        out_grads["dp_write"] = xp.empty((T, B, att.P_ATTENTION), dtype)
+        out_grads["dp_read"] = xp.empty((T, B, att.P_ATTENTION), dtype)
+
+    dcanvas = bce_backward(inv_B, bce_cache)             # d loss / d c_T
+    dh_dec_next = xp.zeros((B, Hd), dtype)               # from step t+1's uses of h_dec_t
+    dc_dec = xp.zeros((B, Hd), dtype)
+    dh_enc_next = xp.zeros((B, cfg.enc_dim), dtype)
+    dc_enc = xp.zeros((B, cfg.enc_dim), dtype)
+    for t in reversed(range(T)):
+        read_cache, enc_cache, latent_cache, dec_cache, write_cache = steps[t]
+        # c_t = c_{t-1} + write(h_dec_t)
+        dw, dp_w = _write_backward(dcanvas, write_cache, cfg)
+        out_grads["dwrite"][t] = dw
+        dh_dec = dw @ params["write_W"].T + dh_dec_next
+        if dp_w is not None:
+            out_grads["dp_write"][t] = dp_w
+            dh_dec += dp_w @ params["write_att_W"].T
+        da_dec, dc_dec = lstm_cell_backward(dh_dec, dc_dec, dec_cache)
+        out_grads["da_dec"][t] = da_dec
+        ddec_in = da_dec @ params["dec_W"].T                               # [dz, dh_dec_{t-1}]
+        dq = latent_backward(ddec_in[:, :Z], inv_B, latent_cache)
+        out_grads["dq"][t] = dq
+        dh_enc = dq @ params["q_W"].T + dh_enc_next
+        da_enc, dc_enc = lstm_cell_backward(dh_enc, dc_enc, enc_cache)
+        out_grads["da_enc"][t] = da_enc
+        denc_in = da_enc @ params["enc_W"].T                # [dr, dh_dec_{t-1}, dh_enc_{t-1}]
+        dh_enc_next = denc_in[:, R + Hd:]
+        dh_dec_next = ddec_in[:, Z:] + denc_in[:, R:R + Hd]
+        dx_hat, dp_r = _read_backward(denc_in[:, :R], read_cache, cfg)
+        if dp_r is not None:
+            out_grads["dp_read"][t] = dp_r
+            dh_dec_next = dh_dec_next + dp_r @ params["read_att_W"].T
+        # x_hat = x - sigmoid(c_{t-1})
+        sig = stacked["sig_prev"][t]
+        dcanvas = dcanvas - dx_hat * sig * (1.0 - sig)
+
+    inputs = {"enc_in": stacked["enc_in"], "dec_in": stacked["dec_in"], "h_enc": stacked["h_enc"],
+              "h_dec_new": stacked["h_dec"][1:], "h_dec_prev": stacked["h_dec"][:-1]}
+    grads = {"c0": dcanvas.sum(axis=0), "h_dec0": dh_dec_next.sum(axis=0),
+             "h_enc0": dh_enc_next.sum(axis=0)}
+    for w_name, b_name, in_name, out_name in _LINEAR_MAPS:
+        if w_name not in params:
+            continue
+        inp = inputs[in_name].reshape(T * B, -1)
+        dout = out_grads[out_name].reshape(T * B, -1)
+        grads[w_name] = inp.T @ dout
+        grads[b_name] = dout.sum(axis=0)
+    return {name: grads[name] for name in params}
+
+
+def _cache_nbytes(obj, seen=None):
+    """Bytes of the distinct arrays a cache holds (views count once, via their base)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, (tuple, list)):
+        return sum(_cache_nbytes(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_cache_nbytes(o, seen) for o in obj.values())
+    if hasattr(obj, "nbytes") and hasattr(obj, "base"):
+        owner = obj if obj.base is None else obj.base
+        if id(owner) in seen:
+            return 0
+        seen.add(id(owner))
+        return int(owner.nbytes)
+    return 0
+
+
+# ---------------------------------------------------------------- public API
+
+def loss_and_grads(params, cfg, x, eps):
+    """Loss and gradients of a batch.
+
+    params: dict from init_params (NumPy or CuPy arrays, float32 or float64)
+    x: (B, D) in [0, 1]   eps: (T, B, Z) standard normal noise for eq 6
+    -> (loss: float, grads: dict like params, stats: dict) where stats holds
+       "loss", "recon" (float, batch mean of L^x), "kl" ((T,) NumPy, batch mean
+       KL of each glimpse), "kl_total" (float) and "activation_bytes".
+    """
+    x, eps, xp, _ = _check_inputs(params, cfg, x, eps)
+    loss_per_example, terms, cache = forward(params, cfg, x, eps)
+    grads = backward(params, cfg, cache)
+    kl = to_numpy(terms["kl"].mean(axis=1))
+    recon = float(terms["recon"].mean())
+    loss = float(loss_per_example.mean())
+    stats = {"loss": loss, "recon": recon, "kl": kl, "kl_total": float(kl.sum()),
+             "activation_bytes": _cache_nbytes(cache)}
+    return loss, grads, stats
+
+
+def loss_only(params, cfg, x, eps, return_terms=False):
+    """Forward only, for evaluation.
+
+    -> (loss_per_example (B,) array on the params' device, stats) where stats
+       holds "recon" and "kl" as in loss_and_grads and, with return_terms,
+       "recon_per_example" (B,) and "log_weight" (B,) (see forward).
+    """
+    x, eps, xp, _ = _check_inputs(params, cfg, x, eps)
+    loss_per_example, terms, _ = forward(params, cfg, x, eps, need_terms=return_terms)
+    kl = to_numpy(terms["kl"].mean(axis=1))
+    stats = {"recon": float(terms["recon"].mean()), "kl": kl, "kl_total": float(kl.sum()),
+             "loss": float(loss_per_example.mean())}
+    if return_terms:
+        stats["recon_per_example"] = terms["recon"]
+        stats["log_weight"] = terms["log_weight"]
+    return loss_per_example, stats
+
+
+def generate(params, cfg, eps):
+    """Sample images with the decoder alone (eq 13-16).
+
+    eps: (T, B, Z) draws from the prior N(0, I), used as z_t directly
+    -> (canvases (T, B, D) = sigmoid(c_t) for t = 1..T, windows). windows is None
+       without attention, else a dict of (T, B) arrays "cx", "cy" (centre, 1-based
+       pixel coordinates), "stride", "sigma", "gamma", and "N" (the write size).
+    """
+    if not isinstance(cfg, DrawConfig):
+        raise ValueError(f"cfg must be a DrawConfig, got {type(cfg).__name__}")
+    dtype = _check_params(params, cfg)
+    xp = get_array_module(params["c0"])
+    if not hasattr(eps, "shape") or len(eps.shape) != 3:
+        raise ValueError(f"eps must have shape (T, B, z_dim), got {getattr(eps, 'shape', eps)!r}")
+    eps = _check_eps(eps, cfg, eps.shape[1], xp, dtype)
+    T, B = cfg.T, eps.shape[1]
+    canvases = xp.empty((T, B, cfg.D), dtype)
+    windows = None
+    if cfg.attention:
+        windows = {k: xp.empty((T, B), dtype) for k in ("cx", "cy", "stride", "sigma", "gamma")}
+        windows["N"] = cfg.write_n
+    state = initial_state(params, B)
+    canvas, h_dec, c_dec = state["canvas"], state["h_dec"], state["c_dec"]
+    for t in range(T):
+        a_dec = xp.concatenate([eps[t], h_dec], axis=1) @ params["dec_W"] + params["dec_b"]
+        (h_dec, c_dec), _ = lstm_cell_forward(a_dec, c_dec)                      # eq 14
+        w, write_cache = _write_forward(params, cfg, h_dec)
+        canvas = canvas + w                                                      # eq 15
+        canvases[t] = sigmoid(canvas)                                            # eq 16
+        if windows is not None:
+            (gx, gy, delta, sigma2, gamma), _ = att.attn_params_forward(
+                write_cache[-1], cfg.height, cfg.width, cfg.write_n)
+            windows["cx"][t], windows["cy"][t], windows["stride"][t] = gx, gy, delta
+            windows["sigma"][t], windows["gamma"][t] = xp.sqrt(sigma2), gamma
+    return canvases, windows

@@ -1,0 +1,116 @@
+"""Adam (Kingma & Ba 2015) with global-norm gradient clipping over name-keyed dicts.
+
+Parameters, gradients and the moment estimates are dicts ``name -> array`` that
+share one set of keys; each entry may have any shape and lives on NumPy or CuPy.
+
+Legend of dimension letters:
+    P   the shape of one parameter (any shape; each name has its own)
+
+State layout (``adam_init``):
+    {"m": {name: (P,)}, "v": {name: (P,)}, "step": int}
+
+Only the two norms are synchronised with the host (python floats), once per step.
+"""
+from __future__ import annotations
+
+import math
+
+from .backend import get_array_module
+
+
+def _check_keys(params: dict, grads: dict, what: str = "grads") -> None:
+    if set(params) != set(grads):
+        missing = sorted(set(params) - set(grads))
+        extra = sorted(set(grads) - set(params))
+        raise ValueError(f"params and {what} have different keys: missing from {what} {missing}, "
+                         f"not in params {extra}")
+
+
+def _sq_norm(arrays) -> float:
+    """Sum of squares over an iterable of arrays, as a python float."""
+    total = 0.0
+    for a in arrays:
+        xp = get_array_module(a)
+        # Accumulate in at least float64 so float32 gradients of many entries do not lose bits.
+        total += float(xp.sum(xp.square(a.astype(xp.float64, copy=False))))
+    return total
+
+
+def global_norm(grads: dict) -> float:
+    """L2 norm of all arrays of ``grads`` taken together, sqrt(sum_k ||g_k||^2).
+
+    grads: {name: (P,)} -> python float.
+    """
+    return math.sqrt(_sq_norm(grads.values()))
+
+
+def clip_by_global_norm(grads: dict, max_norm: float):
+    """Scale every gradient by min(1, max_norm / (norm + 1e-6)).
+
+    grads: {name: (P,)}; returns (clipped {name: (P,)} of new arrays, norm before clipping).
+    The input arrays are never modified; dtypes are kept.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    norm = global_norm(grads)
+    scale = min(1.0, max_norm / (norm + 1e-6))
+    clipped = {}
+    for name, g in grads.items():
+        xp = get_array_module(g)
+        # Multiply by a scalar of g's own dtype so float32 stays float32.
+        clipped[name] = g * xp.asarray(scale, dtype=g.dtype)
+    return clipped, norm
+
+
+def adam_init(params: dict) -> dict:
+    """Zero first and second moments shaped like ``params``; step counter 0."""
+    m, v = {}, {}
+    for name, p in params.items():
+        xp = get_array_module(p)
+        m[name] = xp.zeros_like(p)
+        v[name] = xp.zeros_like(p)
+    return {"m": m, "v": v, "step": 0}
+
+
+def adam_step(params: dict, grads: dict, state: dict, lr: float,
+              beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+    """One bias-corrected Adam update.
+
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+    p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    params, grads: {name: (P,)}; state from ``adam_init`` (m and v updated in place,
+    "step" incremented). Returns (new_params {name: (P,)}, state, step_norm) where
+    step_norm is the global L2 norm of the update p_new - p. The caller's parameter
+    arrays are left untouched.
+    """
+    _check_keys(params, grads)
+    for key in ("m", "v", "step"):
+        if key not in state:
+            raise ValueError(f"optimizer state lacks {key!r}; build it with adam_init")
+    _check_keys(params, state["m"], "optimizer state m")
+    _check_keys(params, state["v"], "optimizer state v")
+    for name, p in params.items():
+        if grads[name].shape != p.shape:
+            raise ValueError(f"gradient {name!r} has shape {grads[name].shape}, "
+                             f"parameter has {p.shape}")
+
+    t = int(state["step"]) + 1
+    # Fold both bias corrections into the step size (python floats, no device sync).
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    new_params, updates = {}, []
+    for name, p in params.items():
+        xp = get_array_module(p)
+        g = grads[name].astype(p.dtype, copy=False)
+        m, v = state["m"][name], state["v"][name]
+        dt = p.dtype.type
+        m *= dt(beta1)
+        m += dt(1.0 - beta1) * g
+        v *= dt(beta2)
+        v += dt(1.0 - beta2) * xp.square(g)
+        update = dt(-lr) * (m / dt(bc1)) / (xp.sqrt(v / dt(bc2)) + dt(eps))
+        new_params[name] = p + update
+        updates.append(update)
+    state["step"] = t
+    return new_params, state, math.sqrt(_sq_norm(updates))

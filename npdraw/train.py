@@ -1,0 +1,705 @@
+"""Training, evaluation and sample rendering: the only module with an epoch loop.
+
+``train(cfg, tcfg)`` runs one training run into ``<out>/<name>`` (the run dir):
+
+    RUN/config.json     both configs (DrawConfig and TrainConfig) as resolved
+    RUN/log.jsonl       one JSON object per completed epoch (see docs/TRAINING.md)
+    RUN/checkpoint.h5   the latest completed state (params, Adam, epoch, RNG state)
+    RUN/best.h5         the state with the best validation bound so far
+    RUN/samples.png     a grid of generated images (final canvases)
+    RUN/samples.gif     the same grid, animated over the T glimpses
+
+Randomness: one ``np.random.Generator`` (PCG64, seeded with ``tcfg.seed``) draws the
+batch order and the training noise eps on the host; its state is saved with every
+checkpoint, so a resumed run continues bit for bit (on NumPy). Evaluation and sample
+noise come from separate generators derived from (seed, epoch), so they never disturb
+the training stream.
+
+Legend of dimension letters:
+    B  batch            T  glimpses         Z  latent units
+    D  C*H*W pixels     N  examples of a split
+    K  importance samples (IWAE)
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import backend
+from . import checkpoint as ckpt_lib
+from . import images as images_lib
+from . import model as model_lib
+from . import optim
+from .config import DrawConfig, TrainConfig
+
+# c0 = logit(clip(mean training image, C0_CLIP, 1 - C0_CLIP)); see init_model.
+C0_CLIP = 1e-3
+# Examples per forward pass during evaluation (independent of the training batch size).
+EVAL_BATCH = 500
+# The grid of generated images written after each epoch.
+SAMPLE_ROWS = 8
+SAMPLE_COLS = 8
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended before the target epoch; ``run_dir`` holds the last good checkpoint."""
+
+    def __init__(self, message: str, run_dir: Path | None = None):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+class NonFiniteLossError(TrainingStopped):
+    """A NaN or infinite loss (or gradient norm) appeared; nothing bad was saved."""
+
+
+class TrainingInterrupted(TrainingStopped):
+    """Ctrl-C (KeyboardInterrupt); the checkpoint of the last completed epoch is on disk."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _device_of(params: dict) -> str:
+    """'gpu' when the parameters are CuPy arrays, else 'cpu'."""
+    for value in params.values():
+        return "gpu" if backend.is_gpu_array(value) else "cpu"
+    return "cpu"
+
+
+def _params_dtype(params: dict):
+    for value in params.values():
+        return np.dtype(value.dtype)
+    return np.dtype("float32")
+
+
+def _to_device_dict(arrays: dict, device: str, dtype=None) -> dict:
+    out = {}
+    for name, value in arrays.items():
+        host = np.array(backend.to_numpy(value), copy=True)  # writable, owned
+        if dtype is not None and host.dtype.kind == "f":
+            host = host.astype(dtype, copy=False)
+        out[name] = backend.to_device(host, device)
+    return out
+
+
+def _to_host_dict(arrays: dict) -> dict:
+    return {name: backend.to_numpy(value) for name, value in arrays.items()}
+
+
+def _opt_state_to(state: dict, device: str, dtype=None) -> dict:
+    return {"m": _to_device_dict(state["m"], device, dtype),
+            "v": _to_device_dict(state["v"], device, dtype),
+            "step": int(state["step"])}
+
+
+def _opt_state_host(state: dict) -> dict:
+    return {"m": _to_host_dict(state["m"]), "v": _to_host_dict(state["v"]),
+            "step": int(state["step"])}
+
+
+def _new_rng(seed: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def _rng_from_state(state) -> np.random.Generator:
+    if isinstance(state, (str, bytes)):
+        state = json.loads(state)
+    if not isinstance(state, dict) or "bit_generator" not in state:
+        raise ValueError("checkpoint holds no usable RNG state; it cannot be resumed exactly")
+    bit_gen_cls = getattr(np.random, state["bit_generator"], None)
+    if bit_gen_cls is None:
+        raise ValueError(f"checkpoint RNG {state['bit_generator']!r} is unknown to this NumPy")
+    bit_gen = bit_gen_cls()
+    bit_gen.state = state
+    return np.random.Generator(bit_gen)
+
+
+def _derived_rng(seed: int, *stream: int) -> np.random.Generator:
+    """An independent generator for evaluation/sampling noise, fixed by (seed, stream...)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, *[int(s) for s in stream]])
+
+
+def _noise(rng: np.random.Generator, cfg: DrawConfig, batch: int, dtype, device: str):
+    """eps (T, B, Z) standard normal, drawn on the host in ``dtype`` then moved to ``device``."""
+    eps = rng.standard_normal((cfg.T, batch, cfg.z_dim), dtype=np.dtype(dtype))
+    return backend.to_device(eps, device)
+
+
+def _cap(x: np.ndarray, subset: int) -> np.ndarray:
+    return x if not subset else x[:subset]
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.2f}"
+
+
+class _Progress:
+    """A plain text progress bar on stderr (carriage return, no tqdm)."""
+
+    def __init__(self, total: int, prefix: str, enabled: bool, stream=None, width: int = 30):
+        self.total = max(int(total), 1)
+        self.prefix = prefix
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.start = time.perf_counter()
+        self._last = 0.0
+        self._shown = False
+
+    def update(self, done: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if done < self.total and now - self._last < 0.2:
+            return
+        self._last = now
+        frac = done / self.total
+        filled = int(round(self.width * frac))
+        rate = done / max(now - self.start, 1e-9)
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\r{self.prefix} [{bar}] {done}/{self.total} "
+                          f"loss {loss:8.2f}  {rate:6.1f} it/s ")
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self.enabled and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._shown = False
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int,
+                   rng: np.random.Generator) -> float:
+    """Mean negative variational bound (L^x + L^z, nats per example) over all of ``x``.
+
+    x: (N, D) host array in [0, 1]; one fresh noise draw per example from ``rng``.
+    Returns NaN for an empty ``x``.
+    """
+    n = int(x.shape[0])
+    if n == 0:
+        return float("nan")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device, dtype = _device_of(params), _params_dtype(params)
+    total = 0.0
+    for start in range(0, n, batch_size):
+        xb = backend.to_device(np.asarray(x[start:start + batch_size], dtype=dtype), device)
+        eps = _noise(rng, cfg, xb.shape[0], dtype, device)
+        per_example, _ = model_lib.loss_only(params, cfg, xb, eps)
+        total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
+    return total / n
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    m = np.max(a, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return np.squeeze(m, axis=axis) + np.log(np.sum(np.exp(a - m), axis=axis))
+
+
+def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int,
+                            batch_size: int, rng: np.random.Generator):
+    """Both estimates from one pass of K noise draws per example.
+
+    Returns (iwae_nll, bound_nll), nats per example:
+      iwae_nll  = -mean_n [logsumexp_k log w_nk - log K],
+                  log w = log p(x|z) + log p(z) - log q(z|x)   (Burda et al. 2016)
+      bound_nll = mean over n and k of the model's per-example loss L^x + L^z.
+    With K = 1 the IWAE estimate is a (noisier) single-sample bound; as K grows it
+    tightens towards -log p(x), so iwae_nll <= bound_nll in expectation.
+    """
+    n = int(x.shape[0])
+    if K < 1:
+        raise ValueError(f"K (importance samples) must be at least 1, got {K}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if n == 0:
+        return float("nan"), float("nan")
+    device, dtype = _device_of(params), _params_dtype(params)
+    iwae_total, bound_total = 0.0, 0.0
+    for start in range(0, n, batch_size):
+        xb = backend.to_device(np.asarray(x[start:start + batch_size], dtype=dtype), device)
+        b = int(xb.shape[0])
+        log_w = np.empty((K, b), dtype=np.float64)
+        for k in range(K):
+            eps = _noise(rng, cfg, b, dtype, device)
+            try:
+                per_example, stats = model_lib.loss_only(params, cfg, xb, eps, return_terms=True)
+            except TypeError as err:  # an older model without return_terms
+                raise ValueError("importance-weighted evaluation needs "
+                                 "model.loss_only(..., return_terms=True)") from err
+            if "log_weight" not in stats:
+                raise ValueError("model.loss_only(return_terms=True) returned no 'log_weight'")
+            log_w[k] = backend.to_numpy(stats["log_weight"]).astype(np.float64)
+            bound_total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
+        iwae_total += float(np.sum(_logsumexp(log_w, axis=0) - math.log(K)))
+    return -iwae_total / n, bound_total / (n * K)
+
+
+def evaluate_iwae(params: dict, cfg: DrawConfig, x: np.ndarray, K: int, batch_size: int,
+                  rng: np.random.Generator) -> float:
+    """Importance-weighted estimate of -log p(x) (nats per example) with K samples."""
+    return evaluate_iwae_and_bound(params, cfg, x, K, batch_size, rng)[0]
+
+
+# ----------------------------------------------------------------------------- samples
+
+def window_box(cx: float, cy: float, stride: float, n: int, height: int, width: int,
+               scale: int = 1):
+    """Pixel box (x0, y0, x1, y1), inclusive 0-based indices of a ``scale``-times enlarged
+    image, of the region a window covers, or None when it lies wholly outside.
+
+    The window with centre (cx, cy) in 1-based pixel coordinates (pixel a covers
+    [a - 0.5, a + 0.5]) and stride delta covers [cx - delta*N/2, cx + delta*N/2]
+    horizontally (its N filter centres and half a stride on either side), likewise
+    vertically. In 0-based continuous coordinates (pixel j covers [j, j + 1]) that is
+    shifted by -0.5; the box is that interval scaled and clipped to the image.
+    """
+    half = abs(float(stride)) * n / 2.0
+    left, right = (cx - 0.5 - half) * scale, (cx - 0.5 + half) * scale
+    top, bottom = (cy - 0.5 - half) * scale, (cy - 0.5 + half) * scale
+    w, h = width * scale, height * scale
+    if not all(math.isfinite(v) for v in (left, right, top, bottom)):
+        return None
+    x0, x1 = int(math.floor(left)), int(math.ceil(right)) - 1
+    y0, y1 = int(math.floor(top)), int(math.ceil(bottom)) - 1
+    x1, y1 = max(x1, x0), max(y1, y0)
+    if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
+        return None
+    return max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)
+
+
+def _tile_rgb(image: np.ndarray, shape, scale: int) -> np.ndarray:
+    """One flattened image (D,) in [0, 1] -> (H*scale, W*scale, 3) float RGB."""
+    c, h, w = shape
+    img = np.clip(np.asarray(image, dtype=np.float32).reshape(c, h, w), 0.0, 1.0)
+    if c == 1:
+        img = np.repeat(img, 3, axis=0)
+    elif c != 3:
+        img = np.repeat(img.mean(axis=0, keepdims=True), 3, axis=0)
+    img = img.transpose(1, 2, 0)
+    if scale > 1:
+        img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+    return img
+
+
+def _draw_box_float(tile: np.ndarray, box, color=(1.0, 0.0, 0.0)) -> np.ndarray:
+    """Outline ``box`` (inclusive x0, y0, x1, y1) on a float RGB tile, in place."""
+    x0, y0, x1, y1 = box
+    col = np.asarray(color, dtype=tile.dtype)
+    tile[y0, x0:x1 + 1] = col
+    tile[y1, x0:x1 + 1] = col
+    tile[y0:y1 + 1, x0] = col
+    tile[y0:y1 + 1, x1] = col
+    return tile
+
+
+def _window_n(n_value, t: int, i: int) -> int:
+    """The window size N: an int, or a (T, B) array."""
+    if np.ndim(n_value) == 0:
+        return int(n_value)
+    return int(np.asarray(n_value)[t, i])
+
+
+def render_frames(canvases, windows, shape, rows: int, cols: int, boxes: bool = False,
+                  scale: int = 1) -> list:
+    """Generated canvases -> one RGB uint8 grid per glimpse.
+
+    canvases: (T, B, D) probabilities, B >= rows*cols (the first rows*cols are shown);
+    windows: None or the model's dict of (T, B) arrays "cx", "cy", "stride", "N";
+    boxes: outline each glimpse's write window in red (needs windows).
+    Returns a list of T arrays (rows*(H*scale+1)+1, cols*(W*scale+1)+1, 3) uint8, as
+    laid out by images.image_grid.
+    """
+    canvases = np.asarray(backend.to_numpy(canvases))
+    t_steps, batch = canvases.shape[0], canvases.shape[1]
+    count = rows * cols
+    if batch < count:
+        raise ValueError(f"{rows}x{cols} grid needs {count} images, got {batch}")
+    c, h, w = shape
+    scale = max(int(scale), 1)
+    win = None
+    if boxes and windows is not None:
+        win = {k: np.asarray(backend.to_numpy(v)) for k, v in windows.items()}
+    frames = []
+    for t in range(t_steps):
+        tiles = np.empty((count, 3, h * scale, w * scale), dtype=np.float32)
+        for i in range(count):
+            tile = _tile_rgb(canvases[t, i], shape, scale)
+            if win is not None:
+                n_win = _window_n(win["N"], t, i)
+                box = window_box(float(win["cx"][t, i]), float(win["cy"][t, i]),
+                                 float(win["stride"][t, i]), n_win, h, w, scale)
+                if box is not None:
+                    _draw_box_float(tile, box)
+            tiles[i] = tile.transpose(2, 0, 1)
+        frames.append(images_lib.image_grid(tiles.reshape(count, -1), (3, h * scale, w * scale),
+                                            rows, cols))
+    return frames
+
+
+def generate_samples(params: dict, cfg: DrawConfig, count: int, rng: np.random.Generator):
+    """Draw ``count`` images from the prior: returns (canvases (T, B, D), windows) on host."""
+    device, dtype = _device_of(params), _params_dtype(params)
+    eps = _noise(rng, cfg, count, dtype, device)
+    canvases, windows = model_lib.generate(params, cfg, eps)
+    canvases = backend.to_numpy(canvases)
+    if windows is not None:
+        windows = {k: (int(v) if isinstance(v, (int, np.integer)) else backend.to_numpy(v))
+                   for k, v in windows.items()}
+    return canvases, windows
+
+
+def _write_run_samples(run_dir: Path, params: dict, cfg: DrawConfig, seed: int) -> None:
+    """RUN/samples.png (final canvases) and RUN/samples.gif (all glimpses); the same
+    prior noise every epoch, so the pictures of successive epochs compare directly."""
+    canvases, _ = generate_samples(params, cfg, SAMPLE_ROWS * SAMPLE_COLS, _derived_rng(seed, 2))
+    shape = (cfg.channels, cfg.height, cfg.width)
+    frames = render_frames(canvases, None, shape, SAMPLE_ROWS, SAMPLE_COLS, boxes=False, scale=1)
+    images_lib.save_png(run_dir / "samples.png", frames[-1])
+    images_lib.save_gif(run_dir / "samples.gif", frames, duration=0.1, loop=0)
+
+
+# ----------------------------------------------------------------------------- setup
+
+def init_model(cfg: DrawConfig, seed: int, train_x: np.ndarray, dtype: str = "float32") -> dict:
+    """Fresh parameters with c0 set to the logit of the mean training image.
+
+    c0 is the canvas before the first glimpse, so sigmoid(c0) is what the model
+    outputs when the decoder writes nothing. Starting it at the per-pixel mean of the
+    training images (clipped to [C0_CLIP, 1 - C0_CLIP], so always-black pixels give a
+    finite logit of about -6.9) makes the initial reconstruction cost that of the mean
+    image rather than 784*log 2, and the first updates go to the writes.
+    """
+    params = model_lib.init_params(cfg, seed, dtype=dtype)
+    if "c0" in params and train_x.shape[0] > 0:
+        mean = np.clip(np.asarray(train_x, dtype=np.float64).mean(axis=0), C0_CLIP, 1.0 - C0_CLIP)
+        c0 = np.log(mean) - np.log1p(-mean)
+        params["c0"] = c0.reshape(np.shape(params["c0"])).astype(params["c0"].dtype)
+    return params
+
+
+def _unique_run_dir(out: Path, name: str) -> Path:
+    """``out/name``, or ``out/name-2``, ``-3``... when taken; created here (no clobbering)."""
+    out.mkdir(parents=True, exist_ok=True)
+    candidate, i = out / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            i += 1
+            candidate = out / f"{name}-{i}"
+
+
+def _read_log(path: Path) -> list:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+def read_log(run_dir) -> list:
+    """The epoch records of RUN/log.jsonl (list of dicts); ValueError when absent/empty."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise ValueError(f"no training log at {path}")
+    try:
+        rows = _read_log(path)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON lines: {err}") from err
+    if not rows:
+        raise ValueError(f"{path} holds no epochs yet")
+    return rows
+
+
+def _train_cfg_of(ckpt) -> TrainConfig | None:
+    tc = getattr(ckpt, "train_cfg", None)
+    if tc is None or isinstance(tc, TrainConfig):
+        return tc
+    if isinstance(tc, str):
+        tc = json.loads(tc)
+    return TrainConfig.from_dict(dict(tc))
+
+
+def load_checkpoint(path):
+    """checkpoint.load_checkpoint with every read failure as a ValueError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.h5", "checkpoint.h5"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise ValueError(f"{path} holds neither best.h5 nor checkpoint.h5")
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        return ckpt_lib.load_checkpoint(path)
+    except ValueError as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    except (OSError, KeyError, TypeError) as err:  # h5py on a truncated/foreign file
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+
+
+def _save(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra) -> None:
+    ckpt_lib.save_checkpoint(path, cfg, _to_host_dict(params),
+                             opt_state=_opt_state_host(opt_state), epoch=int(epoch),
+                             rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra)
+
+
+def _check_data_shape(cfg: DrawConfig, shape) -> None:
+    c, h, w = (int(s) for s in shape)
+    if (cfg.channels, cfg.height, cfg.width) != (c, h, w):
+        raise ValueError(f"the model is for {cfg.channels}x{cfg.height}x{cfg.width} images, "
+                         f"the data set has {c}x{h}x{w}")
+
+
+def _load_data(tcfg: TrainConfig, progress: bool):
+    from . import data as data_lib  # imported lazily: only training/evaluation need it
+    return data_lib.load_splits(tcfg.dataset, data_dir=tcfg.data_dir, mirror=tcfg.mirror,
+                                folder=tcfg.folder, progress=progress)
+
+
+# ----------------------------------------------------------------------------- train
+
+def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
+          progress: bool = True, eval_batch: int = EVAL_BATCH) -> Path:
+    """Train DRAW; returns the run directory.
+
+    cfg: the model (height/width/channels must match the data). With ``tcfg.resume`` set
+    to a run dir, the model and training settings come from RUN/checkpoint.h5 and
+    ``cfg`` may be None; of ``tcfg`` only epochs (the new total), device, data_dir,
+    mirror and folder are taken. ``data``: a DataSplits to use instead of loading
+    ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr.
+
+    Raises NonFiniteLossError on a NaN/inf loss and TrainingInterrupted on Ctrl-C (both
+    TrainingStopped, with ``run_dir``; checkpoint.h5 then holds the last completed
+    epoch), ValueError for bad configs, data or checkpoints.
+    """
+    resume_ckpt = None
+    if tcfg.resume:
+        run_dir = Path(tcfg.resume)
+        ckpt_path = run_dir / "checkpoint.h5"
+        if not ckpt_path.is_file():
+            raise ValueError(f"cannot resume: {ckpt_path} does not exist")
+        resume_ckpt = load_checkpoint(ckpt_path)
+        saved_tcfg = _train_cfg_of(resume_ckpt)
+        if saved_tcfg is None:
+            raise ValueError(f"cannot resume: {ckpt_path} records no training config")
+        if cfg is not None and cfg != resume_ckpt.cfg:
+            log("note: resuming with the checkpoint's model config; the one given is ignored")
+        cfg = resume_ckpt.cfg
+        tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), "epochs": tcfg.epochs,
+                                      "device": tcfg.device, "data_dir": tcfg.data_dir,
+                                      "mirror": tcfg.mirror or saved_tcfg.mirror,
+                                      "folder": tcfg.folder or saved_tcfg.folder,
+                                      "resume": str(tcfg.resume)})
+    elif cfg is None:
+        raise ValueError("train needs a model config unless it resumes a run")
+
+    device = backend.resolve_device(tcfg.device)
+    dtype = np.dtype(tcfg.dtype)
+
+    if data is None:
+        data = _load_data(tcfg, progress)
+    _check_data_shape(cfg, data.shape)
+    train_x = np.asarray(_cap(data.train, tcfg.subset), dtype=dtype)
+    valid_x = np.asarray(_cap(data.valid, tcfg.subset), dtype=dtype)
+    test_x = np.asarray(_cap(data.test, tcfg.subset), dtype=dtype)
+    n_train = int(train_x.shape[0])
+    if n_train == 0:
+        raise ValueError("the training split is empty")
+
+    # ---- parameters, optimizer, RNG
+    if resume_ckpt is not None:
+        params = _to_device_dict(resume_ckpt.params, device)
+        if resume_ckpt.opt_state is None:
+            raise ValueError(f"cannot resume: {run_dir / 'checkpoint.h5'} holds no optimizer state")
+        opt_state = _opt_state_to(resume_ckpt.opt_state, device)
+        rng = _rng_from_state(resume_ckpt.rng_state)
+        start_epoch = int(resume_ckpt.epoch)
+        extra = dict(resume_ckpt.extra or {})
+        best_valid = float(extra.get("best_valid", float("inf")))
+        best_epoch = int(extra.get("best_epoch", 0))
+    else:
+        params = init_model(cfg, tcfg.seed, train_x, dtype=tcfg.dtype)
+        if tcfg.oldmodel:
+            old = load_checkpoint(tcfg.oldmodel)
+            try:
+                ckpt_lib.check_compatible(old.params, params)
+            except ValueError as err:
+                raise ValueError(f"--oldmodel {tcfg.oldmodel} does not fit this model "
+                                 f"({_cfg_summary(cfg)}; the checkpoint is "
+                                 f"{_cfg_summary(old.cfg)}): {err}") from err
+            if old.cfg is not None and old.cfg != cfg:
+                log(f"note: --oldmodel was trained with {_cfg_summary(old.cfg)}; "
+                    f"its parameters fit and are used for {_cfg_summary(cfg)}")
+            params = {name: np.asarray(old.params[name]).astype(dtype) for name in params}
+        params = _to_device_dict(params, device, dtype)
+        opt_state = optim.adam_init(params)
+        rng = _new_rng(tcfg.seed)
+        start_epoch = 0
+        best_valid, best_epoch = float("inf"), 0
+        run_name = tcfg.name or _dt.datetime.now().strftime("draw-%Y%m%d-%H%M%S")
+        run_dir = _unique_run_dir(Path(tcfg.out), run_name)
+
+    log_path = run_dir / "log.jsonl"
+    ckpt_path = run_dir / "checkpoint.h5"
+    best_path = run_dir / "best.h5"
+
+    (run_dir / "config.json").write_text(json.dumps(
+        {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
+    n_params = sum(int(np.prod(np.shape(p))) for p in params.values())
+    log(f"run dir: {run_dir}")
+    log("model config: " + json.dumps(cfg.to_dict()))
+    log("train config: " + json.dumps(tcfg.to_dict()))
+    log(f"device {device}, dtype {dtype.name}, {n_params:,} parameters; data "
+        f"{tcfg.dataset}: {n_train} train, {valid_x.shape[0]} valid, {test_x.shape[0]} test")
+
+    def extra_now():
+        return {"best_valid": best_valid, "best_epoch": best_epoch, "run_dir": run_dir.name}
+
+    if resume_ckpt is not None:
+        # Keep the log lines of the epochs the checkpoint holds; drop any written later.
+        rows = [r for r in _read_log(log_path) if int(r.get("epoch", 0)) <= start_epoch]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
+            f"target {tcfg.epochs} epochs")
+        if start_epoch >= tcfg.epochs:
+            log(f"nothing to do: the run already has {start_epoch} epochs")
+            return run_dir
+    else:
+        # The epoch-0 state on disk at once: an interrupted first epoch can be resumed.
+        _save(ckpt_path, cfg, params, opt_state, 0, rng, tcfg, extra_now())
+
+    n_iter = (n_train + tcfg.batch_size - 1) // tcfg.batch_size
+    epoch, it = start_epoch, 0
+    try:
+        for epoch in range(start_epoch + 1, tcfg.epochs + 1):
+            t0 = time.perf_counter()
+            bar = _Progress(n_iter, f"epoch {epoch}/{tcfg.epochs}", progress)
+            perm = rng.permutation(n_train)
+            loss_sum = recon_sum = gnorm_sum = snorm_sum = 0.0
+            kl_sum = np.zeros(cfg.T, dtype=np.float64)
+            try:
+                for it in range(1, n_iter + 1):
+                    idx = perm[(it - 1) * tcfg.batch_size: it * tcfg.batch_size]
+                    xb = backend.to_device(train_x[idx], device)
+                    eps = _noise(rng, cfg, idx.shape[0], dtype, device)
+                    loss, grads, stats = model_lib.loss_and_grads(params, cfg, xb, eps)
+                    loss = float(loss)
+                    if not math.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"loss is {loss} at epoch {epoch}, iteration {it}/{n_iter}; "
+                            f"training stopped. {ckpt_path} still holds epoch {epoch - 1} "
+                            f"(try a smaller --lr or --clip)", run_dir)
+                    grads, gnorm = optim.clip_by_global_norm(grads, tcfg.clip)
+                    if not math.isfinite(gnorm):
+                        raise NonFiniteLossError(
+                            f"gradient norm is {gnorm} at epoch {epoch}, iteration "
+                            f"{it}/{n_iter}; training stopped. {ckpt_path} still holds "
+                            f"epoch {epoch - 1} (try a smaller --lr or --clip)", run_dir)
+                    params, opt_state, snorm = optim.adam_step(
+                        params, grads, opt_state, tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps)
+                    loss_sum += loss
+                    recon_sum += float(stats.get("recon", float("nan")))
+                    kl_sum += np.asarray(backend.to_numpy(stats["kl"]), dtype=np.float64).reshape(-1)
+                    gnorm_sum += gnorm
+                    snorm_sum += snorm
+                    bar.update(it, loss)
+            finally:
+                bar.close()
+            if not math.isfinite(optim.global_norm(params)):
+                raise NonFiniteLossError(f"parameters became non-finite in epoch {epoch}; "
+                                         f"training stopped. {ckpt_path} still holds epoch "
+                                         f"{epoch - 1}", run_dir)
+            backend.synchronize(backend.get_array_module(*params.values()))
+            train_time = time.perf_counter() - t0
+
+            t1 = time.perf_counter()
+            valid_bound = evaluate_bound(params, cfg, valid_x, eval_batch,
+                                         _derived_rng(tcfg.seed, 1, epoch, 0))
+            test_bound = evaluate_bound(params, cfg, test_x, eval_batch,
+                                        _derived_rng(tcfg.seed, 1, epoch, 1))
+            eval_time = time.perf_counter() - t1
+            train_bound = loss_sum / n_iter
+            if not math.isfinite(valid_bound) and valid_x.shape[0] > 0:
+                raise NonFiniteLossError(f"validation bound is {valid_bound} after epoch "
+                                         f"{epoch}; training stopped. {ckpt_path} still "
+                                         f"holds epoch {epoch - 1}", run_dir)
+            score = valid_bound if valid_x.shape[0] > 0 else train_bound
+            is_best = score < best_valid
+            if is_best:
+                best_valid, best_epoch = score, epoch
+
+            kl = kl_sum / n_iter
+            record = {
+                "epoch": epoch,
+                "step": int(opt_state["step"]),
+                "train_bound": train_bound,
+                "train_recon": recon_sum / n_iter,
+                "train_kl": float(kl.sum()),
+                "valid_bound": None if math.isnan(valid_bound) else valid_bound,
+                "test_bound": None if math.isnan(test_bound) else test_bound,
+                "kl": [float(v) for v in kl],
+                "grad_norm": gnorm_sum / n_iter,
+                "step_norm": snorm_sum / n_iter,
+                "lr": tcfg.lr,
+                "train_time_s": train_time,
+                "eval_time_s": eval_time,
+                "examples_per_s": n_train / max(train_time, 1e-9),
+                "best": bool(is_best),
+                "time": _dt.datetime.now().isoformat(timespec="seconds"),
+            }
+            if is_best:
+                _save(best_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
+            _save(ckpt_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            _write_run_samples(run_dir, params, cfg, tcfg.seed)
+            record["wall_s"] = time.perf_counter() - t0
+            log(f"epoch {epoch}/{tcfg.epochs}  train {train_bound:.2f}  valid "
+                f"{_fmt(record['valid_bound'])}  test {_fmt(record['test_bound'])}  "
+                f"(recon {record['train_recon']:.2f} + KL {record['train_kl']:.2f})  "
+                f"|g| {record['grad_norm']:.2f}  |step| {record['step_norm']:.4f}  "
+                f"{record['wall_s']:.1f}s  {record['examples_per_s']:.0f} ex/s"
+                + ("  *best*" if is_best else ""))
+    except KeyboardInterrupt:
+        msg = (f"interrupted in epoch {epoch}; {ckpt_path} holds the last completed epoch "
+               f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir}")
+        log(msg)
+        raise TrainingInterrupted(msg, run_dir) from None
+    except NonFiniteLossError as err:
+        log(str(err))
+        raise
+    log(f"done: {tcfg.epochs} epochs; best valid bound {best_valid:.2f} (epoch {best_epoch}); "
+        f"run dir {run_dir}")
+    return run_dir
+
+
+def _saved_epoch(path: Path):
+    try:
+        return f"epoch {int(ckpt_lib.load_checkpoint(path).epoch)}"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "unreadable"
+
+
+def _cfg_summary(cfg) -> str:
+    if cfg is None:
+        return "unknown config"
+    att = f"attention {cfg.read_n},{cfg.write_n}" if cfg.attention else "no attention"
+    return (f"{cfg.channels}x{cfg.height}x{cfg.width}, T={cfg.T}, {att}, "
+            f"enc {cfg.enc_dim}, dec {cfg.dec_dim}, z {cfg.z_dim}")

@@ -1,0 +1,160 @@
+"""Gradient checks for npdraw.layers: linear, LSTM cell and BPTT, latent + KL, BCE."""
+import numpy as np
+import pytest
+
+from npdraw.layers import (bce_backward, bce_forward, latent_backward, latent_forward,
+                           linear_backward, linear_forward, lstm_cell_backward, lstm_cell_forward)
+from gradcheck import numeric_grad, rel_err
+
+TOL = 1e-6  # reached: every check here lands below about 1e-8
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def test_linear_gradients(rng):
+    x = rng.standard_normal((4, 3, 5))
+    W = rng.standard_normal((5, 6))
+    b = rng.standard_normal(6)
+    proj = rng.standard_normal((4, 3, 6))
+
+    def f():
+        return float((linear_forward(x, W, b)[0] * proj).sum())
+
+    _, cache = linear_forward(x, W, b)
+    dx, dW, db = linear_backward(proj, cache)
+    for analytic, array in ((dx, x), (dW, W), (db, b)):
+        assert rel_err(analytic.ravel(), numeric_grad(f, array)) < TOL
+
+
+def test_lstm_cell_gradients(rng):
+    B, Hd = 3, 4
+    a = rng.standard_normal((B, 4 * Hd))
+    c_prev = rng.standard_normal((B, Hd))
+    ph, pc = rng.standard_normal((B, Hd)), rng.standard_normal((B, Hd))
+
+    def f():
+        (h, c), _ = lstm_cell_forward(a, c_prev)
+        return float((h * ph).sum() + (c * pc).sum())
+
+    _, cache = lstm_cell_forward(a, c_prev)
+    da, dc_prev = lstm_cell_backward(ph, pc, cache)
+    assert rel_err(da.ravel(), numeric_grad(f, a)) < TOL
+    assert rel_err(dc_prev.ravel(), numeric_grad(f, c_prev)) < TOL
+
+
+def test_lstm_gate_order_is_i_f_o_g():
+    """With a huge forget and no input, c carries over; the g block is the candidate."""
+    Hd = 2
+    a = np.zeros((1, 4 * Hd))
+    a[0, Hd:2 * Hd] = 50.0        # forget gate open
+    a[0, 0:Hd] = -50.0            # input gate shut
+    a[0, 2 * Hd:3 * Hd] = 50.0    # output gate open
+    c_prev = np.array([[0.3, -0.2]])
+    (h, c), _ = lstm_cell_forward(a, c_prev)
+    np.testing.assert_allclose(c, c_prev, atol=1e-12)
+    np.testing.assert_allclose(h, np.tanh(c_prev), atol=1e-12)
+
+
+def test_lstm_bptt_through_several_steps(rng):
+    """A T-step LSTM built from the paired functions, checked end to end."""
+    T, B, I, Hd = 4, 2, 3, 5
+    xs = rng.standard_normal((T, B, I))
+    W = 0.5 * rng.standard_normal((I + Hd, 4 * Hd))
+    b = rng.standard_normal(4 * Hd)
+    h0 = rng.standard_normal((B, Hd))
+    proj = rng.standard_normal((T, B, Hd))
+
+    def run():
+        h, c, caches = h0, np.zeros((B, Hd)), []
+        for t in range(T):
+            a, lin_cache = linear_forward(np.concatenate([xs[t], h], axis=1), W, b)
+            (h, c), cell_cache = lstm_cell_forward(a, c)
+            caches.append((lin_cache, cell_cache, h))
+        return caches
+
+    def f():
+        return float(sum((cache[2] * proj[t]).sum() for t, cache in enumerate(run())))
+
+    caches = run()
+    dW, db, dxs = np.zeros_like(W), np.zeros_like(b), np.zeros_like(xs)
+    dh_next, dc_next = np.zeros((B, Hd)), np.zeros((B, Hd))
+    for t in reversed(range(T)):
+        lin_cache, cell_cache, _ = caches[t]
+        da, dc_next = lstm_cell_backward(proj[t] + dh_next, dc_next, cell_cache)
+        dinput, dW_t, db_t = linear_backward(da, lin_cache)
+        dW += dW_t
+        db += db_t
+        dxs[t], dh_next = dinput[:, :I], dinput[:, I:]
+    assert rel_err(dW.ravel(), numeric_grad(f, W)) < TOL
+    assert rel_err(db, numeric_grad(f, b)) < TOL
+    assert rel_err(dxs.ravel(), numeric_grad(f, xs)) < TOL
+    assert rel_err(dh_next.ravel(), numeric_grad(f, h0)) < TOL
+
+
+def test_latent_gradients_and_exact_kl(rng):
+    B, Z = 3, 4
+    q = rng.standard_normal((B, 2 * Z))
+    eps = rng.standard_normal((B, Z))
+    pz, pkl = rng.standard_normal((B, Z)), rng.standard_normal(B)
+
+    def f():
+        (z, kl), _ = latent_forward(q, eps)
+        return float((z * pz).sum() + (kl * pkl).sum())
+
+    (z, kl), cache = latent_forward(q, eps)
+    dq = latent_backward(pz, pkl, cache)
+    assert rel_err(dq.ravel(), numeric_grad(f, q)) < TOL
+    mu, sigma = q[:, :Z], np.exp(q[:, Z:])
+    np.testing.assert_allclose(z, mu + sigma * eps)
+    # KL(N(mu, sigma^2) || N(0, 1)) by its textbook closed form
+    expected = np.sum(np.log(1.0 / sigma) + (sigma ** 2 + mu ** 2) / 2.0 - 0.5, axis=1)
+    np.testing.assert_allclose(kl, expected, rtol=1e-12)
+
+
+def test_kl_is_zero_at_the_prior():
+    (_, kl), _ = latent_forward(np.zeros((2, 6)), np.ones((2, 3)))
+    np.testing.assert_allclose(kl, 0.0, atol=1e-15)
+
+
+def test_bce_gradients_and_stability(rng):
+    B, D = 3, 7
+    logits = 3 * rng.standard_normal((B, D))
+    x = rng.random((B, D))
+    w = rng.standard_normal(B)
+
+    def f():
+        return float((bce_forward(logits, x)[0] * w).sum())
+
+    loss, cache = bce_forward(logits, x)
+    assert rel_err(bce_backward(w, cache).ravel(), numeric_grad(f, logits)) < TOL
+    p = 1 / (1 + np.exp(-logits))
+    np.testing.assert_allclose(loss, -(x * np.log(p) + (1 - x) * np.log(1 - p)).sum(1), rtol=1e-10)
+    # huge logits neither overflow nor lose the linear tail
+    big, _ = bce_forward(np.array([[1000.0, -1000.0]]), np.array([[0.0, 1.0]]))
+    np.testing.assert_allclose(big, [2000.0])
+
+
+def test_layers_keep_float32(rng):
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    W = rng.standard_normal((3, 8)).astype(np.float32)
+    a, _ = linear_forward(x, W, np.zeros(8, np.float32))
+    (h, c), cache = lstm_cell_forward(a, np.zeros((2, 2), np.float32))
+    da, dc = lstm_cell_backward(h, c, cache)
+    assert a.dtype == h.dtype == c.dtype == da.dtype == dc.dtype == np.float32
+    (z, kl), lcache = latent_forward(a[:, :4], x[:, :2])
+    assert z.dtype == kl.dtype == latent_backward(z, 1.0, lcache).dtype == np.float32
+    loss, bcache = bce_forward(a, np.zeros_like(a))
+    assert loss.dtype == bce_backward(1.0, bcache).dtype == np.float32
+
+
+def test_inputs_are_not_modified(rng):
+    a = rng.standard_normal((2, 8))
+    c_prev = rng.standard_normal((2, 2))
+    before = (a.copy(), c_prev.copy())
+    (h, c), cache = lstm_cell_forward(a, c_prev)
+    lstm_cell_backward(h, c, cache)
+    np.testing.assert_array_equal(a, before[0])
+    np.testing.assert_array_equal(c_prev, before[1])

@@ -1,0 +1,212 @@
+"""The whole DRAW model: gradient checks, stepping vs unrolling, loss at init, bad input."""
+import math
+
+import numpy as np
+import pytest
+
+import npdraw
+from npdraw.layers import sigmoid
+from gradcheck import numeric_grad, rel_err, sample_indices
+
+TOL = 1e-6  # reached: the worst whole-model entry is about 5e-7 (N=1 config), most below 1e-7
+
+CONFIGS = {
+    "attn_grey_nonsquare": npdraw.DrawConfig(height=5, width=6, channels=1, T=3, read_n=2,
+                                             write_n=3, enc_dim=6, dec_dim=5, z_dim=3),
+    "noattn_colour": npdraw.DrawConfig(height=3, width=4, channels=3, T=3, enc_dim=5, dec_dim=4,
+                                       z_dim=2, attention=False),
+    "attn_colour_read_n1": npdraw.DrawConfig(height=4, width=5, channels=3, T=4, read_n=1,
+                                             write_n=2, enc_dim=4, dec_dim=5, z_dim=2),
+    "attn_write_n1": npdraw.DrawConfig(height=6, width=4, channels=1, T=3, read_n=3, write_n=1,
+                                       enc_dim=5, dec_dim=4, z_dim=3),
+}
+
+
+def generic_point(cfg, seed=0, B=3):
+    """Float64 params moved off their special initial values, data, and noise."""
+    rng = np.random.default_rng(seed)
+    params = npdraw.init_params(cfg, seed, dtype="float64")
+    for value in params.values():
+        value += 0.3 * rng.standard_normal(value.shape)
+    x = rng.random((B, cfg.D))
+    eps = rng.standard_normal((cfg.T, B, cfg.z_dim))
+    return params, x, eps
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_whole_model_gradients(name):
+    cfg = CONFIGS[name]
+    params, x, eps = generic_point(cfg)
+    loss, grads, stats = npdraw.loss_and_grads(params, cfg, x, eps)
+    assert set(grads) == set(params)
+
+    def f():
+        return float(npdraw.loss_only(params, cfg, x, eps)[0].mean())
+
+    assert f() == pytest.approx(loss, rel=1e-12)
+    rng = np.random.default_rng(1)
+    for pname, value in params.items():
+        assert grads[pname].shape == value.shape, pname
+        idx = sample_indices(value.size, 12, rng)
+        numeric = numeric_grad(f, value, idx)
+        err = rel_err(grads[pname].reshape(-1)[idx], numeric)
+        assert err < TOL, f"{name}: {pname} rel_err {err:.2e}"
+
+
+def test_stats_are_consistent():
+    cfg = CONFIGS["attn_grey_nonsquare"]
+    params, x, eps = generic_point(cfg)
+    loss, _, stats = npdraw.loss_and_grads(params, cfg, x, eps)
+    assert stats["kl"].shape == (cfg.T,)
+    assert (stats["kl"] >= 0).all()
+    assert loss == pytest.approx(stats["recon"] + stats["kl"].sum(), rel=1e-12)
+    assert stats["activation_bytes"] > 0
+
+
+def test_stepping_matches_unrolled_forward():
+    for cfg in CONFIGS.values():
+        params, x, eps = generic_point(cfg, seed=3)
+        loss, stats = npdraw.loss_only(params, cfg, x, eps)
+        state = npdraw.initial_state(params, x.shape[0])
+        kls = []
+        for t in range(cfg.T):
+            state, kl = npdraw.draw_step(params, cfg, x, state, eps[t])
+            kls.append(kl)
+        from npdraw.layers import bce_forward
+        recon, _ = bce_forward(state["canvas"], x)
+        np.testing.assert_allclose(np.mean(kls, axis=1), stats["kl"], rtol=1e-12)
+        np.testing.assert_allclose(recon + np.sum(kls, axis=0), loss, rtol=1e-12)
+
+
+def test_loss_at_init_is_analytic():
+    """Zeroed output layers make the loss exact: BCE against sigmoid(c0) plus T*KL(q_b)."""
+    cfg = npdraw.DrawConfig(T=5, enc_dim=16, dec_dim=16, z_dim=4)
+    params = npdraw.init_params(cfg, 0, dtype="float64")
+    rng = np.random.default_rng(0)
+    x = (rng.random((8, cfg.D)) < 0.3).astype(np.float64)
+    eps = rng.standard_normal((cfg.T, 8, cfg.z_dim))
+    for name in ("q_W", "write_W", "write_b"):
+        params[name][...] = 0.0
+    p = 0.2
+    params["c0"][...] = math.log(p / (1 - p))
+    mu0, log_sigma0 = 0.5, -0.3
+    params["q_b"][:cfg.z_dim], params["q_b"][cfg.z_dim:] = mu0, log_sigma0
+    loss, _, stats = npdraw.loss_and_grads(params, cfg, x, eps)
+    recon = -(x * math.log(p) + (1 - x) * math.log(1 - p)).sum(axis=1).mean()
+    kl = cfg.T * cfg.z_dim * 0.5 * (mu0 ** 2 + math.exp(2 * log_sigma0) - 2 * log_sigma0 - 1)
+    assert stats["recon"] == pytest.approx(recon, rel=1e-12)
+    assert loss == pytest.approx(recon + kl, rel=1e-12)
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_default_init_starts_near_uniform_canvas(attention):
+    """With the shipped init, c0 = 0, small output layers: L ~ D log 2 and KL ~ 0."""
+    cfg = npdraw.DrawConfig(attention=attention, T=8)
+    params = npdraw.init_params(cfg, 0)
+    rng = np.random.default_rng(0)
+    x = (rng.random((20, cfg.D)) < 0.15).astype(np.float32)
+    eps = rng.standard_normal((cfg.T, 20, cfg.z_dim)).astype(np.float32)
+    loss, _, stats = npdraw.loss_and_grads(params, cfg, x, eps)
+    assert stats["recon"] == pytest.approx(cfg.D * math.log(2), rel=0.02)
+    assert 0 <= stats["kl_total"] < 0.01 * cfg.D
+
+
+def test_float32_by_default_and_float64_on_request():
+    cfg = CONFIGS["attn_colour_read_n1"]
+    p32 = npdraw.init_params(cfg, 0)
+    assert all(v.dtype == np.float32 for v in p32.values())
+    x = np.random.default_rng(0).random((2, cfg.D)).astype(np.float32)
+    eps = np.zeros((cfg.T, 2, cfg.z_dim), np.float32)
+    _, grads, _ = npdraw.loss_and_grads(p32, cfg, x, eps)
+    assert all(g.dtype == np.float32 for g in grads.values())
+    p64 = npdraw.init_params(cfg, 0, dtype="float64")
+    _, grads64, _ = npdraw.loss_and_grads(p64, cfg, x.astype(np.float64), eps)
+    assert all(g.dtype == np.float64 for g in grads64.values())
+    for name in grads:
+        np.testing.assert_allclose(grads[name], grads64[name], rtol=2e-3, atol=2e-5)
+
+
+def test_inputs_are_not_modified():
+    cfg = CONFIGS["attn_grey_nonsquare"]
+    params, x, eps = generic_point(cfg)
+    before = {k: v.copy() for k, v in params.items()}, x.copy(), eps.copy()
+    npdraw.loss_and_grads(params, cfg, x, eps)
+    npdraw.generate(params, cfg, eps)
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[0][k])
+    np.testing.assert_array_equal(x, before[1])
+    np.testing.assert_array_equal(eps, before[2])
+
+
+def test_generate_shapes_and_windows():
+    cfg = CONFIGS["attn_colour_read_n1"]
+    params, _, eps = generic_point(cfg, B=4)
+    canvases, windows = npdraw.generate(params, cfg, eps)
+    assert canvases.shape == (cfg.T, 4, cfg.D)
+    assert ((canvases > 0) & (canvases < 1)).all()
+    for key in ("cx", "cy", "stride", "sigma", "gamma"):
+        assert windows[key].shape == (cfg.T, 4)
+    assert windows["N"] == cfg.write_n
+    assert (windows["sigma"] > 0).all()
+    # the decoder alone reproduces the canvas: its last step equals a manual unroll
+    state = npdraw.initial_state(params, 4)
+    from npdraw.model import _write_forward
+    from npdraw.layers import lstm_cell_forward
+    h, c, canvas = state["h_dec"], state["c_dec"], state["canvas"]
+    for t in range(cfg.T):
+        a = np.concatenate([eps[t], h], 1) @ params["dec_W"] + params["dec_b"]
+        (h, c), _ = lstm_cell_forward(a, c)
+        canvas = canvas + _write_forward(params, cfg, h)[0]
+    np.testing.assert_allclose(canvases[-1], sigmoid(canvas), rtol=1e-12)
+    cfg2 = CONFIGS["noattn_colour"]
+    p2, _, e2 = generic_point(cfg2)
+    assert npdraw.generate(p2, cfg2, e2)[1] is None
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.fixture
+def small():
+    cfg = CONFIGS["attn_grey_nonsquare"]
+    params, x, eps = generic_point(cfg)
+    return cfg, params, x, eps
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c, p, x, e: (p, x[:, :-1], e), "x must have shape"),
+    (lambda c, p, x, e: (p, x[0], e), "x must have shape"),
+    (lambda c, p, x, e: (p, x, e[:-1]), "eps must have shape"),
+    (lambda c, p, x, e: (p, x, e[:, :-1]), "eps must have shape"),
+    (lambda c, p, x, e: (p, x + 1.0, e), r"values in \[0, 1\]"),
+    (lambda c, p, x, e: (p, x - 0.5, e), r"values in \[0, 1\]"),
+    (lambda c, p, x, e: (p, np.where(x > 0.5, np.nan, x), e), "NaN"),
+    (lambda c, p, x, e: (p, x, e * np.inf), "eps contains NaN"),
+    (lambda c, p, x, e: ({k: v for k, v in p.items() if k != "q_W"}, x, e), "missing"),
+    (lambda c, p, x, e: ({**p, "q_W": p["q_W"][:, :1]}, x, e), "param q_W has shape"),
+    (lambda c, p, x, e: (p, "not an array", e), "x must be an array"),
+])
+def test_bad_input_names_the_problem(small, change, message):
+    cfg, params, x, eps = small
+    p2, x2, e2 = change(cfg, params, x, eps)
+    with pytest.raises(ValueError, match=message):
+        npdraw.loss_and_grads(p2, cfg, x2, e2)
+
+
+@pytest.mark.parametrize("field", ["height", "width", "channels", "T", "read_n", "write_n",
+                                   "enc_dim", "dec_dim", "z_dim"])
+def test_impossible_config_is_rejected(field):
+    with pytest.raises(ValueError, match=field):
+        npdraw.DrawConfig(**{field: 0})
+
+
+def test_config_defaults_are_the_papers_mnist_model():
+    cfg = npdraw.DrawConfig()
+    assert (cfg.height, cfg.width, cfg.channels, cfg.T, cfg.read_n, cfg.write_n, cfg.enc_dim,
+            cfg.dec_dim, cfg.z_dim, cfg.attention) == (28, 28, 1, 64, 2, 5, 256, 256, 100, True)
+    assert npdraw.DrawConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_generate_rejects_bad_eps(small):
+    cfg, params, _, eps = small
+    with pytest.raises(ValueError, match="eps must have shape"):
+        npdraw.generate(params, cfg, eps[:, :, :-1])

@@ -178,7 +178,7 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
             f.attrs["epoch"] = int(epoch)
             for key, text in json_attrs.items():
                 f.attrs[key] = text
-            g = f.create_group("config")
+            g = f.create_group("config", track_order=True)
             for key, value in cfg.to_dict().items():
                 g.attrs[key] = value
             _write_arrays(f.create_group("params", track_order=True), host_params)

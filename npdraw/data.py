@@ -262,6 +262,14 @@ def _stream_to_temp(url: str, directory: Path, progress: bool) -> Path:
         raise
 
 
+def _publish(tmp: Path, dest: Path) -> None:
+    """Rename a finished temp file into place with normal permissions (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, dest)
+
+
 def _is_url(mirror: str) -> bool:
     return mirror.lower().startswith(("http://", "https://", "file://"))
 
@@ -329,7 +337,7 @@ def _locate(names: list, subdir: str, cache: Optional[Path], work_dir: Path, mir
             if not keep:
                 return tmp, True
             dest = work_dir / url.rsplit("/", 1)[-1]
-            os.replace(tmp, dest)
+            _publish(tmp, dest)
             return dest, False
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -448,7 +456,7 @@ def _write_h5_atomically(path: Path, arrays: dict, attrs: dict) -> None:
             for key, arr in arrays.items():
                 f.create_dataset(key, data=arr, compression="gzip", compression_opts=4,
                                  chunks=(min(1000, max(1, arr.shape[0])), arr.shape[1]))
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

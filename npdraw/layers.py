@@ -11,7 +11,9 @@ arguments, so NumPy and CuPy arrays both work and dtypes are kept.
 """
 from __future__ import annotations
 
-from .backend import get_array_module
+import numpy as np
+
+from .backend import fuse, get_array_module
 
 # ---------------------------------------------------------------- linear
 
@@ -39,13 +41,30 @@ def linear_backward(dy, cache):
 # ---------------------------------------------------------------- LSTM cell
 # Gate pre-activations a = [x, h_prev] W + b hold four column blocks in the
 # order [i, f, o, g]: input, forget and output gates (sigmoid), then the
-# candidate g (tanh). No peepholes. The sigmoid blocks are contiguous so one
-# call squashes all three.
+# candidate g (tanh). No peepholes. The elementwise work of a step is one
+# function of whole arrays, which backend.fuse turns into a single GPU kernel.
 
-def sigmoid(x):
-    """Logistic function, computed as 0.5*(1+tanh(x/2)), which never overflows."""
-    xp = get_array_module(x)
-    return 0.5 * (xp.tanh(0.5 * x) + 1.0)
+def _sigmoid(x):
+    # 0.5*(1+tanh(x/2)) equals 1/(1+exp(-x)) but never overflows
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)
+
+
+sigmoid = fuse(_sigmoid)
+
+
+@fuse
+def _lstm_cell_kernel(a_i, a_f, a_o, a_g, c_prev):
+    i, f, o, g = _sigmoid(a_i), _sigmoid(a_f), _sigmoid(a_o), np.tanh(a_g)
+    c = f * c_prev + i * g
+    tanh_c = np.tanh(c)
+    return i, f, o, g, c, tanh_c, o * tanh_c
+
+
+@fuse
+def _lstm_cell_backward_kernel(dh, dc, i, f, o, g, c_prev, tanh_c):
+    dc_total = dc + dh * o * (1.0 - tanh_c * tanh_c)
+    return (dc_total * g * i * (1.0 - i), dc_total * c_prev * f * (1.0 - f),
+            dh * tanh_c * o * (1.0 - o), dc_total * i * (1.0 - g * g), dc_total * f)
 
 
 def lstm_cell_forward(a, c_prev):
@@ -54,78 +73,93 @@ def lstm_cell_forward(a, c_prev):
     a: (B, 4Hd) gate pre-activations   c_prev: (B, Hd)
     -> (h (B, Hd), c (B, Hd)), cache
     """
-    xp = get_array_module(a)
     Hd = c_prev.shape[-1]
-    gates = xp.empty_like(a)
-    gates[:, :3 * Hd] = sigmoid(a[:, :3 * Hd])
-    gates[:, 3 * Hd:] = xp.tanh(a[:, 3 * Hd:])
-    i, f, o, g = (gates[:, k * Hd:(k + 1) * Hd] for k in range(4))
-    c = f * c_prev + i * g
-    tanh_c = xp.tanh(c)
-    h = o * tanh_c
-    return (h, c), (gates, c_prev, tanh_c)
+    i, f, o, g, c, tanh_c, h = _lstm_cell_kernel(
+        a[:, :Hd], a[:, Hd:2 * Hd], a[:, 2 * Hd:3 * Hd], a[:, 3 * Hd:], c_prev)
+    return (h, c), (i, f, o, g, c_prev, tanh_c)
 
 
-def lstm_cell_backward(dh, dc, cache):
-    """dh, dc: (B, Hd) gradients w.r.t. h and c -> (da (B, 4Hd), dc_prev (B, Hd))."""
+def lstm_cell_backward(dh, dc, cache, out=None):
+    """dh, dc: (B, Hd) gradients w.r.t. h and c -> (da (B, 4Hd), dc_prev (B, Hd)).
+
+    out: optional (B, 4Hd) array to receive da (the model passes a row of its
+    preallocated (T, B, 4Hd) buffer, saving a copy).
+    """
     xp = get_array_module(dh)
-    gates, c_prev, tanh_c = cache
+    i, f, o, g, c_prev, tanh_c = cache
     Hd = c_prev.shape[-1]
-    i, f, o, g = (gates[:, k * Hd:(k + 1) * Hd] for k in range(4))
-    dc_total = dc + dh * o * (1.0 - tanh_c * tanh_c)
-    da = xp.empty_like(gates)
-    da[:, 0 * Hd:1 * Hd] = dc_total * g * i * (1.0 - i)
-    da[:, 1 * Hd:2 * Hd] = dc_total * c_prev * f * (1.0 - f)
-    da[:, 2 * Hd:3 * Hd] = dh * tanh_c * o * (1.0 - o)
-    da[:, 3 * Hd:4 * Hd] = dc_total * i * (1.0 - g * g)
-    return da, dc_total * f
+    da_i, da_f, da_o, da_g, dc_prev = _lstm_cell_backward_kernel(dh, dc, i, f, o, g, c_prev, tanh_c)
+    da = xp.empty((dh.shape[0], 4 * Hd), dh.dtype) if out is None else out
+    da[:, :Hd], da[:, Hd:2 * Hd], da[:, 2 * Hd:3 * Hd], da[:, 3 * Hd:] = da_i, da_f, da_o, da_g
+    return da, dc_prev
 
 
 # ---------------------------------------------------------------- Gaussian latent
 
+@fuse
+def _latent_kernel(mu, log_sigma, eps):
+    sigma = np.exp(log_sigma)
+    return sigma, mu + sigma * eps, 0.5 * (mu * mu + sigma * sigma - 2.0 * log_sigma - 1.0)
+
+
+@fuse
+def _latent_backward_kernel(dz, dkl, mu, sigma, eps):
+    return dz + dkl * mu, dz * sigma * eps + dkl * (sigma * sigma - 1.0)
+
+
 def latent_forward(q, eps):
-    """Reparameterised sample and exact KL to N(0, I) (paper eq 1-3, 10).
+    """Reparameterised sample and exact KL to N(0, I) (paper eq 1-2, 6, 10-11).
 
     q: (B, 2Z) = [mu | log sigma]   eps: (B, Z) standard normal noise
     -> (z (B, Z), kl (B,)), cache
     kl = sum_j 0.5 * (mu^2 + sigma^2 - log sigma^2 - 1)
     """
     Z = eps.shape[-1]
-    mu, log_sigma = q[:, :Z], q[:, Z:]
-    xp = get_array_module(q)
-    sigma = xp.exp(log_sigma)
-    z = mu + sigma * eps
-    kl = 0.5 * (mu * mu + sigma * sigma - 2.0 * log_sigma - 1.0).sum(axis=-1)
-    return (z, kl), (mu, sigma, eps)
+    mu = q[:, :Z]
+    sigma, z, kl_terms = _latent_kernel(mu, q[:, Z:], eps)
+    return (z, kl_terms.sum(axis=-1)), (mu, sigma, eps)
 
 
-def latent_backward(dz, dkl, cache):
-    """dz: (B, Z), dkl: (B,) or scalar -> dq (B, 2Z)."""
+def latent_backward(dz, dkl, cache, out=None):
+    """dz: (B, Z), dkl: (B,) or scalar -> dq (B, 2Z) (written into `out` if given)."""
     xp = get_array_module(dz)
     mu, sigma, eps = cache
-    dkl = xp.asarray(dkl, dtype=dz.dtype).reshape(-1, 1)
-    dq = xp.empty((dz.shape[0], 2 * dz.shape[1]), dtype=dz.dtype)
-    dq[:, :dz.shape[1]] = dz + dkl * mu
-    dq[:, dz.shape[1]:] = dz * sigma * eps + dkl * (sigma * sigma - 1.0)
+    dkl = xp.asarray(dkl, dtype=dz.dtype)
+    if dkl.ndim:
+        dkl = dkl.reshape(-1, 1)
+    Z = dz.shape[1]
+    dq = xp.empty((dz.shape[0], 2 * Z), dtype=dz.dtype) if out is None else out
+    dq[:, :Z], dq[:, Z:] = _latent_backward_kernel(dz, dkl, mu, sigma, eps)
     return dq
 
 
 # ---------------------------------------------------------------- Bernoulli likelihood
 
+@fuse
+def _bce_kernel(logits, x):
+    # softplus(l) - x*l, with softplus = max(l, 0) + log1p(exp(-|l|))
+    return np.maximum(logits, 0) + np.log1p(np.exp(-np.abs(logits))) - x * logits
+
+
+@fuse
+def _bce_backward_kernel(dloss, logits, x):
+    return dloss * (_sigmoid(logits) - x)
+
+
 def bce_forward(logits, x):
     """-log Bernoulli(x | sigmoid(logits)) summed over pixels (paper eq 9).
 
     logits: (B, D) canvas c_T   x: (B, D) targets in [0, 1]
-    -> loss (B,), cache.  softplus(l) - x*l, with softplus written stably.
+    -> loss (B,), cache
     """
-    xp = get_array_module(logits)
-    softplus = xp.maximum(logits, 0) + xp.log1p(xp.exp(-xp.abs(logits)))
-    return (softplus - x * logits).sum(axis=-1), (logits, x)
+    return _bce_kernel(logits, x).sum(axis=-1), (logits, x)
 
 
 def bce_backward(dloss, cache):
     """dloss: (B,) or scalar -> dlogits (B, D) = dloss * (sigmoid(l) - x)."""
     xp = get_array_module(*cache)
     logits, x = cache
-    dloss = xp.asarray(dloss, dtype=logits.dtype).reshape(-1, 1)
-    return dloss * (sigmoid(logits) - x)
+    dloss = xp.asarray(dloss, dtype=logits.dtype)
+    if dloss.ndim:
+        dloss = dloss.reshape(-1, 1)
+    return _bce_backward_kernel(dloss, logits, x)

@@ -38,7 +38,7 @@ import math
 import numpy as np
 
 from . import attention as att
-from .backend import get_array_module, to_numpy
+from .backend import fuse, get_array_module, to_numpy
 from .config import DrawConfig
 from .layers import (bce_backward, bce_forward, latent_backward, latent_forward,
                      linear_forward, lstm_cell_backward, lstm_cell_forward, sigmoid)
@@ -164,6 +164,21 @@ def _check_inputs(params, cfg, x, eps):
     return x, _check_eps(eps, cfg, x.shape[0], xp, dtype), xp, dtype
 
 
+# ---------------------------------------------------------------- eq 3
+
+@fuse
+def _glimpse_error(x, canvas):
+    """x, canvas: (B, D) -> (sigmoid(c_{t-1}), x_hat = x - sigmoid(c_{t-1})) (eq 3)."""
+    sig = 0.5 * (np.tanh(0.5 * canvas) + 1.0)
+    return sig, x - sig
+
+
+@fuse
+def _glimpse_error_backward(dcanvas, dx_hat, sig):
+    """Add eq 3's path to dL/dc_{t-1}: dcanvas - dx_hat * sigmoid'(c_{t-1})."""
+    return dcanvas - dx_hat * sig * (1.0 - sig)
+
+
 # ---------------------------------------------------------------- read and write
 
 def _read_forward(params, cfg, x, x_hat, h_dec_prev):
@@ -237,7 +252,7 @@ def draw_step(params, cfg, x, state, eps_t):
     preallocated unrolled forward can be checked against it.
     """
     xp = get_array_module(x)
-    x_hat = x - sigmoid(state["canvas"])                                        # eq 3
+    _, x_hat = _glimpse_error(x, state["canvas"])                               # eq 3
     r, _ = _read_forward(params, cfg, x, x_hat, state["h_dec"])                 # eq 4
     a_enc = xp.concatenate([r, state["h_dec"], state["h_enc"]], axis=1) @ params["enc_W"]
     (h_enc, c_enc), _ = lstm_cell_forward(a_enc + params["enc_b"], state["c_enc"])  # eq 5
@@ -281,8 +296,7 @@ def forward(params, cfg, x, eps, need_terms=False):
     log_ratio = xp.zeros(B, dtype) if need_terms else None
     steps = []
     for t in range(T):
-        sig_prev[t] = sigmoid(canvas)
-        x_hat = x - sig_prev[t]                                                  # eq 3
+        sig_prev[t], x_hat = _glimpse_error(x, canvas)                           # eq 3
         r, read_cache = _read_forward(params, cfg, x, x_hat, h_dec[t])          # eq 4
         enc_in[t, :, :R] = r
         enc_in[t, :, R:R + Hd] = h_dec[t]
@@ -347,14 +361,11 @@ def backward(params, cfg, cache):
         if dp_w is not None:
             out_grads["dp_write"][t] = dp_w
             dh_dec += dp_w @ params["write_att_W"].T
-        da_dec, dc_dec = lstm_cell_backward(dh_dec, dc_dec, dec_cache)
-        out_grads["da_dec"][t] = da_dec
+        da_dec, dc_dec = lstm_cell_backward(dh_dec, dc_dec, dec_cache, out=out_grads["da_dec"][t])
         ddec_in = da_dec @ params["dec_W"].T                               # [dz, dh_dec_{t-1}]
-        dq = latent_backward(ddec_in[:, :Z], inv_B, latent_cache)
-        out_grads["dq"][t] = dq
+        dq = latent_backward(ddec_in[:, :Z], inv_B, latent_cache, out=out_grads["dq"][t])
         dh_enc = dq @ params["q_W"].T + dh_enc_next
-        da_enc, dc_enc = lstm_cell_backward(dh_enc, dc_enc, enc_cache)
-        out_grads["da_enc"][t] = da_enc
+        da_enc, dc_enc = lstm_cell_backward(dh_enc, dc_enc, enc_cache, out=out_grads["da_enc"][t])
         denc_in = da_enc @ params["enc_W"].T                # [dr, dh_dec_{t-1}, dh_enc_{t-1}]
         dh_enc_next = denc_in[:, R + Hd:]
         dh_dec_next = ddec_in[:, Z:] + denc_in[:, R:R + Hd]
@@ -362,9 +373,7 @@ def backward(params, cfg, cache):
         if dp_r is not None:
             out_grads["dp_read"][t] = dp_r
             dh_dec_next = dh_dec_next + dp_r @ params["read_att_W"].T
-        # x_hat = x - sigmoid(c_{t-1})
-        sig = stacked["sig_prev"][t]
-        dcanvas = dcanvas - dx_hat * sig * (1.0 - sig)
+        dcanvas = _glimpse_error_backward(dcanvas, dx_hat, stacked["sig_prev"][t])
 
     inputs = {"enc_in": stacked["enc_in"], "dec_in": stacked["dec_in"], "h_enc": stacked["h_enc"],
               "h_dec_new": stacked["h_dec"][1:], "h_dec_prev": stacked["h_dec"][:-1]}
@@ -396,6 +405,16 @@ def _cache_nbytes(obj, seen=None):
     return 0
 
 
+def _activation_nbytes(cache, x, eps):
+    """Bytes kept for the backward pass: the stacked buffers plus T times one
+    glimpse's cache (every glimpse caches arrays of the same shapes). The inputs
+    x and eps are not counted."""
+    steps, stacked, bce_cache = cache
+    seen = {id(x), id(eps if eps.base is None else eps.base)}
+    per_step = _cache_nbytes(steps[0], seen | {id(v) for v in stacked.values()})
+    return _cache_nbytes(stacked, seen) + len(steps) * per_step + _cache_nbytes(bce_cache, seen)
+
+
 # ---------------------------------------------------------------- public API
 
 def loss_and_grads(params, cfg, x, eps):
@@ -414,7 +433,7 @@ def loss_and_grads(params, cfg, x, eps):
     recon = float(terms["recon"].mean())
     loss = float(loss_per_example.mean())
     stats = {"loss": loss, "recon": recon, "kl": kl, "kl_total": float(kl.sum()),
-             "activation_bytes": _cache_nbytes(cache)}
+             "activation_bytes": _activation_nbytes(cache, x, eps)}
     return loss, grads, stats
 
 

@@ -278,29 +278,15 @@ def window_box(cx: float, cy: float, stride: float, n: int, height: int, width: 
     return max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)
 
 
-def _tile_rgb(image: np.ndarray, shape, scale: int) -> np.ndarray:
-    """One flattened image (D,) in [0, 1] -> (H*scale, W*scale, 3) float RGB."""
+def _tile_rgb(image, shape, scale: int) -> np.ndarray:
+    """One flattened image (D,) in [0, 1] -> uint8 RGB (H*scale, W*scale, 3)."""
     c, h, w = shape
-    img = np.clip(np.asarray(image, dtype=np.float32).reshape(c, h, w), 0.0, 1.0)
+    tile = images_lib.to_uint8(np.asarray(image).reshape(c, h, w)).transpose(1, 2, 0)
     if c == 1:
-        img = np.repeat(img, 3, axis=0)
+        tile = np.repeat(tile, 3, axis=2)
     elif c != 3:
-        img = np.repeat(img.mean(axis=0, keepdims=True), 3, axis=0)
-    img = img.transpose(1, 2, 0)
-    if scale > 1:
-        img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
-    return img
-
-
-def _draw_box_float(tile: np.ndarray, box, color=(1.0, 0.0, 0.0)) -> np.ndarray:
-    """Outline ``box`` (inclusive x0, y0, x1, y1) on a float RGB tile, in place."""
-    x0, y0, x1, y1 = box
-    col = np.asarray(color, dtype=tile.dtype)
-    tile[y0, x0:x1 + 1] = col
-    tile[y1, x0:x1 + 1] = col
-    tile[y0:y1 + 1, x0] = col
-    tile[y0:y1 + 1, x1] = col
-    return tile
+        raise ValueError(f"only grey or RGB images can be drawn, got {c} channels")
+    return images_lib.upscale(tile, scale) if scale > 1 else tile
 
 
 def _window_n(n_value, t: int, i: int) -> int:
@@ -332,18 +318,18 @@ def render_frames(canvases, windows, shape, rows: int, cols: int, boxes: bool = 
         win = {k: np.asarray(backend.to_numpy(v)) for k, v in windows.items()}
     frames = []
     for t in range(t_steps):
-        tiles = np.empty((count, 3, h * scale, w * scale), dtype=np.float32)
+        tiles = []
         for i in range(count):
             tile = _tile_rgb(canvases[t, i], shape, scale)
             if win is not None:
-                n_win = _window_n(win["N"], t, i)
                 box = window_box(float(win["cx"][t, i]), float(win["cy"][t, i]),
-                                 float(win["stride"][t, i]), n_win, h, w, scale)
+                                 float(win["stride"][t, i]), _window_n(win["N"], t, i),
+                                 h, w, scale)
                 if box is not None:
-                    _draw_box_float(tile, box)
-            tiles[i] = tile.transpose(2, 0, 1)
-        frames.append(images_lib.image_grid(tiles.reshape(count, -1), (3, h * scale, w * scale),
-                                            rows, cols))
+                    tile = images_lib.draw_box(tile, *box, color=(255, 0, 0))
+            tiles.append(tile)
+        grid_in = np.stack(tiles).transpose(0, 3, 1, 2)          # (count, 3, H*s, W*s)
+        frames.append(images_lib.image_grid(grid_in, (3, h * scale, w * scale), rows, cols))
     return frames
 
 

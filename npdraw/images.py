@@ -1,0 +1,655 @@
+"""Pictures with NumPy and imageio only: sample grids, attention boxes, PNG/GIF files,
+image loading, and small line charts drawn with a built-in bitmap font (no matplotlib).
+
+Legend of dimension letters:
+    N   number of images            C   channels (1 grey, 3 RGB)
+    H   image height (rows)         W   image width (columns)
+    D   flattened image size C*H*W  F   frames of an animation
+    K   points of one series        S   number of series in a chart
+
+Conventions: model images are float in [0, 1], laid out (C, H, W) and flattened
+C-major to (D,); pictures on disk are uint8 (H, W, 3) RGB or (H, W) grey. Pixel
+coordinates are x = column, y = row, origin at the top-left. Inputs may be CuPy
+arrays; they are brought to the host with backend.to_numpy, since everything here
+ends in a file.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+
+import imageio.v3 as iio
+import numpy as np
+
+from .backend import to_numpy
+
+
+class ImageNotFoundError(ValueError, FileNotFoundError):
+    """A missing image file; catchable both as ValueError and as FileNotFoundError."""
+
+
+# ----------------------------------------------------------------------------- basics
+
+def to_uint8(images) -> np.ndarray:
+    """Float images in [0, 1] (any shape) -> uint8 in [0, 255], clipped and rounded.
+
+    uint8 input is returned as a copy; bool maps to 0/255; NaN maps to 0.
+    """
+    a = to_numpy(images)
+    if a.dtype == np.uint8:
+        return a.copy()
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * np.uint8(255)
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"images must be numeric, got dtype {a.dtype}")
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.floor(np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _as_rgb(a: np.ndarray) -> np.ndarray:
+    """uint8 (H, W) | (H, W, 1) | (H, W, 3) -> (H, W, 3)."""
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3):
+        raise ValueError(f"expected an (H, W) or (H, W, 3) picture, got shape {a.shape}")
+    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a
+
+
+def image_grid(images, shape, rows: int, cols: int, pad: int = 1, pad_value: float = 0.5) -> np.ndarray:
+    """Tile images into one RGB picture, row-major (image i at row i // cols, column i % cols).
+
+    images: (N, D) or (N, C, H, W), floats in [0, 1] (or uint8); shape: (C, H, W) with
+    C in {1, 3}; N <= rows*cols, empty cells take pad_value.
+    Returns uint8 (rows*(H+pad)+pad, cols*(W+pad)+pad, 3); image i's top-left pixel is at
+    (pad + (i // cols)*(H+pad), pad + (i % cols)*(W+pad)). Grey is replicated to RGB.
+    """
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (C, H, W), got {shape!r}")
+    C, H, W = (int(s) for s in shape)
+    if C not in (1, 3):
+        raise ValueError(f"image_grid draws 1 (grey) or 3 (RGB) channels, got C={C}")
+    for name, v in (("rows", rows), ("cols", cols)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if int(pad) != pad or pad < 0:
+        raise ValueError(f"pad must be a non-negative integer, got {pad!r}")
+    rows, cols, pad = int(rows), int(cols), int(pad)
+    a = to_uint8(images)
+    if a.ndim < 1 or a.size % (C * H * W) or (a.ndim > 1 and a[0].size != C * H * W):
+        raise ValueError(f"images of shape {a.shape} do not hold images of shape {(C, H, W)}")
+    a = a.reshape(-1, C, H, W)
+    n = a.shape[0]
+    if n > rows * cols:
+        raise ValueError(f"{n} images do not fit a {rows}x{cols} grid")
+    a = np.repeat(a, 3, axis=1) if C == 1 else a
+    a = a.transpose(0, 2, 3, 1)                                   # (N, H, W, 3)
+
+    fill = to_uint8(np.float64(pad_value))
+    out = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, 3), fill, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        out[y:y + H, x:x + W] = a[i]
+    return out
+
+
+def _round(v) -> int:
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"box coordinates must be finite, got {v}")
+    return int(math.floor(v + 0.5))    # half up, not Python's half-to-even
+
+
+def draw_box(canvas_rgb, x0, y0, x1, y1, color=(255, 0, 0)) -> np.ndarray:
+    """A 1-px rectangle outline with corners (x0, y0), (x1, y1) (inclusive, x = column).
+
+    canvas_rgb: uint8 (H, W, 3) (grey (H, W) is promoted to RGB). Float coordinates are
+    rounded; the outline is clipped to the picture. Returns a new (H, W, 3) array.
+    """
+    out = _as_rgb(to_numpy(canvas_rgb)).copy()
+    if out.dtype != np.uint8:
+        raise ValueError(f"canvas must be uint8, got {out.dtype}")
+    color = np.asarray(color, dtype=np.int64)
+    if color.shape != (3,) or color.min() < 0 or color.max() > 255:
+        raise ValueError(f"color must be three values in 0..255, got {color.tolist()}")
+    color = color.astype(np.uint8)
+    H, W = out.shape[:2]
+    xa, xb = sorted((_round(x0), _round(x1)))
+    ya, yb = sorted((_round(y0), _round(y1)))
+    cx0, cx1 = max(xa, 0), min(xb, W - 1)          # clipped spans
+    cy0, cy1 = max(ya, 0), min(yb, H - 1)
+    if cx0 <= cx1:
+        for y in (ya, yb):
+            if 0 <= y < H:
+                out[y, cx0:cx1 + 1] = color
+    if cy0 <= cy1:
+        for x in (xa, xb):
+            if 0 <= x < W:
+                out[cy0:cy1 + 1, x] = color
+    return out
+
+
+def upscale(image_uint8, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement: (H, W[, C]) -> (H*factor, W*factor[, C])."""
+    if int(factor) != factor or factor < 1:
+        raise ValueError(f"factor must be a positive integer, got {factor!r}")
+    a = to_numpy(image_uint8)
+    if a.ndim not in (2, 3):
+        raise ValueError(f"expected an (H, W) or (H, W, C) picture, got shape {a.shape}")
+    factor = int(factor)
+    return np.repeat(np.repeat(a, factor, axis=0), factor, axis=1)
+
+
+# ----------------------------------------------------------------------------- files
+
+def _check_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot write {path}: directory {parent} does not exist")
+
+
+def _check_picture(a: np.ndarray, what: str) -> np.ndarray:
+    if a.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8 (use to_uint8), got {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ValueError(f"{what} must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{what} is empty (shape {a.shape})")
+    return a
+
+
+def save_png(path, array_uint8) -> None:
+    """Write a uint8 (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA picture as PNG."""
+    path = os.fspath(path)
+    a = _check_picture(to_numpy(array_uint8), "picture")
+    _check_parent(path)
+    iio.imwrite(path, np.ascontiguousarray(a), extension=".png")
+
+
+def _sub_blocks_end(data: bytes, pos: int) -> int:
+    """Index just past a GIF sub-block chain starting at pos (ends with a 0 byte)."""
+    while True:
+        size = data[pos]
+        pos += 1 + size
+        if size == 0:
+            return pos
+
+
+def _gif_frame_parts(single: bytes):
+    """(colour table, image descriptor bytes, LZW data bytes) of a one-frame GIF."""
+    if single[:3] != b"GIF":
+        raise ValueError("the GIF encoder did not produce a GIF")
+    packed = single[10]
+    pos = 13
+    table = b""
+    if packed & 0x80:
+        n = 3 * (2 << (packed & 7))
+        table, pos = single[pos:pos + n], pos + n
+    while pos < len(single):
+        b = single[pos]
+        if b == 0x21:                                  # extension: skip it
+            pos = _sub_blocks_end(single, pos + 2)
+        elif b == 0x2C:                                # image descriptor
+            desc = single[pos:pos + 10]
+            pos += 10
+            if desc[9] & 0x80:                         # a local table wins over the global one
+                n = 3 * (2 << (desc[9] & 7))
+                table, pos = single[pos:pos + n], pos + n
+            end = _sub_blocks_end(single, pos + 1)     # +1: LZW minimum code size byte
+            return table, desc, single[pos:end]
+        else:
+            break
+    raise ValueError("the GIF encoder produced no image")
+
+
+def _palettize(f: np.ndarray):
+    """uint8 (H, W) | (H, W, 3) -> (indices (H, W) uint8, palette (P, 3) uint8) or None.
+
+    Grey frames are exact; colour frames are exact up to 256 colours, or keep up to 128
+    non-grey colours exactly and spread the greys over the remaining entries (the usual
+    DRAW picture: grey canvases with coloured attention boxes). None: let Pillow quantise.
+    """
+    if f.ndim == 3 and (f[:, :, 0] == f[:, :, 1]).all() and (f[:, :, 0] == f[:, :, 2]).all():
+        f = f[:, :, 0]
+    ramp = np.arange(256, dtype=np.uint8)
+    if f.ndim == 2:
+        # Reversed ramp: Pillow reads an identity grey table as a paletteless "L" frame and
+        # then fails on later frames that carry a colour table.
+        return 255 - f, np.repeat(ramp[::-1, None], 3, axis=1)
+    packed = (f[:, :, 0].astype(np.uint32) << 16) | (f[:, :, 1].astype(np.uint32) << 8) | f[:, :, 2]
+    uniq, inv = np.unique(packed, return_inverse=True)
+    unpack = lambda p: np.stack([(p >> 16) & 255, (p >> 8) & 255, p & 255], axis=1).astype(np.uint8)
+    if len(uniq) <= 256:
+        return inv.reshape(f.shape[:2]).astype(np.uint8), unpack(uniq)
+    grey = (f[:, :, 0] == f[:, :, 1]) & (f[:, :, 0] == f[:, :, 2])
+    colours, cinv = np.unique(packed[~grey], return_inverse=True)
+    if len(colours) > 128:
+        return None
+    levels = 256 - len(colours)
+    idx = np.empty(f.shape[:2], np.uint8)
+    idx[grey] = np.floor(f[:, :, 0][grey] * ((levels - 1) / 255.0) + 0.5).astype(np.uint8)
+    idx[~grey] = (levels + cinv.ravel()).astype(np.uint8)
+    greys = np.floor(np.arange(levels) * (255.0 / (levels - 1)) + 0.5).astype(np.uint8)
+    return idx, np.concatenate([np.repeat(greys[:, None], 3, axis=1), unpack(colours)])
+
+
+def _is_identity_grey(table: bytes) -> bool:
+    t = np.frombuffer(table, np.uint8).reshape(-1, 3)
+    return bool((t == np.arange(len(t))[:, None]).all())
+
+
+def _gif_frame(f: np.ndarray):
+    """One frame -> (colour table bytes, image descriptor, LZW data), LZW by imageio/Pillow."""
+    pal = _palettize(f)
+    if pal is None:
+        single = iio.imwrite("<bytes>", np.ascontiguousarray(f), extension=".gif")
+        table, desc, lzw = _gif_frame_parts(single)
+    else:
+        idx, palette = pal
+        # optimize=False keeps Pillow from reordering; its grey table maps code j to
+        # our index value table[j], so compose the two either way.
+        single = iio.imwrite("<bytes>", np.ascontiguousarray(idx), extension=".gif", optimize=False)
+        codes, desc, lzw = _gif_frame_parts(single)
+        codes = np.frombuffer(codes, np.uint8)[0::3].astype(np.int64)
+        table = palette[np.minimum(codes, len(palette) - 1)].tobytes()
+    if not table:
+        raise ValueError("the GIF encoder wrote a frame without a colour table")
+    entries = 2
+    while entries * 3 < len(table):
+        entries *= 2
+    table = table.ljust(entries * 3, b"\x00")
+    if _is_identity_grey(table) and entries < 256:
+        table = table.ljust(entries * 6, b"\x00")     # a zero entry breaks the identity (see _palettize)
+    return table, desc, lzw
+
+
+def save_gif(path, frames, duration=0.1, loop=0) -> None:
+    """Write an animated GIF with exactly one GIF frame per input frame.
+
+    frames: list of uint8 (H, W) or (H, W, 3), all the same shape (F >= 1).
+    duration: seconds per frame, one number or a list of F (GIF keeps hundredths;
+    at least 0.02 s, as browsers slow down anything faster). loop: 0 loops forever,
+    n > 0 stores the loop count n, None plays once.
+
+    imageio's encoder (Pillow) merges identical consecutive frames, which would change
+    the frame count; so each frame is LZW-encoded alone by imageio and the frames are
+    joined here, each with its own exact colour table (grey frames, and colour frames of
+    up to 256 colours or up to 128 non-grey colours, are lossless up to 1 grey level;
+    others are quantised by Pillow).
+    """
+    path = os.fspath(path)
+    frames = [_check_picture(to_numpy(f), f"frame {i}") for i, f in enumerate(frames)]
+    if not frames:
+        raise ValueError("save_gif needs at least one frame")
+    shape = frames[0].shape
+    for i, f in enumerate(frames):
+        if f.shape != shape:
+            raise ValueError(f"frame {i} has shape {f.shape}, frame 0 has {shape}")
+        if f.ndim == 3 and f.shape[2] == 4:
+            raise ValueError(f"frame {i} has an alpha channel; GIF frames are (H, W) or (H, W, 3)")
+    durations = list(duration) if np.ndim(duration) else [duration] * len(frames)
+    if len(durations) != len(frames):
+        raise ValueError(f"{len(durations)} durations for {len(frames)} frames")
+    if any(not (isinstance(d, (int, float, np.number)) and d >= 0) for d in durations):
+        raise ValueError(f"durations must be non-negative numbers of seconds, got {duration!r}")
+    if loop is not None and (int(loop) != loop or not 0 <= loop <= 65535):
+        raise ValueError(f"loop must be None or an integer in 0..65535, got {loop!r}")
+    _check_parent(path)
+
+    H, W = shape[:2]
+    if H > 65535 or W > 65535:
+        raise ValueError(f"GIF frames are at most 65535 pixels a side, got {W}x{H}")
+    out = [b"GIF89a", struct.pack("<HHBBB", W, H, 0x70, 0, 0)]   # no global colour table
+    if loop is not None:
+        out.append(b"\x21\xff\x0bNETSCAPE2.0\x03\x01" + struct.pack("<H", int(loop)) + b"\x00")
+    for f, d in zip(frames, durations):
+        table, desc, lzw = _gif_frame(f)
+        delay = max(2, int(round(float(d) * 100)))
+        # Graphic control: disposal 1 (leave in place), no transparency.
+        out.append(b"\x21\xf9\x04\x04" + struct.pack("<H", delay) + b"\x00\x00")
+        bits = (len(table) // 3).bit_length() - 2          # table holds 2**(bits+1) entries
+        out.append(desc[:9] + bytes([0x80 | (desc[9] & 0x40) | bits]) + table + lzw)
+    out.append(b"\x3b")
+    with open(path, "wb") as fh:
+        fh.write(b"".join(out))
+
+
+def load_image(path) -> np.ndarray:
+    """Read a picture file as float32 (C, H, W) in [0, 1].
+
+    Grey -> C=1, RGB -> C=3; alpha is dropped (RGBA -> 3, grey+alpha -> 1); palette
+    images become RGB; 16-bit images are scaled by 65535; an animation gives frame 0.
+    A missing file raises ImageNotFoundError (a ValueError and a FileNotFoundError);
+    anything unreadable raises ValueError "... is not an image".
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageNotFoundError(f"image file {path} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not an image")
+    try:
+        # Pillow reads the usual formats; trying every imageio plugin only adds noise.
+        a = np.asarray(iio.imread(path, index=0, plugin="pillow"))
+    except Exception as e:  # imageio/Pillow raise many types for undecodable data
+        raise ValueError(f"{path} is not an image ({type(e).__name__}: {e})") from None
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4) or a.size == 0:
+        raise ValueError(f"{path} is not an image this loader understands (array shape {a.shape})")
+    a = a[:, :, :1] if a.shape[2] == 2 else a[:, :, :3]       # drop alpha
+    if a.dtype == np.bool_:
+        a = a.astype(np.float32)
+    elif a.dtype == np.uint8:
+        a = a.astype(np.float32) / np.float32(255)
+    elif a.dtype.kind in "iu":    # 16-bit PNGs arrive as uint16 or int32
+        a = np.clip(a.astype(np.float32) / np.float32(65535), 0, 1)
+    else:
+        a = np.clip(a.astype(np.float32), 0, 1)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+# ----------------------------------------------------------------------------- font
+
+# 5x7 glyphs (one cell of 5 columns by 8 rows: rows 0-6 above the baseline, row 7 for
+# descenders). Each glyph is its rows as 2-digit hex, bit 4 = leftmost column.
+_FONT_HEX = {
+    "0": "0E11131519110E", "1": "040C040404040E", "2": "0E11010204081F",
+    "3": "1F02040201110E", "4": "02060A121F0202", "5": "1F101E0101110E",
+    "6": "0608101E11110E", "7": "1F010204080808", "8": "0E11110E11110E",
+    "9": "0E11110F01020C",
+    "A": "0E1111111F1111", "B": "1E11111E11111E", "C": "0E11101010110E",
+    "D": "1C12111111121C", "E": "1F10101E10101F", "F": "1F10101E101010",
+    "G": "0E11101711110F", "H": "1111111F111111", "I": "0E04040404040E",
+    "J": "0702020202120C", "K": "11121418141211", "L": "1010101010101F",
+    "M": "111B1515111111", "N": "11111915131111", "O": "0E11111111110E",
+    "P": "1E11111E101010", "Q": "0E11111115120D", "R": "1E11111E141211",
+    "S": "0F10100E01011E", "T": "1F040404040404", "U": "1111111111110E",
+    "V": "11111111110A04", "W": "1111111515150A", "X": "11110A040A1111",
+    "Y": "1111110A040404", "Z": "1F01020408101F",
+    "a": "00000E010F110F", "b": "1010161911111E", "c": "00000E1010110E",
+    "d": "01010D1311110F", "e": "00000E111F100E", "f": "0609081C080808",
+    "g": "00000F11110F010E", "h": "10101619111111", "i": "04000C0404040E",
+    "j": "020006020202120C", "k": "10101214181412", "l": "0C04040404040E",
+    "m": "00001A15151111", "n": "00001619111111", "o": "00000E1111110E",
+    "p": "00001E11111E1010", "q": "00000F11110F0101", "r": "00001619101010",
+    "s": "00000E100E011E", "t": "08081C08080906", "u": "0000111111130D",
+    "v": "00001111110A04", "w": "0000111115150A", "x": "0000110A040A11",
+    "y": "00001111110F010E", "z": "00001F0204081F",
+    " ": "00000000000000", ".": "00000000000C0C", ",": "00000000000C0408",
+    "-": "0000001F000000", "_": "000000000000001F", ":": "000C0C000C0C00",
+    "(": "02040808080402", ")": "08040202020408", "/": "00010204081000",
+    "%": "18190204081303", "+": "0004041F040400", "=": "00001F001F0000",
+    "?": "0E110102040004", "!": "04040404040004", "'": "04040800000000",
+    "[": "0E08080808080E", "]": "0E02020202020E", "<": "02040810080402",
+    ">": "08040201020408", "*": "0004150E150400", "#": "0A0A1F0A1F0A0A",
+}
+GLYPH_W, GLYPH_H, ADVANCE = 5, 8, 6      # cell size and horizontal advance (1 px gap)
+
+
+def _glyph(hexrows: str) -> np.ndarray:
+    rows = [int(hexrows[i:i + 2], 16) for i in range(0, len(hexrows), 2)]
+    rows += [0] * (GLYPH_H - len(rows))
+    bits = np.array(rows, dtype=np.uint8)[:, None] >> np.arange(GLYPH_W - 1, -1, -1, dtype=np.uint8)
+    return (bits & 1).astype(bool)                               # (8, 5)
+
+
+_GLYPHS = {ch: _glyph(h) for ch, h in _FONT_HEX.items()}
+
+
+def text_width(text: str, scale: int = 1) -> int:
+    """Width in pixels of ``text`` rendered by render_text."""
+    return max(0, len(text) * ADVANCE - 1) * scale
+
+
+def render_text(text: str, scale: int = 1) -> np.ndarray:
+    """Text as a bool mask (8*scale, text_width) in the built-in 5x7 font.
+
+    Characters outside the font are drawn as '?'.
+    """
+    mask = np.zeros((GLYPH_H, max(1, len(text) * ADVANCE - 1)), dtype=bool)
+    for i, ch in enumerate(text):
+        mask[:, i * ADVANCE:i * ADVANCE + GLYPH_W] = _GLYPHS.get(ch, _GLYPHS["?"])
+    if scale != 1:
+        mask = np.repeat(np.repeat(mask, scale, axis=0), scale, axis=1)
+    return mask
+
+
+def _paste_mask(canvas: np.ndarray, mask: np.ndarray, x: int, y: int, color) -> None:
+    """Colour canvas (H, W, 3) where mask (h, w) is True, top-left at (x, y); clipped; in place."""
+    H, W = canvas.shape[:2]
+    h, w = mask.shape
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + w, W), min(y + h, H)
+    if x0 >= x1 or y0 >= y1:
+        return
+    region = canvas[y0:y1, x0:x1]
+    region[mask[y0 - y:y1 - y, x0 - x:x1 - x]] = color
+
+
+def draw_text(canvas_rgb, x: int, y: int, text: str, color=(0, 0, 0), scale: int = 1) -> np.ndarray:
+    """Text with its top-left corner at (x, y) on a copy of canvas (H, W, 3) uint8; clipped."""
+    out = _as_rgb(to_numpy(canvas_rgb)).copy()
+    _paste_mask(out, render_text(text, scale), int(x), int(y), np.asarray(color, np.uint8))
+    return out
+
+
+# ----------------------------------------------------------------------------- charts
+
+# Up to 10 series: distinct colours (the "tab10" set); more: a ramp from the first
+# series to the last, which suits ordered series such as the KL of glimpse t.
+_CATEGORICAL = np.array([
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)], np.uint8)
+_RAMP = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (235, 165, 0)],
+                 np.float64)                    # viridis-like, ending in amber (yellow is unreadable on white)
+_INK = np.array((30, 30, 30), np.uint8)
+_GRID = np.array((232, 232, 232), np.uint8)
+_MAX_CATEGORICAL = 10
+
+
+def _series_colors(s: int) -> np.ndarray:
+    """(S, 3) uint8 colours for S series."""
+    if s <= _MAX_CATEGORICAL:
+        return _CATEGORICAL[:s].copy()
+    t = np.linspace(0.0, len(_RAMP) - 1, s)
+    i = np.minimum(t.astype(int), len(_RAMP) - 2)
+    f = (t - i)[:, None]
+    return np.rint(_RAMP[i] * (1 - f) + _RAMP[i + 1] * f).astype(np.uint8)
+
+
+def _nice_ticks(lo: float, hi: float, target: int, integer: bool):
+    """Round tick values covering [lo, hi]: (ticks, step, new_lo, new_hi)."""
+    if not hi > lo:                                   # constant data: make room around it
+        d = abs(lo) * 0.1 if lo != 0 else 1.0
+        lo, hi = lo - d, hi + d
+    raw = (hi - lo) / max(target, 1)
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-9))
+    if integer and step < 1:
+        step = 1.0
+    k0, k1 = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    ticks = [k * step for k in range(k0, k1 + 1)]     # k*step, not a running sum: no drift
+    return ticks, step, k0 * step, k1 * step
+
+
+def _fmt_tick(v: float, step: float) -> str:
+    v = v + 0.0                                       # turns -0.0 into 0.0
+    if abs(v) >= 1e6 or step < 1e-4:
+        return f"{v:.3g}"
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return f"{v:.{decimals}f}"
+
+
+def _fit(text: str, max_px: int) -> str:
+    """Shorten text with '..' so it is at most max_px wide."""
+    if text_width(text) <= max_px:
+        return text
+    n = max(1, (max_px + 1) // ADVANCE - 2)
+    return text[:n] + ".."
+
+
+def _line_pixels(px: np.ndarray, py: np.ndarray):
+    """Pixel centres along the polyline through (px, py) (K,), one sample per pixel step."""
+    if len(px) == 1:
+        return px, py
+    dx, dy = np.diff(px), np.diff(py)
+    n = np.ceil(np.maximum(np.abs(dx), np.abs(dy))).astype(np.int64) + 1   # samples per segment
+    seg = np.repeat(np.arange(len(dx)), n)
+    t = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) / np.maximum(n - 1, 1)[seg]
+    return px[seg] + t * dx[seg], py[seg] + t * dy[seg]
+
+
+def _stamp(canvas, xs, ys, color, size, clip):
+    """Paint size x size squares centred on float points (xs, ys), kept inside clip=(x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = clip
+    base_x = np.floor(xs - (size - 1) / 2 + 0.5).astype(np.int64)
+    base_y = np.floor(ys - (size - 1) / 2 + 0.5).astype(np.int64)
+    off = np.arange(size)
+    cx = (base_x[:, None, None] + off[None, None, :]).repeat(size, axis=1).ravel()
+    cy = (base_y[:, None, None] + off[None, :, None]).repeat(size, axis=2).ravel()
+    keep = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)
+    canvas[cy[keep], cx[keep]] = color
+
+
+def plot_lines(path, series: dict, title: str = "", xlabel: str = "", ylabel: str = "",
+               width: int = 640, height: int = 400) -> None:
+    """A line chart as a PNG of (height, width, 3): axes, ticks, one colour per series, legend.
+
+    series: {name: (xs (K,), ys (K,))}, drawn in the dict's order. Points where x or y is
+    NaN or infinite are skipped (the line joins the neighbouring finite points); a series
+    with one finite point is drawn as a marker. Up to 10 series get distinct colours and
+    one legend line each; more get a colour ramp and a compact legend (a colour bar
+    labelled with the first, some middle, and the last series names).
+    """
+    path = os.fspath(path)
+    if int(width) != width or int(height) != height or width < 160 or height < 120:
+        raise ValueError(f"chart size must be at least 160x120 pixels, got {width}x{height}")
+    width, height = int(width), int(height)
+    if not isinstance(series, dict):
+        raise ValueError(f"series must be a dict name -> (xs, ys), got {type(series).__name__}")
+    data = []
+    for name, xy in series.items():
+        try:
+            xs, ys = xy
+        except (TypeError, ValueError):
+            raise ValueError(f"series {name!r} must be a pair (xs, ys)") from None
+        xs = np.asarray(to_numpy(xs), dtype=np.float64).ravel()
+        ys = np.asarray(to_numpy(ys), dtype=np.float64).ravel()
+        if xs.shape != ys.shape:
+            raise ValueError(f"series {name!r}: {xs.size} x values but {ys.size} y values")
+        ok = np.isfinite(xs) & np.isfinite(ys)
+        data.append((str(name), xs[ok], ys[ok]))
+    _check_parent(path)
+
+    S = len(data)
+    colors = _series_colors(S)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    all_x = np.concatenate([d[1] for d in data]) if S else np.zeros(0)
+    all_y = np.concatenate([d[2] for d in data]) if S else np.zeros(0)
+    gap, tick = 8, 4
+
+    # Vertical layout: title, plot, x tick labels, x label.
+    title_scale = 2 if text_width(title, 2) <= width - 2 * gap else 1
+    top = gap + (GLYPH_H * title_scale + gap if title else 4)
+    bottom = tick + 3 + GLYPH_H + gap + (GLYPH_H + 6 if xlabel else 0)
+    plot_h = height - top - bottom
+    # Data ranges and ticks (y first: its labels set the left margin).
+    ylo, yhi = (float(all_y.min()), float(all_y.max())) if all_y.size else (0.0, 1.0)
+    yt, ystep, ylo, yhi = _nice_ticks(ylo, yhi, max(2, plot_h // 50), integer=False)
+    ylabels = [_fmt_tick(v, ystep) for v in yt]
+    left = gap + (GLYPH_H + 6 if ylabel else 0) + max(text_width(s) for s in ylabels) + 3 + tick
+
+    # Legend to the right of the plot, never over the data.
+    compact = S > _MAX_CATEGORICAL
+    max_name_px = max(40, int(width * 0.3) - 20)
+    if compact:
+        picks = sorted(set(np.linspace(0, S - 1, min(S, max(2, min(5, plot_h // 24)))).round().astype(int)))
+        legend_names = [(i, _fit(data[i][0], max_name_px)) for i in picks]
+        swatch = 10
+    else:
+        legend_names = [(i, _fit(d[0], max_name_px)) for i, d in enumerate(data)]
+        swatch = 16
+    legend_w = (swatch + 5 + max(text_width(s) for _, s in legend_names)) if S else 0
+    right = gap + (legend_w + gap if S else 12)     # without a legend: room for the last x label
+    plot_w = width - left - right
+    if plot_w < 40 or plot_h < 30:
+        raise ValueError(f"chart {width}x{height} is too small for its labels and legend")
+    px0, py0, px1, py1 = left, top, left + plot_w - 1, top + plot_h - 1
+
+    integer_x = all_x.size > 0 and bool(np.all(all_x == np.round(all_x)))
+    xlo, xhi = (float(all_x.min()), float(all_x.max())) if all_x.size else (0.0, 1.0)
+    xt, xstep, xlo, xhi = _nice_ticks(xlo, xhi, max(2, plot_w // 80), integer=integer_x)
+
+    def to_px(x):
+        return px0 + (x - xlo) / (xhi - xlo) * (plot_w - 1)
+
+    def to_py(y):
+        return py1 - (y - ylo) / (yhi - ylo) * (plot_h - 1)
+
+    # Grid, frame, ticks and tick labels.
+    for v, s in zip(yt, ylabels):
+        y = int(round(to_py(v)))
+        canvas[y, px0:px1 + 1] = _GRID
+        canvas[y, px0 - tick:px0] = _INK
+        _paste_mask(canvas, render_text(s), px0 - tick - 3 - text_width(s), y - 3, _INK)
+    prev_end = -10**9
+    for v in xt:
+        x = int(round(to_px(v)))
+        canvas[py0:py1 + 1, x] = _GRID
+        canvas[py1 + 1:py1 + 1 + tick, x] = _INK
+        s = _fmt_tick(v, xstep)
+        lx = x - text_width(s) // 2
+        if lx > prev_end + 4:                         # skip labels that would collide
+            _paste_mask(canvas, render_text(s), lx, py1 + tick + 3, _INK)
+            prev_end = lx + text_width(s)
+    canvas[py0, px0:px1 + 1] = _INK
+    canvas[py1, px0:px1 + 1] = _INK
+    canvas[py0:py1 + 1, px0] = _INK
+    canvas[py0:py1 + 1, px1] = _INK
+
+    # Texts around the plot.
+    if title:
+        m = render_text(_fit(title, (width - 2 * gap) // title_scale), title_scale)
+        _paste_mask(canvas, m, (width - m.shape[1]) // 2, gap, _INK)
+    if xlabel:
+        m = render_text(_fit(xlabel, plot_w))
+        _paste_mask(canvas, m, px0 + (plot_w - m.shape[1]) // 2, height - gap - GLYPH_H, _INK)
+    if ylabel:
+        m = np.rot90(render_text(_fit(ylabel, plot_h)))             # reads bottom to top
+        _paste_mask(canvas, m, gap, py0 + (plot_h - m.shape[0]) // 2, _INK)
+
+    # Series: 2-px lines inside the frame; markers where points are few.
+    inner = (px0 + 1, py0 + 1, px1 - 1, py1 - 1)
+    for (name, xs, ys), color in zip(data, colors):
+        if xs.size == 0:
+            continue
+        fx, fy = to_px(xs), to_py(ys)
+        lx, ly = _line_pixels(fx, fy)
+        _stamp(canvas, lx, ly, color, 2, inner)
+        if xs.size == 1 or (xs.size <= 30 and not compact):
+            _stamp(canvas, fx, fy, color, 5 if xs.size == 1 else 4, inner)
+
+    # Legend.
+    lx0 = px1 + gap + 1
+    if S and not compact:
+        for row, (i, s) in enumerate(legend_names):
+            y = py0 + 2 + row * (GLYPH_H + 5)
+            canvas[y + 3:y + 5, lx0:lx0 + swatch] = colors[i]
+            _paste_mask(canvas, render_text(s), lx0 + swatch + 5, y, _INK)
+    elif compact:
+        bar_h = min(plot_h, max(100, 24 * len(legend_names)))
+        ramp = _series_colors(S)
+        rows_idx = np.minimum((np.arange(bar_h) * S) // bar_h, S - 1)     # series shown by each bar row
+        canvas[py0:py0 + bar_h, lx0:lx0 + swatch] = ramp[rows_idx][:, None, :]
+        for i, s in legend_names:
+            y = py0 + int(round((i + 0.5) * bar_h / S))
+            y = min(max(y, py0 + 3), py0 + bar_h - 4)
+            _paste_mask(canvas, render_text(s), lx0 + swatch + 5, y - 3, _INK)
+
+    if S == 0 or all_x.size == 0:
+        m = render_text("no data")
+        _paste_mask(canvas, m, px0 + (plot_w - m.shape[1]) // 2, py0 + (plot_h - GLYPH_H) // 2, _INK)
+    save_png(path, canvas)

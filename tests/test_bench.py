@@ -1,0 +1,206 @@
+"""The benchmark: its FLOP count, an end-to-end tiny run, and (optional) the PyTorch peer's agreement.
+
+No timing is asserted here; the machine is shared and timings are noise. The
+peer tests need torch (the optional extra `bench`) and are skipped, through
+pytest.importorskip only, where it is not installed; the benchmark itself runs
+the same agreement check before it prints any ratio.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # bench/ is not part of the installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+import npdraw  # noqa: E402
+from npdraw import backend  # noqa: E402
+
+from bench import run as bench_run  # noqa: E402
+
+TINY = ["--T", "2", "--batch", "4", "--steps", "1", "--warmup", "0",
+        "--gemm-n", "64", "--gemm-reps", "1"]
+
+
+def _cfg(attention, **kw):
+    base = dict(height=3, width=4, channels=2, T=2, read_n=2, write_n=3,
+                enc_dim=5, dec_dim=6, z_dim=7, attention=attention)
+    base.update(kw)
+    return npdraw.DrawConfig(**base)
+
+
+# ------------------------------------------------------------------ FLOP count
+
+def test_count_flops_hand_count_with_attention():
+    # D=24, read_dim=2*2*2^2=16, write_dim=2*3^2=18; per glimpse, batch 1:
+    #   encoder 2*(16+6+5)*(4*5)=1080, q 2*5*14=140, decoder 2*(7+6)*(4*6)=624,
+    #   write 2*6*18=216, attention layers 2*(2*6*5)=120,
+    #   read filterbank 2C=4 planes * (2*2*3*4 + 2*2*4*2) = 320,
+    #   write filterbank C=2 planes * (2*3*3*3 + 2*3*3*4) = 252     -> 2752
+    # times T=2 glimpses, times 3 for forward + backward.
+    cfg = _cfg(True)
+    terms = bench_run.flop_terms(cfg, 1)
+    assert terms == {"encoder_lstm": 2160, "q_layer": 280, "decoder_lstm": 1248,
+                     "write_layer": 432, "attention_layers": 240,
+                     "read_filterbank": 640, "write_filterbank": 504}
+    assert bench_run.count_flops(cfg, 1) == 3 * 2 * 2752 == 16512
+
+
+def test_count_flops_hand_count_without_attention():
+    # read_dim=2D=48, write_dim=D=24: encoder 2*(48+6+5)*20=2360, q 140, decoder 624,
+    # write 2*6*24=288 -> 3412 per glimpse.
+    cfg = _cfg(False)
+    assert set(bench_run.flop_terms(cfg, 1)) == {"encoder_lstm", "q_layer", "decoder_lstm",
+                                                 "write_layer"}
+    assert bench_run.count_flops(cfg, 1) == 3 * 2 * 3412
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_count_flops_is_linear_in_batch_and_T(attention):
+    cfg = npdraw.DrawConfig(attention=attention)
+    f1 = bench_run.count_flops(cfg, 50)
+    assert bench_run.count_flops(cfg, 100) == 2 * f1
+    assert bench_run.count_flops(npdraw.DrawConfig(T=32, attention=attention), 50) * 2 == f1
+    assert f1 == 3 * sum(bench_run.flop_terms(cfg, 50).values())
+
+
+def test_paper_config_flops_are_dominated_by_the_lstms():
+    terms = bench_run.flop_terms(npdraw.DrawConfig(), 100)
+    lstm = terms["encoder_lstm"] + terms["decoder_lstm"]
+    assert lstm > 0.8 * sum(terms.values())
+
+
+# ------------------------------------------------------------------ the bench end to end
+
+EXPECTED_IMPL_KEYS = {"ms_per_step", "ms_all", "examples_per_s", "gflops", "peak_fraction",
+                      "activation_bytes_per_example", "final_loss"}
+
+
+def _run_json(capsys, argv):
+    rc = bench_run.main(argv + ["--json"])
+    out = capsys.readouterr().out
+    return rc, json.loads(out)
+
+
+def test_bench_runs_end_to_end_json(capsys):
+    rc, r = _run_json(capsys, TINY)
+    assert rc == 0
+    assert {"date", "device", "torch", "blas", "threads", "env", "settings", "gemm", "models",
+            "ok"} <= set(r)
+    assert r["ok"] is True
+    assert r["device"]["cores"] >= 1 and r["device"]["cpu"]
+    assert r["gemm"]["peak_gflops"] > 0
+    assert set(r["models"]) == {"attention", "no-attention"}
+    for name, e in r["models"].items():
+        assert e["config"]["T"] == 2 and e["config"]["attention"] == (name == "attention")
+        assert e["flops_per_step"] == bench_run.count_flops(npdraw.DrawConfig(T=2, attention=(
+            name == "attention")), 4)
+        assert EXPECTED_IMPL_KEYS <= set(e["npdraw"])
+        assert e["npdraw"]["ms_per_step"] > 0 and len(e["npdraw"]["ms_all"]) == 1
+        assert e["npdraw"]["activation_bytes_per_example"] > 0
+        assert np.isfinite(e["npdraw"]["final_loss"])
+        if r["torch"] is not None:
+            assert e["check"]["ok"] is True
+            assert EXPECTED_IMPL_KEYS <= set(e["torch"])
+            assert e["ratio_npdraw_over_torch"] > 0
+        else:
+            assert e["ratio_npdraw_over_torch"] is None
+
+
+def test_bench_text_report_npdraw_alone(capsys):
+    rc = bench_run.main(TINY + ["--no-torch", "--model", "attention", "--threads", "1",
+                                "--profile", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "[attention]" in out and "[no-attention]" not in out
+    assert "ms/step" in out and "npdraw" in out and "GEMM peak" in out
+    assert "throughput" not in out  # no peer, no ratio
+    assert "tottime" in out  # the profile table
+
+
+def test_bench_gpu_device(capsys):
+    """Without a GPU, --device gpu fails clearly; with one, the tiny bench runs there."""
+    if not backend.gpu_available():
+        assert bench_run.main(TINY + ["--device", "gpu"]) == 2
+        err = capsys.readouterr().err
+        assert "gpu" in err.lower() and "not available" in err
+    else:
+        rc, r = _run_json(capsys, TINY + ["--device", "gpu"])
+        assert rc == 0 and r["device"]["kind"] == "gpu" and r["device"]["gpu"]
+
+
+def test_bench_rejects_bad_sizes():
+    with pytest.raises(SystemExit):
+        bench_run.main(["--steps", "0"])
+
+
+# ------------------------------------------------------------------ the PyTorch peer (optional)
+
+PEER_CONFIGS = [
+    dict(attention=True, channels=3, height=5, width=7, read_n=2, write_n=3),
+    dict(attention=False, channels=3, height=5, width=7),
+    dict(attention=True, channels=1, height=6, width=4, read_n=1, write_n=4),
+]
+
+
+def _peer_case(kw, seed=3):
+    cfg = npdraw.DrawConfig(T=3, enc_dim=6, dec_dim=7, z_dim=4, **kw)
+    rng = np.random.default_rng(seed)
+    params = npdraw.init_params(cfg, seed, dtype="float64")
+    # Move every parameter off its initial value so windows and gates are not at special points.
+    params = {k: np.asarray(v) + 0.3 * rng.standard_normal(np.shape(v)) for k, v in params.items()}
+    B = 3
+    x = (rng.random((B, cfg.D)) < 0.4).astype(np.float64)
+    eps = rng.standard_normal((cfg.T, B, cfg.z_dim))
+    return cfg, params, x, eps
+
+
+@pytest.mark.parametrize("kw", PEER_CONFIGS, ids=["attention-C3", "no-attention-C3", "attention-N1"])
+def test_torch_peer_matches_npdraw_float64(kw):
+    torch = pytest.importorskip("torch")
+    from bench.torch_draw import TorchDraw
+
+    cfg, params, x, eps = _peer_case(kw)
+    loss_n, grads_n, _stats = npdraw.loss_and_grads(params, cfg, x, eps)
+    model = TorchDraw(cfg).load_from_npdraw(params)
+    assert next(model.parameters()).dtype == torch.float64
+    loss_t = model(torch.from_numpy(x), torch.from_numpy(eps))
+    loss_t.backward()
+    assert abs(float(loss_n) - loss_t.item()) <= 1e-6 * abs(loss_t.item())
+    grads_t = model.grads_as_npdraw()
+    assert set(grads_t) == set(grads_n)
+    for name, g_t in grads_t.items():
+        g_n = np.asarray(grads_n[name])
+        assert g_n.shape == g_t.shape, name
+        assert np.linalg.norm(g_n - g_t) <= 1e-6 * max(np.linalg.norm(g_t), 1e-12), name
+
+
+def test_torch_peer_round_trips_parameters():
+    torch = pytest.importorskip("torch")
+    from bench.torch_draw import TorchDraw, gate_perm
+
+    cfg, params, _x, _eps = _peer_case(PEER_CONFIGS[0])
+    model = TorchDraw(cfg).load_from_npdraw(params)
+    H = cfg.enc_dim
+    Wt = params["enc_W"]
+    # Gate g (npdraw block 3) becomes LSTMCell block 2; o (npdraw block 2) becomes block 3.
+    np.testing.assert_array_equal(model.encoder.weight_ih.detach().numpy()[2 * H:3 * H],
+                                  Wt[:cfg.read_dim + cfg.dec_dim, 3 * H:4 * H].T)
+    np.testing.assert_array_equal(model.encoder.weight_hh.detach().numpy()[3 * H:],
+                                  Wt[cfg.read_dim + cfg.dec_dim:, 2 * H:3 * H].T)
+    assert torch.count_nonzero(model.encoder.bias_hh) == 0
+    assert np.array_equal(gate_perm(H)[gate_perm(H)], np.arange(4 * H))
+
+
+def test_bench_withholds_ratio_when_peer_disagrees(capsys, monkeypatch):
+    pytest.importorskip("torch")
+    import bench.torch_draw as td
+
+    monkeypatch.setattr(td, "gate_perm", lambda hidden: np.arange(4 * hidden))  # wrong mapping
+    rc = bench_run.main(TINY + ["--model", "no-attention"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "DISAGREE" in out and "throughput" not in out and "FAILED" in out

@@ -1,0 +1,270 @@
+"""cli.py: every command on real binarized MNIST with a tiny model, and its errors."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from npdraw import checkpoint as ckpt_lib
+from npdraw import model as model_lib
+from npdraw.config import DrawConfig
+from npdraw.data import load_splits
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("npdraw_cli", REPO / "cli.py")
+cli_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli_mod)
+cli = cli_mod.cli
+
+T = 3
+TINY_ARGS = ["--niter", str(T), "--attention", "2,3", "--enc-dim", "16", "--dec-dim", "16",
+             "--z-dim", "4", "--bs", "50", "--subset", "200", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def bmnist_data_dir(bmnist_mirror, tmp_path_factory):
+    """One converted data dir per session (test_train.py uses the same path)."""
+    path = tmp_path_factory.getbasetemp() / "npdraw-bmnist-data"
+    load_splits("bmnist", data_dir=str(path), mirror=str(bmnist_mirror), progress=False)
+    return path
+
+
+@pytest.fixture
+def data_args(bmnist_data_dir, bmnist_mirror):
+    return ["--data-dir", str(bmnist_data_dir), "--mirror", str(bmnist_mirror)]
+
+
+def invoke(args, **kw):
+    return CliRunner().invoke(cli, [str(a) for a in args], **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(bmnist_data_dir, bmnist_mirror, tmp_path_factory):
+    """One tiny epoch through `cli.py train`; the run dir."""
+    out = tmp_path_factory.mktemp("runs")
+    result = invoke(["train", *TINY_ARGS, "--epochs", "1", "--name", "tiny", "--out", out,
+                     "--data-dir", bmnist_data_dir, "--mirror", bmnist_mirror])
+    assert result.exit_code == 0, result.output
+    return out / "tiny", result.output
+
+
+# ----------------------------------------------------------------------------- train
+
+def test_train_writes_the_run_dir(trained):
+    run, output = trained
+    for name in ("config.json", "log.jsonl", "checkpoint.h5", "best.h5", "samples.png",
+                 "samples.gif"):
+        assert (run / name).is_file(), name
+    cfg = DrawConfig.from_dict(json.loads((run / "config.json").read_text())["model"])
+    assert (cfg.T, cfg.read_n, cfg.write_n, cfg.z_dim, cfg.height, cfg.channels) == (T, 2, 3, 4, 28, 1)
+    row = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert row["epoch"] == 1 and len(row["kl"]) == T
+    assert "epoch 1/1" in output and "train config" in output
+    assert len(iio.imread(run / "samples.gif", index=None)) == T
+
+
+def test_train_without_attention_and_resume_through_the_cli(data_args, tmp_path):
+    args = ["train", *TINY_ARGS, "--attention", "", "--epochs", "1", "--name", "plain",
+            "--out", tmp_path, *data_args]
+    assert invoke(args).exit_code == 0
+    run = tmp_path / "plain"
+    assert json.loads((run / "config.json").read_text())["model"]["attention"] is False
+    result = invoke(["train", "--resume", run, "--epochs", "2", "--lr", "0.5", "--no-progress",
+                     "--device", "cpu", *data_args])
+    assert result.exit_code == 0, result.output
+    assert "ignoring lr" in result.output
+    rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["lr"] == 1e-3
+    assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 2
+
+
+def test_nan_loss_exits_non_zero_with_a_message(data_args, tmp_path, monkeypatch):
+    real = model_lib.loss_and_grads
+
+    def nan_loss(params, cfg, x, eps):
+        loss, grads, stats = real(params, cfg, x, eps)
+        return float("nan"), grads, stats
+
+    monkeypatch.setattr(model_lib, "loss_and_grads", nan_loss)
+    result = invoke(["train", *TINY_ARGS, "--epochs", "1", "--name", "nan", "--out", tmp_path,
+                     *data_args])
+    assert result.exit_code == 1
+    assert "loss is nan at epoch 1, iteration 1/4" in result.output
+    assert "Traceback" not in result.output
+    assert ckpt_lib.load_checkpoint(tmp_path / "nan" / "checkpoint.h5").epoch == 0
+
+
+def test_oldmodel_from_another_config_is_a_clear_error(data_args, tmp_path):
+    other = DrawConfig(T=3, read_n=3, write_n=3, enc_dim=16, dec_dim=16, z_dim=4)
+    path = tmp_path / "other.h5"
+    ckpt_lib.save_checkpoint(path, other, model_lib.init_params(other, 0))
+    result = invoke(["train", *TINY_ARGS, "--oldmodel", path, "--out", tmp_path, *data_args])
+    assert result.exit_code == 1
+    assert "Error: --oldmodel" in result.output and "does not fit" in result.output
+    assert "enc_W" in result.output          # names the mismatching parameter
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--attention", "2,x"], "'--attention'"),
+    (["--attention", "2"], "'--attention'"),
+    (["--niter", "0"], "'--niter'"),
+    (["--bs", "0"], "'--bs'"),
+    (["--batch-size", "-3"], "'--bs'"),
+    (["--dataset", "nope"], "'--dataset'"),
+    (["--lr", "0"], "'--lr'"),
+    (["--device", "tpu"], "'--device'"),
+])
+def test_bad_train_options_are_usage_errors(args, text, tmp_path):
+    result = invoke(["train", *args, "--out", tmp_path])
+    assert result.exit_code == 2, result.output
+    assert "Usage:" in result.output and "Invalid value" in result.output
+    assert text in result.output
+    assert not any(tmp_path.iterdir())       # nothing was started
+
+
+# ----------------------------------------------------------------------------- sample
+
+def test_sample_writes_one_frame_per_glimpse_and_a_gif(trained, tmp_path):
+    run, _ = trained
+    out = tmp_path / "s"
+    result = invoke(["sample", run / "checkpoint.h5", "--rows", 2, "--cols", 3, "--out", out,
+                     "--scale", 2, "--boxes", "--seed", 1])
+    assert result.exit_code == 0, result.output
+    frames = sorted(out.glob("frame_*.png"))
+    assert [f.name for f in frames] == [f"frame_{t:03d}.png" for t in range(T)]
+    gif = iio.imread(out / "samples.gif", index=None)
+    assert len(gif) == T
+    first = iio.imread(frames[-1])
+    assert first.shape[:2] == (2 * 57 + 1, 3 * 57 + 1)     # 56-pixel tiles, 1-pixel gaps
+    red = (first[..., 0] > 200) & (first[..., 1] < 60) & (first[..., 2] < 60)
+    assert red.any()                                        # write windows drawn
+    assert str(out) in result.output
+
+
+def test_sample_defaults_next_to_the_checkpoint_and_is_seeded(trained):
+    run, _ = trained
+    assert invoke(["sample", run, "--rows", 1, "--cols", 2, "--no-boxes"]).exit_code == 0
+    first = iio.imread(run / "samples" / "frame_002.png")
+    assert invoke(["sample", run, "--rows", 1, "--cols", 2]).exit_code == 0
+    assert np.array_equal(first, iio.imread(run / "samples" / "frame_002.png"))
+    assert invoke(["sample", run, "--rows", 1, "--cols", 2, "--seed", 5]).exit_code == 0
+    assert not np.array_equal(first, iio.imread(run / "samples" / "frame_002.png"))
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def test_evaluate_bound_and_iwae(trained, data_args):
+    run, _ = trained
+    ckpt = run / "checkpoint.h5"
+    one = invoke(["evaluate", ckpt, "--json", "--subset", 300, "--device", "cpu", *data_args])
+    assert one.exit_code == 0, one.output
+    r1 = json.loads(one.output)
+    assert r1["n"] == 300 and r1["k"] == 1 and r1["split"] == "test" and r1["epoch"] == 1
+    assert 50 < r1["nll_bound"] < 500
+    many = invoke(["evaluate", ckpt, "--json", "--subset", 300, "--k", 10, "--device", "cpu",
+                   *data_args])
+    assert many.exit_code == 0, many.output
+    rk = json.loads(many.output)
+    assert rk["k"] == 10
+    assert -rk["nll_iwae"] >= -rk["nll_bound"] - 0.2       # IWAE: log p(x) >= ELBO
+    assert -rk["nll_iwae"] >= -r1["nll_bound"] - 1.0
+    text = invoke(["evaluate", ckpt, "--subset", 100, "--k", 2, *data_args])
+    assert text.exit_code == 0 and "NLL bound" in text.output and "IWAE, K=2" in text.output
+
+
+def test_evaluate_uses_the_recorded_data_settings(trained, monkeypatch):
+    run, _ = trained
+    monkeypatch.delenv("NPDRAW_DATA", raising=False)
+    monkeypatch.delenv("NPDRAW_MIRROR", raising=False)
+    result = invoke(["evaluate", run, "--json", "--subset", 50, "--split", "valid"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["split"] == "valid"
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_damaged_checkpoints_are_clear_errors(trained, tmp_path, command):
+    run, _ = trained
+    data = (run / "checkpoint.h5").read_bytes()
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(data[: len(data) // 3])
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not a checkpoint at all\n" * 10)
+    for path in (truncated, junk):
+        result = invoke([command, path])
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for 'CHECKPOINT'" in result.output and str(path) in result.output
+        assert "Traceback" not in result.output
+    missing = invoke([command, tmp_path / "nope.h5"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+# ----------------------------------------------------------------------------- plot
+
+def test_plot_writes_both_figures(trained, tmp_path):
+    run, _ = trained
+    result = invoke(["plot", run, "--out", tmp_path])
+    assert result.exit_code == 0, result.output
+    for name in ("learning_curves.png", "kl_per_glimpse.png"):
+        img = iio.imread(tmp_path / name)
+        assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50, name
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = invoke(["plot", empty])
+    assert result.exit_code == 2 and "no training log" in result.output
+
+
+# ----------------------------------------------------------------------------- attention-demo
+
+@pytest.mark.parametrize("kind", ["grey", "colour"])
+def test_attention_demo_on_grey_and_colour_images(tmp_path, kind):
+    h, w = 40, 52
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = ((xx > 15) & (xx < 35) & (yy > 10) & (yy < 30)).astype(np.uint8) * 255
+    if kind == "colour":
+        img = np.stack([img, np.uint8(255) - img, (xx * 4).astype(np.uint8)], axis=-1)
+    path = tmp_path / f"{kind}.png"
+    iio.imwrite(path, img)
+    out = tmp_path / "out"
+    result = invoke(["attention-demo", path, "--n", 8, "--out", out])
+    assert result.exit_code == 0, result.output
+    original = iio.imread(out / f"{kind}_original.png")
+    read = iio.imread(out / f"{kind}_read.png")
+    write = iio.imread(out / f"{kind}_write.png")
+    assert original.shape[:2] == write.shape[:2] == (h, w)
+    view = round(max(h, w) / 8)
+    assert read.shape[:2] == (8 * view, 8 * view)
+    assert write.astype(float).std() > 10          # the write shows the square, not a blank
+    # the written square is bright where the original is bright
+    grey = write.astype(float).mean(axis=-1)
+    assert grey[20, 25] > grey[5, 5] + 50
+    for name in ("original", "read", "write"):
+        assert str(out / f"{kind}_{name}.png") in result.output
+
+
+def test_attention_demo_bad_images_are_usage_errors(tmp_path):
+    missing = invoke(["attention-demo", tmp_path / "missing.png"])
+    assert missing.exit_code == 2 and "Invalid value for 'IMG'" in missing.output
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    bad = invoke(["attention-demo", text])
+    assert bad.exit_code == 2 and "Invalid value for 'IMG'" in bad.output
+    assert "Traceback" not in bad.output
+
+
+# ----------------------------------------------------------------------------- misc
+
+def test_bench_command_exists_exactly_when_bench_run_does():
+    assert ("bench" in cli.commands) == (REPO / "bench" / "run.py").is_file()
+
+
+def test_cli_script_help_runs_from_elsewhere(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "sample", "evaluate", "plot", "attention-demo"):
+        assert command in result.stdout

@@ -1,0 +1,229 @@
+"""Pictures: grids, boxes, PNG/GIF files, image loading, the bitmap font and line charts."""
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from PIL import Image
+
+from npdraw.images import (ImageNotFoundError, draw_box, draw_text, image_grid, load_image,
+                           plot_lines, render_text, save_gif, save_png, text_width, to_uint8,
+                           upscale)
+
+
+def test_to_uint8_clips_and_rounds():
+    a = np.array([-0.5, 0.0, 0.5, 1.0, 2.0, np.nan], np.float32)
+    assert to_uint8(a).tolist() == [0, 0, 128, 255, 255, 0]
+    assert to_uint8(a).dtype == np.uint8
+    u = np.array([3, 4], np.uint8)
+    assert to_uint8(u).tolist() == [3, 4] and to_uint8(u) is not u
+
+
+def test_grid_shape_and_placement():
+    C, H, W, rows, cols, pad = 1, 4, 3, 2, 3, 2
+    imgs = np.zeros((5, C * H * W), np.float32)
+    imgs[4] = 1.0                                      # the known image: all white
+    g = image_grid(imgs, (C, H, W), rows, cols, pad=pad, pad_value=0.5)
+    assert g.shape == (rows * (H + pad) + pad, cols * (W + pad) + pad, 3) and g.dtype == np.uint8
+    r, c = divmod(4, cols)
+    y, x = pad + r * (H + pad), pad + c * (W + pad)
+    assert (g[y:y + H, x:x + W] == 255).all()
+    assert (g[pad:pad + H, pad:pad + W] == 0).all()   # image 0 is black
+    assert (g[:pad] == 128).all() and (g[:, :pad] == 128).all()
+    # The sixth cell is empty and filled with pad_value.
+    y, x = pad + 1 * (H + pad), pad + 2 * (W + pad)
+    assert (g[y:y + H, x:x + W] == 128).all()
+    # Outside the known image (and its pad frame) there is no white.
+    mask = np.ones(g.shape[:2], bool)
+    mask[pad + (H + pad):pad + (H + pad) + H, pad + (W + pad):pad + (W + pad) + W] = False
+    assert not (g[mask] == 255).any()
+
+
+def test_grid_rgb_channel_order():
+    img = np.zeros((3, 2, 2), np.float32)
+    img[0] = 1.0                                       # red channel
+    g = image_grid(img.reshape(1, -1), (3, 2, 2), 1, 1, pad=0)
+    assert (g[..., 0] == 255).all() and (g[..., 1:] == 0).all()
+
+
+def test_grid_errors():
+    with pytest.raises(ValueError, match="do not fit"):
+        image_grid(np.zeros((7, 4)), (1, 2, 2), 2, 3)
+    with pytest.raises(ValueError, match="C=2"):
+        image_grid(np.zeros((1, 8)), (2, 2, 2), 1, 1)
+    with pytest.raises(ValueError, match="shape"):
+        image_grid(np.zeros((1, 5)), (1, 2, 2), 1, 1)
+
+
+def test_draw_box_outline_and_input_unchanged():
+    canvas = np.full((10, 12, 3), 50, np.uint8)
+    before = canvas.copy()
+    out = draw_box(canvas, 2.4, 3.6, 8.5, 7.0)         # rounds to x 2..9, y 4..7
+    assert np.array_equal(canvas, before)
+    red = (out == (255, 0, 0)).all(axis=2)
+    expect = np.zeros((10, 12), bool)
+    expect[4, 2:10] = expect[7, 2:10] = True
+    expect[4:8, 2] = expect[4:8, 9] = True
+    assert np.array_equal(red, expect)
+    assert (out[~expect] == 50).all()
+
+
+def test_draw_box_clipped():
+    out = draw_box(np.zeros((6, 6, 3), np.uint8), -3, 2, 10, 20, color=(0, 255, 0))
+    green = (out == (0, 255, 0)).all(axis=2)
+    expect = np.zeros((6, 6), bool)
+    expect[2, :] = True                                # the only edges inside the picture
+    assert np.array_equal(green, expect)
+    assert not draw_box(np.zeros((4, 4, 3), np.uint8), 10, 10, 20, 20).any()
+
+
+def test_upscale():
+    a = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    b = upscale(a, 3)
+    assert b.shape == (6, 9) and b[4, 7] == a[1, 2] and b.dtype == np.uint8
+    assert upscale(np.zeros((2, 2, 3), np.uint8), 2).shape == (4, 4, 3)
+    with pytest.raises(ValueError, match="factor"):
+        upscale(a, 0)
+
+
+def test_png_round_trip(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    save_png(tmp_path / "a.png", rgb)
+    assert np.array_equal(iio.imread(tmp_path / "a.png"), rgb)
+    with pytest.raises(ValueError, match="uint8"):
+        save_png(tmp_path / "b.png", rgb.astype(np.float32))
+    with pytest.raises(ValueError, match="does not exist"):
+        save_png(tmp_path / "missing" / "c.png", rgb)
+
+
+def test_gif_round_trip_frame_count(tmp_path):
+    rng = np.random.default_rng(0)
+    canvas = image_grid(rng.random((4, 64)), (1, 8, 8), 2, 2)
+    # Identical consecutive frames (Pillow alone would merge them) and colour frames.
+    frames = [canvas, canvas, draw_box(canvas, 1, 1, 6, 6), canvas, np.zeros_like(canvas)]
+    path = tmp_path / "anim.gif"
+    save_gif(path, frames, duration=0.05)
+    back = iio.imread(path, index=...)
+    assert back.shape[0] == len(frames)
+    for f, b in zip(frames, back):
+        assert np.abs(b[..., :3].astype(int) - f).max() <= 1
+    im = Image.open(path)
+    assert im.n_frames == len(frames) and im.info["loop"] == 0 and im.info["duration"] == 50
+
+
+def test_gif_grey_frames_and_errors(tmp_path):
+    frames = [np.full((6, 5), v, np.uint8) for v in (0, 0, 1, 255)]
+    save_gif(tmp_path / "g.gif", frames, duration=[0.1, 0.1, 0.1, 1.0], loop=None)
+    back = iio.imread(tmp_path / "g.gif", index=...)
+    assert back.shape[0] == 4
+    assert [int(b[..., 0].max()) for b in back] == [0, 0, 1, 255]
+    with pytest.raises(ValueError, match="frame 1 has shape"):
+        save_gif(tmp_path / "x.gif", [np.zeros((2, 2), np.uint8), np.zeros((3, 2), np.uint8)])
+    with pytest.raises(ValueError, match="at least one frame"):
+        save_gif(tmp_path / "x.gif", [])
+
+
+def _write_pil(path, array, mode):
+    Image.fromarray(array, mode).save(path)
+
+
+def test_load_image_modes(tmp_path):
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, (4, 5), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((4, 5, 1), 9, np.uint8)], axis=2)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    pal = Image.new("P", (3, 2))
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.putpixel((1, 1), 1)
+    pal.save(tmp_path / "p.png")
+
+    g = load_image(tmp_path / "g.png")
+    assert g.shape == (1, 4, 5) and g.dtype == np.float32
+    np.testing.assert_allclose(g[0], grey / 255.0, rtol=1e-6)
+    c = load_image(tmp_path / "c.png")
+    assert c.shape == (3, 4, 5)
+    np.testing.assert_allclose(c, rgb.transpose(2, 0, 1) / 255.0, rtol=1e-6)
+    a = load_image(str(tmp_path / "a.png"))
+    assert a.shape == (3, 4, 5)
+    np.testing.assert_allclose(a, c)
+    p = load_image(tmp_path / "p.png")
+    assert p.shape == (3, 2, 3)
+    assert p[:, 0, 0].tolist() == [1.0, 0.0, 0.0] and p[:, 1, 1].tolist() == [0.0, 0.0, 1.0]
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(ValueError, match="nothere.png.*does not exist") as info:
+        load_image(tmp_path / "nothere.png")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ImageNotFoundError)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not a picture at all" * 10)
+    with pytest.raises(ValueError, match="bad.png is not an image"):
+        load_image(bad)
+
+
+def test_font_renders():
+    m = render_text("A")
+    assert m.shape == (8, 5) and m.sum() > 5
+    assert not render_text(" ").any()
+    assert render_text("g")[7].any()                   # descender row
+    assert np.array_equal(render_text("\u00e9"), render_text("?"))   # unknown -> '?'
+    assert render_text("ab", scale=2).shape == (16, 2 * text_width("ab"))
+    assert text_width("abc") == 17
+    canvas = np.full((12, 20, 3), 255, np.uint8)
+    out = draw_text(canvas, 2, 2, "7", color=(0, 0, 255))
+    assert (out == (0, 0, 255)).all(axis=2).sum() == render_text("7").sum()
+    assert (canvas == 255).all()
+
+
+def test_font_covers_required_characters():
+    chars = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-_,:()/%+="
+    q = render_text("?")
+    masks = {ch: render_text(ch) for ch in chars}
+    for ch, m in masks.items():
+        assert m.any() and not np.array_equal(m, q), ch
+    assert len({m.tobytes() for m in masks.values()}) == len(chars)   # all glyphs distinct
+
+
+def _colour_present(img, rgb):
+    return bool((img[..., :3] == np.array(rgb, np.uint8)).all(axis=2).any())
+
+
+def test_plot_lines_learning_curves(tmp_path):
+    ep = np.arange(1, 21)
+    series = {"train": (ep, 100 + 80 * np.exp(-ep / 4.0)),
+              "valid": (ep, np.where(ep == 5, np.nan, 104 + 80 * np.exp(-ep / 4.0))),
+              "test": ([10], [110.0])}
+    path = tmp_path / "curves.png"
+    plot_lines(path, series, title="Bound", xlabel="epoch", ylabel="nats", width=500, height=300)
+    img = iio.imread(path)
+    assert img.shape == (300, 500, 3)
+    for rgb in [(31, 119, 180), (255, 127, 14), (44, 160, 44)]:
+        assert _colour_present(img, rgb)
+    assert (img[0, 0] == 255).all()                    # white background
+    assert (img == 30).all(axis=2).sum() > 500         # axes, ticks and text in ink
+
+
+def test_plot_lines_edge_cases(tmp_path):
+    path = tmp_path / "c.png"
+    plot_lines(path, {"flat": ([0, 1, 2], [3.0, 3.0, 3.0]), "one": ([5.0], [3.0]),
+                      "bad": ([0, 1], [np.inf, np.nan]), "empty": ([], [])})
+    img = iio.imread(path)
+    assert img.shape == (400, 640, 3)
+    assert _colour_present(img, (31, 119, 180)) and _colour_present(img, (255, 127, 14))
+    plot_lines(tmp_path / "e.png", {})
+    assert iio.imread(tmp_path / "e.png").shape == (400, 640, 3)
+    with pytest.raises(ValueError, match="'x'.*3 x values but 2 y"):
+        plot_lines(tmp_path / "f.png", {"x": ([1, 2, 3], [1, 2])})
+    with pytest.raises(ValueError, match="at least"):
+        plot_lines(tmp_path / "f.png", {"x": ([1], [1])}, width=50, height=50)
+
+
+def test_plot_lines_many_series(tmp_path):
+    ep = np.arange(1, 11)
+    series = {f"glimpse {t + 1}": (ep, np.exp(-ep / 5.0) * (64 - t)) for t in range(64)}
+    path = tmp_path / "kl.png"
+    plot_lines(path, series, title="KL per glimpse", width=400, height=260)
+    img = iio.imread(path)
+    assert img.shape == (260, 400, 3)
+    assert _colour_present(img, (68, 1, 84)) and _colour_present(img, (235, 165, 0))  # ramp ends

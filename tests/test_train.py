@@ -1,0 +1,316 @@
+"""npdraw.train: learning, exact resume, guards, checkpoints, evaluation, rendering.
+
+Runs on the real binarized MNIST (the offline mirror of conftest.bmnist_mirror), with
+tiny models so the whole file takes well under a minute on two cores.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from npdraw import checkpoint as ckpt_lib
+from npdraw import model as model_lib
+from npdraw import train as train_lib
+from npdraw.config import DrawConfig, TrainConfig
+from npdraw.data import load_splits
+
+TINY = DrawConfig(T=3, read_n=2, write_n=3, enc_dim=16, dec_dim=16, z_dim=4)
+
+
+@pytest.fixture(scope="session")
+def bmnist_data_dir(bmnist_mirror, tmp_path_factory):
+    """One converted data dir per session (test_cli.py uses the same path)."""
+    path = tmp_path_factory.getbasetemp() / "npdraw-bmnist-data"
+    load_splits("bmnist", data_dir=str(path), mirror=str(bmnist_mirror), progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bmnist(bmnist_data_dir, bmnist_mirror):
+    return load_splits("bmnist", data_dir=str(bmnist_data_dir), mirror=str(bmnist_mirror),
+                       progress=False)
+
+
+def _tcfg(tmp_path, **kw):
+    base = dict(epochs=1, batch_size=50, subset=200, seed=3, device="cpu", out=str(tmp_path),
+                name="run")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _quiet(lines):
+    return lines.append
+
+
+def _params(path):
+    return ckpt_lib.load_checkpoint(path).params
+
+
+# ----------------------------------------------------------------------------- learning
+
+def test_one_epoch_on_real_images_lowers_the_bound_clearly(bmnist, tmp_path):
+    cfg = DrawConfig(T=4, read_n=2, write_n=5, enc_dim=64, dec_dim=64, z_dim=10)
+    tcfg = _tcfg(tmp_path, subset=2000, batch_size=25, lr=3e-3, seed=0)
+    train_x = bmnist.train[:2000]
+    valid_x = bmnist.valid[:2000]
+    start = train_lib.evaluate_bound(train_lib.init_model(cfg, 0, train_x), cfg, valid_x, 500,
+                                     np.random.default_rng(0))
+    lines = []
+    run = train_lib.train(cfg, tcfg, log=lines.append, data=bmnist, progress=False)
+    row = train_lib.read_log(run)[0]
+    assert row["valid_bound"] < 0.9 * start, (start, row)
+    assert row["test_bound"] < 0.9 * start
+    assert len(row["kl"]) == cfg.T and all(k >= 0 for k in row["kl"])
+    assert row["train_kl"] == pytest.approx(sum(row["kl"]))
+    assert row["grad_norm"] > 0 and row["step_norm"] > 0 and row["examples_per_s"] > 0
+    assert row["step"] == 2000 // 25 and row["best"] is True
+
+
+def test_c0_starts_at_the_logit_of_the_mean_image(bmnist):
+    x = bmnist.train[:500]
+    params = train_lib.init_model(TINY, 0, x)
+    mean = np.clip(x.mean(axis=0), train_lib.C0_CLIP, 1 - train_lib.C0_CLIP)
+    np.testing.assert_allclose(1 / (1 + np.exp(-params["c0"].astype(np.float64))), mean,
+                               rtol=1e-4, atol=1e-7)
+    assert np.isfinite(params["c0"]).all() and params["c0"].dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- run dir, log
+
+def test_run_dir_layout_config_and_log(bmnist, tmp_path):
+    lines = []
+    run = train_lib.train(TINY, _tcfg(tmp_path, epochs=2), log=lines.append, data=bmnist,
+                          progress=False)
+    assert run == tmp_path / "run"
+    for name in ("config.json", "log.jsonl", "checkpoint.h5", "best.h5", "samples.png",
+                 "samples.gif"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "config.json").read_text())
+    assert DrawConfig.from_dict(saved["model"]) == TINY
+    assert TrainConfig.from_dict(saved["train"]).subset == 200
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["step"] == 2 * 200 // 50
+    for key in ("train_bound", "valid_bound", "test_bound", "kl", "grad_norm", "step_norm",
+                "train_time_s", "eval_time_s", "examples_per_s", "train_recon", "lr", "best"):
+        assert key in rows[0], key
+    assert any("model config" in l for l in lines) and any(l.startswith("epoch 2/2") for l in lines)
+    ckpt = ckpt_lib.load_checkpoint(run / "checkpoint.h5")
+    assert ckpt.epoch == 2 and ckpt.cfg == TINY and ckpt.opt_state["step"] == 8
+    best = ckpt_lib.load_checkpoint(run / "best.h5")
+    best_epoch = min(rows, key=lambda r: r["valid_bound"])["epoch"]
+    assert best.epoch == best_epoch and best.extra["best_epoch"] == best_epoch
+
+    # The same name again makes a new dir instead of clobbering this one.
+    again = train_lib._unique_run_dir(tmp_path, "run")
+    assert again == tmp_path / "run-2" and again.is_dir()
+    assert (run / "log.jsonl").read_text().count("\n") == 2
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_is_bitwise_identical_to_a_straight_run(bmnist, tmp_path):
+    straight = train_lib.train(TINY, _tcfg(tmp_path, epochs=2, name="straight"), log=_quiet([]),
+                               data=bmnist, progress=False)
+    split = train_lib.train(TINY, _tcfg(tmp_path, epochs=1, name="split"), log=_quiet([]),
+                            data=bmnist, progress=False)
+    first_line = (split / "log.jsonl").read_text()
+    resumed = train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(split)),
+                              log=_quiet([]), data=bmnist, progress=False)
+    assert resumed == split
+
+    a = ckpt_lib.load_checkpoint(straight / "checkpoint.h5")
+    b = ckpt_lib.load_checkpoint(split / "checkpoint.h5")
+    assert a.epoch == b.epoch == 2
+    assert set(a.params) == set(b.params)
+    for name in a.params:
+        assert np.array_equal(a.params[name], b.params[name]), name
+        assert np.array_equal(a.opt_state["m"][name], b.opt_state["m"][name]), name
+        assert np.array_equal(a.opt_state["v"][name], b.opt_state["v"][name]), name
+    assert a.opt_state["step"] == b.opt_state["step"] == 8
+    assert a.rng_state == b.rng_state
+    log_text = (split / "log.jsonl").read_text()
+    assert log_text.startswith(first_line)          # earlier lines kept
+    rows_a, rows_b = train_lib.read_log(straight), train_lib.read_log(split)
+    assert [r["epoch"] for r in rows_b] == [1, 2]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("train_bound", "valid_bound", "test_bound", "kl", "grad_norm", "step_norm"):
+            assert ra[key] == rb[key], key
+
+    # Resuming to a target already reached changes nothing.
+    before = (split / "checkpoint.h5").read_bytes()
+    train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(split)),
+                    log=_quiet([]), data=bmnist, progress=False)
+    assert (split / "checkpoint.h5").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- guards
+
+def _patched_loss(monkeypatch, fail_at_call, make_failure):
+    """Wrap model.loss_and_grads; call number ``fail_at_call`` (1-based) fails."""
+    real = model_lib.loss_and_grads
+    calls = {"n": 0, "snapshots": []}
+
+    def fake(params, cfg, x, eps):
+        calls["n"] += 1
+        if calls["n"] == fail_at_call:
+            return make_failure(real, params, cfg, x, eps)
+        return real(params, cfg, x, eps)
+
+    monkeypatch.setattr(model_lib, "loss_and_grads", fake)
+    return calls
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
+        bmnist, tmp_path, monkeypatch):
+    per_epoch = 200 // 50
+    seen = {}
+
+    def nan_loss(real, params, cfg, x, eps):
+        seen["ckpt"] = _params(tmp_path / "run" / "checkpoint.h5")
+        loss, grads, stats = real(params, cfg, x, eps)
+        return float("nan"), grads, stats
+
+    _patched_loss(monkeypatch, per_epoch + 2, nan_loss)     # epoch 2, iteration 2
+    lines = []
+    with pytest.raises(train_lib.NonFiniteLossError) as info:
+        train_lib.train(TINY, _tcfg(tmp_path, epochs=3), log=lines.append, data=bmnist,
+                        progress=False)
+    message = str(info.value)
+    assert "nan" in message and "epoch 2" in message and "iteration 2/4" in message
+    assert info.value.run_dir == tmp_path / "run"
+    assert any("epoch 2" in l and "nan" in l for l in lines)
+    ckpt = ckpt_lib.load_checkpoint(tmp_path / "run" / "checkpoint.h5")
+    assert ckpt.epoch == 1
+    for name, value in seen["ckpt"].items():
+        assert np.array_equal(ckpt.params[name], value), name
+    assert all(np.isfinite(v).all() for v in ckpt.params.values())
+    assert len(train_lib.read_log(tmp_path / "run")) == 1
+
+
+def test_infinite_gradient_norm_is_caught_too(bmnist, tmp_path, monkeypatch):
+    def inf_grads(real, params, cfg, x, eps):
+        loss, grads, stats = real(params, cfg, x, eps)
+        grads = dict(grads)
+        grads["c0"] = grads["c0"] * np.float32("inf")
+        return loss, grads, stats
+
+    _patched_loss(monkeypatch, 3, inf_grads)
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"gradient norm is (inf|nan) at epoch 1"):
+        train_lib.train(TINY, _tcfg(tmp_path), log=_quiet([]), data=bmnist, progress=False)
+    ckpt = ckpt_lib.load_checkpoint(tmp_path / "run" / "checkpoint.h5")
+    assert ckpt.epoch == 0 and all(np.isfinite(v).all() for v in ckpt.params.values())
+
+
+def test_ctrl_c_keeps_the_last_completed_epoch_and_resumes_exactly(bmnist, tmp_path, monkeypatch):
+    straight = train_lib.train(TINY, _tcfg(tmp_path, epochs=2, name="straight"), log=_quiet([]),
+                               data=bmnist, progress=False)
+
+    def interrupt(real, params, cfg, x, eps):
+        raise KeyboardInterrupt
+
+    _patched_loss(monkeypatch, 200 // 50 + 3, interrupt)
+    lines = []
+    with pytest.raises(train_lib.TrainingInterrupted) as info:
+        train_lib.train(TINY, _tcfg(tmp_path, epochs=2, name="stopped"), log=lines.append,
+                        data=bmnist, progress=False)
+    run = tmp_path / "stopped"
+    assert info.value.run_dir == run
+    assert "interrupted in epoch 2" in lines[-1] and "--resume" in lines[-1]
+    assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 1
+    monkeypatch.undo()
+    train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(run)), log=_quiet([]),
+                    data=bmnist, progress=False)
+    a, b = _params(straight / "checkpoint.h5"), _params(run / "checkpoint.h5")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- oldmodel
+
+def test_oldmodel_of_another_config_is_a_clear_error(bmnist, tmp_path):
+    other = DrawConfig(T=3, read_n=2, write_n=3, enc_dim=16, dec_dim=16, z_dim=7)
+    path = tmp_path / "other.h5"
+    ckpt_lib.save_checkpoint(path, other, model_lib.init_params(other, 0))
+    with pytest.raises(ValueError, match=r"--oldmodel .*does not fit.*(z|shape)"):
+        train_lib.train(TINY, _tcfg(tmp_path, oldmodel=str(path)), log=_quiet([]), data=bmnist,
+                        progress=False)
+
+
+def test_oldmodel_initialises_the_parameters(bmnist, tmp_path, monkeypatch):
+    old = model_lib.init_params(TINY, 123)
+    path = tmp_path / "old.h5"
+    ckpt_lib.save_checkpoint(path, TINY, old)
+    first = {}
+
+    def capture(real, params, cfg, x, eps):
+        first.update({k: np.array(v) for k, v in params.items()})
+        return real(params, cfg, x, eps)
+
+    _patched_loss(monkeypatch, 1, capture)
+    train_lib.train(TINY, _tcfg(tmp_path, oldmodel=str(path)), log=_quiet([]), data=bmnist,
+                    progress=False)
+    assert set(first) == set(old)
+    assert all(np.array_equal(first[k], old[k]) for k in old)   # c0 not re-initialised
+
+
+def test_corrupt_checkpoint_is_a_value_error(tmp_path):
+    path = tmp_path / "bad.h5"
+    ckpt_lib.save_checkpoint(path, TINY, model_lib.init_params(TINY, 0))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        train_lib.load_checkpoint(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        train_lib.load_checkpoint(tmp_path / "missing.h5")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_iwae_is_at_least_as_tight_as_the_bound(bmnist, tmp_path):
+    run = train_lib.train(TINY, _tcfg(tmp_path), log=_quiet([]), data=bmnist, progress=False)
+    params = _params(run / "checkpoint.h5")
+    x = bmnist.test[:300]
+    bound = train_lib.evaluate_bound(params, TINY, x, 128, np.random.default_rng(0))
+    iwae, bound_k = train_lib.evaluate_iwae_and_bound(params, TINY, x, 20, 128,
+                                                      np.random.default_rng(1))
+    assert math.isfinite(bound) and 80 < bound < 400
+    assert bound_k == pytest.approx(bound, rel=0.02)
+    assert iwae <= bound_k + 0.2
+    assert iwae < bound_k - 0.05      # strictly tighter with K=20 on a trained model
+    iwae1 = train_lib.evaluate_iwae(params, TINY, x, 1, 128, np.random.default_rng(2))
+    assert iwae1 == pytest.approx(bound, rel=0.03)          # K=1: a single-sample bound
+    assert math.isnan(train_lib.evaluate_bound(params, TINY, x[:0], 10, np.random.default_rng(0)))
+    # Batching does not change the estimate beyond the noise draws it consumes.
+    same = train_lib.evaluate_bound(params, TINY, x, 300, np.random.default_rng(0))
+    assert same == pytest.approx(bound, rel=0.02)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def test_window_box_covers_the_filter_span():
+    # centre of a 28-pixel image, stride 2, N=5: [14.5 - 5, 14.5 + 5] in 1-based coords,
+    # i.e. 0-based continuous [9, 19] -> pixel columns 9..18.
+    assert train_lib.window_box(14.5, 14.5, 2.0, 5, 28, 28) == (9, 9, 18, 18)
+    assert train_lib.window_box(14.5, 14.5, 2.0, 5, 28, 28, scale=2) == (18, 18, 37, 37)
+    assert train_lib.window_box(1.0, 28.0, 100.0, 5, 28, 28) == (0, 0, 27, 27)   # clipped
+    assert train_lib.window_box(-50.0, 10.0, 1.0, 3, 28, 28) is None             # outside
+    assert train_lib.window_box(float("nan"), 10.0, 1.0, 3, 28, 28) is None
+
+
+def test_render_frames_draws_red_write_windows():
+    T, B = 4, 6
+    rng = np.random.default_rng(0)
+    canvases = rng.uniform(0, 1, (T, B, 28 * 28)).astype(np.float32) * 0.0   # black images
+    windows = {"cx": np.full((T, B), 14.5), "cy": np.full((T, B), 14.5),
+               "stride": np.full((T, B), 1.0), "sigma": np.ones((T, B)), "N": 5}
+    frames = train_lib.render_frames(canvases, windows, (1, 28, 28), 2, 3, boxes=True, scale=2)
+    plain = train_lib.render_frames(canvases, windows, (1, 28, 28), 2, 3, boxes=False, scale=2)
+    assert len(frames) == T
+    assert frames[0].ndim == 3 and frames[0].shape[2] == 3 and frames[0].dtype == np.uint8
+    red = (frames[0][..., 0] > 200) & (frames[0][..., 1] < 50) & (frames[0][..., 2] < 50)
+    # one 10x10 box outline (36 pixels) per tile, 6 tiles
+    assert red.sum() == 6 * 36
+    assert not ((plain[0][..., 0] > 200) & (plain[0][..., 1] < 50)).any()
+    with pytest.raises(ValueError, match="needs 9 images"):
+        train_lib.render_frames(canvases, None, (1, 28, 28), 3, 3)

@@ -68,7 +68,7 @@ def library_errors(fn):
     return wrapper
 
 
-def _load_ckpt(path, param_hint="CHECKPOINT"):
+def _load_ckpt(path, param_hint="'CHECKPOINT'"):
     from npdraw import train as train_lib
     try:
         return train_lib.load_checkpoint(path)
@@ -307,7 +307,7 @@ def plot(run_dir, out):
     try:
         rows = train_lib.read_log(run_dir)
     except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="RUN_DIR") from None
+        raise click.BadParameter(str(err), param_hint="'RUN_DIR'") from None
     out = Path(out) if out is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     epochs = [int(r["epoch"]) for r in rows]
@@ -358,7 +358,7 @@ def attention_demo(img, N, cx, cy, stride, sigma, out):
     try:
         image = images_lib.load_image(img)
     except (ValueError, OSError) as err:
-        raise click.BadParameter(str(err), param_hint="IMG") from None
+        raise click.BadParameter(str(err), param_hint="'IMG'") from None
     image = np.asarray(image, dtype=np.float64)
     c, h, w = image.shape
     cx = (w + 1) / 2.0 if cx is None else cx

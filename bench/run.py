@@ -391,7 +391,7 @@ def _import_torch(device: str):
 def _impl_figures(seconds: list, B: int, flops: int, peak_gflops: float) -> dict:
     ms = _median_ms(seconds)
     gflops = flops / (ms / 1000.0) / 1e9
-    return {"ms_per_step": ms, "ms_all": [1000.0 * s for s in seconds],
+    return {"ms_per_step": ms, "ms_min": 1000.0 * min(seconds), "ms_all": [1000.0 * s for s in seconds],
             "examples_per_s": B / (ms / 1000.0), "gflops": gflops,
             "peak_fraction": gflops / peak_gflops if peak_gflops > 0 else None}
 
@@ -476,8 +476,13 @@ def run(args) -> dict:
             entry["torch"]["final_loss"] = steppers["torch"].last_loss
             entry["ratio_npdraw_over_torch"] = (entry["npdraw"]["examples_per_s"]
                                                 / entry["torch"]["examples_per_s"])
+            # The same ratio from the best step of each, and as the median of the per-repetition
+            # ratios (each pair ran back to back, so slow drifts of the machine cancel).
+            entry["ratio_best"] = entry["torch"]["ms_min"] / entry["npdraw"]["ms_min"]
+            entry["ratio_paired_median"] = statistics.median(
+                t / n for n, t in zip(times["npdraw"], times["torch"]))
         else:
-            entry["ratio_npdraw_over_torch"] = None
+            entry["ratio_npdraw_over_torch"] = entry["ratio_best"] = entry["ratio_paired_median"] = None
         if args.profile:
             entry["profile"] = profile_npdraw(steppers["npdraw"], args.profile)
         result["models"][name] = entry
@@ -545,17 +550,20 @@ def format_report(r: dict) -> str:
                          f"{chk['loss_torch_f32']:.6f} (rel {chk['loss_rel_f32']:.1e}); f64 loss rel "
                          f"{chk['loss_rel_f64']:.1e}, grads rel {grads} -> "
                          + ("OK" if chk["ok"] else "DISAGREE: no ratio"))
-        lines.append(f"  {'':8s} {'ms/step':>9s} {'ex/s':>8s} {'GFLOP/s':>8s} {'of peak':>8s} "
-                     f"{'act/example':>12s}")
+        lines.append(f"  {'':8s} {'ms/step':>9s} {'(best)':>9s} {'ex/s':>8s} {'GFLOP/s':>8s} "
+                     f"{'of peak':>8s} {'act/example':>12s}")
         for impl in ("npdraw", "torch"):
             f = e.get(impl)
             if f is None:
                 continue
-            lines.append(f"  {impl:8s} {f['ms_per_step']:9.1f} {f['examples_per_s']:8.1f} "
-                         f"{f['gflops']:8.2f} {100 * f['peak_fraction']:7.1f}% "
+            lines.append(f"  {impl:8s} {f['ms_per_step']:9.1f} {f['ms_min']:9.1f} "
+                         f"{f['examples_per_s']:8.1f} {f['gflops']:8.2f} "
+                         f"{100 * f['peak_fraction']:7.1f}% "
                          f"{_fmt_bytes(f['activation_bytes_per_example']):>12s}")
         if e["ratio_npdraw_over_torch"] is not None:
-            lines.append(f"  npdraw/torch throughput: {e['ratio_npdraw_over_torch']:.2f}x")
+            lines.append(f"  npdraw/torch throughput: {e['ratio_npdraw_over_torch']:.2f}x "
+                         f"(medians; best steps {e['ratio_best']:.2f}x, "
+                         f"median of paired steps {e['ratio_paired_median']:.2f}x)")
         if e.get("profile"):
             lines.append("  profile of npdraw steps (cProfile, by tottime):")
             lines.extend("    " + ln for ln in e["profile"].rstrip().splitlines())

@@ -55,6 +55,7 @@ ENV_DATA = "NPDRAW_DATA"
 ENV_MIRROR = "NPDRAW_MIRROR"
 
 _CHUNK = 1 << 16  # download chunk in bytes
+DOWNLOAD_TIMEOUT = 60.0  # seconds without progress before a download is abandoned
 _SPLITS = ("train", "valid", "test")
 
 
@@ -109,7 +110,8 @@ CANONICAL_MD5 = {
 }
 
 # Validation images taken from the end of the training file. A training file with
-# fewer than 6*V images (small or hand-made copies) gives its last sixth instead.
+# fewer than 6*V images (small or hand-made copies) gives its last sixth instead
+# (at least one image).
 VALID_SIZE = {"mnist": 10000, "fashion-mnist": 10000, "cifar10": 5000, "svhn": 5000}
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -158,6 +160,8 @@ def load_splits(dataset: str, data_dir: str = DEFAULT_DATA_DIR, mirror: str = ""
     if name == "folder":
         return _load_folder(folder)
     root = resolve_data_dir(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data folder {root} exists but is not a folder")
     mirror = resolve_mirror(mirror)
     if name == "bmnist":
         return _load_bmnist(root, mirror, progress)
@@ -192,7 +196,8 @@ class _Progress:
         if self.total:
             frac = min(1.0, self.done / self.total)
             bar = "#" * int(frac * 24)
-            line = f"{self.label}: [{bar:<24}] {frac * 100:5.1f}% {mb:.1f}/{self.total / 1e6:.1f} MB"
+            line = (f"{self.label}: [{bar:<24}] {frac * 100:5.1f}% "
+                    f"{mb:.1f}/{self.total / 1e6:.1f} MB")
         else:
             line = f"{self.label}: {mb:.1f} MB"
         sys.stderr.write("\r" + line)
@@ -223,7 +228,7 @@ def _stream_to_temp(url: str, directory: Path, progress: bool) -> Path:
     try:
         with os.fdopen(fd, "wb") as out:
             try:
-                response = urllib.request.urlopen(url, timeout=60)
+                response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
             except urllib.error.HTTPError as e:
                 if 400 <= e.code < 500:
                     raise _NotFound(f"HTTP {e.code} {e.reason}") from None
@@ -233,7 +238,8 @@ def _stream_to_temp(url: str, directory: Path, progress: bool) -> Path:
                     raise _NotFound("no such file") from None
                 raise DataError(
                     f"cannot reach {url}: {e.reason}. Without internet access, point "
-                    f"{ENV_MIRROR} (or --mirror) at a local copy; see docs/DATA.md") from None
+                    f"{ENV_MIRROR} or the mirror option at a local copy; see docs/DATA.md"
+                ) from None
             with response:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.strip().isdigit() else None
@@ -367,7 +373,10 @@ def _hint_delete(path: Path, cache: Path, error: DataError) -> DataError:
 
 
 def _n_valid(dataset: str, n_train_file: int) -> int:
-    return min(VALID_SIZE[dataset], n_train_file // 6)
+    if n_train_file < 2:
+        raise DataError(f"{dataset}: the training file holds {n_train_file} image(s); need at "
+                        "least 2 (train and valid are both cut from it)")
+    return max(1, min(VALID_SIZE[dataset], n_train_file // 6))
 
 
 def _to_float(images: np.ndarray) -> np.ndarray:
@@ -669,9 +678,11 @@ def _mat_matrix(body, bo: str, label: str, wanted) -> tuple:
     (flag_word,) = struct.unpack_from(bo + "I", flags, 0)
     mclass, is_complex = flag_word & 0xFF, bool(flag_word & 0x0800)
     mtype, dims_raw, off = _mat_tag(body, off, bo, label)
-    if mtype != 5:
+    if mtype != 5 or len(dims_raw) % 4 or len(dims_raw) == 0:
         raise DataError(f"{label}: matrix without int32 dimensions")
     dims = tuple(int(d) for d in np.frombuffer(dims_raw, dtype=bo + "i4"))
+    if min(dims) < 0:
+        raise DataError(f"{label}: negative matrix dimensions {dims}")
     mtype, name_raw, off = _mat_tag(body, off, bo, label)
     name = bytes(name_raw).decode("ascii", "replace")
     if name not in wanted or mclass not in _MX_CLASSES:
@@ -769,7 +780,8 @@ def _svhn_images(split: str, root: Path, mirror: str, progress: bool) -> np.ndar
     try:
         arrays = read_mat_v5(path)
         if "X" not in arrays:
-            raise DataError(f"{path}: no numeric variable 'X'; expected the SVHN cropped-digits file")
+            raise DataError(f"{path}: no numeric variable 'X'; expected the SVHN "
+                            "cropped-digits file")
         x = arrays["X"]
         if x.ndim != 4 or x.shape[2] != 3 or x.dtype != np.uint8:
             raise DataError(f"{path}: X is {x.dtype} {x.shape}, expected uint8 (H, W, 3, N)")
@@ -820,8 +832,9 @@ def _load_folder(folder: str) -> DataSplits:
     base = Path(folder).expanduser()
     if not base.is_dir():
         raise DataError(f"image folder {base} does not exist")
-    paths = sorted(p for p in base.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Hidden files are skipped: e.g. macOS "._name.png" resource forks are not images.
+    paths = sorted(p for p in base.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DataError(f"image folder {base} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if len(paths) < 3:
@@ -845,5 +858,5 @@ def _load_folder(folder: str) -> DataSplits:
     n = len(paths)
     n_valid = n_test = max(1, n // 20)  # 5 % each, at least one
     data = data[order]
-    return DataSplits(train=data[:n - n_valid - n_test], valid=data[n - n_valid - n_test:n - n_test],
-                      test=data[n - n_test:], shape=images[0].shape)
+    a, b = n - n_valid - n_test, n - n_test
+    return DataSplits(train=data[:a], valid=data[a:b], test=data[b:], shape=images[0].shape)

@@ -434,9 +434,9 @@ def load_checkpoint(path):
         raise ValueError(f"checkpoint {path} does not exist")
     try:
         return ckpt_lib.load_checkpoint(path)
-    except ValueError as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-    except (OSError, KeyError, TypeError) as err:  # h5py on a truncated/foreign file
+    except ValueError:  # CheckpointError: its message names the file already
+        raise
+    except (OSError, KeyError, TypeError) as err:  # anything checkpoint.py did not wrap
         raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
 
 

@@ -75,7 +75,7 @@ def test_paper_config_flops_are_dominated_by_the_lstms():
 
 # ------------------------------------------------------------------ the bench end to end
 
-EXPECTED_IMPL_KEYS = {"ms_per_step", "ms_all", "examples_per_s", "gflops", "peak_fraction",
+EXPECTED_IMPL_KEYS = {"ms_per_step", "ms_min", "ms_all", "examples_per_s", "gflops", "peak_fraction",
                       "activation_bytes_per_example", "final_loss"}
 
 
@@ -106,6 +106,7 @@ def test_bench_runs_end_to_end_json(capsys):
             assert e["check"]["ok"] is True
             assert EXPECTED_IMPL_KEYS <= set(e["torch"])
             assert e["ratio_npdraw_over_torch"] > 0
+            assert e["ratio_best"] > 0 and e["ratio_paired_median"] > 0
         else:
             assert e["ratio_npdraw_over_torch"] is None
 

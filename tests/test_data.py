@@ -49,15 +49,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # A declared length above len(body) models a connection dropped mid-file:
         # HTTP/1.0 closes the socket when the handler returns.
         self.wfile.write(body)
+        if name in srv.stall:  # a peer that goes silent mid-file
+            self.wfile.flush()
+            srv.release.wait(timeout=5)
 
     def log_message(self, *args):
         pass
 
 
 class _Server:
-    def __init__(self, root: Path | None = None, routes: dict | None = None):
+    def __init__(self, root: Path | None = None, routes: dict | None = None, stall=()):
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.root = root
+        self.httpd.stall = set(stall)
+        self.httpd.release = threading.Event()
         self.httpd.routes = {k: (v, len(v)) if isinstance(v, bytes) else v
                              for k, v in (routes or {}).items()}
         self.httpd.requests = []
@@ -70,6 +75,7 @@ class _Server:
         return self.httpd.requests
 
     def stop(self):
+        self.httpd.release.set()
         if self.thread.is_alive():
             self.httpd.shutdown()
             self.thread.join()
@@ -80,8 +86,8 @@ class _Server:
 def serve():
     servers = []
 
-    def start(root=None, routes=None) -> _Server:
-        servers.append(_Server(root, routes))
+    def start(root=None, routes=None, stall=()) -> _Server:
+        servers.append(_Server(root, routes, stall))
         return servers[-1]
 
     yield start
@@ -96,6 +102,9 @@ def _listing(folder: Path) -> list:
 # --------------------------------------------------------------------------- #
 # bmnist
 # --------------------------------------------------------------------------- #
+
+BMNIST_SHAPES = ((50000, 784), (10000, 784), (10000, 784))
+
 
 def _fake_amat(n: int, seed: int) -> tuple:
     """n random binary 28x28 images -> (uint8 (n, 784), .amat text bytes)."""
@@ -121,7 +130,7 @@ def test_bmnist_full_download_over_http_then_offline(bmnist_mirror, serve, tmp_p
 
     assert isinstance(s, DataSplits)
     assert s.shape == (1, 28, 28)
-    assert (s.train.shape, s.valid.shape, s.test.shape) == ((50000, 784), (10000, 784), (10000, 784))
+    assert (s.train.shape, s.valid.shape, s.test.shape) == BMNIST_SHAPES
     assert s.train.dtype == np.float32
     for arr in (s.train, s.valid, s.test):
         assert set(np.unique(arr).tolist()) == {0.0, 1.0}
@@ -153,7 +162,7 @@ def test_bmnist_local_mirror_folder_via_env(bmnist_mirror, tmp_path, monkeypatch
     monkeypatch.setenv("NPDRAW_MIRROR", str(bmnist_mirror))
     monkeypatch.setenv("NPDRAW_DATA", str(tmp_path / "envdata"))
     s = load_splits("bmnist", progress=False)
-    assert (s.train.shape, s.valid.shape, s.test.shape) == ((50000, 784), (10000, 784), (10000, 784))
+    assert (s.train.shape, s.valid.shape, s.test.shape) == BMNIST_SHAPES
     assert (tmp_path / "envdata" / "binarized_mnist.h5").is_file()
     assert _listing(bmnist_mirror) == before  # nothing copied into the mirror
     assert 0.05 < float(s.train.mean()) < 0.25  # MNIST digits: mostly background
@@ -166,6 +175,17 @@ def test_bmnist_download_cut_short_leaves_nothing(serve, tmp_path):
     with pytest.raises(DataError, match=r"cut short: got 4000 of 9000 bytes") as e:
         load_splits("bmnist", data_dir=str(data_dir), mirror=server.url, progress=False)
     assert "binarized_mnist_train.amat" in str(e.value)
+    assert _listing(data_dir) == []
+
+
+def test_bmnist_download_stalled_leaves_nothing(serve, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT", 0.3)
+    body = b"0 1 " * 1000
+    name = "binarized_mnist_train.amat"
+    server = serve(routes={name: (body, len(body) + 5000)}, stall={name})
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError, match=r"download of .*_train\.amat failed \(.*timed out"):
+        load_splits("bmnist", data_dir=str(data_dir), mirror=server.url, progress=False)
     assert _listing(data_dir) == []
 
 
@@ -293,10 +313,31 @@ def test_idx_download_is_cached(tmp_path, serve):
                            "t10k-images-idx3-ubyte.gz": gzip.compress(_idx_images(test))})
     data_dir = tmp_path / "d"
     s = load_splits("mnist", data_dir=str(data_dir), mirror=server.url, progress=False)
-    assert _listing(data_dir / "mnist") == ["t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz"]
+    assert _listing(data_dir / "mnist") == ["t10k-images-idx3-ubyte.gz",
+                                            "train-images-idx3-ubyte.gz"]
     server.stop()
     again = load_splits("mnist", data_dir=str(data_dir), mirror=server.url, progress=False)
     np.testing.assert_array_equal(again.test, s.test)
+
+
+def test_idx_canonical_download_checks_md5(tmp_path, serve, monkeypatch):
+    train_gz = gzip.compress(_idx_images(_pattern_images(12, 4, 4, 0)))
+    test_gz = gzip.compress(_idx_images(_pattern_images(2, 4, 4, 50)))
+    server = serve(routes={"train-images-idx3-ubyte.gz": train_gz,
+                           "t10k-images-idx3-ubyte.gz": test_gz})
+    monkeypatch.delenv("NPDRAW_MIRROR", raising=False)
+    monkeypatch.setattr(data, "MNIST_URL", server.url)  # the "canonical" site, on loopback
+    train_url = server.url + "train-images-idx3-ubyte.gz"
+    test_url = server.url + "t10k-images-idx3-ubyte.gz"
+    monkeypatch.setitem(data.CANONICAL_MD5, train_url, hashlib.md5(train_gz).hexdigest())
+    monkeypatch.setitem(data.CANONICAL_MD5, test_url, "0" * 32)
+    data_dir = tmp_path / "d"
+    with pytest.raises(DataError, match=r"checksum mismatch for .*t10k-images-idx3-ubyte\.gz: "
+                                        r"expected md5 0{32}, got [0-9a-f]{32}"):
+        load_splits("mnist", data_dir=str(data_dir), progress=False)
+    # The verified train file is kept, the bad test file is gone; only .gz names were asked for.
+    assert _listing(data_dir / "mnist") == ["train-images-idx3-ubyte.gz"]
+    assert server.requests == ["train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"]
 
 
 def test_idx_truncated_and_bad_magic(tmp_path):
@@ -524,5 +565,5 @@ def test_folder_bad_input(tmp_path):
     with pytest.raises(ValueError, match="need at least 3"):
         load_splits("folder", folder=str(tmp_path))
     iio.imwrite(tmp_path / "c.png", np.zeros((5, 4), dtype=np.uint8))
-    with pytest.raises(ValueError, match=r"c.png is 1x5x4 .* a.png is 1x4x4; all images must share"):
+    with pytest.raises(ValueError, match=r"c.png is 1x5x4 .* a.png is 1x4x4; all images"):
         load_splits("folder", folder=str(tmp_path))

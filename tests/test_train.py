@@ -49,22 +49,33 @@ def _params(path):
 
 # ----------------------------------------------------------------------------- learning
 
-def test_one_epoch_on_real_images_lowers_the_bound_clearly(bmnist, tmp_path):
-    cfg = DrawConfig(T=4, read_n=2, write_n=5, enc_dim=64, dec_dim=64, z_dim=10)
-    tcfg = _tcfg(tmp_path, subset=2000, batch_size=25, lr=3e-3, seed=0)
-    train_x = bmnist.train[:2000]
-    valid_x = bmnist.valid[:2000]
-    start = train_lib.evaluate_bound(train_lib.init_model(cfg, 0, train_x), cfg, valid_x, 500,
-                                     np.random.default_rng(0))
-    lines = []
-    run = train_lib.train(cfg, tcfg, log=lines.append, data=bmnist, progress=False)
+# The attention-free model: from the current init the attention model sits on the
+# mean-image plateau (~206 nats) for its first several hundred iterations.
+LEARN = DrawConfig(T=8, enc_dim=64, dec_dim=64, z_dim=10, attention=False)
+
+
+@pytest.fixture(scope="module")
+def learned(bmnist, tmp_path_factory):
+    """One epoch of LEARN on 2,000 real images: (bound of the initial params, run dir)."""
+    out = tmp_path_factory.mktemp("learned")
+    tcfg = _tcfg(out, subset=2000, batch_size=20, lr=5e-3, seed=0)
+    start = train_lib.evaluate_bound(train_lib.init_model(LEARN, 0, bmnist.train[:2000]), LEARN,
+                                     bmnist.valid[:2000], 500, np.random.default_rng(0))
+    run = train_lib.train(LEARN, tcfg, log=_quiet([]), data=bmnist, progress=False)
+    return start, run
+
+
+def test_one_epoch_on_real_images_lowers_the_bound_clearly(learned):
+    start, run = learned
+    assert 195 < start < 215          # about the entropy of the mean binarized-MNIST image
     row = train_lib.read_log(run)[0]
     assert row["valid_bound"] < 0.9 * start, (start, row)
     assert row["test_bound"] < 0.9 * start
-    assert len(row["kl"]) == cfg.T and all(k >= 0 for k in row["kl"])
+    assert len(row["kl"]) == LEARN.T and all(k >= 0 for k in row["kl"])
+    assert row["train_kl"] > 1.0                        # the latents are in use
     assert row["train_kl"] == pytest.approx(sum(row["kl"]))
     assert row["grad_norm"] > 0 and row["step_norm"] > 0 and row["examples_per_s"] > 0
-    assert row["step"] == 2000 // 25 and row["best"] is True
+    assert row["step"] == 2000 // 20 and row["best"] is True
 
 
 def test_c0_starts_at_the_logit_of_the_mean_image(bmnist):
@@ -189,6 +200,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
     assert len(train_lib.read_log(tmp_path / "run")) == 1
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_infinite_gradient_norm_is_caught_too(bmnist, tmp_path, monkeypatch):
     def inf_grads(real, params, cfg, x, eps):
         loss, grads, stats = real(params, cfg, x, eps)
@@ -259,7 +271,7 @@ def test_corrupt_checkpoint_is_a_value_error(tmp_path):
     ckpt_lib.save_checkpoint(path, TINY, model_lib.init_params(TINY, 0))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(ValueError, match="damaged or truncated"):
         train_lib.load_checkpoint(path)
     with pytest.raises(ValueError, match="does not exist"):
         train_lib.load_checkpoint(tmp_path / "missing.h5")
@@ -267,23 +279,23 @@ def test_corrupt_checkpoint_is_a_value_error(tmp_path):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def test_iwae_is_at_least_as_tight_as_the_bound(bmnist, tmp_path):
-    run = train_lib.train(TINY, _tcfg(tmp_path), log=_quiet([]), data=bmnist, progress=False)
+def test_iwae_is_at_least_as_tight_as_the_bound(bmnist, learned):
+    _, run = learned
     params = _params(run / "checkpoint.h5")
     x = bmnist.test[:300]
-    bound = train_lib.evaluate_bound(params, TINY, x, 128, np.random.default_rng(0))
-    iwae, bound_k = train_lib.evaluate_iwae_and_bound(params, TINY, x, 20, 128,
+    bound = train_lib.evaluate_bound(params, LEARN, x, 128, np.random.default_rng(0))
+    iwae, bound_k = train_lib.evaluate_iwae_and_bound(params, LEARN, x, 20, 128,
                                                       np.random.default_rng(1))
-    assert math.isfinite(bound) and 80 < bound < 400
-    assert bound_k == pytest.approx(bound, rel=0.02)
-    assert iwae <= bound_k + 0.2
-    assert iwae < bound_k - 0.05      # strictly tighter with K=20 on a trained model
-    iwae1 = train_lib.evaluate_iwae(params, TINY, x, 1, 128, np.random.default_rng(2))
-    assert iwae1 == pytest.approx(bound, rel=0.03)          # K=1: a single-sample bound
-    assert math.isnan(train_lib.evaluate_bound(params, TINY, x[:0], 10, np.random.default_rng(0)))
-    # Batching does not change the estimate beyond the noise draws it consumes.
-    same = train_lib.evaluate_bound(params, TINY, x, 300, np.random.default_rng(0))
-    assert same == pytest.approx(bound, rel=0.02)
+    assert math.isfinite(bound) and 100 < bound < 200
+    assert bound_k == pytest.approx(bound, rel=0.01)
+    assert iwae < bound_k - 0.5       # K=20 on a model that uses its latents: clearly tighter
+    assert iwae > bound_k - 30
+    iwae1 = train_lib.evaluate_iwae(params, LEARN, x, 1, 128, np.random.default_rng(2))
+    assert iwae1 == pytest.approx(bound, rel=0.02)          # K=1: a single-sample bound
+    assert math.isnan(train_lib.evaluate_bound(params, LEARN, x[:0], 10, np.random.default_rng(0)))
+    # The batch size does not change the estimate beyond its noise.
+    same = train_lib.evaluate_bound(params, LEARN, x, 300, np.random.default_rng(0))
+    assert same == pytest.approx(bound, rel=0.01)
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -1,0 +1,48 @@
+"""npdraw.backend: device resolution and array-module selection on any machine."""
+import numpy as np
+import pytest
+
+from npdraw import backend
+
+
+def test_numpy_arrays_select_numpy():
+    assert backend.get_array_module(np.zeros(2), np.ones(3)) is np
+    assert backend.to_numpy(np.arange(3)).tolist() == [0, 1, 2]
+
+
+def test_bad_device_name_is_rejected():
+    with pytest.raises(ValueError, match="auto"):
+        backend.resolve_device("tpu")
+
+
+def test_auto_and_cpu_resolve_without_error():
+    assert backend.resolve_device("cpu") == "cpu"
+    assert backend.resolve_device("auto") == ("gpu" if backend.gpu_available() else "cpu")
+
+
+def test_gpu_request_without_gpu_names_the_problem():
+    if backend.gpu_available():
+        assert backend.resolve_device("gpu") == "gpu"
+    else:
+        with pytest.raises(ValueError, match="CuPy or a CUDA GPU"):
+            backend.resolve_device("gpu")
+
+
+def test_fuse_runs_plain_numpy_and_keeps_dtype():
+    @backend.fuse
+    def affine(a, b):
+        return 2.0 * a + np.tanh(b)
+
+    a = np.ones(3, np.float32)
+    out = affine(a, a)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, 2.0 + np.tanh(1.0), rtol=1e-6)
+    assert affine.unfused is not affine
+
+
+def test_only_backend_imports_cupy():
+    from pathlib import Path
+    root = Path(backend.__file__).resolve().parents[1]
+    offenders = [p.relative_to(root).as_posix() for p in list(root.glob("npdraw/*.py")) + [root / "cli.py"]
+                 if p.name != "backend.py" and "import cupy" in p.read_text()]
+    assert offenders == []

@@ -1,0 +1,100 @@
+"""NumPy versus CuPy: the same functions must agree on a GPU.
+
+These are the project's only skips: they run where CuPy and a CUDA GPU are present.
+"""
+import numpy as np
+import pytest
+
+import npdraw
+from npdraw import backend
+from npdraw.optim import adam_init, adam_step
+
+pytestmark = pytest.mark.skipif(not backend.gpu_available(), reason="needs CuPy and a CUDA GPU")
+
+CONFIGS = [
+    npdraw.DrawConfig(height=5, width=6, channels=1, T=3, read_n=2, write_n=3, enc_dim=6,
+                      dec_dim=5, z_dim=3),
+    npdraw.DrawConfig(height=4, width=5, channels=3, T=4, read_n=1, write_n=2, enc_dim=8,
+                      dec_dim=7, z_dim=2),
+    npdraw.DrawConfig(height=3, width=4, channels=3, T=3, enc_dim=5, dec_dim=4, z_dim=2,
+                      attention=False),
+    npdraw.DrawConfig(T=8),
+]
+
+
+def _point(cfg, dtype, B=5):
+    rng = np.random.default_rng(0)
+    params = npdraw.init_params(cfg, 0, dtype=dtype)
+    for v in params.values():
+        v += (0.3 * rng.standard_normal(v.shape)).astype(dtype)
+    x = rng.random((B, cfg.D)).astype(dtype)
+    eps = rng.standard_normal((cfg.T, B, cfg.z_dim)).astype(dtype)
+    return params, x, eps
+
+
+def _gpu(tree):
+    return {k: backend.to_device(v, "gpu") for k, v in tree.items()}
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-10), ("float32", 2e-3)])
+@pytest.mark.parametrize("index", range(len(CONFIGS)))
+def test_loss_and_grads_agree(index, dtype, rtol):
+    cfg = CONFIGS[index]
+    params, x, eps = _point(cfg, dtype)
+    loss, grads, stats = npdraw.loss_and_grads(params, cfg, x, eps)
+    gloss, ggrads, gstats = npdraw.loss_and_grads(
+        _gpu(params), cfg, backend.to_device(x, "gpu"), backend.to_device(eps, "gpu"))
+    assert gloss == pytest.approx(loss, rel=rtol)
+    np.testing.assert_allclose(gstats["kl"], stats["kl"], rtol=rtol, atol=1e-6)
+    for name in grads:
+        assert backend.is_gpu_array(ggrads[name])
+        assert ggrads[name].dtype == grads[name].dtype
+        scale = np.abs(grads[name]).max() + 1e-12
+        np.testing.assert_allclose(backend.to_numpy(ggrads[name]) / scale, grads[name] / scale,
+                                   atol=rtol * 10, err_msg=name)
+
+
+@pytest.mark.parametrize("index", range(len(CONFIGS)))
+def test_generate_agrees(index):
+    cfg = CONFIGS[index]
+    params, _, eps = _point(cfg, "float64")
+    canvases, windows = npdraw.generate(params, cfg, eps)
+    gcanvases, gwindows = npdraw.generate(_gpu(params), cfg, backend.to_device(eps, "gpu"))
+    np.testing.assert_allclose(backend.to_numpy(gcanvases), canvases, rtol=1e-10, atol=1e-12)
+    if windows is not None:
+        for key in ("cx", "cy", "stride", "sigma", "gamma"):
+            np.testing.assert_allclose(backend.to_numpy(gwindows[key]), windows[key], rtol=1e-10)
+
+
+def test_adam_step_agrees():
+    cfg = CONFIGS[0]
+    params, x, eps = _point(cfg, "float64")
+    _, grads, _ = npdraw.loss_and_grads(params, cfg, x, eps)
+    new, _, norm = adam_step(params, grads, adam_init(params), 1e-3)
+    gnew, _, gnorm = adam_step(_gpu(params), _gpu(grads), adam_init(_gpu(params)), 1e-3)
+    assert gnorm == pytest.approx(norm, rel=1e-10)
+    for name in new:
+        np.testing.assert_allclose(backend.to_numpy(gnew[name]), new[name], rtol=1e-10)
+
+
+def test_fused_kernels_match_their_numpy_form():
+    """Each backend.fuse kernel compiled by CuPy equals its plain NumPy body."""
+    from npdraw import layers, model
+    rng = np.random.default_rng(1)
+    kernels = [(layers._lstm_cell_kernel, 5), (layers._lstm_cell_backward_kernel, 8),
+               (layers._latent_kernel, 3), (layers._latent_backward_kernel, 5),
+               (layers._bce_kernel, 2), (layers._bce_backward_kernel, 3),
+               (model._glimpse_error, 2), (model._glimpse_error_backward, 3)]
+    for kernel, n_args in kernels:
+        args = [rng.uniform(0.05, 0.95, (4, 6)) for _ in range(n_args)]
+        expected = kernel(*args)
+        got = kernel(*[backend.to_device(a, "gpu") for a in args])
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = got if isinstance(got, tuple) else (got,)
+        for e, g in zip(expected, got):
+            np.testing.assert_allclose(backend.to_numpy(g), e, rtol=1e-12, err_msg=kernel.__name__)
+
+
+def test_device_resolution():
+    assert backend.resolve_device("auto") == "gpu"
+    assert backend.xp_for("gpu") is not np

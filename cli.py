@@ -79,7 +79,7 @@ def _load_ckpt(path, param_hint="'CHECKPOINT'"):
 def _train_cfg_or_none(ckpt):
     from npdraw import train as train_lib
     try:
-        return train_lib._train_cfg_of(ckpt)
+        return train_lib.train_config_of(ckpt)
     except (ValueError, TypeError):
         return None
 
@@ -87,7 +87,7 @@ def _train_cfg_or_none(ckpt):
 def _params_on(ckpt, device, dtype=None):
     from npdraw import backend
     from npdraw import train as train_lib
-    return train_lib._to_device_dict(ckpt.params, backend.resolve_device(device), dtype)
+    return train_lib.arrays_to_device(ckpt.params, backend.resolve_device(device), dtype)
 
 
 def _ckpt_file(path: Path) -> Path:
@@ -129,7 +129,7 @@ def cli():
               help="Initialise the parameters from this checkpoint (same shapes).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue the run in this run dir from its checkpoint.h5.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
               show_default=True)
 @click.option("--data-dir", envvar="NPDRAW_DATA", default="data", show_default=True,
@@ -169,12 +169,11 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
                            epochs=epochs, batch_size=batch_size, lr=lr, clip=clip, seed=seed,
                            subset=subset, device=device, dtype=dtype, name=name, out=out,
                            oldmodel=oldmodel or "")
-        cfg = None  # built once the data set's image shape is known
 
     try:
         data = None
-        if cfg is None and not resume:
-            data = train_lib._load_data(tcfg, not no_progress)
+        if not resume:  # the model config needs the data set's image shape
+            data = train_lib.load_data(tcfg, not no_progress)
             c, h, w = (int(s) for s in data.shape)
             read_n, write_n = attention if attention else (2, 5)
             cfg = DrawConfig(height=h, width=w, channels=c, T=T, read_n=read_n,
@@ -194,7 +193,8 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--rows", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--cols", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Prior noise seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Prior noise seed.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: samples/ next to the checkpoint).")
 @click.option("--boxes/--no-boxes", default=False, show_default=True,
@@ -251,7 +251,7 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
               help="Evaluate only the first N images (0: the whole split).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=500,
               show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -271,8 +271,8 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
                                   "mirror": mirror if mirror is not None else saved.mirror,
                                   "folder": folder if folder is not None else saved.folder,
                                   "resume": "", "oldmodel": ""})
-    data = train_lib._load_data(tcfg, progress=not as_json)
-    train_lib._check_data_shape(cfg, data.shape)
+    data = train_lib.load_data(tcfg, progress=not as_json)
+    train_lib.check_data_shape(cfg, data.shape)
     x = getattr(data, split)
     if subset:
         x = x[:subset]

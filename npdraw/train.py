@@ -78,7 +78,9 @@ def _params_dtype(params: dict):
     return np.dtype("float32")
 
 
-def _to_device_dict(arrays: dict, device: str, dtype=None) -> dict:
+def arrays_to_device(arrays: dict, device: str, dtype=None) -> dict:
+    """{name: array} -> owned, writable copies on ``device`` ('cpu'/'gpu'), floats cast to
+    ``dtype`` when given."""
     out = {}
     for name, value in arrays.items():
         host = np.array(backend.to_numpy(value), copy=True)  # writable, owned
@@ -93,8 +95,8 @@ def _to_host_dict(arrays: dict) -> dict:
 
 
 def _opt_state_to(state: dict, device: str, dtype=None) -> dict:
-    return {"m": _to_device_dict(state["m"], device, dtype),
-            "v": _to_device_dict(state["v"], device, dtype),
+    return {"m": arrays_to_device(state["m"], device, dtype),
+            "v": arrays_to_device(state["v"], device, dtype),
             "step": int(state["step"])}
 
 
@@ -411,7 +413,8 @@ def read_log(run_dir) -> list:
     return rows
 
 
-def _train_cfg_of(ckpt) -> TrainConfig | None:
+def train_config_of(ckpt) -> TrainConfig | None:
+    """The TrainConfig a checkpoint recorded, or None."""
     tc = getattr(ckpt, "train_cfg", None)
     if tc is None or isinstance(tc, TrainConfig):
         return tc
@@ -446,14 +449,16 @@ def _save(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra) -> None:
                              rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra)
 
 
-def _check_data_shape(cfg: DrawConfig, shape) -> None:
+def check_data_shape(cfg: DrawConfig, shape) -> None:
+    """ValueError unless the data set's (C, H, W) is the model's."""
     c, h, w = (int(s) for s in shape)
     if (cfg.channels, cfg.height, cfg.width) != (c, h, w):
         raise ValueError(f"the model is for {cfg.channels}x{cfg.height}x{cfg.width} images, "
                          f"the data set has {c}x{h}x{w}")
 
 
-def _load_data(tcfg: TrainConfig, progress: bool):
+def load_data(tcfg: TrainConfig, progress: bool):
+    """data.load_splits for the data set, folder and mirror that ``tcfg`` names."""
     from . import data as data_lib  # imported lazily: only training/evaluation need it
     return data_lib.load_splits(tcfg.dataset, data_dir=tcfg.data_dir, mirror=tcfg.mirror,
                                 folder=tcfg.folder, progress=progress)
@@ -467,8 +472,9 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
 
     cfg: the model (height/width/channels must match the data). With ``tcfg.resume`` set
     to a run dir, the model and training settings come from RUN/checkpoint.h5 and
-    ``cfg`` may be None; of ``tcfg`` only epochs (the new total), device, data_dir,
-    mirror and folder are taken. ``data``: a DataSplits to use instead of loading
+    ``cfg`` may be None; of ``tcfg`` only epochs (the new total) and device are taken,
+    and data_dir, mirror and folder where they differ from TrainConfig's defaults
+    (else the recorded ones). ``data``: a DataSplits to use instead of loading
     ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr.
 
     Raises NonFiniteLossError on a NaN/inf loss and TrainingInterrupted on Ctrl-C (both
@@ -482,17 +488,17 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         if not ckpt_path.is_file():
             raise ValueError(f"cannot resume: {ckpt_path} does not exist")
         resume_ckpt = load_checkpoint(ckpt_path)
-        saved_tcfg = _train_cfg_of(resume_ckpt)
+        saved_tcfg = train_config_of(resume_ckpt)
         if saved_tcfg is None:
             raise ValueError(f"cannot resume: {ckpt_path} records no training config")
         if cfg is not None and cfg != resume_ckpt.cfg:
             log("note: resuming with the checkpoint's model config; the one given is ignored")
         cfg = resume_ckpt.cfg
-        tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), "epochs": tcfg.epochs,
-                                      "device": tcfg.device, "data_dir": tcfg.data_dir,
-                                      "mirror": tcfg.mirror or saved_tcfg.mirror,
-                                      "folder": tcfg.folder or saved_tcfg.folder,
-                                      "resume": str(tcfg.resume)})
+        defaults = TrainConfig()
+        where = {k: (getattr(tcfg, k) if getattr(tcfg, k) != getattr(defaults, k)
+                     else getattr(saved_tcfg, k)) for k in ("data_dir", "mirror", "folder")}
+        tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), **where, "epochs": tcfg.epochs,
+                                      "device": tcfg.device, "resume": str(tcfg.resume)})
     elif cfg is None:
         raise ValueError("train needs a model config unless it resumes a run")
 
@@ -500,8 +506,8 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     dtype = np.dtype(tcfg.dtype)
 
     if data is None:
-        data = _load_data(tcfg, progress)
-    _check_data_shape(cfg, data.shape)
+        data = load_data(tcfg, progress)
+    check_data_shape(cfg, data.shape)
     train_x = np.asarray(_cap(data.train, tcfg.subset), dtype=dtype)
     valid_x = np.asarray(_cap(data.valid, tcfg.subset), dtype=dtype)
     test_x = np.asarray(_cap(data.test, tcfg.subset), dtype=dtype)
@@ -511,7 +517,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
 
     # ---- parameters, optimizer, RNG
     if resume_ckpt is not None:
-        params = _to_device_dict(resume_ckpt.params, device)
+        params = arrays_to_device(resume_ckpt.params, device)
         if resume_ckpt.opt_state is None:
             raise ValueError(f"cannot resume: {run_dir / 'checkpoint.h5'} holds no optimizer state")
         opt_state = _opt_state_to(resume_ckpt.opt_state, device)
@@ -534,7 +540,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                 log(f"note: --oldmodel was trained with {_cfg_summary(old.cfg)}; "
                     f"its parameters fit and are used for {_cfg_summary(cfg)}")
             params = {name: np.asarray(old.params[name]).astype(dtype) for name in params}
-        params = _to_device_dict(params, device, dtype)
+        params = arrays_to_device(params, device, dtype)
         opt_state = optim.adam_init(params)
         rng = _new_rng(tcfg.seed)
         start_epoch = 0
@@ -602,7 +608,8 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                         params, grads, opt_state, tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps)
                     loss_sum += loss
                     recon_sum += float(stats.get("recon", float("nan")))
-                    kl_sum += np.asarray(backend.to_numpy(stats["kl"]), dtype=np.float64).reshape(-1)
+                    kl_sum += np.asarray(backend.to_numpy(stats["kl"]),
+                                         dtype=np.float64).reshape(-1)
                     gnorm_sum += gnorm
                     snorm_sum += snorm
                     bar.update(it, loss)
@@ -648,15 +655,17 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                 "eval_time_s": eval_time,
                 "examples_per_s": n_train / max(train_time, 1e-9),
                 "best": bool(is_best),
-                "time": _dt.datetime.now().isoformat(timespec="seconds"),
             }
+            _write_run_samples(run_dir, params, cfg, tcfg.seed)
+            record["wall_s"] = time.perf_counter() - t0
+            record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
+            # The log line first: should the saves below not happen, a resume from the
+            # previous checkpoint drops this line again.
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
             if is_best:
                 _save(best_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
             _save(ckpt_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            _write_run_samples(run_dir, params, cfg, tcfg.seed)
-            record["wall_s"] = time.perf_counter() - t0
             log(f"epoch {epoch}/{tcfg.epochs}  train {train_bound:.2f}  valid "
                 f"{_fmt(record['valid_bound'])}  test {_fmt(record['test_bound'])}  "
                 f"(recon {record['train_recon']:.2f} + KL {record['train_kl']:.2f})  "

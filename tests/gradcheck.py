@@ -5,7 +5,7 @@ disagreement, measured against the scale of the gradients being compared.
 """
 import numpy as np
 
-STEP = 1e-6
+STEP = 1e-5  # roundoff (~1e-16 * |f| / STEP) and truncation (~STEP^2) balance near here
 
 
 def rel_err(a, b):

@@ -61,23 +61,29 @@ def test_train_writes_the_run_dir(trained):
                  "samples.gif"):
         assert (run / name).is_file(), name
     cfg = DrawConfig.from_dict(json.loads((run / "config.json").read_text())["model"])
-    assert (cfg.T, cfg.read_n, cfg.write_n, cfg.z_dim, cfg.height, cfg.channels) == (T, 2, 3, 4, 28, 1)
+    got = (cfg.T, cfg.read_n, cfg.write_n, cfg.z_dim, cfg.height, cfg.channels)
+    assert got == (T, 2, 3, 4, 28, 1)
     row = json.loads((run / "log.jsonl").read_text().splitlines()[0])
     assert row["epoch"] == 1 and len(row["kl"]) == T
     assert "epoch 1/1" in output and "train config" in output
     assert len(iio.imread(run / "samples.gif", index=None)) == T
 
 
-def test_train_without_attention_and_resume_through_the_cli(data_args, tmp_path):
+def test_train_without_attention_and_resume_through_the_cli(data_args, tmp_path, monkeypatch):
     args = ["train", *TINY_ARGS, "--attention", "", "--epochs", "1", "--name", "plain",
             "--out", tmp_path, *data_args]
     assert invoke(args).exit_code == 0
     run = tmp_path / "plain"
     assert json.loads((run / "config.json").read_text())["model"]["attention"] is False
+    # Resume finds the data where the run recorded it (no --data-dir/--mirror needed).
+    monkeypatch.delenv("NPDRAW_DATA", raising=False)
+    monkeypatch.delenv("NPDRAW_MIRROR", raising=False)
+    monkeypatch.chdir(tmp_path)
     result = invoke(["train", "--resume", run, "--epochs", "2", "--lr", "0.5", "--no-progress",
-                     "--device", "cpu", *data_args])
+                     "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "ignoring lr" in result.output
+    assert not (tmp_path / "data").exists()           # the recorded data dir was used
     rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["lr"] == 1e-3
     assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 2
@@ -271,3 +277,16 @@ def test_cli_script_help_runs_from_elsewhere(tmp_path):
     assert result.returncode == 0, result.stderr
     for command in ("train", "sample", "evaluate", "plot", "attention-demo"):
         assert command in result.stdout
+
+
+def test_ctrl_c_exits_130_and_keeps_the_epoch_0_checkpoint(data_args, tmp_path, monkeypatch):
+    def interrupt(params, cfg, x, eps):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_lib, "loss_and_grads", interrupt)
+    result = invoke(["train", *TINY_ARGS, "--epochs", "1", "--name", "stop", "--out", tmp_path,
+                     *data_args])
+    assert result.exit_code == 130
+    assert "interrupted in epoch 1" in result.output and "--resume" in result.output
+    ckpt = ckpt_lib.load_checkpoint(tmp_path / "stop" / "checkpoint.h5")
+    assert ckpt.epoch == 0 and ckpt.opt_state["step"] == 0

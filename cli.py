@@ -138,7 +138,9 @@ def cli():
               help="Folder or URL to download raw data from [env NPDRAW_MIRROR].")
 @click.option("--folder", default="", help="Image folder for --dataset folder.")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Use only the first N images of each split (0: all).")
+              help="Train on the first N training images only (0: all).")
+@click.option("--eval-subset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evaluate each epoch on the first N valid/test images (0: whole splits).")
 @click.option("--clip", type=POSITIVE_FLOAT, default=10.0, show_default=True,
               help="Global gradient-norm clipping threshold.")
 @click.option("--out", default="runs", show_default=True, help="Parent folder of run dirs.")
@@ -148,14 +150,14 @@ def cli():
 @click.pass_context
 @library_errors
 def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
-          oldmodel, resume, seed, device, data_dir, mirror, folder, subset, clip, out, dtype,
-          no_progress):
+          oldmodel, resume, seed, device, data_dir, mirror, folder, subset, eval_subset, clip, out,
+          dtype, no_progress):
     """Train DRAW; writes a run dir under --out (see docs/TRAINING.md)."""
     from npdraw import train as train_lib
 
     if resume:
         ignored = [p for p in ("dataset", "attention", "T", "lr", "batch_size", "enc_dim",
-                               "dec_dim", "z_dim", "name", "oldmodel", "seed", "subset", "clip",
+                               "dec_dim", "z_dim", "name", "oldmodel", "seed", "subset", "eval_subset", "clip",
                                "out", "dtype")
                    if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
         if ignored:
@@ -167,7 +169,7 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
     else:
         tcfg = TrainConfig(dataset=dataset, data_dir=data_dir, mirror=mirror, folder=folder,
                            epochs=epochs, batch_size=batch_size, lr=lr, clip=clip, seed=seed,
-                           subset=subset, device=device, dtype=dtype, name=name, out=out,
+                           subset=subset, eval_subset=eval_subset, device=device, dtype=dtype, name=name, out=out,
                            oldmodel=oldmodel or "")
 
     try:

@@ -93,7 +93,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip: float = 10.0
     seed: int = 0
-    subset: int = 0               # 0 means the whole training split
+    subset: int = 0               # train on the first N training images; 0: all of them
+    eval_subset: int = 0          # evaluate on the first N of valid/test; 0: the whole splits
     device: str = "auto"
     dtype: str = "float32"
     name: str = ""
@@ -105,8 +106,9 @@ class TrainConfig:
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
         _check_positive_ints(self, ("epochs", "batch_size"))
-        if self.subset < 0:
-            raise ValueError(f"subset must be 0 (all) or positive, got {self.subset}")
+        for name in ("subset", "eval_subset"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (all) or positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.clip > 0:

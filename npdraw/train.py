@@ -509,8 +509,8 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         data = load_data(tcfg, progress)
     check_data_shape(cfg, data.shape)
     train_x = np.asarray(_cap(data.train, tcfg.subset), dtype=dtype)
-    valid_x = np.asarray(_cap(data.valid, tcfg.subset), dtype=dtype)
-    test_x = np.asarray(_cap(data.test, tcfg.subset), dtype=dtype)
+    valid_x = np.asarray(_cap(data.valid, tcfg.eval_subset), dtype=dtype)
+    test_x = np.asarray(_cap(data.test, tcfg.eval_subset), dtype=dtype)
     n_train = int(train_x.shape[0])
     if n_train == 0:
         raise ValueError("the training split is empty")

@@ -23,7 +23,7 @@ cli = cli_mod.cli
 
 T = 3
 TINY_ARGS = ["--niter", str(T), "--attention", "2,3", "--enc-dim", "16", "--dec-dim", "16",
-             "--z-dim", "4", "--bs", "50", "--subset", "200", "--device", "cpu", "--no-progress"]
+             "--z-dim", "4", "--bs", "50", "--subset", "200", "--eval-subset", "200", "--device", "cpu", "--no-progress"]
 
 
 @pytest.fixture(scope="session")

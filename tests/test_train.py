@@ -38,7 +38,7 @@ def bmnist(bmnist_data_dir, bmnist_mirror):
 
 
 def _tcfg(tmp_path, **kw):
-    base = dict(epochs=1, batch_size=50, subset=200, seed=3, device="cpu", out=str(tmp_path),
+    base = dict(epochs=1, batch_size=50, subset=200, eval_subset=200, seed=3, device="cpu", out=str(tmp_path),
                 name="run")
     base.update(kw)
     return TrainConfig(**base)
@@ -77,8 +77,9 @@ cfg = DrawConfig.from_dict(json.loads(cfg_json))
 data = load_splits("bmnist", data_dir=data_dir, mirror=mirror, progress=False)
 start = train_lib.evaluate_bound(train_lib.init_model(cfg, 0, data.train[:2000]), cfg,
                                  data.valid[:2000], 500, np.random.default_rng(0))
-tcfg = TrainConfig(epochs=int(epochs), batch_size=20, subset=2000, lr=float(lr), seed=0, device="cpu",
-                   out=out, name="learn", data_dir=data_dir, mirror=mirror)
+tcfg = TrainConfig(epochs=int(epochs), batch_size=20, subset=2000, eval_subset=2000,
+                   lr=float(lr), seed=0, device="cpu", out=out, name="learn",
+                   data_dir=data_dir, mirror=mirror)
 run = train_lib.train(cfg, tcfg, log=lambda *a: None, data=data, progress=False)
 params = train_lib.load_checkpoint(run / "checkpoint.h5").params
 x = data.test[:200]

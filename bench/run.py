@@ -160,17 +160,32 @@ def blas_info() -> list:
     return out
 
 
-def set_threads(n: int) -> None:
-    """Set the thread count of NumPy's BLAS (and of torch, if it is imported)."""
+def set_threads(n: int):
+    """Set the thread count of NumPy's BLAS (and of torch, if it is imported).
+
+    Returns a function that puts the previous counts back.
+    """
+    undo = []
     try:
         import threadpoolctl
-        threadpoolctl.threadpool_limits(n)
+        limits = threadpoolctl.threadpool_limits(n)
+        undo.append(limits.restore_original_limits)
     except ImportError:
         for fns in _openblas_fns():
-            if fns["set_threads"] is not None:
+            if fns["set_threads"] is not None and fns["get_threads"] is not None:
+                before = int(fns["get_threads"]())
                 fns["set_threads"](ctypes.c_int(n))
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(n)
+                undo.append(lambda f=fns["set_threads"], k=before: f(ctypes.c_int(k)))
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        undo.append(lambda: torch.set_num_threads(before))
+
+    def restore():
+        for fn in reversed(undo):
+            fn()
+    return restore
 
 
 def device_description(device: str) -> dict:
@@ -409,15 +424,29 @@ def _impl_figures(seconds: list, B: int, flops: int) -> dict:
 
 
 def run(args) -> dict:
-    """Everything but printing; returns the JSON-able result (``result["ok"]`` False on disagreement)."""
+    """Everything but printing; returns the JSON-able result (``result["ok"]`` False on disagreement).
+
+    With ``args.threads`` the thread counts are set for the run and put back afterwards.
+    """
+    restore = None
+    if args.threads:
+        if not args.no_torch:
+            _import_torch(args.device)  # so that torch's count is set (and restored) too
+        restore = set_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _run(args) -> dict:
     import npdraw
     from npdraw import backend
 
     device = backend.resolve_device(args.device)  # ValueError when 'gpu' has no GPU (main checks)
     xp = backend.xp_for(device)
     torch, torch_missing = (None, "--no-torch") if args.no_torch else _import_torch(device)
-    if args.threads:
-        set_threads(args.threads)
 
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                           "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}

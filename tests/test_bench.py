@@ -112,10 +112,13 @@ def test_bench_runs_end_to_end_json(capsys):
 
 
 def test_bench_text_report_npdraw_alone(capsys):
+    threads_before = [lib.get("num_threads") for lib in bench_run.blas_info()]
     rc = bench_run.main(TINY + ["--no-torch", "--model", "attention", "--threads", "1",
                                 "--profile", "1"])
     out = capsys.readouterr().out
     assert rc == 0
+    assert "1 threads" in out  # the BLAS line reports the count in force during the run
+    assert [lib.get("num_threads") for lib in bench_run.blas_info()] == threads_before  # put back
     assert "[attention]" in out and "[no-attention]" not in out
     assert "ms/step" in out and "npdraw" in out and "GEMM (" in out and "peak =" in out
     assert "throughput" not in out  # no peer, no ratio

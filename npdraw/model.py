@@ -199,11 +199,22 @@ def _glimpse_error_backward(dcanvas, dx_hat, sig):
 
 # ---------------------------------------------------------------- read and write
 
+def _static_read_rows(cfg):
+    """Rows of enc_W fed by a part of r_t that is the same at every glimpse: x itself
+    without attention (eq 17), nothing with attention."""
+    return 0 if cfg.attention else cfg.D
+
+
 def _read_forward(params, cfg, x, x_hat, h_dec_prev):
-    """read(x, x_hat, h_dec_{t-1}) -> r_t (B, R): eq 17, or eq 21-27 with attention."""
+    """The time-varying part of r_t = read(x, x_hat, h_dec_{t-1}).
+
+    -> (B, R - S) with S = _static_read_rows(cfg): x_hat without attention (eq 17;
+    the x half is constant and projected once per forward), or the glimpses
+    (B, 2C*Nr^2) of eq 21-27 with attention.
+    """
     xp = get_array_module(x)
     if not cfg.attention:
-        return xp.concatenate([x, x_hat], axis=1), None
+        return x_hat, None
     B, C, H, W = x.shape[0], cfg.channels, cfg.height, cfg.width
     p, _ = linear_forward(h_dec_prev, params["read_att_W"], params["read_att_b"])
     (Fy, Fx, gamma), window_cache = att.window_forward(p, H, W, cfg.read_n)
@@ -213,10 +224,10 @@ def _read_forward(params, cfg, x, x_hat, h_dec_prev):
 
 
 def _read_backward(dr, cache, cfg):
-    """dr: (B, R) -> (dx_hat (B, D), dp (B, 5) or None)."""
+    """dr: (B, R - S), as _read_forward returns -> (dx_hat (B, D), dp (B, 5) or None)."""
     D = cfg.D
     if cache is None:
-        return dr[:, D:], None
+        return dr, None
     window_cache, read_cache = cache
     B, C = dr.shape[0], cfg.channels
     dimages, dFy, dFx, dgamma = att.read_backward(
@@ -272,6 +283,8 @@ def draw_step(params, cfg, x, state, eps_t):
     xp = get_array_module(x)
     _, x_hat = _glimpse_error(x, state["canvas"])                               # eq 3
     r, _ = _read_forward(params, cfg, x, x_hat, state["h_dec"])                 # eq 4
+    if _static_read_rows(cfg):
+        r = xp.concatenate([x, r], axis=1)
     a_enc = xp.concatenate([r, state["h_dec"], state["h_enc"]], axis=1) @ params["enc_W"]
     (h_enc, c_enc), _ = lstm_cell_forward(a_enc + params["enc_b"], state["c_enc"])  # eq 5
     q = h_enc @ params["q_W"] + params["q_b"]
@@ -297,10 +310,15 @@ def forward(params, cfg, x, eps, need_terms=False):
     xp = get_array_module(x)
     dtype = params["c0"].dtype
     T, B, D, Z = cfg.T, x.shape[0], cfg.D, cfg.z_dim
-    He, Hd, R = cfg.enc_dim, cfg.dec_dim, cfg.read_dim
+    He, Hd = cfg.enc_dim, cfg.dec_dim
+    S = _static_read_rows(cfg)
+    R = cfg.read_dim - S
+    # The constant rows of r_t (x, without attention) are projected once, not T times.
+    enc_W = params["enc_W"][S:]
+    enc_bias = params["enc_b"] + x @ params["enc_W"][:S] if S else params["enc_b"]
 
     # stacked inputs of the linear maps, allocated once (see module docstring)
-    enc_in = xp.empty((T, B, R + Hd + He), dtype)     # [r_t, h_dec_{t-1}, h_enc_{t-1}]
+    enc_in = xp.empty((T, B, R + Hd + He), dtype)     # [r_t (its varying part), h_dec_{t-1}, h_enc_{t-1}]
     dec_in = xp.empty((T, B, Z + Hd), dtype)          # [z_t, h_dec_{t-1}]
     h_enc = xp.empty((T, B, He), dtype)
     h_dec = xp.empty((T + 1, B, Hd), dtype)           # h_dec[0] is h_dec0
@@ -320,7 +338,7 @@ def forward(params, cfg, x, eps, need_terms=False):
         enc_in[t, :, R:R + Hd] = h_dec[t]
         if t > 0:
             enc_in[t, :, R + Hd:] = h_enc[t - 1]
-        a_enc, _ = linear_forward(enc_in[t], params["enc_W"], params["enc_b"])
+        a_enc, _ = linear_forward(enc_in[t], enc_W, enc_bias)
         (h_enc[t], c_enc), enc_cache = lstm_cell_forward(a_enc, c_enc)          # eq 5
         q, _ = linear_forward(h_enc[t], params["q_W"], params["q_b"])
         (dec_in[t, :, :Z], kl[t]), latent_cache = latent_forward(q, eps[t])    # eq 1-2, 6
@@ -339,7 +357,7 @@ def forward(params, cfg, x, eps, need_terms=False):
     if need_terms:
         terms["log_weight"] = log_ratio - recon
     stacked = {"enc_in": enc_in, "dec_in": dec_in, "h_enc": h_enc, "h_dec": h_dec,
-               "sig_prev": sig_prev}
+               "sig_prev": sig_prev, "x": x}
     return loss, terms, (steps, stacked, bce_cache)
 
 
@@ -352,7 +370,10 @@ def backward(params, cfg, cache):
     xp = get_array_module(stacked["enc_in"])
     dtype = stacked["enc_in"].dtype
     T, B = stacked["enc_in"].shape[:2]
-    Z, Hd, R = cfg.z_dim, cfg.dec_dim, cfg.read_dim
+    Z, Hd = cfg.z_dim, cfg.dec_dim
+    S = _static_read_rows(cfg)
+    R = cfg.read_dim - S
+    enc_W_T = params["enc_W"][S:].T      # the constant rows of r_t need no input gradient
     inv_B = 1.0 / B
 
     out_grads = {  # stacked output gradients of the linear maps
@@ -384,7 +405,7 @@ def backward(params, cfg, cache):
         dq = latent_backward(ddec_in[:, :Z], inv_B, latent_cache, out=out_grads["dq"][t])
         dh_enc = dq @ params["q_W"].T + dh_enc_next
         da_enc, dc_enc = lstm_cell_backward(dh_enc, dc_enc, enc_cache, out=out_grads["da_enc"][t])
-        denc_in = da_enc @ params["enc_W"].T                # [dr, dh_dec_{t-1}, dh_enc_{t-1}]
+        denc_in = da_enc @ enc_W_T                          # [dr, dh_dec_{t-1}, dh_enc_{t-1}]
         dh_enc_next = denc_in[:, R + Hd:]
         dh_dec_next = ddec_in[:, Z:] + denc_in[:, R:R + Hd]
         dx_hat, dp_r = _read_backward(denc_in[:, :R], read_cache, cfg)
@@ -404,6 +425,9 @@ def backward(params, cfg, cache):
         dout = out_grads[out_name].reshape(T * B, -1)
         grads[w_name] = inp.T @ dout
         grads[b_name] = dout.sum(axis=0)
+    if S:  # x fed the same rows at every glimpse: sum their output gradients first
+        dW_static = stacked["x"].T @ out_grads["da_enc"].sum(axis=0)
+        grads["enc_W"] = xp.concatenate([dW_static, grads["enc_W"]], axis=0)
     return {name: grads[name] for name in params}
 
 

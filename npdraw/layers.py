@@ -17,12 +17,17 @@ from .backend import fuse, get_array_module
 
 # ---------------------------------------------------------------- linear
 
-def linear_forward(x, W, b):
+def linear_forward(x, W, b, out=None):
     """y = x W + b.
 
-    x: (..., I)   W: (I, O)   b: (O,)   ->   y: (..., O)
+    x: (..., I)   W: (I, O)   b: (O,) or broadcastable to y   ->   y: (..., O)
+    out: optional array for y; the model reuses one per layer across glimpses,
+    which spares the allocator a fresh page-faulted block for every GEMM.
     """
-    return x @ W + b, (x, W)
+    xp = get_array_module(x)
+    y = xp.matmul(x, W, out=out)
+    y += b
+    return y, (x, W)
 
 
 def linear_backward(dy, cache):

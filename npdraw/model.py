@@ -329,6 +329,9 @@ def forward(params, cfg, x, eps, need_terms=False):
     canvas = xp.broadcast_to(params["c0"], (B, D))
     c_enc = xp.zeros((B, He), dtype)
     c_dec = xp.zeros((B, Hd), dtype)
+    # gate pre-activations are consumed within their glimpse, so one buffer each serves all
+    a_enc = xp.empty((B, 4 * He), dtype)
+    a_dec = xp.empty((B, 4 * Hd), dtype)
     log_ratio = xp.zeros(B, dtype) if need_terms else None
     steps = []
     for t in range(T):
@@ -338,12 +341,12 @@ def forward(params, cfg, x, eps, need_terms=False):
         enc_in[t, :, R:R + Hd] = h_dec[t]
         if t > 0:
             enc_in[t, :, R + Hd:] = h_enc[t - 1]
-        a_enc, _ = linear_forward(enc_in[t], enc_W, enc_bias)
+        linear_forward(enc_in[t], enc_W, enc_bias, out=a_enc)
         (h_enc[t], c_enc), enc_cache = lstm_cell_forward(a_enc, c_enc)          # eq 5
-        q, _ = linear_forward(h_enc[t], params["q_W"], params["q_b"])
+        q, _ = linear_forward(h_enc[t], params["q_W"], params["q_b"])   # the latent caches views of q
         (dec_in[t, :, :Z], kl[t]), latent_cache = latent_forward(q, eps[t])    # eq 1-2, 6
         dec_in[t, :, Z:] = h_dec[t]
-        a_dec, _ = linear_forward(dec_in[t], params["dec_W"], params["dec_b"])
+        linear_forward(dec_in[t], params["dec_W"], params["dec_b"], out=a_dec)
         (h_dec[t + 1], c_dec), dec_cache = lstm_cell_forward(a_dec, c_dec)      # eq 7
         w, write_cache = _write_forward(params, cfg, h_dec[t + 1])
         canvas = canvas + w                                                      # eq 8

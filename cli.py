@@ -378,10 +378,13 @@ def attention_demo(img, N, cx, cy, stride, sigma, out):
     written, _ = att.write_forward(glimpse, Fy, Fx, gamma)           # (1, C, H, W)
     glimpse, written = glimpse[0], written[0]
     # The raw write (1/gamma) Fy^T g Fx spreads each glimpse value over ~stride^2 pixels
-    # with unit-sum filter rows, so it is about stride^2 times dimmer than the image;
-    # the PNG is scaled (by one factor) to the original's brightest value for viewing.
-    peak = float(written.max())
-    gain = float(image.max()) / peak if peak > 0 else 1.0
+    # with unit-sum filter rows, so it is far dimmer than the image, and brighter where
+    # truncated edge filters pile up. Dividing by the write of an all-ones patch (the
+    # coverage) shows what the glimpse says about each pixel: the read upsampled.
+    coverage, _ = att.write_forward(np.ones_like(glimpse[None]), Fy, Fx, gamma)
+    coverage = coverage[0]
+    seen = coverage > 1e-3 * float(coverage.max())
+    upsampled = np.where(seen, written / np.where(seen, coverage, 1.0), 0.0)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,13 +395,13 @@ def attention_demo(img, N, cx, cy, stride, sigma, out):
     images_lib.save_png(paths["original"], _to_hwc(image))
     enlarged = np.repeat(np.repeat(glimpse, view, axis=1), view, axis=2)
     images_lib.save_png(paths["read"], _to_hwc(enlarged))
-    images_lib.save_png(paths["write"], _to_hwc(written * gain))
+    images_lib.save_png(paths["write"], _to_hwc(upsampled))
     click.echo(f"image {c}x{h}x{w}; window N={N}, centre ({cx:g}, {cy:g}), stride {stride:g}, "
                f"sigma {sigma:g}")
     click.echo(f"original: {paths['original']}")
     click.echo(f"read:     {paths['read']} ({N}x{N} glimpse shown {view}x enlarged)")
-    click.echo(f"write:    {paths['write']} (write of the glimpse, brightness x{gain:.3g} "
-               "for viewing)")
+    click.echo(f"write:    {paths['write']} (the glimpse written back at full size, "
+               "divided by the write of an all-ones patch)")
 
 
 def _to_hwc(chw: np.ndarray) -> np.ndarray:

@@ -1,9 +1,8 @@
-"""The benchmark: its FLOP count, an end-to-end tiny run, and (optional) the PyTorch peer's agreement.
+"""The benchmark: its FLOP count, an end-to-end tiny run, and the PyTorch peer's agreement.
 
 No timing is asserted here; the machine is shared and timings are noise. The
-peer tests need torch (the optional extra `bench`) and are skipped, through
-pytest.importorskip only, where it is not installed; the benchmark itself runs
-the same agreement check before it prints any ratio.
+peer tests need torch, from the `bench` extra that the README's install command
+brings; the benchmark itself repeats the agreement check before printing any ratio.
 """
 import json
 import sys
@@ -164,7 +163,7 @@ def _peer_case(kw, seed=3):
 
 @pytest.mark.parametrize("kw", PEER_CONFIGS, ids=["attention-C3", "no-attention-C3", "attention-N1"])
 def test_torch_peer_matches_npdraw_float64(kw):
-    torch = pytest.importorskip("torch")
+    import torch
     from bench.torch_draw import TorchDraw
 
     cfg, params, x, eps = _peer_case(kw)
@@ -183,7 +182,7 @@ def test_torch_peer_matches_npdraw_float64(kw):
 
 
 def test_torch_peer_round_trips_parameters():
-    torch = pytest.importorskip("torch")
+    import torch
     from bench.torch_draw import TorchDraw, gate_perm
 
     cfg, params, _x, _eps = _peer_case(PEER_CONFIGS[0])
@@ -200,7 +199,6 @@ def test_torch_peer_round_trips_parameters():
 
 
 def test_bench_withholds_ratio_when_peer_disagrees(capsys, monkeypatch):
-    pytest.importorskip("torch")
     import bench.torch_draw as td
 
     monkeypatch.setattr(td, "gate_perm", lambda hidden: np.arange(4 * hidden))  # wrong mapping

@@ -108,6 +108,12 @@ def test_bench_runs_end_to_end_json(capsys):
             assert e["ratio_best"] > 0 and e["ratio_paired_median"] > 0
         else:
             assert e["ratio_npdraw_over_torch"] is None
+    # the README's table is made from this JSON
+    from bench import table
+    rows = table.rows(r)
+    assert len(rows) == 2 and rows[0].startswith("| " + r["date"][:10])
+    assert all(row.count("|") == table.HEADER.splitlines()[0].count("|") for row in rows)
+    assert "| attention |" in rows[0] and "| no-attention |" in rows[1]
 
 
 def test_bench_text_report_npdraw_alone(capsys):

@@ -230,10 +230,10 @@ def _read_backward(dr, cache, cfg):
         return dr, None
     window_cache, read_cache = cache
     B, C = dr.shape[0], cfg.channels
-    dimages, dFy, dFx, dgamma = att.read_backward(
-        dr.reshape(B, 2 * C, cfg.read_n, cfg.read_n), read_cache)
+    dx_hat, dFy, dFx, dgamma = att.read_backward(
+        dr.reshape(B, 2 * C, cfg.read_n, cfg.read_n), read_cache, first_plane=C)
     dp = att.window_backward(dFy, dFx, dgamma, window_cache)
-    return dimages[:, C:].reshape(B, D), dp
+    return dx_hat.reshape(B, D), dp
 
 
 def _write_forward(params, cfg, h_dec):

@@ -157,6 +157,8 @@ def test_read_matches_loops_and_gradients(rng):
     for analytic, array in ((dimages, images), (dFy, Fy), (dFx, Fx), (dgamma, gamma)):
         assert rel_err(analytic.ravel(), numeric_grad(f, array)) < TOL
     assert att.read_backward(proj, cache, need_images=False)[0] is None
+    np.testing.assert_allclose(att.read_backward(proj, cache, first_plane=1)[0], dimages[:, 1:],
+                               rtol=1e-12)
 
 
 def test_write_matches_loops_and_gradients(rng):
@@ -195,3 +197,81 @@ def test_attention_keeps_float32(rng):
     dimg, dFy, dFx, dgamma = att.read_backward(out, rcache)
     dp = att.window_backward(dFy, dFx, dgamma, wcache)
     assert {a.dtype for a in (Fy, Fx, gamma, out, dimg, dp)} == {np.dtype(np.float32)}
+
+
+# ---------------------------------------------------------------- both window layouts, float32
+
+@pytest.mark.parametrize("H,W", [(6, 6), (5, 7)])
+@pytest.mark.parametrize("N", [1, 3])
+def test_window_filters_match_loops(rng, H, W, N):
+    """window_forward's filters, from one (B, 2N, A) softmax when H == W or one per axis
+    otherwise, are eq 19-20 and 25-26 computed per axis."""
+    p = 0.5 * rng.standard_normal((3, 5))
+    (Fy, Fx, gamma), _ = att.window_forward(p, H, W, N)
+    (gx, gy, delta, sigma2, gamma_p), _ = att.attn_params_forward(p, H, W, N)
+    for F, g, A in ((Fx, gx, W), (Fy, gy, H)):
+        np.testing.assert_allclose(F, naive_filterbank(g, delta, sigma2, N, A),
+                                   rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(gamma, gamma_p)
+
+
+@pytest.mark.parametrize("N", [1, 3])
+def test_square_window_gradients(rng, N):
+    """H == W takes the shared-softmax path of window_forward/backward."""
+    B, H, W = 2, 6, 6
+    p = 0.5 * rng.standard_normal((B, 5))
+    py, px = rng.standard_normal((B, N, H)), rng.standard_normal((B, N, W))
+    pg = rng.standard_normal(B)
+
+    def f():
+        (Fy, Fx, gamma), _ = att.window_forward(p, H, W, N)
+        return float((Fy * py).sum() + (Fx * px).sum() + (gamma * pg).sum())
+
+    _, cache = att.window_forward(p, H, W, N)
+    assert rel_err(att.window_backward(py, px, pg, cache).ravel(), numeric_grad(f, p)) < TOL
+
+
+def test_filterbank_float32_survives_tiny_sigma_far_outside():
+    """The analytic row maximum keeps float32 rows finite and normalised on both sides."""
+    g = np.array([-500.0, 900.0, 5.5], dtype=np.float32)
+    delta = np.ones(3, dtype=np.float32)
+    sigma2 = np.full(3, 1e-6, dtype=np.float32)
+    F, cache = att.filterbank_forward(g, delta, sigma2, 3, 10)
+    assert F.dtype == np.float32 and np.isfinite(F).all()
+    np.testing.assert_allclose(F.sum(axis=2), 1.0, rtol=1e-6)
+    assert F[0, :, 0].min() > 0.999 and F[1, :, -1].min() > 0.999
+    grads = att.filterbank_backward(np.ones_like(F), cache)
+    assert all(np.isfinite(d).all() for d in grads)
+
+
+def test_nan_window_gives_nan_filters():
+    """A NaN parameter propagates as NaN into its own batch item, as it always did,
+    rather than raising (the nearest-pixel index is computed from it)."""
+    p = np.zeros((2, 5))
+    p[0, 0] = np.nan
+    (Fy, Fx, gamma), cache = att.window_forward(p, 8, 8, 3)
+    assert np.isnan(Fx[0]).all()
+    assert np.isfinite(Fx[1]).all() and np.isfinite(Fy[1]).all()
+    dp = att.window_backward(np.ones_like(Fy), np.ones_like(Fx), np.ones(2), cache)
+    assert np.isfinite(dp[1]).all()
+
+
+def test_float32_gradients_match_float64():
+    """The float32 window gradients (read path, paper-sized images) stay within 1e-4 of
+    float64, parameter by parameter: the backward sums avoid cancellation."""
+    rng = np.random.default_rng(3)
+    B, H, W, N = 16, 28, 28, 5
+    p = 1.5 * rng.standard_normal((B, 5))
+    images = rng.random((B, 2, H, W))
+    dglimpse = rng.standard_normal((B, 2, N, N))
+
+    def dp(dtype):
+        (Fy, Fx, gamma), wcache = att.window_forward(p.astype(dtype), H, W, N)
+        _, rcache = att.read_forward(images.astype(dtype), Fy, Fx, gamma)
+        _, dFy, dFx, dgamma = att.read_backward(dglimpse.astype(dtype), rcache)
+        return att.window_backward(dFy, dFx, dgamma, wcache)
+
+    dp32, dp64 = dp(np.float32), dp(np.float64)
+    assert dp32.dtype == np.float32
+    for column in range(5):
+        assert rel_err(dp32[:, column], dp64[:, column]) < 1e-4

@@ -227,8 +227,13 @@ def gemm_times(probe, reps: int) -> list:
     return times
 
 
-def time_interleaved(steppers: dict, steps: int, warmup: int) -> dict:
-    """Run each stepper warmup + steps times, taking turns (A B, B A, ...); seconds per step."""
+def time_interleaved(steppers: dict, steps: int, warmup: int, settle: float = 0.0) -> dict:
+    """Run each stepper warmup + steps times, taking turns (A B, B A, ...); seconds per step.
+
+    settle: seconds to sleep before each timed step. Right after a parallel region,
+    torch's OpenMP threads (and OpenBLAS's) keep spinning for a while; without a pause
+    the step that follows another library's step shares the cores with those spinners.
+    """
     names = list(steppers)
     for _ in range(warmup):
         for name in names:
@@ -236,6 +241,8 @@ def time_interleaved(steppers: dict, steps: int, warmup: int) -> dict:
     times = {name: [] for name in names}
     for rep in range(steps):
         for name in (names if rep % 2 == 0 else names[::-1]):
+            if settle > 0:
+                time.sleep(settle)
             t0 = time.perf_counter()
             steppers[name]()
             times[name].append(time.perf_counter() - t0)
@@ -391,6 +398,9 @@ def parse_args(argv):
     p.add_argument("--gemm-reps", type=int, default=5,
                    help="peak-measuring matmuls before and after the models")
     p.add_argument("--check-batch", type=int, default=8, help="batch of the float64 agreement check")
+    p.add_argument("--settle", type=float, default=0.5,
+                   help="seconds of pause before each timed step, so that the other "
+                        "library's spinning threads go idle (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N npdraw steps (cProfile, top functions by own time)")
@@ -459,7 +469,8 @@ def _run(args) -> dict:
         "threads": {"torch": None if torch is None else torch.get_num_threads()},
         "env": {k: v for k, v in env.items() if v is not None},
         "settings": {"batch": args.batch, "T": args.T, "dtype": args.dtype, "steps": args.steps,
-                     "warmup": args.warmup, "clip": CLIP, "lr": LR, "seed": args.seed},
+                     "warmup": args.warmup, "settle": args.settle, "clip": CLIP, "lr": LR,
+                     "seed": args.seed},
     }
     if result["blas"]:
         result["threads"]["blas"] = result["blas"][0].get("num_threads")
@@ -511,7 +522,7 @@ def _run(args) -> dict:
 
         turns = {k: r.step for k, r in steppers.items()}
         turns.update({f"gemm:{k}": probe for k, probe in probes.items()})
-        times = time_interleaved(turns, args.steps, args.warmup)
+        times = time_interleaved(turns, args.steps, args.warmup, args.settle)
         for k in probes:
             gemm_secs[k] += times[f"gemm:{k}"]
         entry["npdraw"] = _impl_figures(times["npdraw"], B, flops)

@@ -21,7 +21,7 @@ from npdraw import backend  # noqa: E402
 from bench import run as bench_run  # noqa: E402
 
 TINY = ["--T", "2", "--batch", "4", "--steps", "1", "--warmup", "0",
-        "--gemm-n", "64", "--gemm-reps", "1"]
+        "--gemm-n", "64", "--gemm-reps", "1", "--settle", "0"]
 
 
 def _cfg(attention, **kw):

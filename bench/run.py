@@ -228,11 +228,13 @@ def gemm_times(probe, reps: int) -> list:
 
 
 def time_interleaved(steppers: dict, steps: int, warmup: int, settle: float = 0.0) -> dict:
-    """Run each stepper warmup + steps times, taking turns (A B, B A, ...); seconds per step.
+    """Seconds per step of each stepper, timed in turns (A B, B A, ...) in one run.
 
-    settle: seconds to sleep before each timed step. Right after a parallel region,
-    torch's OpenMP threads (and OpenBLAS's) keep spinning for a while; without a pause
-    the step that follows another library's step shares the cores with those spinners.
+    Each turn runs its stepper twice and times the second step only. Right after a
+    step, the other library's worker threads (torch's OpenMP pool, OpenBLAS's) keep
+    spinning and its freed memory is still being returned; the untimed step absorbs
+    that, so each library is timed in the state it has when it runs alone. settle:
+    seconds of pause before each turn.
     """
     names = list(steppers)
     for _ in range(warmup):
@@ -243,6 +245,7 @@ def time_interleaved(steppers: dict, steps: int, warmup: int, settle: float = 0.
         for name in (names if rep % 2 == 0 else names[::-1]):
             if settle > 0:
                 time.sleep(settle)
+            steppers[name]()
             t0 = time.perf_counter()
             steppers[name]()
             times[name].append(time.perf_counter() - t0)
@@ -399,8 +402,7 @@ def parse_args(argv):
                    help="peak-measuring matmuls before and after the models")
     p.add_argument("--check-batch", type=int, default=8, help="batch of the float64 agreement check")
     p.add_argument("--settle", type=float, default=0.5,
-                   help="seconds of pause before each timed step, so that the other "
-                        "library's spinning threads go idle (0: none)")
+                   help="seconds of pause before each turn of timed steps (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N npdraw steps (cProfile, top functions by own time)")

@@ -48,7 +48,7 @@ from typing import Optional
 
 import numpy as np
 
-DATASETS = ("bmnist", "mnist", "fashion-mnist", "cifar10", "svhn", "folder")
+from .config import DATASETS  # the one list of names, shared with TrainConfig
 
 DEFAULT_DATA_DIR = "data"
 ENV_DATA = "NPDRAW_DATA"

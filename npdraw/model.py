@@ -298,13 +298,14 @@ def draw_step(params, cfg, x, state, eps_t):
 
 # ---------------------------------------------------------------- unrolled forward
 
-def forward(params, cfg, x, eps, need_terms=False):
+def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     """The whole inference network, unrolled over T glimpses (eq 3-12).
 
     x: (B, D) in [0, 1]   eps: (T, B, Z)
     -> (loss_per_example (B,), terms, cache); terms holds "recon" (B,) = L^x,
        "kl" (T, B) and, with need_terms, "log_weight" (B,) = log p(x|z) + log p(z)
-       - log q(z|x) for importance-weighted estimates.
+       - log q(z|x) for importance-weighted estimates. need_cache=False keeps no
+    per-glimpse caches (the cache is then None), for forward-only evaluation.
     Inputs are assumed checked (loss_and_grads and loss_only check them).
     """
     xp = get_array_module(x)
@@ -353,12 +354,15 @@ def forward(params, cfg, x, eps, need_terms=False):
         if need_terms:  # log p(z_t) - log q(z_t|x) = sum_j -z^2/2 + eps^2/2 + log sigma
             z = dec_in[t, :, :Z]
             log_ratio += (0.5 * (eps[t] * eps[t] - z * z) + q[:, Z:]).sum(axis=1)
-        steps.append((read_cache, enc_cache, latent_cache, dec_cache, write_cache))
+        if need_cache:
+            steps.append((read_cache, enc_cache, latent_cache, dec_cache, write_cache))
     recon, bce_cache = bce_forward(canvas, x)                                    # eq 9
     loss = recon + kl.sum(axis=0)                                                # eq 10-12
     terms = {"recon": recon, "kl": kl}
     if need_terms:
         terms["log_weight"] = log_ratio - recon
+    if not need_cache:
+        return loss, terms, None
     stacked = {"enc_in": enc_in, "dec_in": dec_in, "h_enc": h_enc, "h_dec": h_dec,
                "sig_prev": sig_prev, "x": x}
     return loss, terms, (steps, stacked, bce_cache)
@@ -490,7 +494,8 @@ def loss_only(params, cfg, x, eps, return_terms=False):
        "recon_per_example" (B,) and "log_weight" (B,) (see forward).
     """
     x, eps, xp, _ = _check_inputs(params, cfg, x, eps)
-    loss_per_example, terms, _ = forward(params, cfg, x, eps, need_terms=return_terms)
+    loss_per_example, terms, _ = forward(params, cfg, x, eps, need_terms=return_terms,
+                                         need_cache=False)
     kl = to_numpy(terms["kl"].mean(axis=1))
     stats = {"recon": float(terms["recon"].mean()), "kl": kl, "kl_total": float(kl.sum()),
              "loss": float(loss_per_example.mean())}

@@ -182,7 +182,7 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
                              write_n=write_n, enc_dim=enc_dim, dec_dim=dec_dim, z_dim=z_dim,
                              attention=attention is not None)
         train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress)
-    except train_lib.TrainingInterrupted as err:
+    except train_lib.TrainingInterrupted:  # train() has already said where to resume from
         click.echo("training interrupted", err=True)
         ctx.exit(130)
     except train_lib.NonFiniteLossError as err:

@@ -8,7 +8,7 @@ construction and raise ValueError naming the bad field.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 def _check_positive_ints(obj, names):

@@ -23,7 +23,8 @@ cli = cli_mod.cli
 
 T = 3
 TINY_ARGS = ["--niter", str(T), "--attention", "2,3", "--enc-dim", "16", "--dec-dim", "16",
-             "--z-dim", "4", "--bs", "50", "--subset", "200", "--eval-subset", "200", "--device", "cpu", "--no-progress"]
+             "--z-dim", "4", "--bs", "50", "--subset", "200", "--eval-subset", "200",
+             "--device", "cpu", "--no-progress"]
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +55,31 @@ def trained(bmnist_data_dir, bmnist_mirror, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- train
+
+def test_colour_non_square_folder_end_to_end(tmp_path):
+    """C = 3 and H != W through train, sample and evaluate, from an image folder."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(12):
+        iio.imwrite(folder / f"p{i:02d}.png", rng.integers(0, 256, (10, 14, 3), dtype=np.uint8))
+    out = tmp_path / "runs"
+    result = invoke(["train", "--dataset", "folder", "--folder", folder, "--niter", 2,
+                     "--attention", "2,3", "--enc-dim", 8, "--dec-dim", 8, "--z-dim", 2,
+                     "--bs", 4, "--epochs", 1, "--name", "colour", "--out", out,
+                     "--data-dir", tmp_path / "data", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    ckpt = ckpt_lib.load_checkpoint(out / "colour" / "best.h5")
+    assert (ckpt.cfg.channels, ckpt.cfg.height, ckpt.cfg.width) == (3, 10, 14)
+    sampled = invoke(["sample", out / "colour" / "best.h5", "--rows", 2, "--cols", 2, "--boxes",
+                      "--scale", 1, "--out", tmp_path / "samples", "--device", "cpu"])
+    assert sampled.exit_code == 0, sampled.output
+    frame = iio.imread(tmp_path / "samples" / "frame_001.png")
+    assert frame.ndim == 3 and frame.shape[2] == 3 and frame.shape[1] > frame.shape[0]
+    evaluated = invoke(["evaluate", out / "colour" / "best.h5", "--json", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert np.isfinite(json.loads(evaluated.output)["nll_bound"])
+
 
 def test_train_writes_the_run_dir(trained):
     run, output = trained

@@ -72,31 +72,42 @@ def _lstm_cell_backward_kernel(dh, dc, i, f, o, g, c_prev, tanh_c):
             dh * tanh_c * o * (1.0 - o), dc_total * i * (1.0 - g * g), dc_total * f)
 
 
-def lstm_cell_forward(a, c_prev):
+def _blocks(a, width, count, axis):
+    """`count` consecutive blocks of `width` along axis 0 or -1 of a 2-D array."""
+    if axis == 0:
+        return [a[k * width:(k + 1) * width] for k in range(count)]
+    return [a[:, k * width:(k + 1) * width] for k in range(count)]
+
+
+def lstm_cell_forward(a, c_prev, axis=-1):
     """The elementwise half of an LSTM step.
 
     a: (B, 4Hd) gate pre-activations   c_prev: (B, Hd)
     -> (h (B, Hd), c (B, Hd)), cache
+    axis=0 takes everything transposed, features first: a (4Hd, B), c_prev (Hd, B);
+    the model uses that layout, where BLAS runs its GEMMs faster.
     """
-    Hd = c_prev.shape[-1]
-    i, f, o, g, c, tanh_c, h = _lstm_cell_kernel(
-        a[:, :Hd], a[:, Hd:2 * Hd], a[:, 2 * Hd:3 * Hd], a[:, 3 * Hd:], c_prev)
-    return (h, c), (i, f, o, g, c_prev, tanh_c)
+    Hd = c_prev.shape[axis]
+    i, f, o, g, c, tanh_c, h = _lstm_cell_kernel(*_blocks(a, Hd, 4, axis), c_prev)
+    return (h, c), (i, f, o, g, c_prev, tanh_c, axis)
 
 
 def lstm_cell_backward(dh, dc, cache, out=None):
     """dh, dc: (B, Hd) gradients w.r.t. h and c -> (da (B, 4Hd), dc_prev (B, Hd)).
 
-    out: optional (B, 4Hd) array to receive da (the model passes a row of its
-    preallocated (T, B, 4Hd) buffer, saving a copy).
+    Transposed, as the forward was. out: optional array to receive da (the model
+    passes a slice of its preallocated per-glimpse buffer, saving a copy).
     """
     xp = get_array_module(dh)
-    i, f, o, g, c_prev, tanh_c = cache
-    Hd = c_prev.shape[-1]
-    da_i, da_f, da_o, da_g, dc_prev = _lstm_cell_backward_kernel(dh, dc, i, f, o, g, c_prev, tanh_c)
-    da = xp.empty((dh.shape[0], 4 * Hd), dh.dtype) if out is None else out
-    da[:, :Hd], da[:, Hd:2 * Hd], da[:, 2 * Hd:3 * Hd], da[:, 3 * Hd:] = da_i, da_f, da_o, da_g
-    return da, dc_prev
+    i, f, o, g, c_prev, tanh_c, axis = cache
+    Hd = c_prev.shape[axis]
+    grads = _lstm_cell_backward_kernel(dh, dc, i, f, o, g, c_prev, tanh_c)
+    if out is None:
+        shape = (4 * Hd, dh.shape[1]) if axis == 0 else (dh.shape[0], 4 * Hd)
+        out = xp.empty(shape, dh.dtype)
+    for block, grad in zip(_blocks(out, Hd, 4, axis), grads[:4]):
+        block[...] = grad
+    return out, grads[4]
 
 
 # ---------------------------------------------------------------- Gaussian latent
@@ -112,30 +123,36 @@ def _latent_backward_kernel(dz, dkl, mu, sigma, eps):
     return dz + dkl * mu, dz * sigma * eps + dkl * (sigma * sigma - 1.0)
 
 
-def latent_forward(q, eps):
+def latent_forward(q, eps, axis=-1):
     """Reparameterised sample and exact KL to N(0, I) (paper eq 1-2, 6, 10-11).
 
     q: (B, 2Z) = [mu | log sigma]   eps: (B, Z) standard normal noise
     -> (z (B, Z), kl (B,)), cache
     kl = sum_j 0.5 * (mu^2 + sigma^2 - log sigma^2 - 1)
+    axis=0: all transposed, features first (q (2Z, B), eps (Z, B), z (Z, B)).
     """
-    Z = eps.shape[-1]
-    mu = q[:, :Z]
-    sigma, z, kl_terms = _latent_kernel(mu, q[:, Z:], eps)
-    return (z, kl_terms.sum(axis=-1)), (mu, sigma, eps)
+    Z = eps.shape[axis]
+    mu, log_sigma = _blocks(q, Z, 2, axis)
+    sigma, z, kl_terms = _latent_kernel(mu, log_sigma, eps)
+    return (z, kl_terms.sum(axis=axis)), (mu, sigma, eps, axis)
 
 
 def latent_backward(dz, dkl, cache, out=None):
-    """dz: (B, Z), dkl: (B,) or scalar -> dq (B, 2Z) (written into `out` if given)."""
+    """dz: (B, Z), dkl: (B,) or scalar -> dq (B, 2Z) (written into `out` if given).
+
+    Transposed, as the forward was."""
     xp = get_array_module(dz)
-    mu, sigma, eps = cache
+    mu, sigma, eps, axis = cache
     dkl = xp.asarray(dkl, dtype=dz.dtype)
     if dkl.ndim:
-        dkl = dkl.reshape(-1, 1)
-    Z = dz.shape[1]
-    dq = xp.empty((dz.shape[0], 2 * Z), dtype=dz.dtype) if out is None else out
-    dq[:, :Z], dq[:, Z:] = _latent_backward_kernel(dz, dkl, mu, sigma, eps)
-    return dq
+        dkl = xp.expand_dims(dkl, axis)
+    Z = dz.shape[axis]
+    if out is None:
+        shape = (2 * Z, dz.shape[1]) if axis == 0 else (dz.shape[0], 2 * Z)
+        out = xp.empty(shape, dtype=dz.dtype)
+    for block, grad in zip(_blocks(out, Z, 2, axis), _latent_backward_kernel(dz, dkl, mu, sigma, eps)):
+        block[...] = grad
+    return out
 
 
 # ---------------------------------------------------------------- Bernoulli likelihood

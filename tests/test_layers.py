@@ -158,3 +158,24 @@ def test_inputs_are_not_modified(rng):
     lstm_cell_backward(h, c, cache)
     np.testing.assert_array_equal(a, before[0])
     np.testing.assert_array_equal(c_prev, before[1])
+
+
+def test_features_first_layout_is_the_transpose(rng):
+    """axis=0 (features first, as the model runs them) equals the (B, .) layout, transposed."""
+    B, Hd, Z = 3, 4, 2
+    a, c_prev = rng.standard_normal((B, 4 * Hd)), rng.standard_normal((B, Hd))
+    dh, dc = rng.standard_normal((B, Hd)), rng.standard_normal((B, Hd))
+    (h, c), cache = lstm_cell_forward(a, c_prev)
+    (hT, cT), cacheT = lstm_cell_forward(a.T, c_prev.T, axis=0)
+    np.testing.assert_allclose(hT, h.T, rtol=1e-14)
+    np.testing.assert_allclose(cT, c.T, rtol=1e-14)
+    for got, want in zip(lstm_cell_backward(dh.T, dc.T, cacheT), lstm_cell_backward(dh, dc, cache)):
+        np.testing.assert_allclose(got, want.T, rtol=1e-14)
+    q, eps = rng.standard_normal((B, 2 * Z)), rng.standard_normal((B, Z))
+    dz, dkl = rng.standard_normal((B, Z)), rng.standard_normal(B)
+    (z, kl), lcache = latent_forward(q, eps)
+    (zT, klT), lcacheT = latent_forward(q.T, eps.T, axis=0)
+    np.testing.assert_allclose(zT, z.T, rtol=1e-14)
+    np.testing.assert_allclose(klT, kl, rtol=1e-14)
+    np.testing.assert_allclose(latent_backward(dz.T, dkl, lcacheT),
+                               latent_backward(dz, dkl, lcache).T, rtol=1e-14)

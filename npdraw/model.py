@@ -146,12 +146,12 @@ def _as_model_array(value, name, xp, dtype):
     return value.astype(dtype, copy=False)
 
 
-def _check_eps(eps, cfg, B, xp, dtype):
+def _check_eps(eps, cfg, B, xp, dtype, check_values=True):
     eps = _as_model_array(eps, "eps", xp, dtype)
     if eps.shape != (cfg.T, B, cfg.z_dim):
         raise ValueError(f"eps must have shape (T, B, z_dim) = {(cfg.T, B, cfg.z_dim)}, "
                          f"got {tuple(eps.shape)}")
-    if not bool(xp.isfinite(eps).all()):
+    if check_values and not bool(xp.isfinite(eps).all()):
         raise ValueError("eps contains NaN or inf")
     return eps
 
@@ -164,12 +164,17 @@ def _check_inputs(params, cfg, x, eps):
     x = _as_model_array(x, "x", xp, dtype)
     if x.ndim != 2 or x.shape[1] != cfg.D or x.shape[0] < 1:
         raise ValueError(f"x must have shape (B, D) with D = C*H*W = {cfg.D}, got {tuple(x.shape)}")
-    low, high = float(x.min()), float(x.max())  # NaN propagates into both
+    eps = _check_eps(eps, cfg, x.shape[0], xp, dtype, check_values=False)
+    # one transfer to the host for all value checks (one sync on a GPU, not three)
+    summary = xp.stack([x.min(), x.max(), xp.isfinite(eps).all().astype(dtype)])
+    low, high, eps_finite = (float(v) for v in to_numpy(summary))  # NaN reaches low, high
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("x contains NaN or inf")
     if low < 0.0 or high > 1.0:
         raise ValueError(f"x must hold values in [0, 1], got values in [{low:g}, {high:g}]")
-    return x, _check_eps(eps, cfg, x.shape[0], xp, dtype), xp, dtype
+    if not eps_finite:
+        raise ValueError("eps contains NaN or inf")
+    return x, eps, xp, dtype
 
 
 # ---------------------------------------------------------------- eq 3

@@ -261,11 +261,25 @@ def _write_backward(dcanvas, cache, cfg):
 def initial_state(params, B):
     """The state before glimpse 1: canvas c_0, learned h_0's, zero LSTM cells."""
     xp = get_array_module(params["c0"])
+    dtype = params["c0"].dtype
+
     def rows(v):
         return xp.broadcast_to(v, (B,) + v.shape).copy()
     return {"canvas": rows(params["c0"]),
-            "h_enc": rows(params["h_enc0"]), "c_enc": xp.zeros_like(rows(params["h_enc0"])),
-            "h_dec": rows(params["h_dec0"]), "c_dec": xp.zeros_like(rows(params["h_dec0"]))}
+            "h_enc": rows(params["h_enc0"]), "c_enc": xp.zeros((B, len(params["h_enc0"])), dtype),
+            "h_dec": rows(params["h_dec0"]), "c_dec": xp.zeros((B, len(params["h_dec0"])), dtype)}
+
+
+def _decoder_step(params, cfg, z, h_dec, c_dec):
+    """Decoder and write of one glimpse, plainly (eq 7-8, 14-15), for draw_step and generate.
+
+    z: (B, Z)   h_dec, c_dec: (B, Hd) -> (h_dec, c_dec, canvas increment (B, D), write cache)
+    """
+    xp = get_array_module(z)
+    a_dec = xp.concatenate([z, h_dec], axis=1) @ params["dec_W"] + params["dec_b"]
+    (h_dec, c_dec), _ = lstm_cell_forward(a_dec, c_dec)
+    w, write_cache = _write_forward(params, cfg, h_dec)
+    return h_dec, c_dec, w, write_cache
 
 
 def draw_step(params, cfg, x, state, eps_t):
@@ -284,9 +298,7 @@ def draw_step(params, cfg, x, state, eps_t):
     (h_enc, c_enc), _ = lstm_cell_forward(a_enc + params["enc_b"], state["c_enc"])  # eq 5
     q = h_enc @ params["q_W"] + params["q_b"]
     (z, kl), _ = latent_forward(q, eps_t)                                       # eq 6
-    a_dec = xp.concatenate([z, state["h_dec"]], axis=1) @ params["dec_W"] + params["dec_b"]
-    (h_dec, c_dec), _ = lstm_cell_forward(a_dec, state["c_dec"])                # eq 7
-    w, _ = _write_forward(params, cfg, h_dec)
+    h_dec, c_dec, w, _ = _decoder_step(params, cfg, z, state["h_dec"], state["c_dec"])  # eq 7
     return {"canvas": state["canvas"] + w,                                      # eq 8
             "h_enc": h_enc, "c_enc": c_enc, "h_dec": h_dec, "c_dec": c_dec}, kl
 
@@ -553,9 +565,7 @@ def generate(params, cfg, eps):
     state = initial_state(params, B)
     canvas, h_dec, c_dec = state["canvas"], state["h_dec"], state["c_dec"]
     for t in range(T):
-        a_dec = xp.concatenate([eps[t], h_dec], axis=1) @ params["dec_W"] + params["dec_b"]
-        (h_dec, c_dec), _ = lstm_cell_forward(a_dec, c_dec)                      # eq 14
-        w, write_cache = _write_forward(params, cfg, h_dec)
+        h_dec, c_dec, w, write_cache = _decoder_step(params, cfg, eps[t], h_dec, c_dec)  # eq 14
         canvas = canvas + w                                                      # eq 15
         canvases[t] = sigmoid(canvas)                                            # eq 16
         if windows is not None:

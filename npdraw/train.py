@@ -234,13 +234,7 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
         log_w = np.empty((K, b), dtype=np.float64)
         for k in range(K):
             eps = _noise(rng, cfg, b, dtype, device)
-            try:
-                per_example, stats = model_lib.loss_only(params, cfg, xb, eps, return_terms=True)
-            except TypeError as err:  # an older model without return_terms
-                raise ValueError("importance-weighted evaluation needs "
-                                 "model.loss_only(..., return_terms=True)") from err
-            if "log_weight" not in stats:
-                raise ValueError("model.loss_only(return_terms=True) returned no 'log_weight'")
+            per_example, stats = model_lib.loss_only(params, cfg, xb, eps, return_terms=True)
             log_w[k] = backend.to_numpy(stats["log_weight"]).astype(np.float64)
             bound_total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
         iwae_total += float(np.sum(_logsumexp(log_w, axis=0) - math.log(K)))
@@ -579,6 +573,11 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
 
     n_iter = (n_train + tcfg.batch_size - 1) // tcfg.batch_size
     epoch, it = start_epoch, 0
+
+    def non_finite(what):
+        """The error that stops the run; nothing from the bad epoch has been saved."""
+        return NonFiniteLossError(f"{what}; training stopped. {ckpt_path} still holds epoch "
+                                  f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
     try:
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t0 = time.perf_counter()
@@ -592,33 +591,24 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                     xb = backend.to_device(train_x[idx], device)
                     eps = _noise(rng, cfg, idx.shape[0], dtype, device)
                     loss, grads, stats = model_lib.loss_and_grads(params, cfg, xb, eps)
-                    loss = float(loss)
+                    where = f"at epoch {epoch}, iteration {it}/{n_iter}"
                     if not math.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"loss is {loss} at epoch {epoch}, iteration {it}/{n_iter}; "
-                            f"training stopped. {ckpt_path} still holds epoch {epoch - 1} "
-                            f"(try a smaller --lr or --clip)", run_dir)
+                        raise non_finite(f"loss is {loss} {where}")
                     grads, gnorm = optim.clip_by_global_norm(grads, tcfg.clip)
                     if not math.isfinite(gnorm):
-                        raise NonFiniteLossError(
-                            f"gradient norm is {gnorm} at epoch {epoch}, iteration "
-                            f"{it}/{n_iter}; training stopped. {ckpt_path} still holds "
-                            f"epoch {epoch - 1} (try a smaller --lr or --clip)", run_dir)
+                        raise non_finite(f"gradient norm is {gnorm} {where}")
                     params, opt_state, snorm = optim.adam_step(
                         params, grads, opt_state, tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps)
                     loss_sum += loss
-                    recon_sum += float(stats.get("recon", float("nan")))
-                    kl_sum += np.asarray(backend.to_numpy(stats["kl"]),
-                                         dtype=np.float64).reshape(-1)
+                    recon_sum += stats["recon"]
+                    kl_sum += stats["kl"]
                     gnorm_sum += gnorm
                     snorm_sum += snorm
                     bar.update(it, loss)
             finally:
                 bar.close()
             if not math.isfinite(optim.global_norm(params)):
-                raise NonFiniteLossError(f"parameters became non-finite in epoch {epoch}; "
-                                         f"training stopped. {ckpt_path} still holds epoch "
-                                         f"{epoch - 1}", run_dir)
+                raise non_finite(f"parameters became non-finite in epoch {epoch}")
             backend.synchronize(backend.get_array_module(*params.values()))
             train_time = time.perf_counter() - t0
 
@@ -630,9 +620,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
             eval_time = time.perf_counter() - t1
             train_bound = loss_sum / n_iter
             if not math.isfinite(valid_bound) and valid_x.shape[0] > 0:
-                raise NonFiniteLossError(f"validation bound is {valid_bound} after epoch "
-                                         f"{epoch}; training stopped. {ckpt_path} still "
-                                         f"holds epoch {epoch - 1}", run_dir)
+                raise non_finite(f"validation bound is {valid_bound} after epoch {epoch}")
             score = valid_bound if valid_x.shape[0] > 0 else train_bound
             is_best = score < best_valid
             if is_best:

@@ -132,6 +132,8 @@ def cli():
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
               show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU processes that share each batch (0: one per core, 1 on a GPU).")
 @click.option("--data-dir", envvar="NPDRAW_DATA", default="data", show_default=True,
               help="Where converted data sets live [env NPDRAW_DATA].")
 @click.option("--mirror", envvar="NPDRAW_MIRROR", default="",
@@ -150,26 +152,27 @@ def cli():
 @click.pass_context
 @library_errors
 def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
-          oldmodel, resume, seed, device, data_dir, mirror, folder, subset, eval_subset, clip, out,
+          oldmodel, resume, seed, device, workers, data_dir, mirror, folder, subset, eval_subset, clip, out,
           dtype, no_progress):
     """Train DRAW; writes a run dir under --out (see docs/TRAINING.md)."""
     from npdraw import train as train_lib
 
     if resume:
         ignored = [p for p in ("dataset", "attention", "T", "lr", "batch_size", "enc_dim",
-                               "dec_dim", "z_dim", "name", "oldmodel", "seed", "subset", "eval_subset", "clip",
-                               "out", "dtype")
+                               "dec_dim", "z_dim", "name", "oldmodel", "seed", "subset",
+                               "eval_subset", "clip", "out", "dtype")
                    if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
         if ignored:
             click.echo("note: --resume takes the model and training settings from the "
                        f"checkpoint; ignoring {', '.join(ignored)}", err=True)
-        tcfg = TrainConfig(epochs=epochs, device=device, data_dir=data_dir, mirror=mirror,
-                           folder=folder, resume=str(resume))
+        tcfg = TrainConfig(epochs=epochs, device=device, workers=workers, data_dir=data_dir,
+                           mirror=mirror, folder=folder, resume=str(resume))
         cfg = None
     else:
         tcfg = TrainConfig(dataset=dataset, data_dir=data_dir, mirror=mirror, folder=folder,
                            epochs=epochs, batch_size=batch_size, lr=lr, clip=clip, seed=seed,
-                           subset=subset, eval_subset=eval_subset, device=device, dtype=dtype, name=name, out=out,
+                           subset=subset, eval_subset=eval_subset, device=device,
+                           workers=workers, dtype=dtype, name=name, out=out,
                            oldmodel=oldmodel or "")
 
     try:

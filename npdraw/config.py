@@ -96,6 +96,7 @@ class TrainConfig:
     subset: int = 0               # train on the first N training images; 0: all of them
     eval_subset: int = 0          # evaluate on the first N of valid/test; 0: the whole splits
     device: str = "auto"
+    workers: int = 0              # CPU processes sharing each batch; 0: one per core (see parallel.py)
     dtype: str = "float32"
     name: str = ""
     out: str = "runs"
@@ -113,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.clip > 0:
             raise ValueError(f"clip must be positive, got {self.clip}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (one per core) or positive, got {self.workers}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"device must be auto, cpu or gpu, got {self.device!r}")
         if self.dtype not in ("float32", "float64"):

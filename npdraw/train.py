@@ -37,6 +37,7 @@ from . import images as images_lib
 from . import model as model_lib
 from . import optim
 from .config import DrawConfig, TrainConfig
+from .parallel import DataParallel, auto_workers
 
 # c0 = logit(clip(mean training image, C0_CLIP, 1 - C0_CLIP)); see init_model.
 C0_CLIP = 1e-3
@@ -492,11 +493,13 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         where = {k: (getattr(tcfg, k) if getattr(tcfg, k) != getattr(defaults, k)
                      else getattr(saved_tcfg, k)) for k in ("data_dir", "mirror", "folder")}
         tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), **where, "epochs": tcfg.epochs,
-                                      "device": tcfg.device, "resume": str(tcfg.resume)})
+                                      "device": tcfg.device, "workers": tcfg.workers,
+                                      "resume": str(tcfg.resume)})
     elif cfg is None:
         raise ValueError("train needs a model config unless it resumes a run")
 
     device = backend.resolve_device(tcfg.device)
+    workers = resolve_workers(tcfg.workers, device, tcfg.batch_size)
     dtype = np.dtype(tcfg.dtype)
 
     if data is None:
@@ -552,7 +555,8 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     log(f"run dir: {run_dir}")
     log("model config: " + json.dumps(cfg.to_dict()))
     log("train config: " + json.dumps(tcfg.to_dict()))
-    log(f"device {device}, dtype {dtype.name}, {n_params:,} parameters; data "
+    log(f"device {device}" + (f" ({workers} worker processes)" if workers > 1 else "")
+        + f", dtype {dtype.name}, {n_params:,} parameters; data "
         f"{tcfg.dataset}: {n_train} train, {valid_x.shape[0]} valid, {test_x.shape[0]} test")
 
     def extra_now():
@@ -578,6 +582,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         """The error that stops the run; nothing from the bad epoch has been saved."""
         return NonFiniteLossError(f"{what}; training stopped. {ckpt_path} still holds epoch "
                                   f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
+    engine = DataParallel(cfg, workers, dtype) if workers > 1 else None
     try:
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t0 = time.perf_counter()
@@ -590,7 +595,10 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                     idx = perm[(it - 1) * tcfg.batch_size: it * tcfg.batch_size]
                     xb = backend.to_device(train_x[idx], device)
                     eps = _noise(rng, cfg, idx.shape[0], dtype, device)
-                    loss, grads, stats = model_lib.loss_and_grads(params, cfg, xb, eps)
+                    if engine is not None:
+                        loss, grads, stats = engine.loss_and_grads(params, xb, eps)
+                    else:
+                        loss, grads, stats = model_lib.loss_and_grads(params, cfg, xb, eps)
                     where = f"at epoch {epoch}, iteration {it}/{n_iter}"
                     if not math.isfinite(loss):
                         raise non_finite(f"loss is {loss} {where}")
@@ -668,9 +676,23 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     except NonFiniteLossError as err:
         log(str(err))
         raise
+    finally:
+        if engine is not None:
+            engine.close()
     log(f"done: {tcfg.epochs} epochs; best valid bound {best_valid:.2f} (epoch {best_epoch}); "
         f"run dir {run_dir}")
     return run_dir
+
+
+def resolve_workers(workers: int, device: str, batch_size: int) -> int:
+    """TrainConfig.workers -> the process count to use: 0 is one per core on the CPU
+    (parallel.auto_workers) and 1 on the GPU, where the batch is not split."""
+    if device == "gpu":
+        if workers > 1:
+            raise ValueError(f"workers = {workers} splits batches over CPU processes; "
+                             "on the GPU use 0 or 1")
+        return 1
+    return workers or auto_workers(batch_size)
 
 
 def _saved_epoch(path: Path):

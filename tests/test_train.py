@@ -174,6 +174,22 @@ def test_run_dir_layout_config_and_log(bmnist, tmp_path):
     assert (run / "log.jsonl").read_text().count("\n") == 2
 
 
+def test_worker_processes_train_the_same_model(bmnist, tmp_path):
+    """Two worker processes per batch give the single-process run, up to float32 sums."""
+    lines = []
+    split = train_lib.train(TINY, _tcfg(tmp_path, epochs=2, name="split", workers=2),
+                            log=lines.append, data=bmnist, progress=False)
+    whole = train_lib.train(TINY, _tcfg(tmp_path, epochs=2, name="whole", workers=1),
+                            log=_quiet([]), data=bmnist, progress=False)
+    assert any("(2 worker processes)" in line for line in lines)
+    a, b = _params(split / "checkpoint.h5"), _params(whole / "checkpoint.h5")
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-4, err_msg=name)
+    rows_a, rows_b = train_lib.read_log(split), train_lib.read_log(whole)
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["train_bound"] == pytest.approx(rb["train_bound"], rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- resume
 
 def test_resume_is_bitwise_identical_to_a_straight_run(bmnist, tmp_path):

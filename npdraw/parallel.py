@@ -1,0 +1,311 @@
+"""Data parallelism over CPU cores: one batch split across worker processes.
+
+Dimension legend
+    B  batch          Bk  the examples of worker k (sum over k is B)
+    T  glimpses       D  = C*H*W pixels      Z  latent size
+    P  the total number of parameter values
+
+Why processes: at the paper's batch of 100 a DRAW step is thousands of small NumPy
+calls between GEMMs. Threads serialise on the interpreter lock between those calls;
+processes do not. Each worker runs `model.loss_and_grads` on its share of the batch
+with a single-threaded BLAS, so the elementwise work, which NumPy runs on one core,
+is spread over all of them, and the GEMMs stay as efficient as before. The loss is
+a batch mean, so the full-batch gradient is the Bk/B-weighted sum of the workers'.
+
+How data moves (no pickle): parameters, each worker's inputs and each worker's
+gradients live in files mapped into memory (/dev/shm where it exists), written by
+one side and read by the other. Commands and the small statistics travel as JSON
+lines on the workers' stdin and stdout. The files are unlinked as soon as every
+process has mapped them, so nothing is left behind, whatever way the run ends.
+A worker ignores Ctrl-C (the training loop handles it) and exits when its stdin
+closes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from .config import DrawConfig
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers(batch_size: int, min_share: int = 32) -> int:
+    """Worker count for `workers=0`: one per usable core, each with >= min_share examples."""
+    return max(1, min(usable_cores(), batch_size // min_share))
+
+
+def _layout(cfg: DrawConfig):
+    """name -> (offset, shape) of every parameter in one flat (P,) vector, and P."""
+    from .model import param_shapes
+    layout, offset = {}, 0
+    for name, shape in param_shapes(cfg).items():
+        layout[name] = (offset, shape)
+        offset += int(np.prod(shape))
+    return layout, offset
+
+
+def _shared_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
+        else tempfile.gettempdir()
+
+
+def _new_shared_file(nbytes: int) -> str:
+    fd, path = tempfile.mkstemp(prefix="npdraw-", suffix=".buf", dir=_shared_dir())
+    try:
+        os.ftruncate(fd, max(nbytes, 1))
+    finally:
+        os.close(fd)
+    return path
+
+
+def _map(path: str, dtype, count: int) -> np.ndarray:
+    return np.memmap(path, dtype=dtype, mode="r+", shape=(count,))
+
+
+def _views(flat: np.ndarray, layout: dict) -> dict:
+    return {name: flat[off:off + int(np.prod(shape))].reshape(shape)
+            for name, (off, shape) in layout.items()}
+
+
+class _WorkerBuffers:
+    """One worker's mapped file: [grads (P,) | x (cap*D,) | eps (T*cap*Z,)]."""
+
+    def __init__(self, path, cfg, dtype, P, capacity):
+        D, TZ = cfg.D, cfg.T * cfg.z_dim
+        self.capacity = capacity
+        self.flat = _map(path, dtype, P + capacity * (D + TZ))
+        self.grads = self.flat[:P]
+        self.x = self.flat[P:P + capacity * D]
+        self.eps = self.flat[P + capacity * D:]
+
+    def inputs(self, cfg, n):
+        """Contiguous (n, D) and (T, n, Z) views at the front of the x and eps areas."""
+        return (self.x[:n * cfg.D].reshape(n, cfg.D),
+                self.eps[:cfg.T * n * cfg.z_dim].reshape(cfg.T, n, cfg.z_dim))
+
+    @staticmethod
+    def nbytes(cfg, dtype, P, capacity):
+        return np.dtype(dtype).itemsize * (P + capacity * (cfg.D + cfg.T * cfg.z_dim))
+
+
+class DataParallel:
+    """`model.loss_and_grads`, computed by `workers` processes on slices of the batch.
+
+    Use as a context manager, or call close(). Bound to one config and one dtype;
+    parameters must be NumPy arrays. With the same inputs the result equals
+    loss_and_grads' up to floating-point summation order.
+    """
+
+    def __init__(self, cfg: DrawConfig, workers: int, dtype="float32"):
+        if not isinstance(cfg, DrawConfig):
+            raise ValueError(f"cfg must be a DrawConfig, got {type(cfg).__name__}")
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        self.cfg, self.workers = cfg, workers
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.layout, self.P = _layout(cfg)
+        self._procs, self._buffers, self._logs = [], [], []
+        self._closed = False
+        params_path = _new_shared_file(self.P * self.dtype.itemsize)
+        try:
+            self._params_flat = _map(params_path, self.dtype, self.P)
+            self._params = _views(self._params_flat, self.layout)
+            spec = {"cfg": cfg.to_dict(), "dtype": self.dtype.name, "params": params_path}
+            env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                       MKL_NUM_THREADS="1")
+            package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (package_root, env.get("PYTHONPATH")) if p)
+            for _ in range(workers):
+                log = tempfile.TemporaryFile()
+                self._logs.append(log)
+                self._procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "npdraw.parallel", json.dumps(spec)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env))
+                self._buffers.append(None)
+            for k in range(workers):
+                self._receive(k)                   # "ready": the params file is mapped
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.unlink(params_path)
+
+    # -- plumbing
+
+    def _send(self, k, message):
+        try:
+            self._procs[k].stdin.write(json.dumps(message).encode() + b"\n")
+            self._procs[k].stdin.flush()
+        except (BrokenPipeError, OSError):
+            self._fail(k)
+
+    def _receive(self, k):
+        line = self._procs[k].stdout.readline()
+        if not line:
+            self._fail(k)
+        reply = json.loads(line)
+        if "error" in reply:
+            self.close()
+            raise RuntimeError(f"parallel worker {k} failed: {reply['error']}")
+        return reply
+
+    def _fail(self, k):
+        proc, log = self._procs[k], self._logs[k]
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        log.seek(0)
+        tail = log.read()[-2000:].decode(errors="replace").strip()
+        self.close()
+        raise RuntimeError(f"parallel worker {k} exited unexpectedly (exit code {code})"
+                           + (f":\n{tail}" if tail else ""))
+
+    def _ensure_capacity(self, k, n):
+        current = self._buffers[k]
+        if current is not None and current.capacity >= n:
+            return current
+        capacity = max(n, 2 * current.capacity if current is not None else n)
+        path = _new_shared_file(_WorkerBuffers.nbytes(self.cfg, self.dtype, self.P, capacity))
+        try:
+            self._buffers[k] = _WorkerBuffers(path, self.cfg, self.dtype, self.P, capacity)
+            self._send(k, {"cmd": "attach", "path": path, "capacity": capacity})
+            self._receive(k)
+        finally:
+            os.unlink(path)
+        return self._buffers[k]
+
+    # -- the public call
+
+    def loss_and_grads(self, params, x, eps):
+        """As model.loss_and_grads(params, cfg, x, eps), with the batch split over workers.
+
+        params: NumPy arrays of this engine's dtype   x: (B, D)   eps: (T, B, Z)
+        -> (loss, grads, stats); stats["activation_bytes"] sums the workers'.
+        """
+        from .backend import is_gpu_array
+        from .model import _check_inputs
+        if self._closed:
+            raise RuntimeError("this DataParallel engine is closed")
+        x, eps, _xp, dtype = _check_inputs(params, self.cfg, x, eps)
+        if any(is_gpu_array(p) for p in params.values()):
+            raise ValueError("DataParallel runs on the CPU: pass NumPy arrays")
+        if dtype != self.dtype:
+            raise ValueError(f"params are {dtype}, this engine was built for {self.dtype}")
+        for name, view in self._params.items():
+            view[...] = params[name]
+        B = x.shape[0]
+        bounds = [round(k * B / min(self.workers, B)) for k in range(min(self.workers, B) + 1)]
+        active = []
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            buffers = self._ensure_capacity(k, hi - lo)
+            xk, ek = buffers.inputs(self.cfg, hi - lo)
+            xk[...] = x[lo:hi]
+            ek[...] = eps[:, lo:hi]
+            self._send(k, {"cmd": "step", "n": int(hi - lo)})
+            active.append((k, (hi - lo) / B))
+        grads, loss, recon, kl, act = None, 0.0, 0.0, 0.0, 0
+        for k, share in active:
+            reply = self._receive(k)
+            g = _views(self._buffers[k].grads, self.layout)
+            if grads is None:
+                grads = {name: a * dtype.type(share) for name, a in g.items()}
+            else:
+                for name, a in g.items():
+                    grads[name] += a * dtype.type(share)
+            loss += share * reply["loss"]
+            recon += share * reply["recon"]
+            kl = kl + share * np.asarray(reply["kl"])
+            act += reply["activation_bytes"]
+        stats = {"loss": loss, "recon": recon, "kl": kl, "kl_total": float(kl.sum()),
+                 "activation_bytes": act}
+        return loss, grads, stats
+
+    def close(self):
+        """Stop the workers (closing their stdin) and release the mapped files."""
+        if self._closed:
+            return
+        self._closed = True
+        for proc in self._procs:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        for log in self._logs:
+            log.close()
+        self._buffers = [None] * len(self._procs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------- the worker side
+
+def _reply(message):
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def _worker(spec_json: str) -> None:
+    from .model import loss_and_grads
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and closes us
+    spec = json.loads(spec_json)
+    cfg = DrawConfig.from_dict(spec["cfg"])
+    dtype = np.dtype(spec["dtype"])
+    layout, P = _layout(cfg)
+    params = _views(_map(spec["params"], dtype, P), layout)
+    buffers = None
+    _reply({"ready": True})
+    for line in sys.stdin:
+        message = json.loads(line)
+        try:
+            if message["cmd"] == "attach":
+                buffers = _WorkerBuffers(message["path"], cfg, dtype, P, message["capacity"])
+                _reply({"attached": True})
+            elif message["cmd"] == "step":
+                x, eps = buffers.inputs(cfg, message["n"])
+                loss, grads, stats = loss_and_grads(params, cfg, x, eps)
+                for name, view in _views(buffers.grads, layout).items():
+                    view[...] = grads[name]
+                _reply({"loss": loss, "recon": stats["recon"], "kl": stats["kl"].tolist(),
+                        "activation_bytes": stats["activation_bytes"]})
+            else:
+                _reply({"error": f"unknown command {message['cmd']!r}"})
+        except Exception as error:  # reported to the parent, which raises it
+            _reply({"error": f"{type(error).__name__}: {error}"})
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

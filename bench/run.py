@@ -272,10 +272,16 @@ def make_inputs(cfg, B: int, seed: int, dtype: str):
 class NpdrawRunner:
     """Holds npdraw's parameters and Adam state on a device; ``step()`` is one training step."""
 
-    def __init__(self, npdraw, cfg, params, x, eps, device: str):
+    def __init__(self, npdraw, cfg, params, x, eps, device: str, workers: int = 1):
         from npdraw import backend, optim
+        from npdraw.parallel import DataParallel
         self.cfg, self.device = cfg, device
-        self._lag = npdraw.loss_and_grads
+        self.engine = None
+        if workers > 1:  # the batch split over worker processes, as `train` does on a CPU
+            self.engine = DataParallel(cfg, workers, params["c0"].dtype)
+            self._lag = lambda p, _cfg, xb, e: self.engine.loss_and_grads(p, xb, e)
+        else:
+            self._lag = npdraw.loss_and_grads
         self._optim = optim
         self.xp = backend.xp_for(device)
         self._sync = backend.synchronize
@@ -293,6 +299,13 @@ class NpdrawRunner:
         self._sync(self.xp)
         self.last_loss = float(loss)
         return self.last_loss
+
+    def loss_and_grads(self):
+        return self._lag(self.params, self.cfg, self.x, self.eps)
+
+    def close(self):
+        if self.engine is not None:
+            self.engine.close()
 
 
 # ------------------------------------------------------------------ torch side
@@ -396,6 +409,9 @@ def parse_args(argv):
                    help="gpu: npdraw on CuPy, torch on CUDA")
     p.add_argument("--threads", type=int, default=0,
                    help="set BLAS and torch thread counts (0: leave as they are)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="npdraw processes sharing each batch on the CPU, as in train "
+                        "(0: one per core; 1: the in-process model)")
     p.add_argument("--no-torch", action="store_true", help="time npdraw alone")
     p.add_argument("--gemm-n", type=int, default=2048, help="size of the matmul that measures peak")
     p.add_argument("--gemm-reps", type=int, default=5,
@@ -411,8 +427,8 @@ def parse_args(argv):
     for name in ("steps", "batch", "T", "gemm_n", "gemm_reps", "check_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0 or args.threads < 0 or args.profile < 0:
-        p.error("--warmup, --threads and --profile must not be negative")
+    if args.warmup < 0 or args.threads < 0 or args.profile < 0 or args.workers < 0:
+        p.error("--warmup, --threads, --workers and --profile must not be negative")
     return args
 
 
@@ -456,7 +472,9 @@ def _run(args) -> dict:
     import npdraw
     from npdraw import backend
 
+    from npdraw.train import resolve_workers
     device = backend.resolve_device(args.device)  # ValueError when 'gpu' has no GPU (main checks)
+    workers = resolve_workers(args.workers, device, args.batch)
     xp = backend.xp_for(device)
     torch, torch_missing = (None, "--no-torch") if args.no_torch else _import_torch(device)
 
@@ -472,7 +490,7 @@ def _run(args) -> dict:
         "env": {k: v for k, v in env.items() if v is not None},
         "settings": {"batch": args.batch, "T": args.T, "dtype": args.dtype, "steps": args.steps,
                      "warmup": args.warmup, "settle": args.settle, "clip": CLIP, "lr": LR,
-                     "seed": args.seed},
+                     "seed": args.seed, "workers": workers},
     }
     if result["blas"]:
         result["threads"]["blas"] = result["blas"][0].get("num_threads")
@@ -508,43 +526,12 @@ def _run(args) -> dict:
         entry = {"config": cfg.to_dict(), "flops_per_step": flops,
                  "flop_terms_forward": flop_terms(cfg, B)}
 
-        steppers = {"npdraw": NpdrawRunner(npdraw, cfg, params, x, eps, device)}
-        if torch is not None:
-            check = check_peer(npdraw, cfg, params, x, eps, args.seed, device, args.check_batch)
-            entry["check"] = check
-            act_bytes = check.pop("activation_bytes")
-            if check["ok"]:
-                steppers["torch"] = TorchRunner(cfg, params, x, eps, device)
-            else:
-                ok = False
-        else:
-            _l, _g, stats = npdraw.loss_and_grads(
-                steppers["npdraw"].params, cfg, steppers["npdraw"].x, steppers["npdraw"].eps)
-            act_bytes = int(stats["activation_bytes"])
-
-        turns = {k: r.step for k, r in steppers.items()}
-        turns.update({f"gemm:{k}": probe for k, probe in probes.items()})
-        times = time_interleaved(turns, args.steps, args.warmup, args.settle)
-        for k in probes:
-            gemm_secs[k] += times[f"gemm:{k}"]
-        entry["npdraw"] = _impl_figures(times["npdraw"], B, flops)
-        entry["npdraw"]["activation_bytes_per_example"] = act_bytes / B
-        entry["npdraw"]["final_loss"] = steppers["npdraw"].last_loss
-        if "torch" in steppers:
-            entry["torch"] = _impl_figures(times["torch"], B, flops)
-            entry["torch"]["activation_bytes_per_example"] = steppers["torch"].activation_bytes() / B
-            entry["torch"]["final_loss"] = steppers["torch"].last_loss
-            entry["ratio_npdraw_over_torch"] = (entry["npdraw"]["examples_per_s"]
-                                                / entry["torch"]["examples_per_s"])
-            # The same ratio from the best step of each, and as the median of the per-repetition
-            # ratios (each pair ran back to back, so slow drifts of the machine cancel).
-            entry["ratio_best"] = entry["torch"]["ms_min"] / entry["npdraw"]["ms_min"]
-            entry["ratio_paired_median"] = statistics.median(
-                t / n for n, t in zip(times["npdraw"], times["torch"]))
-        else:
-            entry["ratio_npdraw_over_torch"] = entry["ratio_best"] = entry["ratio_paired_median"] = None
-        if args.profile:
-            entry["profile"] = profile_npdraw(steppers["npdraw"], args.profile)
+        runner = NpdrawRunner(npdraw, cfg, params, x, eps, device, workers)
+        try:
+            ok = _time_model(args, npdraw, cfg, params, x, eps, device, torch, runner, probes,
+                             gemm_secs, entry, flops) and ok
+        finally:
+            runner.close()
         result["models"][name] = entry
 
     for k, probe in probes.items():
@@ -564,6 +551,53 @@ def _run(args) -> dict:
                 entry[impl]["peak_fraction"] = entry[impl]["gflops"] / peak
     result["ok"] = ok
     return result
+
+
+def _time_model(args, npdraw, cfg, params, x, eps, device, torch, runner, probes, gemm_secs,
+                entry, flops) -> bool:
+    """Check and time one model into ``entry``; False when the peer disagrees."""
+    ok = True
+    B = args.batch
+    steppers = {"npdraw": runner}
+    # With workers, the timed step must compute what the in-process model computes.
+    loss_timed, _g, stats = runner.loss_and_grads()
+    if torch is not None:
+        check = check_peer(npdraw, cfg, params, x, eps, args.seed, device, args.check_batch)
+        check["loss_timed_rel_f32"] = (abs(float(loss_timed) - check["loss_npdraw_f32"])
+                                       / max(abs(check["loss_npdraw_f32"]), 1e-300))
+        check["ok"] = check["ok"] and check["loss_timed_rel_f32"] < LOSS_RTOL_F32
+        entry["check"] = check
+        check.pop("activation_bytes")
+        if check["ok"]:
+            steppers["torch"] = TorchRunner(cfg, params, x, eps, device)
+        else:
+            ok = False
+    act_bytes = int(stats["activation_bytes"])
+
+    turns = {k: r.step for k, r in steppers.items()}
+    turns.update({f"gemm:{k}": probe for k, probe in probes.items()})
+    times = time_interleaved(turns, args.steps, args.warmup, args.settle)
+    for k in probes:
+        gemm_secs[k] += times[f"gemm:{k}"]
+    entry["npdraw"] = _impl_figures(times["npdraw"], B, flops)
+    entry["npdraw"]["activation_bytes_per_example"] = act_bytes / B
+    entry["npdraw"]["final_loss"] = steppers["npdraw"].last_loss
+    if "torch" in steppers:
+        entry["torch"] = _impl_figures(times["torch"], B, flops)
+        entry["torch"]["activation_bytes_per_example"] = steppers["torch"].activation_bytes() / B
+        entry["torch"]["final_loss"] = steppers["torch"].last_loss
+        entry["ratio_npdraw_over_torch"] = (entry["npdraw"]["examples_per_s"]
+                                            / entry["torch"]["examples_per_s"])
+        # The same ratio from the best step of each, and as the median of the per-repetition
+        # ratios (each pair ran back to back, so slow drifts of the machine cancel).
+        entry["ratio_best"] = entry["torch"]["ms_min"] / entry["npdraw"]["ms_min"]
+        entry["ratio_paired_median"] = statistics.median(
+            t / n for n, t in zip(times["npdraw"], times["torch"]))
+    else:
+        entry["ratio_npdraw_over_torch"] = entry["ratio_best"] = entry["ratio_paired_median"] = None
+    if args.profile:
+        entry["profile"] = profile_npdraw(steppers["npdraw"], args.profile)
+    return ok
 
 
 def profile_npdraw(runner: NpdrawRunner, steps: int, top: int = 25) -> str:
@@ -612,6 +646,9 @@ def format_report(r: dict) -> str:
                  + f"; peak = {g['peak_gflops']:.1f}")
     lines.append(f"step = loss_and_grads + clip({s['clip']}) + Adam; batch {s['batch']}, T {s['T']}, "
                  f"{s['dtype']}, median of {s['steps']} after {s['warmup']} warm-up, A/B interleaved")
+    if s.get("workers", 1) > 1:
+        lines.append(f"npdraw splits each batch over {s['workers']} worker processes with one BLAS "
+                     "thread each, as `train` does (--workers 1: the in-process model)")
     for name, e in r["models"].items():
         c = e["config"]
         lines.append("")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import sys
 
-HEADER = ("| date | device | BLAS kernel | model | npdraw ms/step | npdraw ex/s | "
-          "PyTorch ms/step | speed-up vs PyTorch | GFLOP/s | fraction of GEMM peak |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| date | device | BLAS kernel | npdraw processes | model | npdraw ms/step | "
+          "npdraw ex/s | PyTorch ms/step | speed-up vs PyTorch | GFLOP/s | fraction of GEMM peak |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _blas_kernel(result: dict) -> str:
@@ -33,7 +33,8 @@ def rows(result: dict) -> list[str]:
         ours, peer = figures["npdraw"], figures.get("torch")
         ratio = figures.get("ratio_npdraw_over_torch")
         lines.append("| " + " | ".join([
-            result["date"][:10], where, _blas_kernel(result), model,
+            result["date"][:10], where, _blas_kernel(result),
+            str(result["settings"].get("workers", 1)), model,
             f"{ours['ms_per_step']:.0f}", f"{ours['examples_per_s']:.0f}",
             f"{peer['ms_per_step']:.0f}" if peer else "-",
             f"{ratio:.2f}x" if ratio else "-",

@@ -116,6 +116,19 @@ def test_bench_runs_end_to_end_json(capsys):
     assert "| attention |" in rows[0] and "| no-attention |" in rows[1]
 
 
+def test_bench_with_worker_processes(capsys):
+    """--workers 2 times the split batch, after checking it against the in-process loss."""
+    rc, r = _run_json(capsys, TINY + ["--workers", "2", "--model", "attention"])
+    assert rc == 0 and r["ok"] is True
+    assert r["settings"]["workers"] == 2
+    e = r["models"]["attention"]
+    assert np.isfinite(e["npdraw"]["final_loss"]) and e["npdraw"]["activation_bytes_per_example"] > 0
+    if r["torch"] is not None:
+        assert e["check"]["loss_timed_rel_f32"] < bench_run.LOSS_RTOL_F32
+    from bench import table
+    assert "| 2 | attention |" in table.rows(r)[0]
+
+
 def test_bench_text_report_npdraw_alone(capsys):
     threads_before = [lib.get("num_threads") for lib in bench_run.blas_info()]
     rc = bench_run.main(TINY + ["--no-torch", "--model", "attention", "--threads", "1",

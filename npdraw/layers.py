@@ -79,17 +79,73 @@ def _blocks(a, width, count, axis):
     return [a[:, k * width:(k + 1) * width] for k in range(count)]
 
 
-def lstm_cell_forward(a, c_prev, axis=-1):
+def _span(a, start, stop, axis):
+    return a[start:stop] if axis == 0 else a[:, start:stop]
+
+
+# On NumPy the same equations run as in-place ufunc calls over whole gate blocks: the
+# three sigmoid gates are one contiguous block in the features-first layout, and
+# writing into preallocated outputs spares temporaries and copies. The fused kernels
+# above are the reference (a test checks the two agree) and what a GPU runs.
+
+def _lstm_cell_numpy(a, c_prev, axis, gates=None):
+    Hd = c_prev.shape[axis]
+    if gates is None:
+        gates = np.empty_like(a)                               # [i, f, o, g] activations
+    ifo, g = _span(gates, 0, 3 * Hd, axis), _span(gates, 3 * Hd, 4 * Hd, axis)
+    np.multiply(_span(a, 0, 3 * Hd, axis), 0.5, out=ifo)
+    np.tanh(ifo, out=ifo)
+    ifo *= 0.5
+    ifo += 0.5                                                 # sigmoid = (1 + tanh(a/2)) / 2
+    np.tanh(_span(a, 3 * Hd, 4 * Hd, axis), out=g)
+    i, f, o = _blocks(ifo, Hd, 3, axis)
+    c = f * c_prev
+    c += i * g
+    tanh_c = np.tanh(c)
+    return gates, c, tanh_c, o * tanh_c
+
+
+def _lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, out, axis):
+    Hd = c_prev.shape[axis]
+    i, f, o, g = _blocks(gates, Hd, 4, axis)
+    da_i, da_f, da_o, da_g = _blocks(out, Hd, 4, axis)
+    dc_total = tanh_c * tanh_c
+    np.subtract(1.0, dc_total, out=dc_total)
+    dc_total *= o
+    dc_total *= dh
+    dc_total += dc
+    np.multiply(dc_total, g, out=da_i)                          # d/d(i, f, o), times
+    np.multiply(dc_total, c_prev, out=da_f)
+    np.multiply(dh, tanh_c, out=da_o)
+    ifo = _span(gates, 0, 3 * Hd, axis)
+    slope = 1.0 - ifo
+    slope *= ifo                                               # sigmoid' = s (1 - s)
+    _span(out, 0, 3 * Hd, axis)[...] *= slope
+    np.multiply(g, g, out=da_g)
+    np.subtract(1.0, da_g, out=da_g)
+    da_g *= i
+    da_g *= dc_total                                           # tanh' = 1 - g^2
+    dc_total *= f
+    return dc_total
+
+
+def lstm_cell_forward(a, c_prev, axis=-1, gates_out=None):
     """The elementwise half of an LSTM step.
 
     a: (B, 4Hd) gate pre-activations   c_prev: (B, Hd)
     -> (h (B, Hd), c (B, Hd)), cache
     axis=0 takes everything transposed, features first: a (4Hd, B), c_prev (Hd, B);
     the model uses that layout, where BLAS runs its GEMMs faster.
+    gates_out: optional array shaped like a to keep the gate activations in (the
+    cache refers to it); it may be a itself, when the caller no longer needs a.
+    Only NumPy uses it.
     """
     Hd = c_prev.shape[axis]
+    if get_array_module(a) is np:
+        gates, c, tanh_c, h = _lstm_cell_numpy(a, c_prev, axis, gates_out)
+        return (h, c), (gates, c_prev, tanh_c, axis)
     i, f, o, g, c, tanh_c, h = _lstm_cell_kernel(*_blocks(a, Hd, 4, axis), c_prev)
-    return (h, c), (i, f, o, g, c_prev, tanh_c, axis)
+    return (h, c), ((i, f, o, g), c_prev, tanh_c, axis)
 
 
 def lstm_cell_backward(dh, dc, cache, out=None):
@@ -99,12 +155,14 @@ def lstm_cell_backward(dh, dc, cache, out=None):
     passes a slice of its preallocated per-glimpse buffer, saving a copy).
     """
     xp = get_array_module(dh)
-    i, f, o, g, c_prev, tanh_c, axis = cache
+    gates, c_prev, tanh_c, axis = cache
     Hd = c_prev.shape[axis]
-    grads = _lstm_cell_backward_kernel(dh, dc, i, f, o, g, c_prev, tanh_c)
     if out is None:
         shape = (4 * Hd, dh.shape[1]) if axis == 0 else (dh.shape[0], 4 * Hd)
         out = xp.empty(shape, dh.dtype)
+    if xp is np:
+        return out, _lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, out, axis)
+    grads = _lstm_cell_backward_kernel(dh, dc, *gates, c_prev, tanh_c)
     for block, grad in zip(_blocks(out, Hd, 4, axis), grads[:4]):
         block[...] = grad
     return out, grads[4]

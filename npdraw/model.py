@@ -351,9 +351,9 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     canvas = xp.broadcast_to(params["c0"], (B, D))
     c_enc = xp.zeros((He, B), dtype)
     c_dec = xp.zeros((Hd, B), dtype)
-    # gate pre-activations are consumed within their glimpse, so one buffer each serves all
-    a_enc = xp.empty((4 * He, B), dtype)
-    a_dec = xp.empty((4 * Hd, B), dtype)
+    # gate pre-activations, turned into the activations backward needs in place
+    a_enc = xp.empty((T, 4 * He, B), dtype)
+    a_dec = xp.empty((T, 4 * Hd, B), dtype)
     log_ratio = xp.zeros(B, dtype) if need_terms else None
     steps = []
     for t in range(T):
@@ -363,15 +363,17 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
         enc_in[R:R + Hd, t] = h_dec[:, t]
         if t > 0:
             enc_in[R + Hd:, t] = h_enc[:, t - 1]
-        xp.matmul(enc_W_T, enc_in[:, t], out=a_enc)
-        a_enc += enc_bias
-        (h_enc[:, t], c_enc), enc_cache = lstm_cell_forward(a_enc, c_enc, axis=0)  # eq 5
+        xp.matmul(enc_W_T, enc_in[:, t], out=a_enc[t])
+        a_enc[t] += enc_bias
+        (h_enc[:, t], c_enc), enc_cache = lstm_cell_forward(a_enc[t], c_enc, axis=0,  # eq 5
+                                                            gates_out=a_enc[t])
         q = q_W_T @ h_enc[:, t] + q_bias                                       # eq 1-2
         (dec_in[:Z, t], kl[t]), latent_cache = latent_forward(q, eps_T[t], axis=0)  # eq 6
         dec_in[Z:, t] = h_dec[:, t]
-        xp.matmul(dec_W_T, dec_in[:, t], out=a_dec)
-        a_dec += dec_bias
-        (h_dec[:, t + 1], c_dec), dec_cache = lstm_cell_forward(a_dec, c_dec, axis=0)  # eq 7
+        xp.matmul(dec_W_T, dec_in[:, t], out=a_dec[t])
+        a_dec[t] += dec_bias
+        (h_dec[:, t + 1], c_dec), dec_cache = lstm_cell_forward(a_dec[t], c_dec, axis=0,  # eq 7
+                                                                gates_out=a_dec[t])
         w, write_cache = _write_forward(params, cfg, h_dec[:, t + 1].T)
         canvas = canvas + w                                                      # eq 8
         if need_terms:  # log p(z_t) - log q(z_t|x) = sum_j -z^2/2 + eps^2/2 + log sigma
@@ -417,6 +419,8 @@ def backward(params, cfg, cache):
         dp_write = xp.empty((T, B, att.P_ATTENTION), dtype)
         dp_read = xp.empty((T, B, att.P_ATTENTION), dtype)
 
+    da_enc_step = xp.empty((4 * He, B), dtype)
+    da_dec_step = xp.empty((4 * Hd, B), dtype)
     dcanvas = bce_backward(inv_B, bce_cache)             # d loss / d c_T
     dh_dec_next = xp.zeros((Hd, B), dtype)               # from step t+1's uses of h_dec_t
     dc_dec = xp.zeros((Hd, B), dtype)
@@ -431,12 +435,13 @@ def backward(params, cfg, cache):
         if dp_w is not None:
             dp_write[t] = dp_w
             dh_dec += params["write_att_W"] @ dp_w.T
-        _, dc_dec = lstm_cell_backward(dh_dec, dc_dec, dec_cache, out=da_dec[:, t])
-        ddec_in = params["dec_W"] @ da_dec[:, t]                            # [dz, dh_dec_{t-1}]
+        # into a contiguous scratch, then one copy: ufuncs crawl over the strided slice
+        da_dec[:, t], dc_dec = lstm_cell_backward(dh_dec, dc_dec, dec_cache, out=da_dec_step)
+        ddec_in = params["dec_W"] @ da_dec_step                          # [dz, dh_dec_{t-1}]
         latent_backward(ddec_in[:Z], inv_B, latent_cache, out=dq_all[:, t])
         dh_enc = params["q_W"] @ dq_all[:, t] + dh_enc_next
-        _, dc_enc = lstm_cell_backward(dh_enc, dc_enc, enc_cache, out=da_enc[:, t])
-        denc_in = enc_W @ da_enc[:, t]                      # [dr, dh_dec_{t-1}, dh_enc_{t-1}]
+        da_enc[:, t], dc_enc = lstm_cell_backward(dh_enc, dc_enc, enc_cache, out=da_enc_step)
+        denc_in = enc_W @ da_enc_step                    # [dr, dh_dec_{t-1}, dh_enc_{t-1}]
         dh_enc_next = denc_in[R + Hd:]
         dh_dec_next = ddec_in[Z:] + denc_in[R:R + Hd]
         dx_hat, dp_r = _read_backward(denc_in[:R].T, read_cache, cfg)

@@ -179,3 +179,24 @@ def test_features_first_layout_is_the_transpose(rng):
     np.testing.assert_allclose(klT, kl, rtol=1e-14)
     np.testing.assert_allclose(latent_backward(dz.T, dkl, lcacheT),
                                latent_backward(dz, dkl, lcache).T, rtol=1e-14)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_lstm_numpy_path_equals_the_fused_kernels(rng, axis):
+    """The in-place NumPy path computes what the GPU's fused kernels compute."""
+    from npdraw import layers
+    B, Hd = 3, 5
+    a = rng.standard_normal((B, 4 * Hd)) * 3
+    c_prev, dh, dc = (rng.standard_normal((B, Hd)) for _ in range(3))
+    if axis == 0:
+        a, c_prev, dh, dc = a.T.copy(), c_prev.T.copy(), dh.T.copy(), dc.T.copy()
+    (h, c), cache = lstm_cell_forward(a, c_prev, axis=axis)
+    da, dc_prev = lstm_cell_backward(dh, dc, cache)
+    blocks = layers._blocks(a, Hd, 4, axis)
+    i, f, o, g, c_ref, tanh_c, h_ref = layers._lstm_cell_kernel.unfused(*blocks, c_prev)
+    np.testing.assert_allclose(h, h_ref, rtol=1e-13)
+    np.testing.assert_allclose(c, c_ref, rtol=1e-13)
+    ref = layers._lstm_cell_backward_kernel.unfused(dh, dc, i, f, o, g, c_prev, tanh_c)
+    for got, want in zip(layers._blocks(da, Hd, 4, axis), ref[:4]):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(dc_prev, ref[4], rtol=1e-13)

@@ -186,6 +186,20 @@ def _glimpse_error(x, canvas):
     return sig, x - sig
 
 
+def _glimpse_error_into(x, canvas, sig_out, x_hat_out):
+    """Eq 3 written into preallocated arrays: x, canvas -> sig_out, x_hat_out, all (B, D).
+
+    On NumPy in place, with no temporaries; on a GPU the fused kernel, then copies."""
+    if get_array_module(x) is not np:
+        sig_out[...], x_hat_out[...] = _glimpse_error(x, canvas)
+        return
+    np.multiply(canvas, 0.5, out=sig_out)
+    np.tanh(sig_out, out=sig_out)
+    sig_out += 1.0
+    sig_out *= 0.5
+    np.subtract(x, sig_out, out=x_hat_out)
+
+
 @fuse
 def _glimpse_error_backward(dcanvas, dx_hat, sig):
     """Add eq 3's path to dL/dc_{t-1}: dcanvas - dx_hat * sigmoid'(c_{t-1})."""
@@ -200,12 +214,14 @@ def _static_read_rows(cfg):
     return 0 if cfg.attention else cfg.D
 
 
-def _read_forward(params, cfg, x, x_hat, h_dec_prev):
+def _read_forward(params, cfg, x, x_hat, h_dec_prev, images=None):
     """The time-varying part of r_t = read(x, x_hat, h_dec_{t-1}).
 
     -> (B, R - S) with S = _static_read_rows(cfg): x_hat without attention (eq 17;
     the x half is constant and projected once per forward), or the glimpses
     (B, 2C*Nr^2) of eq 21-27 with attention.
+    images: optional (B, 2C, H, W) array already holding [x, x_hat] (the unrolled
+    forward keeps one, with x written once); otherwise they are concatenated.
     """
     xp = get_array_module(x)
     if not cfg.attention:
@@ -213,7 +229,8 @@ def _read_forward(params, cfg, x, x_hat, h_dec_prev):
     B, C, H, W = x.shape[0], cfg.channels, cfg.height, cfg.width
     p, _ = linear_forward(h_dec_prev, params["read_att_W"], params["read_att_b"])
     (Fy, Fx, gamma), window_cache = att.window_forward(p, H, W, cfg.read_n)
-    images = xp.concatenate([x.reshape(B, C, H, W), x_hat.reshape(B, C, H, W)], axis=1)
+    if images is None:
+        images = xp.concatenate([x.reshape(B, C, H, W), x_hat.reshape(B, C, H, W)], axis=1)
     glimpse, read_cache = att.read_forward(images, Fy, Fx, gamma)
     return glimpse.reshape(B, -1), (window_cache, read_cache)
 
@@ -355,10 +372,18 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     a_enc = xp.empty((T, 4 * He, B), dtype)
     a_dec = xp.empty((T, 4 * Hd, B), dtype)
     log_ratio = xp.zeros(B, dtype) if need_terms else None
+    # [x, x_hat] as the read sees them, with x written once; x_hat is rewritten each glimpse
+    if cfg.attention:
+        C = cfg.channels
+        images = xp.empty((B, 2 * C, cfg.height, cfg.width), dtype)
+        images[:, :C] = x.reshape(B, C, cfg.height, cfg.width)
+        x_hat = images[:, C:].reshape(B, D)                                  # a view
+    else:
+        images, x_hat = None, xp.empty((B, D), dtype)
     steps = []
     for t in range(T):
-        sig_prev[t], x_hat = _glimpse_error(x, canvas)                           # eq 3
-        r, read_cache = _read_forward(params, cfg, x, x_hat, h_dec[:, t].T)     # eq 4
+        _glimpse_error_into(x, canvas, sig_prev[t], x_hat)                       # eq 3
+        r, read_cache = _read_forward(params, cfg, x, x_hat, h_dec[:, t].T, images)  # eq 4
         enc_in[:R, t] = r.T
         enc_in[R:R + Hd, t] = h_dec[:, t]
         if t > 0:

@@ -210,3 +210,16 @@ def test_generate_rejects_bad_eps(small):
     cfg, params, _, eps = small
     with pytest.raises(ValueError, match="eps must have shape"):
         npdraw.generate(params, cfg, eps[:, :, :-1])
+
+
+def test_glimpse_error_in_place_equals_the_fused_kernel():
+    """Eq 3 written into preallocated arrays (the NumPy path) equals the GPU kernel's body."""
+    from npdraw.model import _glimpse_error, _glimpse_error_into
+    rng = np.random.default_rng(5)
+    x = (rng.random((3, 7)) < 0.5).astype(np.float64)
+    canvas = rng.standard_normal((3, 7)) * 4
+    sig, x_hat = np.empty_like(x), np.empty_like(x)
+    _glimpse_error_into(x, canvas, sig, x_hat)
+    sig_ref, x_hat_ref = _glimpse_error.unfused(x, canvas)
+    np.testing.assert_allclose(sig, sig_ref, rtol=1e-15)
+    np.testing.assert_allclose(x_hat, x_hat_ref, rtol=1e-15)

@@ -293,9 +293,10 @@ class NpdrawRunner:
 
     def step(self) -> float:
         loss, grads, _stats = self._lag(self.params, self.cfg, self.x, self.eps)
-        grads, _norm = self._optim.clip_by_global_norm(grads, CLIP)
+        norm = self._optim.global_norm(grads)            # clipping as train does it
         self.params, self.state, _ = self._optim.adam_step(
-            self.params, grads, self.state, LR, BETA1, BETA2, ADAM_EPS)
+            self.params, grads, self.state, LR, BETA1, BETA2, ADAM_EPS,
+            grad_scale=self._optim.clip_scale(norm, CLIP))
         self._sync(self.xp)
         self.last_loss = float(loss)
         return self.last_loss

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .backend import get_array_module
 
 
@@ -26,13 +28,28 @@ def _check_keys(params: dict, grads: dict, what: str = "grads") -> None:
                          f"not in params {extra}")
 
 
+_CHUNK = 1 << 16   # values per float64 partial sum: the converted chunk stays in cache
+
+
 def _sq_norm(arrays) -> float:
-    """Sum of squares over an iterable of arrays, as a python float."""
+    """Sum of squares over an iterable of arrays, as a python float.
+
+    Accumulated in float64 so float32 gradients of many entries do not lose bits. On
+    NumPy each array is converted chunk by chunk and summed with a dot product, which
+    spares the full float64 copy and its squared copy.
+    """
     total = 0.0
     for a in arrays:
         xp = get_array_module(a)
-        # Accumulate in at least float64 so float32 gradients of many entries do not lose bits.
-        total += float(xp.sum(xp.square(a.astype(xp.float64, copy=False))))
+        flat = a.reshape(-1)
+        if xp is np:
+            for start in range(0, flat.size, _CHUNK):
+                chunk = flat[start:start + _CHUNK].astype(np.float64)
+                # einsum, not dot: a BLAS call would wake BLAS threads that then spin
+                # while data-parallel workers want the cores
+                total += float(np.einsum("i,i->", chunk, chunk))
+        else:
+            total += float(xp.sum(xp.square(flat.astype(xp.float64, copy=False))))
     return total
 
 
@@ -44,16 +61,23 @@ def global_norm(grads: dict) -> float:
     return math.sqrt(_sq_norm(grads.values()))
 
 
+def clip_scale(norm: float, max_norm: float) -> float:
+    """The clipping factor min(1, max_norm / (norm + 1e-6)) for a gradient of global norm `norm`."""
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
 def clip_by_global_norm(grads: dict, max_norm: float):
     """Scale every gradient by min(1, max_norm / (norm + 1e-6)).
 
     grads: {name: (P,)}; returns (clipped {name: (P,)} of new arrays, norm before clipping).
-    The input arrays are never modified; dtypes are kept.
+    The input arrays are never modified; dtypes are kept. The training loop instead
+    passes clip_scale(...) to adam_step as grad_scale, which saves this pass.
     """
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    clip_scale(0.0, max_norm)  # a bad max_norm fails before the norm is computed
     norm = global_norm(grads)
-    scale = min(1.0, max_norm / (norm + 1e-6))
+    scale = clip_scale(norm, max_norm)
     clipped = {}
     for name, g in grads.items():
         xp = get_array_module(g)
@@ -73,7 +97,8 @@ def adam_init(params: dict) -> dict:
 
 
 def adam_step(params: dict, grads: dict, state: dict, lr: float,
-              beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+              beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+              grad_scale: float = 1.0):
     """One bias-corrected Adam update.
 
     m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
@@ -82,7 +107,8 @@ def adam_step(params: dict, grads: dict, state: dict, lr: float,
     params, grads: {name: (P,)}; state from ``adam_init`` (m and v updated in place,
     "step" incremented). Returns (new_params {name: (P,)}, state, step_norm) where
     step_norm is the global L2 norm of the update p_new - p. The caller's parameter
-    arrays are left untouched.
+    arrays are left untouched. grad_scale multiplies every gradient first (clipping,
+    see clip_scale) without a pass of its own.
     """
     _check_keys(params, grads)
     for key in ("m", "v", "step"):
@@ -96,21 +122,32 @@ def adam_step(params: dict, grads: dict, state: dict, lr: float,
                              f"parameter has {p.shape}")
 
     t = int(state["step"]) + 1
-    # Fold both bias corrections into the step size (python floats, no device sync).
+    # Both bias corrections folded into the step size and epsilon (python floats, no
+    # device sync): lr m/bc1 / (sqrt(v/bc2) + eps) = lr_t m / (sqrt(v) + eps_t).
     bc1 = 1.0 - beta1 ** t
     bc2 = 1.0 - beta2 ** t
-    new_params, updates = {}, []
+    lr_t = lr * math.sqrt(bc2) / bc1
+    eps_t = eps * math.sqrt(bc2)
+    new_params, sq_norm = {}, 0.0
     for name, p in params.items():
         xp = get_array_module(p)
+        dt = p.dtype.type
         g = grads[name].astype(p.dtype, copy=False)
         m, v = state["m"][name], state["v"][name]
-        dt = p.dtype.type
+        # In place, through one scratch array per parameter: a handful of passes in all.
+        scratch = xp.empty_like(p)                         # (0-d parameters stay arrays)
+        xp.multiply(g, dt((1.0 - beta1) * grad_scale), out=scratch)
         m *= dt(beta1)
-        m += dt(1.0 - beta1) * g
+        m += scratch                                       # m <- b1 m + (1 - b1) g
+        xp.multiply(g, g, out=scratch)
+        scratch *= dt((1.0 - beta2) * grad_scale * grad_scale)
         v *= dt(beta2)
-        v += dt(1.0 - beta2) * xp.square(g)
-        update = dt(-lr) * (m / dt(bc1)) / (xp.sqrt(v / dt(bc2)) + dt(eps))
-        new_params[name] = p + update
-        updates.append(update)
+        v += scratch                                       # v <- b2 v + (1 - b2) g^2
+        xp.sqrt(v, out=scratch)
+        scratch += dt(eps_t)
+        xp.divide(m, scratch, out=scratch)
+        scratch *= dt(-lr_t)                               # the update
+        new_params[name] = xp.add(p, scratch, out=xp.empty_like(p))
+        sq_norm += _sq_norm([scratch])
     state["step"] = t
-    return new_params, state, math.sqrt(_sq_norm(updates))
+    return new_params, state, math.sqrt(sq_norm)

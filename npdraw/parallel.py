@@ -218,21 +218,26 @@ class DataParallel:
             xk, ek = buffers.inputs(self.cfg, hi - lo)
             xk[...] = x[lo:hi]
             ek[...] = eps[:, lo:hi]
-            self._send(k, {"cmd": "step", "n": int(hi - lo)})
-            active.append((k, (hi - lo) / B))
-        grads, loss, recon, kl, act = None, 0.0, 0.0, 0.0, 0
+            share = (hi - lo) / B
+            self._send(k, {"cmd": "step", "n": int(hi - lo), "share": share})
+            active.append((k, share))
+        loss, recon, kl, act, shares = 0.0, 0.0, 0.0, 0, []
         for k, share in active:
             reply = self._receive(k)
-            g = _views(self._buffers[k].grads, self.layout)
-            if grads is None:
-                grads = {name: a * dtype.type(share) for name, a in g.items()}
-            else:
-                for name, a in g.items():
-                    grads[name] += a * dtype.type(share)
             loss += share * reply["loss"]
             recon += share * reply["recon"]
             kl = kl + share * np.asarray(reply["kl"])
             act += reply["activation_bytes"]
+            shares.append(_views(self._buffers[k].grads, self.layout))
+        # Each worker has weighted its gradients by its share of the batch: sum them into
+        # new arrays (the shared buffers are overwritten by the next call).
+        grads = {}
+        for name in self.layout:
+            total = (shares[0][name].copy() if len(shares) == 1
+                     else np.add(shares[0][name], shares[1][name]))
+            for more in shares[2:]:
+                total += more[name]
+            grads[name] = total
         stats = {"loss": loss, "recon": recon, "kl": kl, "kl_total": float(kl.sum()),
                  "activation_bytes": act}
         return loss, grads, stats
@@ -297,8 +302,9 @@ def _worker(spec_json: str) -> None:
             elif message["cmd"] == "step":
                 x, eps = buffers.inputs(cfg, message["n"])
                 loss, grads, stats = loss_and_grads(params, cfg, x, eps)
+                share = dtype.type(message["share"])
                 for name, view in _views(buffers.grads, layout).items():
-                    view[...] = grads[name]
+                    np.multiply(grads[name], share, out=view)
                 _reply({"loss": loss, "recon": stats["recon"], "kl": stats["kl"].tolist(),
                         "activation_bytes": stats["activation_bytes"]})
             else:

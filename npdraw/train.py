@@ -602,11 +602,12 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                     where = f"at epoch {epoch}, iteration {it}/{n_iter}"
                     if not math.isfinite(loss):
                         raise non_finite(f"loss is {loss} {where}")
-                    grads, gnorm = optim.clip_by_global_norm(grads, tcfg.clip)
+                    gnorm = optim.global_norm(grads)
                     if not math.isfinite(gnorm):
                         raise non_finite(f"gradient norm is {gnorm} {where}")
-                    params, opt_state, snorm = optim.adam_step(
-                        params, grads, opt_state, tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps)
+                    params, opt_state, snorm = optim.adam_step(     # clipping folded in
+                        params, grads, opt_state, tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps,
+                        grad_scale=optim.clip_scale(gnorm, tcfg.clip))
                     loss_sum += loss
                     recon_sum += stats["recon"]
                     kl_sum += stats["kl"]

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from npdraw.optim import adam_init, adam_step, clip_by_global_norm, global_norm
+from npdraw.optim import adam_init, adam_step, clip_by_global_norm, clip_scale, global_norm
 
 
 def _hand_adam(p, gs, lr, b1=0.9, b2=0.999, eps=1e-8):
@@ -115,3 +115,23 @@ def test_shape_mismatch_names_key():
 def test_bad_max_norm():
     with pytest.raises(ValueError, match="max_norm"):
         clip_by_global_norm({"a": np.ones(2)}, 0.0)
+
+
+def test_grad_scale_is_adam_on_clipped_gradients():
+    """adam_step(grad_scale=clip_scale(...)) is the same update as Adam on clipped gradients."""
+    rng = np.random.default_rng(4)
+    params = {"w": rng.standard_normal((70000,)), "b": rng.standard_normal((3, 2))}
+    state_a, state_b = adam_init(params), adam_init(params)
+    pa = pb = params
+    for _ in range(3):
+        grads = {k: 5 * rng.standard_normal(v.shape) for k, v in params.items()}
+        clipped, norm = clip_by_global_norm(grads, 2.0)
+        assert norm == pytest.approx(math.sqrt(sum(float((g * g).sum()) for g in grads.values())),
+                                     rel=1e-13)             # chunked sum over 70,000 values
+        pa, state_a, sa = adam_step(pa, clipped, state_a, 1e-2)
+        pb, state_b, sb = adam_step(pb, grads, state_b, 1e-2, grad_scale=clip_scale(norm, 2.0))
+        assert sa == pytest.approx(sb, rel=1e-12)
+    for k in params:
+        np.testing.assert_allclose(pb[k], pa[k], rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(state_b["m"][k], state_a["m"][k], rtol=1e-12, atol=1e-15)
+    assert clip_scale(1.0, 10.0) == 1.0 and clip_scale(20.0, 10.0) == pytest.approx(0.5)

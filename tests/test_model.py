@@ -63,6 +63,18 @@ def test_stats_are_consistent():
     assert stats["activation_bytes"] > 0
 
 
+def test_activation_bytes_grow_linearly_in_T():
+    """Kept activations are per glimpse: twice the glimpses, about twice the bytes (a
+    buffer shared by all glimpses but counted once per glimpse would make it T^2)."""
+    def act(T):
+        cfg = npdraw.DrawConfig(height=8, width=8, T=T, read_n=2, write_n=3, enc_dim=16,
+                                dec_dim=16, z_dim=4)
+        params, x, eps = generic_point(cfg)
+        return npdraw.loss_and_grads(params, cfg, x, eps)[2]["activation_bytes"]
+    ratio = act(16) / act(8)
+    assert 1.8 < ratio < 2.05, ratio
+
+
 def test_stepping_matches_unrolled_forward():
     for cfg in CONFIGS.values():
         params, x, eps = generic_point(cfg, seed=3)

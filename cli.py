@@ -259,10 +259,12 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
               show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU processes that share each batch (0: one per core, 1 on a GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @library_errors
 def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, batch_size, seed,
-             device, as_json):
+             device, workers, as_json):
     """Negative log-likelihood bound (nats per image) on a split, by default the test set."""
     from npdraw import train as train_lib
 
@@ -283,7 +285,16 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
         x = x[:subset]
     params = _params_on(ckpt, device)
     rng = np.random.default_rng(seed)
-    iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size, rng)
+    from npdraw import backend
+    from npdraw.parallel import DataParallel
+    workers = train_lib.resolve_workers(workers, backend.resolve_device(device), batch_size)
+    engine = DataParallel(cfg, workers, params["c0"].dtype) if workers > 1 else None
+    try:
+        iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size,
+                                                        rng, engine)
+    finally:
+        if engine is not None:
+            engine.close()
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "dataset": tcfg.dataset,
               "split": split, "n": int(len(x)), "k": K, "seed": seed,
               "nll_bound": bound, "nll_iwae": iwae}

@@ -81,15 +81,19 @@ def _views(flat: np.ndarray, layout: dict) -> dict:
 
 
 class _WorkerBuffers:
-    """One worker's mapped file: [grads (P,) | x (cap*D,) | eps (T*cap*Z,)]."""
+    """One worker's mapped file: [grads (P,) | x (cap*D,) | eps (T*cap*Z,) | out (3*cap,)].
+
+    out holds loss_only's per-example results: the loss, L^x and the log-weight.
+    """
 
     def __init__(self, path, cfg, dtype, P, capacity):
         D, TZ = cfg.D, cfg.T * cfg.z_dim
         self.capacity = capacity
-        self.flat = _map(path, dtype, P + capacity * (D + TZ))
+        self.flat = _map(path, dtype, P + capacity * (D + TZ + 3))
         self.grads = self.flat[:P]
         self.x = self.flat[P:P + capacity * D]
-        self.eps = self.flat[P + capacity * D:]
+        self.eps = self.flat[P + capacity * D:P + capacity * (D + TZ)]
+        self.out = self.flat[P + capacity * (D + TZ):].reshape(3, capacity)
 
     def inputs(self, cfg, n):
         """Contiguous (n, D) and (T, n, Z) views at the front of the x and eps areas."""
@@ -98,7 +102,7 @@ class _WorkerBuffers:
 
     @staticmethod
     def nbytes(cfg, dtype, P, capacity):
-        return np.dtype(dtype).itemsize * (P + capacity * (cfg.D + cfg.T * cfg.z_dim))
+        return np.dtype(dtype).itemsize * (P + capacity * (cfg.D + cfg.T * cfg.z_dim + 3))
 
 
 class DataParallel:
@@ -193,12 +197,9 @@ class DataParallel:
 
     # -- the public call
 
-    def loss_and_grads(self, params, x, eps):
-        """As model.loss_and_grads(params, cfg, x, eps), with the batch split over workers.
-
-        params: NumPy arrays of this engine's dtype   x: (B, D)   eps: (T, B, Z)
-        -> (loss, grads, stats); stats["activation_bytes"] sums the workers'.
-        """
+    def _dispatch(self, params, x, eps, message):
+        """Check the inputs, share params and slices of the batch, send `message` to each
+        worker with a slice; -> [(worker, lo, hi)], x, eps, dtype."""
         from .backend import is_gpu_array
         from .model import _check_inputs
         if self._closed:
@@ -211,19 +212,29 @@ class DataParallel:
         for name, view in self._params.items():
             view[...] = params[name]
         B = x.shape[0]
-        bounds = [round(k * B / min(self.workers, B)) for k in range(min(self.workers, B) + 1)]
-        active = []
+        count = min(self.workers, B)
+        bounds = [round(k * B / count) for k in range(count + 1)]
+        slices = []
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             buffers = self._ensure_capacity(k, hi - lo)
             xk, ek = buffers.inputs(self.cfg, hi - lo)
             xk[...] = x[lo:hi]
             ek[...] = eps[:, lo:hi]
-            share = (hi - lo) / B
-            self._send(k, {"cmd": "step", "n": int(hi - lo), "share": share})
-            active.append((k, share))
+            self._send(k, {**message, "n": hi - lo, "share": (hi - lo) / B})
+            slices.append((k, lo, hi))
+        return slices, B
+
+    def loss_and_grads(self, params, x, eps):
+        """As model.loss_and_grads(params, cfg, x, eps), with the batch split over workers.
+
+        params: NumPy arrays of this engine's dtype   x: (B, D)   eps: (T, B, Z)
+        -> (loss, grads, stats); stats["activation_bytes"] sums the workers'.
+        """
+        slices, B = self._dispatch(params, x, eps, {"cmd": "step"})
         loss, recon, kl, act, shares = 0.0, 0.0, 0.0, 0, []
-        for k, share in active:
+        for k, lo, hi in slices:
             reply = self._receive(k)
+            share = (hi - lo) / B
             loss += share * reply["loss"]
             recon += share * reply["recon"]
             kl = kl + share * np.asarray(reply["kl"])
@@ -241,6 +252,28 @@ class DataParallel:
         stats = {"loss": loss, "recon": recon, "kl": kl, "kl_total": float(kl.sum()),
                  "activation_bytes": act}
         return loss, grads, stats
+
+    def loss_only(self, params, x, eps, return_terms=False):
+        """As model.loss_only(params, cfg, x, eps, return_terms), split over workers.
+
+        -> (loss_per_example (B,), stats) with stats "recon", "kl", "kl_total", "loss"
+           and, with return_terms, "recon_per_example" and "log_weight" (B,).
+        """
+        slices, B = self._dispatch(params, x, eps, {"cmd": "eval", "terms": bool(return_terms)})
+        per_example = np.empty((3, B), self.dtype)
+        kl, recon_mean = 0.0, 0.0
+        for k, lo, hi in slices:
+            reply = self._receive(k)
+            per_example[:, lo:hi] = self._buffers[k].out[:, :hi - lo]
+            kl = kl + (hi - lo) / B * np.asarray(reply["kl"])
+            recon_mean += (hi - lo) / B * reply["recon"]
+        loss, recon, log_weight = per_example
+        stats = {"recon": recon_mean, "kl": kl, "kl_total": float(kl.sum()),
+                 "loss": float(loss.mean())}
+        if return_terms:
+            stats["recon_per_example"] = recon
+            stats["log_weight"] = log_weight
+        return loss, stats
 
     def close(self):
         """Stop the workers (closing their stdin) and release the mapped files."""
@@ -284,7 +317,7 @@ def _reply(message):
 
 
 def _worker(spec_json: str) -> None:
-    from .model import loss_and_grads
+    from .model import loss_and_grads, loss_only
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and closes us
     spec = json.loads(spec_json)
     cfg = DrawConfig.from_dict(spec["cfg"])
@@ -307,6 +340,15 @@ def _worker(spec_json: str) -> None:
                     np.multiply(grads[name], share, out=view)
                 _reply({"loss": loss, "recon": stats["recon"], "kl": stats["kl"].tolist(),
                         "activation_bytes": stats["activation_bytes"]})
+            elif message["cmd"] == "eval":
+                n = message["n"]
+                x, eps = buffers.inputs(cfg, n)
+                per_example, stats = loss_only(params, cfg, x, eps, return_terms=message["terms"])
+                buffers.out[0, :n] = per_example
+                if message["terms"]:
+                    buffers.out[1, :n] = stats["recon_per_example"]
+                    buffers.out[2, :n] = stats["log_weight"]
+                _reply({"kl": stats["kl"].tolist(), "recon": stats["recon"]})
             else:
                 _reply({"error": f"unknown command {message['cmd']!r}"})
         except Exception as error:  # reported to the parent, which raises it

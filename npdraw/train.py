@@ -181,12 +181,21 @@ class _Progress:
 
 # ----------------------------------------------------------------------------- evaluation
 
+def _loss_only_fn(cfg, engine):
+    """model.loss_only for cfg, or the same computed by a DataParallel engine."""
+    if engine is not None:
+        return engine.loss_only
+    return lambda params, xb, eps, return_terms=False: model_lib.loss_only(
+        params, cfg, xb, eps, return_terms=return_terms)
+
+
 def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int,
-                   rng: np.random.Generator) -> float:
+                   rng: np.random.Generator, engine=None) -> float:
     """Mean negative variational bound (L^x + L^z, nats per example) over all of ``x``.
 
     x: (N, D) host array in [0, 1]; one fresh noise draw per example from ``rng``.
-    Returns NaN for an empty ``x``.
+    Returns NaN for an empty ``x``. engine: an optional parallel.DataParallel that
+    splits each batch over worker processes (the same figures, up to rounding).
     """
     n = int(x.shape[0])
     if n == 0:
@@ -194,11 +203,12 @@ def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device, dtype = _device_of(params), _params_dtype(params)
+    loss_only = _loss_only_fn(cfg, engine)
     total = 0.0
     for start in range(0, n, batch_size):
         xb = backend.to_device(np.asarray(x[start:start + batch_size], dtype=dtype), device)
         eps = _noise(rng, cfg, xb.shape[0], dtype, device)
-        per_example, _ = model_lib.loss_only(params, cfg, xb, eps)
+        per_example, _ = loss_only(params, xb, eps)
         total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
     return total / n
 
@@ -210,7 +220,7 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
 
 
 def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int,
-                            batch_size: int, rng: np.random.Generator):
+                            batch_size: int, rng: np.random.Generator, engine=None):
     """Both estimates from one pass of K noise draws per example.
 
     Returns (iwae_nll, bound_nll), nats per example:
@@ -219,6 +229,7 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
       bound_nll = mean over n and k of the model's per-example loss L^x + L^z.
     With K = 1 the IWAE estimate is a (noisier) single-sample bound; as K grows it
     tightens towards -log p(x), so iwae_nll <= bound_nll in expectation.
+    engine: as in evaluate_bound.
     """
     n = int(x.shape[0])
     if K < 1:
@@ -228,6 +239,7 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
     if n == 0:
         return float("nan"), float("nan")
     device, dtype = _device_of(params), _params_dtype(params)
+    loss_only = _loss_only_fn(cfg, engine)
     iwae_total, bound_total = 0.0, 0.0
     for start in range(0, n, batch_size):
         xb = backend.to_device(np.asarray(x[start:start + batch_size], dtype=dtype), device)
@@ -235,7 +247,7 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
         log_w = np.empty((K, b), dtype=np.float64)
         for k in range(K):
             eps = _noise(rng, cfg, b, dtype, device)
-            per_example, stats = model_lib.loss_only(params, cfg, xb, eps, return_terms=True)
+            per_example, stats = loss_only(params, xb, eps, return_terms=True)
             log_w[k] = backend.to_numpy(stats["log_weight"]).astype(np.float64)
             bound_total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
         iwae_total += float(np.sum(_logsumexp(log_w, axis=0) - math.log(K)))
@@ -243,9 +255,9 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
 
 
 def evaluate_iwae(params: dict, cfg: DrawConfig, x: np.ndarray, K: int, batch_size: int,
-                  rng: np.random.Generator) -> float:
+                  rng: np.random.Generator, engine=None) -> float:
     """Importance-weighted estimate of -log p(x) (nats per example) with K samples."""
-    return evaluate_iwae_and_bound(params, cfg, x, K, batch_size, rng)[0]
+    return evaluate_iwae_and_bound(params, cfg, x, K, batch_size, rng, engine)[0]
 
 
 # ----------------------------------------------------------------------------- samples
@@ -623,9 +635,9 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
 
             t1 = time.perf_counter()
             valid_bound = evaluate_bound(params, cfg, valid_x, eval_batch,
-                                         _derived_rng(tcfg.seed, 1, epoch, 0))
+                                         _derived_rng(tcfg.seed, 1, epoch, 0), engine)
             test_bound = evaluate_bound(params, cfg, test_x, eval_batch,
-                                        _derived_rng(tcfg.seed, 1, epoch, 1))
+                                        _derived_rng(tcfg.seed, 1, epoch, 1), engine)
             eval_time = time.perf_counter() - t1
             train_bound = loss_sum / n_iter
             if not math.isfinite(valid_bound) and valid_x.shape[0] > 0:

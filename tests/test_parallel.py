@@ -74,6 +74,36 @@ def test_batches_of_any_size_and_new_params_each_call(engine64):
             np.testing.assert_allclose(grads_p[name], grads[name], rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.parametrize("return_terms", [False, True])
+def test_loss_only_matches_the_model(engine64, return_terms):
+    params = model.init_params(ATT, seed=3, dtype="float64")
+    x, eps = _batch(ATT, 5, np.float64, seed=4)
+    per_example, stats = model.loss_only(params, ATT, x, eps, return_terms=return_terms)
+    per_p, stats_p = engine64.loss_only(params, x, eps, return_terms=return_terms)
+    np.testing.assert_allclose(per_p, per_example, rtol=1e-13)
+    for key in ("recon", "kl_total", "loss"):
+        assert stats_p[key] == pytest.approx(stats[key], rel=1e-13), key
+    np.testing.assert_allclose(stats_p["kl"], stats["kl"], rtol=1e-12)
+    assert ("log_weight" in stats_p) == return_terms
+    if return_terms:
+        np.testing.assert_allclose(stats_p["log_weight"], stats["log_weight"], rtol=1e-12)
+        np.testing.assert_allclose(stats_p["recon_per_example"], stats["recon_per_example"],
+                                   rtol=1e-13)
+
+
+def test_evaluation_with_an_engine_gives_the_same_estimates(engine64):
+    from npdraw import train as train_lib
+    params = model.init_params(ATT, seed=1, dtype="float64")
+    x = (np.random.default_rng(7).random((11, ATT.D)) < 0.4).astype(np.float64)
+    plain = train_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4, np.random.default_rng(2))
+    split = train_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4, np.random.default_rng(2),
+                                              engine64)
+    assert split == pytest.approx(plain, rel=1e-12)
+    bound = train_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3))
+    assert train_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3),
+                                    engine64) == pytest.approx(bound, rel=1e-12)
+
+
 def test_inputs_are_checked_before_anything_is_sent(engine64):
     params = model.init_params(ATT, seed=0, dtype="float64")
     x, eps = _batch(ATT, 4, np.float64)

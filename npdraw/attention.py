@@ -67,49 +67,67 @@ def _offsets(N):
     return np.arange(1, N + 1) - (N / 2 + 0.5)
 
 
-_CENTRE_PARAMS = [0, 1, 3]   # the columns gX, gY, delta of q (see _window_params)
+def _windows(N):
+    """An int N or a tuple of window sizes -> a tuple (N_1, ..., N_k)."""
+    return (N,) if isinstance(N, (int, np.integer)) else tuple(int(n) for n in N)
 
 
-def _centre_map(xp, N, dtype):
-    """(3, 2N): (gX, gY, delta) @ this = the 2N filter centres of eq 19-20.
+def _centre_map(xp, Ns, dtype):
+    """(5k, M), M = 2 * sum(Ns): q @ this = every filter centre of eq 19-20.
 
-    Columns 0..N-1 are the x centres gX + offset_i delta, columns N..2N-1 the y ones.
+    q holds k windows' (gX, gY, sigma^2, delta, gamma) side by side. The columns are
+    all windows' x centres, window after window, then all their y centres:
+    column of x filter i of window w = g_X,w + offset_i delta_w, and likewise for y.
+    The rows of sigma^2 and gamma are zero.
     """
-    def build(N):
-        offsets, zeros, ones = _offsets(N), np.zeros(N), np.ones(N)
-        return np.array([np.concatenate([ones, zeros]),
-                         np.concatenate([zeros, ones]),
-                         np.concatenate([offsets, offsets])])
-    return _constant(xp, "centre map", N, dtype, build)
+    def build(Ns):
+        Mx = sum(Ns)
+        centre_map = np.zeros((5 * len(Ns), 2 * Mx))
+        start = 0
+        for w, N in enumerate(Ns):
+            cols = slice(start, start + N)
+            ycols = slice(Mx + start, Mx + start + N)
+            centre_map[5 * w + 0, cols] = 1.0                # gX
+            centre_map[5 * w + 1, ycols] = 1.0               # gY
+            centre_map[5 * w + 3, cols] = _offsets(N)        # delta
+            centre_map[5 * w + 3, ycols] = _offsets(N)
+            start += N
+        return centre_map
+    return _constant(xp, "centre map", Ns, dtype, build)
 
 
-def _centre_jacobian(xp, N, dtype):
-    """(2N, 5): d(the 2N centres)/d(q); dq = dmu @ this. The centre map, transposed,
-    in q's columns gX, gY, delta; zero in those of sigma^2 and gamma."""
-    def build(N):
-        jacobian = np.zeros((2 * N, 5))
-        jacobian[:, _CENTRE_PARAMS] = _centre_map(np, N, np.float64).T
-        return jacobian
-    return _constant(xp, "centre jacobian", N, dtype, build)
+def _row_windows(xp, Ns, dtype):
+    """(k, M): 1 where filter row m (ordered as in _centre_map) belongs to window w.
+    (B, k) @ this spreads one value per window over its rows; the transpose sums back."""
+    def build(Ns):
+        Mx = sum(Ns)
+        member = np.zeros((len(Ns), 2 * Mx))
+        start = 0
+        for w, N in enumerate(Ns):
+            member[w, start:start + N] = member[w, Mx + start:Mx + start + N] = 1.0
+            start += N
+        return member
+    return _constant(xp, "row windows", Ns, dtype, build)
 
 
-def _param_constants(xp, B, height, width, N, dtype):
-    """(3, B, 5): per column of p, eq 22-24's constant factor; 1 in the log columns
+def _param_constants(xp, B, height, width, Ns, dtype):
+    """(3, B, 5k): per column of p, eq 22-24's constant factor; 1 in the log columns
     (log sigma^2, log delta~, log gamma), else 0; the factor in the affine ones (g~X, g~Y):
 
         gX = (W+1)/2 (g~X + 1)      gY = (H+1)/2 (g~Y + 1)      sigma^2 = exp(log sigma^2)
         delta = (max(H,W)-1)/max(N-1,1) exp(log delta~)         gamma = exp(log gamma)
 
-    Repeated for each of the B rows (one cached copy per batch size): on arrays this
-    small, broadcasting a (5,) row costs more than the arithmetic.
+    for each of the k windows (sizes Ns) side by side. Repeated for each of the B rows
+    (one cached copy per batch size): on arrays this small, broadcasting a row costs
+    more than the arithmetic.
     """
     def build(key):
-        B, height, width, N = key
-        scale = np.array([0.5 * (width + 1), 0.5 * (height + 1), 1.0,
-                          (max(height, width) - 1) / max(N - 1, 1), 1.0])
-        logs = np.array([0.0, 0.0, 1.0, 1.0, 1.0])
+        B, height, width, Ns = key
+        scale = np.concatenate([[0.5 * (width + 1), 0.5 * (height + 1), 1.0,
+                                 (max(height, width) - 1) / max(N - 1, 1), 1.0] for N in Ns])
+        logs = np.tile([0.0, 0.0, 1.0, 1.0, 1.0], len(Ns))
         return np.repeat(np.stack([scale, logs, scale * (1.0 - logs)])[:, None], B, axis=1)
-    return _constant(xp, "param constants", (B, height, width, N), dtype, build)
+    return _constant(xp, "param constants", (B, height, width, Ns), dtype, build)
 
 
 # ---------------------------------------------------------------- eq 21-24
@@ -128,13 +146,14 @@ def _window_params_kernel_backward(dq, q, logs, slope):
 
 
 def _window_params(p, height, width, N):
-    """p (B, 5) -> q (B, 5) = (gX, gY, sigma^2, delta, gamma), column by column (eq 21-24).
+    """p (B, 5k) -> q (B, 5k) = (gX, gY, sigma^2, delta, gamma) of each of the k windows
+    of sizes N (an int, or a tuple of k sizes), column by column (eq 21-24).
 
     All columns at once: on (B, 5) arrays an operation costs its call, and one on a
     column slice costs as much as one on the whole array.
     """
     xp = get_array_module(p)
-    scale, logs, slope = _param_constants(xp, p.shape[0], height, width, N, p.dtype)
+    scale, logs, slope = _param_constants(xp, p.shape[0], height, width, _windows(N), p.dtype)
     q = _window_params_kernel(p, scale, logs, slope)
     return q, (q, logs, slope)
 
@@ -183,8 +202,10 @@ def _gaussian_exp(steps, twice_gap, neg_inv_two_var):
 def _gaussian_rows(mu, sigma2, A):
     """Rows of normalised Gaussians (eq 25-26) for any number of centres.
 
-    mu: (B, M) centres;  sigma2: (B,);  A: int
-    -> F (B, M, A), F[b, m, a] = softmax over a of -(a - mu[b, m])^2 / (2 sigma2[b]); cache
+    mu: (B, M) centres;  sigma2: (B,) one variance per batch item, or (B, M) one per
+    row (rows of several windows at once);  A: int
+    -> F (B, M, A), F[b, m, a] = softmax over a of -(a - mu[b, m])^2 / (2 sigma2[b(, m)]);
+       cache
 
     The row maximum is known without a reduction: over integer a, -(a - mu)^2 peaks
     at the pixel nearest mu, a* = clip(rint(mu), 1, A). With u = a - a* (exact small
@@ -201,8 +222,9 @@ def _gaussian_rows(mu, sigma2, A):
     nearest = xp.fmin(xp.fmax(xp.rint(mu), 1), A)
     twice_gap = 2 * (nearest - mu)                                        # 2d, (B, M)
     index = nearest.astype(np.intp)
+    neg_inv_two_var = (-0.5 / sigma2).reshape(B, -1, 1)                  # (B, 1 or M, 1)
     F = _gaussian_exp(_pixel_steps(xp, index, mu.dtype, A), twice_gap[:, :, None],
-                      (-0.5 / sigma2)[:, None, None])
+                      neg_inv_two_var)
     Z = F.reshape(B * M, A) @ _ones(xp, A, mu.dtype)                      # (B*M,) row sums
     F *= (1.0 / Z).reshape(B, M, 1)
     # Only F is cached full-size: u is looked up again, cheaper than keeping it in memory.
@@ -216,11 +238,13 @@ def _dlogits_times_steps(dF, F, s, steps):
 
 
 def _gaussian_rows_backward(dF, cache):
-    """dF (B, M, A) -> (dmu (B, M), dsigma2 (B,)), for _gaussian_rows' cache.
+    """dF (B, M, A) -> (dmu (B, M), dsigma2 shaped like the forward's sigma2), for
+    _gaussian_rows' cache.
 
     With logits l = -(a - mu)^2 / (2 sigma^2) and the softmax backward dl:
         dmu     = sum_a dl (a - mu)   / sigma^2,
-        dsigma2 = sum_a dl (a - mu)^2 / (2 sigma^4),  summed over a batch item's rows.
+        dsigma2 = sum_a dl (a - mu)^2 / (2 sigma^4),  per row, or summed over a batch
+                  item's rows when sigma2 was one value per item.
     Writing a - mu = u + d with u = a - a* as in the forward, and using sum_a dl = 0,
         sum_a dl (a - mu) = S1,   sum_a dl (a - mu)^2 = S2 + 2d S1,   Sk = sum_a dl u^k:
     u is small where F is not, so these sums lose nothing to cancellation.
@@ -236,9 +260,12 @@ def _gaussian_rows_backward(dF, cache):
     second = ((dl_u * steps).reshape(B * M, A) @ ones).reshape(B, M)      # S2
     second += twice_gap * first
     inv_var = 1.0 / sigma2
-    dmu = first * inv_var[:, None]
-    dsigma2 = (second @ _ones(xp, M, F.dtype)) * (0.5 * inv_var * inv_var)
-    return dmu, dsigma2
+    if sigma2.ndim == 1:
+        dmu = first * inv_var[:, None]
+        return dmu, (second @ _ones(xp, M, F.dtype)) * (0.5 * inv_var * inv_var)
+    dmu = first * inv_var
+    second *= 0.5 * inv_var * inv_var
+    return dmu, second
 
 
 # ---------------------------------------------------------------- eq 19-20, 25-26
@@ -266,43 +293,69 @@ def filterbank_backward(dF, cache):
 
 # ---------------------------------------------------------------- a whole window
 
-def window_forward(p, height, width, N):
-    """Attention parameters -> both filterbanks (eq 19-26).
+def windows_forward(p, height, width, Ns):
+    """Attention parameters -> the filterbanks of one or more windows (eq 19-26).
 
-    p: (B, 5) -> (Fy (B, N, H), Fx (B, N, W), gamma (B,)), cache
+    p: (B, 5k), the k windows' parameters side by side;  Ns: their sizes (k ints)
+    -> [(Fy (B, N, H), Fx (B, N, W), gamma (B,)) for each window], cache
+
+    The windows' filters come out of one softmax over all their rows (two when H != W,
+    one per axis). The model uses two at once: the write window of a glimpse and the
+    read window of the next, both driven by the same decoder state. Each window's
+    filters are views of the shared array.
     """
     xp = get_array_module(p)
-    q, pcache = _window_params(p, height, width, N)       # (gX, gY, sigma2, delta, gamma)
-    mu = q[:, _CENTRE_PARAMS] @ _centre_map(xp, N, p.dtype)              # (B, 2N), eq 19-20
-    sigma2, gamma = q[:, 2], q[:, 4]
+    Ns = _windows(Ns)
+    Mx = sum(Ns)
+    q, pcache = _window_params(p, height, width, Ns)   # per window (gX, gY, sigma2, delta, gamma)
+    mu = q @ _centre_map(xp, Ns, p.dtype)                                # (B, 2 Mx), eq 19-20
+    sigma2 = q[:, 2::5] @ _row_windows(xp, Ns, p.dtype)                  # each row's window's
     if height == width:
-        # One pixel grid for both axes: one (B, 2N, A) softmax instead of two halves.
+        # One pixel grid for both axes: one (B, M, A) softmax for all rows.
         F, rows_cache = _gaussian_rows(mu, sigma2, width)
-        Fx, Fy = F[:, :N], F[:, N:]
+        Fx_all, Fy_all = F[:, :Mx], F[:, Mx:]
         rows_caches = (rows_cache,)
     else:
-        Fx, x_cache = _gaussian_rows(mu[:, :N], sigma2, width)
-        Fy, y_cache = _gaussian_rows(mu[:, N:], sigma2, height)
+        Fx_all, x_cache = _gaussian_rows(mu[:, :Mx], sigma2[:, :Mx], width)
+        Fy_all, y_cache = _gaussian_rows(mu[:, Mx:], sigma2[:, Mx:], height)
         rows_caches = (x_cache, y_cache)
-    return (Fy, Fx, gamma), (pcache, rows_caches)
+    windows, start = [], 0
+    for w, N in enumerate(Ns):
+        windows.append((Fy_all[:, start:start + N], Fx_all[:, start:start + N], q[:, 5 * w + 4]))
+        start += N
+    return windows, (pcache, rows_caches, Ns)
 
 
-def window_backward(dFy, dFx, dgamma, cache):
-    """dFy (B, N, H), dFx (B, N, W), dgamma (B,) -> dp (B, 5)."""
-    pcache, rows_caches = cache
-    xp = get_array_module(dFx)
-    N = dFx.shape[1]
+def windows_backward(dwindows, cache):
+    """[(dFy (B, N, H), dFx (B, N, W), dgamma (B,)) for each window] -> dp (B, 5k)."""
+    pcache, rows_caches, Ns = cache
+    xp = get_array_module(dwindows[0][0])
+    dFx = xp.concatenate([dw[1] for dw in dwindows], axis=1)
+    dFy = xp.concatenate([dw[0] for dw in dwindows], axis=1)
     if len(rows_caches) == 1:
         dmu, dsigma2 = _gaussian_rows_backward(xp.concatenate([dFx, dFy], axis=1),
                                                rows_caches[0])
     else:
         dmu_x, dsigma2_x = _gaussian_rows_backward(dFx, rows_caches[0])
         dmu_y, dsigma2_y = _gaussian_rows_backward(dFy, rows_caches[1])
-        dmu, dsigma2 = xp.concatenate([dmu_x, dmu_y], axis=1), dsigma2_x + dsigma2_y
-    dq = dmu @ _centre_jacobian(xp, N, dmu.dtype)                          # (B, 5)
-    dq[:, 2] = dsigma2
-    dq[:, 4] = dgamma
+        dmu = xp.concatenate([dmu_x, dmu_y], axis=1)
+        dsigma2 = xp.concatenate([dsigma2_x, dsigma2_y], axis=1)
+    centre_map = _centre_map(xp, Ns, dmu.dtype)
+    dq = dmu @ centre_map.T                         # (B, 5k); 0 in sigma^2 and gamma columns
+    dq[:, 2::5] = dsigma2 @ _row_windows(xp, Ns, dmu.dtype).T
+    dq[:, 4::5] = xp.stack([dw[2] for dw in dwindows], axis=1)
     return _window_params_backward(dq, pcache)
+
+
+def window_forward(p, height, width, N):
+    """One window: p (B, 5) -> (Fy (B, N, H), Fx (B, N, W), gamma (B,)), cache."""
+    windows, cache = windows_forward(p, height, width, (N,))
+    return windows[0], cache
+
+
+def window_backward(dFy, dFx, dgamma, cache):
+    """dFy (B, N, H), dFx (B, N, W), dgamma (B,) -> dp (B, 5)."""
+    return windows_backward([(dFy, dFx, dgamma)], cache)
 
 
 # ---------------------------------------------------------------- eq 27

@@ -141,6 +141,31 @@ def test_window_gradients(rng):
     assert rel_err(att.window_backward(py, px, pg, cache).ravel(), numeric_grad(f, p)) < TOL
 
 
+@pytest.mark.parametrize("H, W", [(6, 6), (5, 7)])
+def test_two_windows_at_once_equal_each_alone_and_gradients(rng, H, W):
+    """windows_forward over (write, read) sizes gives each window's own filters, through
+    one shared softmax (H == W) or one per axis; its backward is checked numerically."""
+    B, Ns = 3, (4, 2)
+    p = 0.5 * rng.standard_normal((B, 5 * len(Ns)))
+    windows, cache = att.windows_forward(p, H, W, Ns)
+    for w, N in enumerate(Ns):
+        (Fy, Fx, gamma), _ = att.window_forward(p[:, 5 * w:5 * w + 5], H, W, N)
+        np.testing.assert_allclose(windows[w][0], Fy, rtol=1e-14)
+        np.testing.assert_allclose(windows[w][1], Fx, rtol=1e-14)
+        np.testing.assert_allclose(windows[w][2], gamma, rtol=1e-14)
+    projections = [(rng.standard_normal((B, N, H)), rng.standard_normal((B, N, W)),
+                    rng.standard_normal(B)) for N in Ns]
+
+    def f():
+        out, _ = att.windows_forward(p, H, W, Ns)
+        return float(sum((Fy * py).sum() + (Fx * px).sum() + (g * pg).sum()
+                         for (Fy, Fx, g), (py, px, pg) in zip(out, projections)))
+
+    dp = att.windows_backward(projections, cache)
+    assert dp.shape == p.shape
+    assert rel_err(dp.ravel(), numeric_grad(f, p)) < TOL
+
+
 def test_read_matches_loops_and_gradients(rng):
     B, K, H, W, N = 2, 3, 5, 4, 3
     images = rng.random((B, K, H, W))

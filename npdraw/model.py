@@ -214,14 +214,12 @@ def _static_read_rows(cfg):
     return 0 if cfg.attention else cfg.D
 
 
-def _read_forward(params, cfg, x, x_hat, h_dec_prev, images=None):
-    """The time-varying part of r_t = read(x, x_hat, h_dec_{t-1}).
+def _read_forward(params, cfg, x, x_hat, h_dec_prev):
+    """The time-varying part of r_t = read(x, x_hat, h_dec_{t-1}), plainly, for draw_step.
 
     -> (B, R - S) with S = _static_read_rows(cfg): x_hat without attention (eq 17;
     the x half is constant and projected once per forward), or the glimpses
     (B, 2C*Nr^2) of eq 21-27 with attention.
-    images: optional (B, 2C, H, W) array already holding [x, x_hat] (the unrolled
-    forward keeps one, with x written once); otherwise they are concatenated.
     """
     xp = get_array_module(x)
     if not cfg.attention:
@@ -229,23 +227,9 @@ def _read_forward(params, cfg, x, x_hat, h_dec_prev, images=None):
     B, C, H, W = x.shape[0], cfg.channels, cfg.height, cfg.width
     p, _ = linear_forward(h_dec_prev, params["read_att_W"], params["read_att_b"])
     (Fy, Fx, gamma), window_cache = att.window_forward(p, H, W, cfg.read_n)
-    if images is None:
-        images = xp.concatenate([x.reshape(B, C, H, W), x_hat.reshape(B, C, H, W)], axis=1)
+    images = xp.concatenate([x.reshape(B, C, H, W), x_hat.reshape(B, C, H, W)], axis=1)
     glimpse, read_cache = att.read_forward(images, Fy, Fx, gamma)
     return glimpse.reshape(B, -1), (window_cache, read_cache)
-
-
-def _read_backward(dr, cache, cfg):
-    """dr: (B, R - S), as _read_forward returns -> (dx_hat (B, D), dp (B, 5) or None)."""
-    D = cfg.D
-    if cache is None:
-        return dr, None
-    window_cache, read_cache = cache
-    B, C = dr.shape[0], cfg.channels
-    dx_hat, dFy, dFx, dgamma = att.read_backward(
-        dr.reshape(B, 2 * C, cfg.read_n, cfg.read_n), read_cache, first_plane=C)
-    dp = att.window_backward(dFy, dFx, dgamma, window_cache)
-    return dx_hat.reshape(B, D), dp
 
 
 def _write_forward(params, cfg, h_dec):
@@ -263,14 +247,15 @@ def _write_forward(params, cfg, h_dec):
     return image.reshape(B, -1), (window_cache, write_cache, p)
 
 
-def _write_backward(dcanvas, cache, cfg):
-    """dcanvas: (B, D) -> (dw (B, Pw), dp (B, 5) or None)."""
-    if cache is None:
-        return dcanvas, None
-    window_cache, write_cache, _ = cache
-    B, C, H, W = dcanvas.shape[0], cfg.channels, cfg.height, cfg.width
-    dpatch, dFy, dFx, dgamma = att.write_backward(dcanvas.reshape(B, C, H, W), write_cache)
-    return dpatch.reshape(B, -1), att.window_backward(dFy, dFx, dgamma, window_cache)
+def _decoder_heads(params):
+    """With attention, h_dec_t feeds three linear maps: the write patch w_t (eq 28), the
+    write window (eq 21) and the read window of the next glimpse (eq 21, which reads with
+    h_dec_{t-1}). The unrolled forward runs them as one GEMM with these columns:
+    -> W (Hd, Pw + 10), b (Pw + 10,) = [write | write window | next read window]."""
+    xp = get_array_module(params["write_W"])
+    return (xp.concatenate([params["write_W"], params["write_att_W"], params["read_att_W"]],
+                           axis=1),
+            xp.concatenate([params["write_b"], params["write_att_b"], params["read_att_b"]]))
 
 
 # ---------------------------------------------------------------- one glimpse
@@ -372,18 +357,27 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     a_enc = xp.empty((T, 4 * He, B), dtype)
     a_dec = xp.empty((T, 4 * Hd, B), dtype)
     log_ratio = xp.zeros(B, dtype) if need_terms else None
-    # [x, x_hat] as the read sees them, with x written once; x_hat is rewritten each glimpse
     if cfg.attention:
-        C = cfg.channels
-        images = xp.empty((B, 2 * C, cfg.height, cfg.width), dtype)
-        images[:, :C] = x.reshape(B, C, cfg.height, cfg.width)
+        C, H, W, Pw = cfg.channels, cfg.height, cfg.width, cfg.write_dim
+        # [x, x_hat] as the read sees them, x written once, x_hat rewritten each glimpse
+        images = xp.empty((B, 2 * C, H, W), dtype)
+        images[:, :C] = x.reshape(B, C, H, W)
         x_hat = images[:, C:].reshape(B, D)                                  # a view
+        heads_W, heads_b = _decoder_heads(params)
+        # the first glimpse's read window, from h_dec_0 (eq 21); later ones come with
+        # the previous glimpse's write window
+        p_read = h_dec[:, 0].T @ params["read_att_W"] + params["read_att_b"]
+        (read_window,), first_window_cache = att.windows_forward(p_read, H, W, (cfg.read_n,))
     else:
-        images, x_hat = None, xp.empty((B, D), dtype)
+        x_hat, first_window_cache = xp.empty((B, D), dtype), None
     steps = []
     for t in range(T):
         _glimpse_error_into(x, canvas, sig_prev[t], x_hat)                       # eq 3
-        r, read_cache = _read_forward(params, cfg, x, x_hat, h_dec[:, t].T, images)  # eq 4
+        if cfg.attention:                                                        # eq 4
+            glimpse, read_cache = att.read_forward(images, *read_window)        # eq 27
+            r = glimpse.reshape(B, -1)
+        else:
+            r, read_cache = x_hat, None                                          # eq 17
         enc_in[:R, t] = r.T
         enc_in[R:R + Hd, t] = h_dec[:, t]
         if t > 0:
@@ -399,7 +393,16 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
         a_dec[t] += dec_bias
         (h_dec[:, t + 1], c_dec), dec_cache = lstm_cell_forward(a_dec[t], c_dec, axis=0,  # eq 7
                                                                 gates_out=a_dec[t])
-        w, write_cache = _write_forward(params, cfg, h_dec[:, t + 1].T)
+        if cfg.attention:
+            heads = h_dec[:, t + 1].T @ heads_W + heads_b                        # eq 21, 28
+            (write_window, read_window), window_cache = att.windows_forward(
+                heads[:, Pw:], H, W, (cfg.write_n, cfg.read_n))                  # eq 19-26
+            w, write_cache = att.write_forward(
+                heads[:, :Pw].reshape(B, C, cfg.write_n, cfg.write_n), *write_window)  # eq 29
+            w = w.reshape(B, D)
+            write_cache = (write_cache, window_cache)
+        else:
+            w, write_cache = _write_forward(params, cfg, h_dec[:, t + 1].T)      # eq 18
         canvas = canvas + w                                                      # eq 8
         if need_terms:  # log p(z_t) - log q(z_t|x) = sum_j -z^2/2 + eps^2/2 + log sigma
             z = dec_in[:Z, t]
@@ -417,7 +420,7 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     # activation counts see them once
     stacked = {"enc_in": enc_in, "dec_in": dec_in, "h_enc": h_enc, "h_dec": h_dec,
                "sig_prev": sig_prev, "x": x, "gates_enc": a_enc, "gates_dec": a_dec}
-    return loss, terms, (steps, stacked, bce_cache)
+    return loss, terms, (steps, stacked, bce_cache, first_window_cache)
 
 
 def backward(params, cfg, cache):
@@ -426,25 +429,31 @@ def backward(params, cfg, cache):
     cache: from forward -> grads, a dict with the keys and shapes of params.
     Gradients of the recurrent state run features first, as in forward.
     """
-    steps, stacked, bce_cache = cache
+    steps, stacked, bce_cache, first_window_cache = cache
     xp = get_array_module(stacked["enc_in"])
     dtype = stacked["enc_in"].dtype
     T, B = stacked["enc_in"].shape[1:]
-    Z, He, Hd = cfg.z_dim, cfg.enc_dim, cfg.dec_dim
+    Z, He, Hd, D, Pw = cfg.z_dim, cfg.enc_dim, cfg.dec_dim, cfg.D, cfg.write_dim
     S = _static_read_rows(cfg)
     R = cfg.read_dim - S
     enc_W = params["enc_W"][S:]          # the constant rows of r_t need no input gradient
     inv_B = 1.0 / B
 
     # stacked output gradients of the linear maps: features first for the LSTM and q
-    # layers, (T, B, .) for the ones whose outputs feed read and write
+    # layers, (T, B, .) for the decoder's heads (write, and with attention both windows)
     da_enc = xp.empty((4 * He, T, B), dtype)
     dq_all = xp.empty((2 * Z, T, B), dtype)
     da_dec = xp.empty((4 * Hd, T, B), dtype)
-    dwrite = xp.empty((T, B, cfg.write_dim), dtype)
     if cfg.attention:
-        dp_write = xp.empty((T, B, att.P_ATTENTION), dtype)
-        dp_read = xp.empty((T, B, att.P_ATTENTION), dtype)
+        C, H, W, Nr = cfg.channels, cfg.height, cfg.width, cfg.read_n
+        heads_W, _ = _decoder_heads(params)
+        dheads = xp.empty((T, B, Pw + 2 * att.P_ATTENTION), dtype)
+        # glimpse T+1 does not exist: its read window gets zero gradients
+        dread_window = (xp.zeros((B, Nr, H), dtype), xp.zeros((B, Nr, W), dtype),
+                        xp.zeros(B, dtype))
+    else:
+        heads_W = params["write_W"]
+        dheads = xp.empty((T, B, Pw), dtype)
 
     da_enc_step = xp.empty((4 * He, B), dtype)
     da_dec_step = xp.empty((4 * Hd, B), dtype)
@@ -455,13 +464,17 @@ def backward(params, cfg, cache):
     dc_enc = xp.zeros((He, B), dtype)
     for t in reversed(range(T)):
         read_cache, enc_cache, latent_cache, dec_cache, write_cache = steps[t]
-        # c_t = c_{t-1} + write(h_dec_t)
-        dw, dp_w = _write_backward(dcanvas, write_cache, cfg)
-        dwrite[t] = dw
-        dh_dec = params["write_W"] @ dw.T + dh_dec_next
-        if dp_w is not None:
-            dp_write[t] = dp_w
-            dh_dec += params["write_att_W"] @ dp_w.T
+        # c_t = c_{t-1} + write(h_dec_t); with attention h_dec_t also set glimpse t+1's read
+        if cfg.attention:
+            write_cache, window_cache = write_cache
+            dpatch, dFy, dFx, dgamma = att.write_backward(dcanvas.reshape(B, C, H, W),
+                                                          write_cache)
+            dheads[t, :, :Pw] = dpatch.reshape(B, Pw)
+            dheads[t, :, Pw:] = att.windows_backward([(dFy, dFx, dgamma), dread_window],
+                                                     window_cache)
+        else:
+            dheads[t] = dcanvas
+        dh_dec = heads_W @ dheads[t].T + dh_dec_next
         # into a contiguous scratch, then one copy: ufuncs crawl over the strided slice
         da_dec[:, t], dc_dec = lstm_cell_backward(dh_dec, dc_dec, dec_cache, out=da_dec_step)
         ddec_in = params["dec_W"] @ da_dec_step                          # [dz, dh_dec_{t-1}]
@@ -471,11 +484,16 @@ def backward(params, cfg, cache):
         denc_in = enc_W @ da_enc_step                    # [dr, dh_dec_{t-1}, dh_enc_{t-1}]
         dh_enc_next = denc_in[R + Hd:]
         dh_dec_next = ddec_in[Z:] + denc_in[R:R + Hd]
-        dx_hat, dp_r = _read_backward(denc_in[:R].T, read_cache, cfg)
-        if dp_r is not None:
-            dp_read[t] = dp_r
-            dh_dec_next += params["read_att_W"] @ dp_r.T
+        if cfg.attention:    # the window's gradients wait for the previous glimpse's heads
+            dx_hat, *dread_window = att.read_backward(
+                denc_in[:R].T.reshape(B, 2 * C, Nr, Nr), read_cache, first_plane=C)
+            dx_hat = dx_hat.reshape(B, D)
+        else:
+            dx_hat = denc_in[:R].T
         dcanvas = _glimpse_error_backward(dcanvas, dx_hat, stacked["sig_prev"][t])
+    if cfg.attention:        # the first glimpse's read window came from h_dec_0
+        dp_first_read = att.windows_backward([dread_window], first_window_cache)   # (B, 5)
+        dh_dec_next += params["read_att_W"] @ dp_first_read.T
 
     def features_first(buffer):          # (F, T, B) -> (F, T*B)
         return buffer.reshape(buffer.shape[0], -1)
@@ -492,18 +510,19 @@ def backward(params, cfg, cache):
                                   ("dec_W", stacked["dec_in"], da_dec)):
         grads[w_name] = features_first(inputs) @ features_first(douts).T
         grads[w_name.replace("_W", "_b")] = features_first(douts).sum(axis=1)
-    grads["write_W"] = h_dec_new @ rows(dwrite)
-    grads["write_b"] = rows(dwrite).sum(axis=0)
+    dheads_W = h_dec_new @ rows(dheads)                  # the heads' columns, as in forward
+    dheads_b = rows(dheads).sum(axis=0)
+    grads["write_W"], grads["write_b"] = dheads_W[:, :Pw], dheads_b[:Pw]
     if cfg.attention:
-        h_dec_prev = features_first(xp.ascontiguousarray(stacked["h_dec"][:, :-1]))
-        grads["write_att_W"] = h_dec_new @ rows(dp_write)
-        grads["write_att_b"] = rows(dp_write).sum(axis=0)
-        grads["read_att_W"] = h_dec_prev @ rows(dp_read)
-        grads["read_att_b"] = rows(dp_read).sum(axis=0)
+        P = att.P_ATTENTION
+        grads["write_att_W"] = dheads_W[:, Pw:Pw + P]
+        grads["write_att_b"] = dheads_b[Pw:Pw + P]
+        grads["read_att_W"] = dheads_W[:, Pw + P:] + stacked["h_dec"][:, 0] @ dp_first_read
+        grads["read_att_b"] = dheads_b[Pw + P:] + dp_first_read.sum(axis=0)
     if S:  # x fed the same rows at every glimpse: sum their output gradients first
         dW_static = stacked["x"].T @ da_enc.sum(axis=1).T
         grads["enc_W"] = xp.concatenate([dW_static, grads["enc_W"]], axis=0)
-    return {name: grads[name] for name in params}
+    return {name: xp.ascontiguousarray(grads[name]) for name in params}
 
 
 def _cache_nbytes(obj, seen=None):
@@ -526,10 +545,11 @@ def _activation_nbytes(cache, x, eps):
     """Bytes kept for the backward pass: the stacked buffers plus T times one
     glimpse's cache (every glimpse caches arrays of the same shapes). The inputs
     x and eps are not counted."""
-    steps, stacked, bce_cache = cache
+    steps, stacked, bce_cache, first_window_cache = cache
     seen = {id(x), id(eps if eps.base is None else eps.base)}
     per_step = _cache_nbytes(steps[0], seen | {id(v) for v in stacked.values()})
-    return _cache_nbytes(stacked, seen) + len(steps) * per_step + _cache_nbytes(bce_cache, seen)
+    return (_cache_nbytes(stacked, seen) + len(steps) * per_step
+            + _cache_nbytes((bce_cache, first_window_cache), seen))
 
 
 # ---------------------------------------------------------------- public API

@@ -204,7 +204,8 @@ class DataParallel:
 
     def _dispatch(self, params, x, eps, message):
         """Check the inputs, share params and slices of the batch, send `message` to each
-        worker with a slice; -> [(worker, lo, hi)], x, eps, dtype."""
+        worker with a slice; -> ([(worker, lo, hi)], B). A failure once the workers have
+        been addressed closes the engine: their replies could no longer be matched."""
         from .backend import is_gpu_array
         from .model import _check_inputs
         if self._closed:
@@ -214,20 +215,32 @@ class DataParallel:
             raise ValueError("DataParallel runs on the CPU: pass NumPy arrays")
         if dtype != self.dtype:
             raise ValueError(f"params are {dtype}, this engine was built for {self.dtype}")
-        for name, view in self._params.items():
-            view[...] = params[name]
         B = x.shape[0]
         count = min(self.workers, B)
         bounds = [round(k * B / count) for k in range(count + 1)]
         slices = []
-        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            buffers = self._ensure_capacity(k, hi - lo)
-            xk, ek = buffers.inputs(self.cfg, hi - lo)
-            xk[...] = x[lo:hi]
-            ek[...] = eps[:, lo:hi]
-            self._send(k, {**message, "n": hi - lo, "share": (hi - lo) / B})
-            slices.append((k, lo, hi))
+        try:
+            for name, view in self._params.items():
+                view[...] = params[name]
+            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+                buffers = self._ensure_capacity(k, hi - lo)
+                xk, ek = buffers.inputs(self.cfg, hi - lo)
+                xk[...] = x[lo:hi]
+                ek[...] = eps[:, lo:hi]
+                self._send(k, {**message, "n": hi - lo, "share": (hi - lo) / B})
+                slices.append((k, lo, hi))
+        except BaseException:
+            self.close()
+            raise
         return slices, B
+
+    def _collect(self, slices):
+        """The workers' replies, in order; any failure (Ctrl-C included) closes the engine."""
+        try:
+            return [self._receive(k) for k, _, _ in slices]
+        except BaseException:
+            self.close()
+            raise
 
     def loss_and_grads(self, params, x, eps):
         """As model.loss_and_grads(params, cfg, x, eps), with the batch split over workers.
@@ -237,8 +250,7 @@ class DataParallel:
         """
         slices, B = self._dispatch(params, x, eps, {"cmd": "step"})
         loss, recon, kl, act, shares = 0.0, 0.0, 0.0, 0, []
-        for k, lo, hi in slices:
-            reply = self._receive(k)
+        for (k, lo, hi), reply in zip(slices, self._collect(slices)):
             share = (hi - lo) / B
             loss += share * reply["loss"]
             recon += share * reply["recon"]
@@ -267,8 +279,7 @@ class DataParallel:
         slices, B = self._dispatch(params, x, eps, {"cmd": "eval", "terms": bool(return_terms)})
         per_example = np.empty((3, B), self.dtype)
         kl, recon_mean = 0.0, 0.0
-        for k, lo, hi in slices:
-            reply = self._receive(k)
+        for (k, lo, hi), reply in zip(slices, self._collect(slices)):
             per_example[:, lo:hi] = self._buffers[k].out[:, :hi - lo]
             kl = kl + (hi - lo) / B * np.asarray(reply["kl"])
             recon_mean += (hi - lo) / B * reply["recon"]

@@ -145,6 +145,25 @@ def test_a_dead_worker_is_a_clear_error_and_nothing_is_left_behind():
     assert all(p.poll() is not None for p in engine._procs)
 
 
+def test_a_worker_error_and_an_interrupted_wait_close_the_engine(monkeypatch):
+    engine = DataParallel(NOATT, 2, "float32")
+    engine._send(0, {"cmd": "nope"})
+    with pytest.raises(RuntimeError, match="parallel worker 0 failed: unknown command 'nope'"):
+        engine._receive(0)
+    assert engine._closed and all(p.poll() is not None for p in engine._procs)
+
+    engine = DataParallel(NOATT, 2, "float32")
+    params = model.init_params(NOATT, seed=0, dtype="float32")
+    x, eps = _batch(NOATT, 4, np.float32)
+
+    def interrupted(k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "_receive", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.loss_and_grads(params, x, eps)
+    assert engine._closed and all(p.poll() is not None for p in engine._procs)
+
+
 def test_close_stops_the_workers():
     engine = DataParallel(NOATT, 2, "float32")
     procs = list(engine._procs)

@@ -187,7 +187,8 @@ def _glimpse_error(x, canvas):
 
 
 def _glimpse_error_into(x, canvas, sig_out, x_hat_out):
-    """Eq 3 written into preallocated arrays: x, canvas -> sig_out, x_hat_out, all (B, D).
+    """Eq 3 written into preallocated arrays: x, canvas -> sig_out, x_hat_out, all of one
+    shape ((B, D), or (B, C, H, W) to write x_hat into the read's image buffer).
 
     On NumPy in place, with no temporaries; on a GPU the fused kernel, then copies."""
     if get_array_module(x) is not np:
@@ -362,7 +363,7 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
         # [x, x_hat] as the read sees them, x written once, x_hat rewritten each glimpse
         images = xp.empty((B, 2 * C, H, W), dtype)
         images[:, :C] = x.reshape(B, C, H, W)
-        x_hat = images[:, C:].reshape(B, D)                                  # a view
+        x_hat = images[:, C:]                                  # (B, C, H, W), a view
         heads_W, heads_b = _decoder_heads(params)
         # the first glimpse's read window, from h_dec_0 (eq 21); later ones come with
         # the previous glimpse's write window
@@ -372,7 +373,8 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
         x_hat, first_window_cache = xp.empty((B, D), dtype), None
     steps = []
     for t in range(T):
-        _glimpse_error_into(x, canvas, sig_prev[t], x_hat)                       # eq 3
+        _glimpse_error_into(x.reshape(x_hat.shape), canvas.reshape(x_hat.shape),  # eq 3
+                            sig_prev[t].reshape(x_hat.shape), x_hat)
         if cfg.attention:                                                        # eq 4
             glimpse, read_cache = att.read_forward(images, *read_window)        # eq 27
             r = glimpse.reshape(B, -1)

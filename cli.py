@@ -56,7 +56,8 @@ POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
 
 
 def library_errors(fn):
-    """Turn the library's ValueErrors into click errors (message, exit code 1, no traceback)."""
+    """Turn the library's ValueErrors and worker failures into click errors (message, exit
+    code 1, no traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -65,6 +66,11 @@ def library_errors(fn):
             raise
         except ValueError as err:
             raise click.ClickException(str(err)) from None
+        except RuntimeError as err:  # a data-parallel worker failed (parallel.WorkerError)
+            from npdraw.parallel import WorkerError
+            if isinstance(err, WorkerError):
+                raise click.ClickException(str(err)) from None
+            raise
     return wrapper
 
 
@@ -188,7 +194,7 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
     except train_lib.TrainingInterrupted:  # train() has already said where to resume from
         click.echo("training interrupted", err=True)
         ctx.exit(130)
-    except train_lib.NonFiniteLossError as err:
+    except (train_lib.NonFiniteLossError, train_lib.WorkerFailed) as err:
         raise click.ClickException(str(err)) from None
 
 

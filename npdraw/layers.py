@@ -89,6 +89,8 @@ def _span(a, start, stop, axis):
 # above are the reference (a test checks the two agree) and what a GPU runs.
 
 def _lstm_cell_numpy(a, c_prev, axis, gates=None):
+    """a (B, 4Hd), c_prev (B, Hd), or transposed with axis=0 -> (gates [i, f, o, g]
+    shaped like a, c, tanh(c), h); gates may be given, and may be a itself."""
     Hd = c_prev.shape[axis]
     if gates is None:
         gates = np.empty_like(a)                               # [i, f, o, g] activations
@@ -106,6 +108,7 @@ def _lstm_cell_numpy(a, c_prev, axis, gates=None):
 
 
 def _lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, out, axis):
+    """Writes da into out (shaped like gates); -> dc_prev. Shapes as in the forward."""
     Hd = c_prev.shape[axis]
     i, f, o, g = _blocks(gates, Hd, 4, axis)
     da_i, da_f, da_o, da_g = _blocks(out, Hd, 4, axis)
@@ -114,7 +117,7 @@ def _lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, out, axis):
     dc_total *= o
     dc_total *= dh
     dc_total += dc
-    np.multiply(dc_total, g, out=da_i)                          # d/d(i, f, o), times
+    np.multiply(dc_total, g, out=da_i)         # dL/d(i, f, o); the sigmoid's slope next
     np.multiply(dc_total, c_prev, out=da_f)
     np.multiply(dh, tanh_c, out=da_o)
     ifo = _span(gates, 0, 3 * Hd, axis)
@@ -152,7 +155,7 @@ def lstm_cell_backward(dh, dc, cache, out=None):
     """dh, dc: (B, Hd) gradients w.r.t. h and c -> (da (B, 4Hd), dc_prev (B, Hd)).
 
     Transposed, as the forward was. out: optional array to receive da (the model
-    passes a slice of its preallocated per-glimpse buffer, saving a copy).
+    passes one contiguous scratch array, reused every glimpse).
     """
     xp = get_array_module(dh)
     gates, c_prev, tanh_c, axis = cache

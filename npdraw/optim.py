@@ -35,8 +35,8 @@ def _sq_norm(arrays) -> float:
     """Sum of squares over an iterable of arrays, as a python float.
 
     Accumulated in float64 so float32 gradients of many entries do not lose bits. On
-    NumPy each array is converted chunk by chunk and summed with a dot product, which
-    spares the full float64 copy and its squared copy.
+    NumPy each array is converted chunk by chunk, each chunk's squares summed by one
+    einsum, which spares a full float64 copy and its squared copy.
     """
     total = 0.0
     for a in arrays:

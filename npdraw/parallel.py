@@ -37,6 +37,10 @@ import numpy as np
 from .config import DrawConfig
 
 
+class WorkerError(RuntimeError):
+    """A worker process failed or exited; the engine is closed."""
+
+
 def usable_cores() -> int:
     """The cores this process may run on."""
     try:
@@ -171,7 +175,7 @@ class DataParallel:
         reply = json.loads(line)
         if "error" in reply:
             self.close()
-            raise RuntimeError(f"parallel worker {k} failed: {reply['error']}")
+            raise WorkerError(f"parallel worker {k} failed: {reply['error']}")
         return reply
 
     def _fail(self, k):
@@ -183,7 +187,7 @@ class DataParallel:
         log.seek(0)
         tail = log.read()[-2000:].decode(errors="replace").strip()
         self.close()
-        raise RuntimeError(f"parallel worker {k} exited unexpectedly (exit code {code})"
+        raise WorkerError(f"parallel worker {k} exited unexpectedly (exit code {code})"
                            + (f":\n{tail}" if tail else ""))
 
     def _ensure_capacity(self, k, n):
@@ -209,7 +213,7 @@ class DataParallel:
         from .backend import is_gpu_array
         from .model import _check_inputs
         if self._closed:
-            raise RuntimeError("this DataParallel engine is closed")
+            raise WorkerError("this DataParallel engine is closed")
         x, eps, _xp, dtype = _check_inputs(params, self.cfg, x, eps)
         if any(is_gpu_array(p) for p in params.values()):
             raise ValueError("DataParallel runs on the CPU: pass NumPy arrays")

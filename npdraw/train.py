@@ -37,7 +37,7 @@ from . import images as images_lib
 from . import model as model_lib
 from . import optim
 from .config import DrawConfig, TrainConfig
-from .parallel import DataParallel, auto_workers
+from .parallel import DataParallel, WorkerError, auto_workers
 
 # c0 = logit(clip(mean training image, C0_CLIP, 1 - C0_CLIP)); see init_model.
 C0_CLIP = 1e-3
@@ -62,6 +62,10 @@ class NonFiniteLossError(TrainingStopped):
 
 class TrainingInterrupted(TrainingStopped):
     """Ctrl-C (KeyboardInterrupt); the checkpoint of the last completed epoch is on disk."""
+
+
+class WorkerFailed(TrainingStopped):
+    """A worker process of the data-parallel engine failed; the last checkpoint stands."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -689,6 +693,12 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     except NonFiniteLossError as err:
         log(str(err))
         raise
+    except WorkerError as err:
+        msg = (f"{err}\nin epoch {epoch}; {ckpt_path} holds the last completed epoch "
+               f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir} "
+               "(add --workers 1 to train in one process)")
+        log(msg)
+        raise WorkerFailed(msg, run_dir) from None
     finally:
         if engine is not None:
             engine.close()

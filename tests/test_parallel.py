@@ -7,7 +7,7 @@ import pytest
 
 from npdraw import model
 from npdraw.config import DrawConfig, TrainConfig
-from npdraw.parallel import DataParallel, _shared_dir, auto_workers, usable_cores
+from npdraw.parallel import DataParallel, WorkerError, _shared_dir, auto_workers, usable_cores
 from npdraw.train import resolve_workers
 
 ATT = DrawConfig(height=6, width=7, T=3, read_n=2, write_n=3, enc_dim=8, dec_dim=9, z_dim=4)
@@ -137,9 +137,9 @@ def test_a_dead_worker_is_a_clear_error_and_nothing_is_left_behind():
     assert not _our_files()                       # unlinked once mapped
     os.kill(engine._procs[1].pid, signal.SIGKILL)
     engine._procs[1].wait()
-    with pytest.raises(RuntimeError, match="parallel worker 1 exited unexpectedly"):
+    with pytest.raises(WorkerError, match="parallel worker 1 exited unexpectedly"):
         engine.loss_and_grads(params, x, eps)
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(WorkerError, match="closed"):
         engine.loss_and_grads(params, x, eps)
     engine.close()                                # closing twice is harmless
     assert all(p.poll() is not None for p in engine._procs)
@@ -148,7 +148,7 @@ def test_a_dead_worker_is_a_clear_error_and_nothing_is_left_behind():
 def test_a_worker_error_and_an_interrupted_wait_close_the_engine(monkeypatch):
     engine = DataParallel(NOATT, 2, "float32")
     engine._send(0, {"cmd": "nope"})
-    with pytest.raises(RuntimeError, match="parallel worker 0 failed: unknown command 'nope'"):
+    with pytest.raises(WorkerError, match="parallel worker 0 failed: unknown command 'nope'"):
         engine._receive(0)
     assert engine._closed and all(p.poll() is not None for p in engine._procs)
 

@@ -6,6 +6,7 @@ tiny models so the whole file takes well under a minute on two cores.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,28 @@ def test_worker_processes_train_the_same_model(bmnist, tmp_path):
     rows_a, rows_b = train_lib.read_log(split), train_lib.read_log(whole)
     for ra, rb in zip(rows_a, rows_b):
         assert ra["train_bound"] == pytest.approx(rb["train_bound"], rel=1e-4)
+
+
+def test_a_worker_that_dies_stops_training_clearly_and_keeps_the_checkpoint(
+        bmnist, tmp_path, monkeypatch):
+    class Dying(train_lib.DataParallel):
+        calls = 0
+
+        def loss_and_grads(self, params, x, eps):
+            Dying.calls += 1
+            if Dying.calls == 200 // 50 + 2:          # in epoch 2
+                os.kill(self._procs[0].pid, signal.SIGKILL)
+                self._procs[0].wait()
+            return super().loss_and_grads(params, x, eps)
+
+    monkeypatch.setattr(train_lib, "DataParallel", Dying)
+    lines = []
+    with pytest.raises(train_lib.WorkerFailed) as info:
+        train_lib.train(TINY, _tcfg(tmp_path, epochs=2, workers=2), log=lines.append,
+                        data=bmnist, progress=False)
+    assert "parallel worker 0 exited unexpectedly" in lines[-1]
+    assert "in epoch 2" in lines[-1] and "--resume" in lines[-1] and "--workers 1" in lines[-1]
+    assert ckpt_lib.load_checkpoint(info.value.run_dir / "checkpoint.h5").epoch == 1
 
 
 # ----------------------------------------------------------------------------- resume

@@ -92,6 +92,10 @@ def test_bench_runs_end_to_end_json(capsys):
     assert r["ok"] is True
     assert r["device"]["cores"] >= 1 and r["device"]["cpu"]
     assert r["gemm"]["peak_gflops"] > 0
+    g = r["gemm"]   # the peak bounds one multi-threaded matmul and the cores side by side
+    assert g["single_core_best_gflops"] > 0 and g["cores"] == r["device"]["cores"]
+    assert g["peak_gflops"] >= max(max(g["best_gflops"].values()),
+                                   g["single_core_best_gflops"] * g["cores"]) * (1 - 1e-12)
     assert set(r["models"]) == {"attention", "no-attention"}
     for name, e in r["models"].items():
         assert e["config"]["T"] == 2 and e["config"]["attention"] == (name == "attention")

@@ -169,10 +169,13 @@ class DataParallel:
             self._fail(k)
 
     def _receive(self, k):
-        line = self._procs[k].stdout.readline()
-        if not line:
-            self._fail(k)
-        reply = json.loads(line)
+        while True:                    # skip what something else printed at start-up
+            line = self._procs[k].stdout.readline()
+            if not line:
+                self._fail(k)
+            if line.startswith(_PREFIX):
+                break
+        reply = json.loads(line[len(_PREFIX):])
         if "error" in reply:
             self.close()
             raise WorkerError(f"parallel worker {k} failed: {reply['error']}")
@@ -331,14 +334,22 @@ class DataParallel:
 
 # ---------------------------------------------------------------- the worker side
 
+_PREFIX = b"npdraw-worker "    # marks protocol lines: anything else on the pipe is ignored
+_channel = None                 # the worker's protocol stream: its original stdout
+
+
 def _reply(message):
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    _channel.write(_PREFIX + json.dumps(message).encode() + b"\n")
+    _channel.flush()
 
 
 def _worker(spec_json: str) -> None:
+    global _channel
     from .model import loss_and_grads, loss_only
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and closes us
+    # Replies go to the original stdout; a stray print goes to stderr, not into the protocol.
+    _channel = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout = sys.stderr
     spec = json.loads(spec_json)
     cfg = DrawConfig.from_dict(spec["cfg"])
     dtype = np.dtype(spec["dtype"])

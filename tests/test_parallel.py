@@ -164,6 +164,18 @@ def test_a_worker_error_and_an_interrupted_wait_close_the_engine(monkeypatch):
     assert engine._closed and all(p.poll() is not None for p in engine._procs)
 
 
+def test_stray_output_on_a_workers_stdout_is_ignored(tmp_path, monkeypatch):
+    """Something printing at interpreter start-up (here a sitecustomize) must not
+    break the protocol on the workers' stdout."""
+    (tmp_path / "sitecustomize.py").write_text("print('hello from start-up')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    params = model.init_params(NOATT, seed=0, dtype="float64")
+    x, eps = _batch(NOATT, 4, np.float64)
+    loss, _, _ = model.loss_and_grads(params, NOATT, x, eps)
+    with DataParallel(NOATT, 2, "float64") as engine:
+        assert engine.loss_and_grads(params, x, eps)[0] == pytest.approx(loss, rel=1e-13)
+
+
 def test_close_stops_the_workers():
     engine = DataParallel(NOATT, 2, "float32")
     procs = list(engine._procs)

@@ -503,7 +503,8 @@ def backward(params, cfg, cache):
     def rows(buffer):                    # (T, B, F) -> (T*B, F)
         return buffer.reshape(T * B, -1)
 
-    h_dec_new = features_first(xp.ascontiguousarray(stacked["h_dec"][:, 1:]))
+    # h_dec_1..T: a view, (Hd, T*B) with a row stride of (T+1)*B, which BLAS takes as is
+    h_dec_new = features_first(stacked["h_dec"][:, 1:])
     grads = {"c0": dcanvas.sum(axis=0), "h_dec0": dh_dec_next.sum(axis=1),
              "h_enc0": dh_enc_next.sum(axis=1)}
     # one GEMM per weight over all T*B rows (see module docstring)

@@ -292,8 +292,8 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
     params = _params_on(ckpt, device)
     rng = np.random.default_rng(seed)
     from npdraw import backend
-    from npdraw.parallel import DataParallel
-    workers = train_lib.resolve_workers(workers, backend.resolve_device(device), batch_size)
+    from npdraw.parallel import DataParallel, resolve_workers
+    workers = resolve_workers(workers, backend.resolve_device(device), batch_size)
     engine = DataParallel(cfg, workers, params["c0"].dtype) if workers > 1 else None
     try:
         iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size,

@@ -482,7 +482,7 @@ def _run(args) -> dict:
     import npdraw
     from npdraw import backend
 
-    from npdraw.train import resolve_workers
+    from npdraw.parallel import resolve_workers
     device = backend.resolve_device(args.device)  # ValueError when 'gpu' has no GPU (main checks)
     workers = resolve_workers(args.workers, device, args.batch)
     xp = backend.xp_for(device)

@@ -362,7 +362,8 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
         C, H, W, Pw = cfg.channels, cfg.height, cfg.width, cfg.write_dim
         # [x, x_hat] as the read sees them, x written once, x_hat rewritten each glimpse
         images = xp.empty((B, 2 * C, H, W), dtype)
-        images[:, :C] = x.reshape(B, C, H, W)
+        x_planes = x.reshape(B, C, H, W)                       # x in x_hat's shape, for eq 3
+        images[:, :C] = x_planes
         x_hat = images[:, C:]                                  # (B, C, H, W), a view
         heads_W, heads_b = _decoder_heads(params)
         # the first glimpse's read window, from h_dec_0 (eq 21); later ones come with
@@ -371,9 +372,10 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
         (read_window,), first_window_cache = att.windows_forward(p_read, H, W, (cfg.read_n,))
     else:
         x_hat, first_window_cache = xp.empty((B, D), dtype), None
+        x_planes = x
     steps = []
     for t in range(T):
-        _glimpse_error_into(x.reshape(x_hat.shape), canvas.reshape(x_hat.shape),  # eq 3
+        _glimpse_error_into(x_planes, canvas.reshape(x_hat.shape),               # eq 3
                             sig_prev[t].reshape(x_hat.shape), x_hat)
         if cfg.attention:                                                        # eq 4
             glimpse, read_cache = att.read_forward(images, *read_window)        # eq 27

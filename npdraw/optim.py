@@ -75,7 +75,6 @@ def clip_by_global_norm(grads: dict, max_norm: float):
     The input arrays are never modified; dtypes are kept. The training loop instead
     passes clip_scale(...) to adam_step as grad_scale, which saves this pass.
     """
-    clip_scale(0.0, max_norm)  # a bad max_norm fails before the norm is computed
     norm = global_norm(grads)
     scale = clip_scale(norm, max_norm)
     clipped = {}

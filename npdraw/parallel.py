@@ -34,7 +34,9 @@ import tempfile
 
 import numpy as np
 
+from .backend import is_gpu_array
 from .config import DrawConfig
+from .model import _check_inputs, loss_and_grads, loss_only, param_shapes
 
 
 class WorkerError(RuntimeError):
@@ -54,9 +56,19 @@ def auto_workers(batch_size: int, min_share: int = 32) -> int:
     return max(1, min(usable_cores(), batch_size // min_share))
 
 
+def resolve_workers(workers: int, device: str, batch_size: int) -> int:
+    """TrainConfig.workers -> the process count to use: 0 is one per core on the CPU
+    (auto_workers) and 1 on the GPU, where the batch is not split."""
+    if device == "gpu":
+        if workers > 1:
+            raise ValueError(f"workers = {workers} splits batches over CPU processes; "
+                             "on the GPU use 0 or 1")
+        return 1
+    return workers or auto_workers(batch_size)
+
+
 def _layout(cfg: DrawConfig):
     """name -> (offset, shape) of every parameter in one flat (P,) vector, and P."""
-    from .model import param_shapes
     layout, offset = {}, 0
     for name, shape in param_shapes(cfg).items():
         layout[name] = (offset, shape)
@@ -96,7 +108,7 @@ class _WorkerBuffers:
     def __init__(self, path, cfg, dtype, P, capacity):
         D, TZ = cfg.D, cfg.T * cfg.z_dim
         self.capacity = capacity
-        self.flat = _map(path, dtype, P + capacity * (D + TZ + 3))
+        self.flat = _map(path, dtype, self.count(cfg, P, capacity))
         self.grads = self.flat[:P]
         self.x = self.flat[P:P + capacity * D]
         self.eps = self.flat[P + capacity * D:P + capacity * (D + TZ)]
@@ -108,8 +120,9 @@ class _WorkerBuffers:
                 self.eps[:cfg.T * n * cfg.z_dim].reshape(cfg.T, n, cfg.z_dim))
 
     @staticmethod
-    def nbytes(cfg, dtype, P, capacity):
-        return np.dtype(dtype).itemsize * (P + capacity * (cfg.D + cfg.T * cfg.z_dim + 3))
+    def count(cfg, P, capacity):
+        """Values in the file: P gradients, then per example x (D), eps (T*Z) and out (3)."""
+        return P + capacity * (cfg.D + cfg.T * cfg.z_dim + 3)
 
 
 class DataParallel:
@@ -198,7 +211,8 @@ class DataParallel:
         if current is not None and current.capacity >= n:
             return current
         capacity = max(n, 2 * current.capacity if current is not None else n)
-        path = _new_shared_file(_WorkerBuffers.nbytes(self.cfg, self.dtype, self.P, capacity))
+        path = _new_shared_file(self.dtype.itemsize * _WorkerBuffers.count(self.cfg, self.P,
+                                                                           capacity))
         try:
             self._buffers[k] = _WorkerBuffers(path, self.cfg, self.dtype, self.P, capacity)
             self._send(k, {"cmd": "attach", "path": path, "capacity": capacity})
@@ -213,8 +227,6 @@ class DataParallel:
         """Check the inputs, share params and slices of the batch, send `message` to each
         worker with a slice; -> ([(worker, lo, hi)], B). A failure once the workers have
         been addressed closes the engine: their replies could no longer be matched."""
-        from .backend import is_gpu_array
-        from .model import _check_inputs
         if self._closed:
             raise WorkerError("this DataParallel engine is closed")
         x, eps, _xp, dtype = _check_inputs(params, self.cfg, x, eps)
@@ -345,7 +357,6 @@ def _reply(message):
 
 def _worker(spec_json: str) -> None:
     global _channel
-    from .model import loss_and_grads, loss_only
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and closes us
     # Replies go to the original stdout; a stray print goes to stderr, not into the protocol.
     _channel = os.fdopen(os.dup(sys.stdout.fileno()), "wb")

@@ -37,7 +37,7 @@ from . import images as images_lib
 from . import model as model_lib
 from . import optim
 from .config import DrawConfig, TrainConfig
-from .parallel import DataParallel, WorkerError, auto_workers
+from .parallel import DataParallel, WorkerError, resolve_workers
 
 # c0 = logit(clip(mean training image, C0_CLIP, 1 - C0_CLIP)); see init_model.
 C0_CLIP = 1e-3
@@ -705,17 +705,6 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     log(f"done: {tcfg.epochs} epochs; best valid bound {best_valid:.2f} (epoch {best_epoch}); "
         f"run dir {run_dir}")
     return run_dir
-
-
-def resolve_workers(workers: int, device: str, batch_size: int) -> int:
-    """TrainConfig.workers -> the process count to use: 0 is one per core on the CPU
-    (parallel.auto_workers) and 1 on the GPU, where the batch is not split."""
-    if device == "gpu":
-        if workers > 1:
-            raise ValueError(f"workers = {workers} splits batches over CPU processes; "
-                             "on the GPU use 0 or 1")
-        return 1
-    return workers or auto_workers(batch_size)
 
 
 def _saved_epoch(path: Path):

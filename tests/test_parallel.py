@@ -7,8 +7,8 @@ import pytest
 
 from npdraw import model
 from npdraw.config import DrawConfig, TrainConfig
-from npdraw.parallel import DataParallel, WorkerError, _shared_dir, auto_workers, usable_cores
-from npdraw.train import resolve_workers
+from npdraw.parallel import (DataParallel, WorkerError, _shared_dir, auto_workers,
+                             resolve_workers, usable_cores)
 
 ATT = DrawConfig(height=6, width=7, T=3, read_n=2, write_n=3, enc_dim=8, dec_dim=9, z_dim=4)
 NOATT = DrawConfig(height=5, width=4, T=3, enc_dim=6, dec_dim=7, z_dim=3, attention=False)

@@ -55,6 +55,13 @@ ATTENTION = AttentionType()
 POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
 
 
+DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]),
+                             default="auto", show_default=True)
+WORKERS_OPTION = click.option(
+    "--workers", type=click.IntRange(min=0), default=0, show_default=True,
+    help="CPU processes that share each batch (0: one per core, 1 on a GPU).")
+
+
 def library_errors(fn):
     """Turn the library's ValueErrors and worker failures into click errors (message, exit
     code 1, no traceback)."""
@@ -136,10 +143,8 @@ def cli():
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue the run in this run dir from its checkpoint.h5.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
-              show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="CPU processes that share each batch (0: one per core, 1 on a GPU).")
+@DEVICE_OPTION
+@WORKERS_OPTION
 @click.option("--data-dir", envvar="NPDRAW_DATA", default="data", show_default=True,
               help="Where converted data sets live [env NPDRAW_DATA].")
 @click.option("--mirror", envvar="NPDRAW_MIRROR", default="",
@@ -214,8 +219,7 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
               help="Enlarge every image this many times.")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=10.0,
               show_default=True, help="GIF frames per second.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
-              show_default=True)
+@DEVICE_OPTION
 @library_errors
 def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
     """Generate rows*cols images: frame_000.png... (one per glimpse) and samples.gif."""
@@ -263,10 +267,8 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=500,
               show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
-              show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="CPU processes that share each batch (0: one per core, 1 on a GPU).")
+@DEVICE_OPTION
+@WORKERS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @library_errors
 def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, batch_size, seed,

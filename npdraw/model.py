@@ -156,11 +156,15 @@ def _check_eps(eps, cfg, B, xp, dtype, check_values=True):
     return eps
 
 
-def _check_inputs(params, cfg, x, eps):
+def _check_model(params, cfg):
+    """-> (dtype, xp) of params, which must fit cfg (a DrawConfig)."""
     if not isinstance(cfg, DrawConfig):
         raise ValueError(f"cfg must be a DrawConfig, got {type(cfg).__name__}")
-    dtype = _check_params(params, cfg)
-    xp = get_array_module(params["c0"])
+    return _check_params(params, cfg), get_array_module(params["c0"])
+
+
+def _check_inputs(params, cfg, x, eps):
+    dtype, xp = _check_model(params, cfg)
     x = _as_model_array(x, "x", xp, dtype)
     if x.ndim != 2 or x.shape[1] != cfg.D or x.shape[0] < 1:
         raise ValueError(f"x must have shape (B, D) with D = C*H*W = {cfg.D}, got {tuple(x.shape)}")
@@ -606,10 +610,7 @@ def generate(params, cfg, eps):
        without attention, else a dict of (T, B) arrays "cx", "cy" (centre, 1-based
        pixel coordinates), "stride", "sigma", "gamma", and "N" (the write size).
     """
-    if not isinstance(cfg, DrawConfig):
-        raise ValueError(f"cfg must be a DrawConfig, got {type(cfg).__name__}")
-    dtype = _check_params(params, cfg)
-    xp = get_array_module(params["c0"])
+    dtype, xp = _check_model(params, cfg)
     if not hasattr(eps, "shape") or len(eps.shape) != 3:
         raise ValueError(f"eps must have shape (T, B, z_dim), got {getattr(eps, 'shape', eps)!r}")
     eps = _check_eps(eps, cfg, eps.shape[1], xp, dtype)

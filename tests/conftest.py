@@ -29,3 +29,12 @@ def bmnist_mirror() -> Path:
         pytest.fail(f"binarized MNIST mirror not found at {path} (missing {missing}); "
                     "set NPDRAW_TEST_MIRROR to the folder holding the .amat.gz files")
     return path
+
+
+@pytest.fixture(scope="session")
+def bmnist_data_dir(bmnist_mirror, tmp_path_factory):
+    """The mirror converted once per session into a data dir (test_train, test_cli)."""
+    from npdraw.data import load_splits
+    path = tmp_path_factory.getbasetemp() / "npdraw-bmnist-data"
+    load_splits("bmnist", data_dir=str(path), mirror=str(bmnist_mirror), progress=False)
+    return path

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from npdraw import checkpoint as ckpt_lib
 from npdraw import model as model_lib
 from npdraw.config import DrawConfig
-from npdraw.data import load_splits
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("npdraw_cli", REPO / "cli.py")
@@ -25,14 +24,6 @@ T = 3
 TINY_ARGS = ["--niter", str(T), "--attention", "2,3", "--enc-dim", "16", "--dec-dim", "16",
              "--z-dim", "4", "--bs", "50", "--subset", "200", "--eval-subset", "200",
              "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture(scope="session")
-def bmnist_data_dir(bmnist_mirror, tmp_path_factory):
-    """One converted data dir per session (test_train.py uses the same path)."""
-    path = tmp_path_factory.getbasetemp() / "npdraw-bmnist-data"
-    load_splits("bmnist", data_dir=str(path), mirror=str(bmnist_mirror), progress=False)
-    return path
 
 
 @pytest.fixture

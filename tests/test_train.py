@@ -25,14 +25,6 @@ TINY = DrawConfig(T=3, read_n=2, write_n=3, enc_dim=16, dec_dim=16, z_dim=4)
 
 
 @pytest.fixture(scope="session")
-def bmnist_data_dir(bmnist_mirror, tmp_path_factory):
-    """One converted data dir per session (test_cli.py uses the same path)."""
-    path = tmp_path_factory.getbasetemp() / "npdraw-bmnist-data"
-    load_splits("bmnist", data_dir=str(path), mirror=str(bmnist_mirror), progress=False)
-    return path
-
-
-@pytest.fixture(scope="session")
 def bmnist(bmnist_data_dir, bmnist_mirror):
     return load_splits("bmnist", data_dir=str(bmnist_data_dir), mirror=str(bmnist_mirror),
                        progress=False)

@@ -572,7 +572,12 @@ def loss_and_grads(params, cfg, x, eps):
        "loss", "recon" (float, batch mean of L^x), "kl" ((T,) NumPy, batch mean
        KL of each glimpse), "kl_total" (float) and "activation_bytes".
     """
-    x, eps, xp, _ = _check_inputs(params, cfg, x, eps)
+    x, eps, _, _ = _check_inputs(params, cfg, x, eps)
+    return _loss_and_grads(params, cfg, x, eps)
+
+
+def _loss_and_grads(params, cfg, x, eps):
+    """loss_and_grads on inputs already checked (the data-parallel workers' entry)."""
     loss_per_example, terms, cache = forward(params, cfg, x, eps)
     grads = backward(params, cfg, cache)
     kl = to_numpy(terms["kl"].mean(axis=1))
@@ -590,7 +595,12 @@ def loss_only(params, cfg, x, eps, return_terms=False):
        holds "recon" and "kl" as in loss_and_grads and, with return_terms,
        "recon_per_example" (B,) and "log_weight" (B,) (see forward).
     """
-    x, eps, xp, _ = _check_inputs(params, cfg, x, eps)
+    x, eps, _, _ = _check_inputs(params, cfg, x, eps)
+    return _loss_only(params, cfg, x, eps, return_terms)
+
+
+def _loss_only(params, cfg, x, eps, return_terms=False):
+    """loss_only on inputs already checked (the data-parallel workers' entry)."""
     loss_per_example, terms, _ = forward(params, cfg, x, eps, need_terms=return_terms,
                                          need_cache=False)
     kl = to_numpy(terms["kl"].mean(axis=1))

@@ -36,7 +36,7 @@ import numpy as np
 
 from .backend import is_gpu_array
 from .config import DrawConfig
-from .model import _check_inputs, loss_and_grads, loss_only, param_shapes
+from .model import _check_inputs, _loss_and_grads, _loss_only, param_shapes
 
 
 class WorkerError(RuntimeError):
@@ -376,7 +376,8 @@ def _worker(spec_json: str) -> None:
                 _reply({"attached": True})
             elif message["cmd"] == "step":
                 x, eps = buffers.inputs(cfg, message["n"])
-                loss, grads, stats = loss_and_grads(params, cfg, x, eps)
+                # the parent checked the whole batch; the slice is not checked again
+                loss, grads, stats = _loss_and_grads(params, cfg, x, eps)
                 share = dtype.type(message["share"])
                 for name, view in _views(buffers.grads, layout).items():
                     np.multiply(grads[name], share, out=view)
@@ -385,7 +386,7 @@ def _worker(spec_json: str) -> None:
             elif message["cmd"] == "eval":
                 n = message["n"]
                 x, eps = buffers.inputs(cfg, n)
-                per_example, stats = loss_only(params, cfg, x, eps, return_terms=message["terms"])
+                per_example, stats = _loss_only(params, cfg, x, eps, message["terms"])
                 buffers.out[0, :n] = per_example
                 if message["terms"]:
                     buffers.out[1, :n] = stats["recon_per_example"]

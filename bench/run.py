@@ -41,6 +41,8 @@ if str(_REPO_ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first, 
 
 import numpy as np  # noqa: E402
 
+from npdraw.parallel import usable_cores  # noqa: E402
+
 LOSS_RTOL_F32 = 1e-4
 RTOL_F64 = 1e-6
 CLIP = 10.0
@@ -103,13 +105,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _openblas_fns():
@@ -189,7 +184,7 @@ def set_threads(n: int, torch_too: bool = True):
 
 
 def device_description(device: str) -> dict:
-    desc = {"platform": platform.platform(), "cpu": _cpu_model(), "cores": _usable_cores(),
+    desc = {"platform": platform.platform(), "cpu": _cpu_model(), "cores": usable_cores(),
             "python": platform.python_version(), "numpy": np.__version__}
     if device == "gpu":
         import cupy
@@ -561,7 +556,7 @@ def _run(args) -> dict:
     result["gemm"] = {"n": n, "reps": len(gemm_secs["npdraw_blas"]), "median_gflops": median,
                       "best_gflops": best}
     if core_secs:
-        cores = _usable_cores()
+        cores = usable_cores()
         per_core = flop / min(core_secs)
         result["gemm"]["single_core_best_gflops"] = per_core
         result["gemm"]["cores"] = cores

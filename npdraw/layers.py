@@ -73,14 +73,12 @@ def _lstm_cell_backward_kernel(dh, dc, i, f, o, g, c_prev, tanh_c):
 
 
 def _blocks(a, width, count, axis):
-    """`count` consecutive blocks of `width` along axis 0 or -1 of a 2-D array."""
-    if axis == 0:
-        return [a[k * width:(k + 1) * width] for k in range(count)]
-    return [a[:, k * width:(k + 1) * width] for k in range(count)]
+    """`count` consecutive blocks of `width` along axis 0 or -1 of an array."""
+    return [_span(a, k * width, (k + 1) * width, axis) for k in range(count)]
 
 
 def _span(a, start, stop, axis):
-    return a[start:stop] if axis == 0 else a[:, start:stop]
+    return a[start:stop] if axis == 0 else a[..., start:stop]
 
 
 # On NumPy the same equations run as in-place ufunc calls over whole gate blocks: the
@@ -88,9 +86,10 @@ def _span(a, start, stop, axis):
 # writing into preallocated outputs spares temporaries and copies. The fused kernels
 # above are the reference (a test checks the two agree) and what a GPU runs.
 
-def _lstm_cell_numpy(a, c_prev, axis, gates=None):
+def _lstm_cell_numpy(a, c_prev, axis, gates=None, h_out=None):
     """a (B, 4Hd), c_prev (B, Hd), or transposed with axis=0 -> (gates [i, f, o, g]
-    shaped like a, c, tanh(c), h); gates may be given, and may be a itself."""
+    shaped like a, c, tanh(c), h); gates may be given, and may be a itself; h is
+    written into h_out if given."""
     Hd = c_prev.shape[axis]
     if gates is None:
         gates = np.empty_like(a)                               # [i, f, o, g] activations
@@ -104,7 +103,7 @@ def _lstm_cell_numpy(a, c_prev, axis, gates=None):
     c = f * c_prev
     c += i * g
     tanh_c = np.tanh(c)
-    return gates, c, tanh_c, o * tanh_c
+    return gates, c, tanh_c, np.multiply(o, tanh_c, out=h_out)
 
 
 def _lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, out, axis):
@@ -132,7 +131,7 @@ def _lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, out, axis):
     return dc_total
 
 
-def lstm_cell_forward(a, c_prev, axis=-1, gates_out=None):
+def lstm_cell_forward(a, c_prev, axis=-1, gates_out=None, h_out=None):
     """The elementwise half of an LSTM step.
 
     a: (B, 4Hd) gate pre-activations   c_prev: (B, Hd)
@@ -142,12 +141,17 @@ def lstm_cell_forward(a, c_prev, axis=-1, gates_out=None):
     gates_out: optional array shaped like a to keep the gate activations in (the
     cache refers to it); it may be a itself, when the caller no longer needs a.
     Only NumPy uses it.
+    h_out: optional array shaped like c_prev that receives h (the model's slot for
+    h in the next glimpse's GEMM input), which is then the h returned.
     """
     Hd = c_prev.shape[axis]
     if get_array_module(a) is np:
-        gates, c, tanh_c, h = _lstm_cell_numpy(a, c_prev, axis, gates_out)
+        gates, c, tanh_c, h = _lstm_cell_numpy(a, c_prev, axis, gates_out, h_out)
         return (h, c), (gates, c_prev, tanh_c, axis)
     i, f, o, g, c, tanh_c, h = _lstm_cell_kernel(*_blocks(a, Hd, 4, axis), c_prev)
+    if h_out is not None:
+        h_out[...] = h
+        h = h_out
     return (h, c), ((i, f, o, g), c_prev, tanh_c, axis)
 
 
@@ -172,47 +176,102 @@ def lstm_cell_backward(dh, dc, cache, out=None):
 
 
 # ---------------------------------------------------------------- Gaussian latent
+# Q(z_t|h_enc_t) = N(mu, sigma^2) with q = [mu | log sigma] (eq 1-2). Two paired ops:
+# the reparameterised sample (eq 6), which the glimpse loop needs at once, and the KL
+# (eq 10-11), which nothing needs before the loss, so the unrolled model takes it for
+# all glimpses in one call. latent_forward/backward compose them for one glimpse.
 
 @fuse
-def _latent_kernel(mu, log_sigma, eps):
-    sigma = np.exp(log_sigma)
-    return sigma, mu + sigma * eps, 0.5 * (mu * mu + sigma * sigma - 2.0 * log_sigma - 1.0)
+def _reparam_kernel(mu, log_sigma, eps):
+    noise = np.exp(log_sigma) * eps
+    return noise, mu + noise
 
 
 @fuse
-def _latent_backward_kernel(dz, dkl, mu, sigma, eps):
-    return dz + dkl * mu, dz * sigma * eps + dkl * (sigma * sigma - 1.0)
+def _kl_terms_kernel(mu, log_sigma):
+    var = np.exp(2.0 * log_sigma)
+    return var, 0.5 * (mu * mu + var - 1.0) - log_sigma
+
+
+def reparam_forward(q, eps, axis=-1, z_out=None):
+    """z = mu + sigma * eps (eq 6).
+
+    q: (B, 2Z) = [mu | log sigma]   eps: (B, Z) standard normal noise
+    -> z (B, Z), cache. axis=0: all transposed, features first (q (2Z, B), eps (Z, B)).
+    z_out: optional array shaped like eps to write z into (then returned as z).
+    """
+    xp = get_array_module(q)
+    mu, log_sigma = _blocks(q, eps.shape[axis], 2, axis)
+    if xp is np:                                 # in place: no temporaries
+        noise = np.exp(log_sigma)
+        noise *= eps
+        z = np.add(mu, noise, out=z_out)
+    else:
+        noise, z = _reparam_kernel(mu, log_sigma, eps)
+        if z_out is not None:
+            z_out[...] = z
+            z = z_out
+    return z, (noise, axis)                      # noise = sigma * eps = dz/dlog sigma
+
+
+def reparam_backward(dz, cache, dq=None):
+    """dz: (B, Z) -> dq (B, 2Z) = [dz | dz * sigma * eps]. Transposed, as the forward was.
+
+    dq: optional array to add the gradient into, which is then returned (the model's
+    already holds the KL's gradient)."""
+    xp = get_array_module(dz)
+    noise, axis = cache
+    if dq is None:
+        return xp.concatenate([dz, dz * noise], axis=axis)
+    dmu, dlog_sigma = _blocks(dq, dz.shape[axis], 2, axis)
+    dmu += dz
+    dlog_sigma += dz * noise
+    return dq
+
+
+def kl_forward(q, axis=-1):
+    """Exact KL(N(mu, sigma^2) || N(0, I)), summed over the Z units (eq 10-11):
+    kl = sum_j 0.5 (mu^2 + sigma^2 - 1) - log sigma.
+
+    q: (..., 2Z) = [mu | log sigma] -> kl (...), cache.
+    axis=0: features first, q (2Z, ...) -> kl (...); the model passes (2Z, T, B).
+    """
+    mu, log_sigma = _blocks(q, q.shape[axis] // 2, 2, axis)
+    var, terms = _kl_terms_kernel(mu, log_sigma)
+    return terms.sum(axis=axis), (mu, var, axis)
+
+
+def kl_backward(dkl, cache):
+    """dkl: shaped like kl, or a scalar -> dq = [dkl mu | dkl (sigma^2 - 1)], shaped like q."""
+    mu, var, axis = cache
+    xp = get_array_module(mu)
+    dkl = xp.asarray(dkl, dtype=mu.dtype)
+    if dkl.ndim:
+        dkl = xp.expand_dims(dkl, axis)
+    return xp.concatenate([dkl * mu, dkl * (var - 1.0)], axis=axis)
 
 
 def latent_forward(q, eps, axis=-1):
-    """Reparameterised sample and exact KL to N(0, I) (paper eq 1-2, 6, 10-11).
+    """Reparameterised sample and exact KL to N(0, I) of one glimpse (eq 1-2, 6, 10-11).
 
     q: (B, 2Z) = [mu | log sigma]   eps: (B, Z) standard normal noise
     -> (z (B, Z), kl (B,)), cache
-    kl = sum_j 0.5 * (mu^2 + sigma^2 - log sigma^2 - 1)
     axis=0: all transposed, features first (q (2Z, B), eps (Z, B), z (Z, B)).
     """
-    Z = eps.shape[axis]
-    mu, log_sigma = _blocks(q, Z, 2, axis)
-    sigma, z, kl_terms = _latent_kernel(mu, log_sigma, eps)
-    return (z, kl_terms.sum(axis=axis)), (mu, sigma, eps, axis)
+    z, reparam_cache = reparam_forward(q, eps, axis)
+    kl, kl_cache = kl_forward(q, axis)
+    return (z, kl), (reparam_cache, kl_cache)
 
 
 def latent_backward(dz, dkl, cache, out=None):
     """dz: (B, Z), dkl: (B,) or scalar -> dq (B, 2Z) (written into `out` if given).
 
     Transposed, as the forward was."""
-    xp = get_array_module(dz)
-    mu, sigma, eps, axis = cache
-    dkl = xp.asarray(dkl, dtype=dz.dtype)
-    if dkl.ndim:
-        dkl = xp.expand_dims(dkl, axis)
-    Z = dz.shape[axis]
+    reparam_cache, kl_cache = cache
+    dq = reparam_backward(dz, reparam_cache, dq=kl_backward(dkl, kl_cache))
     if out is None:
-        shape = (2 * Z, dz.shape[1]) if axis == 0 else (dz.shape[0], 2 * Z)
-        out = xp.empty(shape, dtype=dz.dtype)
-    for block, grad in zip(_blocks(out, Z, 2, axis), _latent_backward_kernel(dz, dkl, mu, sigma, eps)):
-        block[...] = grad
+        return dq
+    out[...] = dq
     return out
 
 

@@ -41,8 +41,9 @@ import numpy as np
 from . import attention as att
 from .backend import fuse, get_array_module, to_numpy
 from .config import DrawConfig
-from .layers import (bce_backward, bce_forward, latent_backward, latent_forward,
-                     linear_forward, lstm_cell_backward, lstm_cell_forward, sigmoid)
+from .layers import (bce_backward, bce_forward, kl_backward, kl_forward, latent_forward,
+                     linear_forward, lstm_cell_backward, lstm_cell_forward, reparam_backward,
+                     reparam_forward, sigmoid)
 
 def param_shapes(cfg: DrawConfig) -> dict:
     """name -> shape of every parameter for this configuration."""
@@ -311,6 +312,45 @@ def draw_step(params, cfg, x, state, eps_t):
 
 
 # ---------------------------------------------------------------- unrolled forward
+# One stacked buffer, features first, holds the inputs of the three recurrent GEMMs.
+# Its slot t (t = 0..T) has the rows
+#     [1 ; z_t ; h_dec_{t-1} ; r_t ; h_enc_{t-1} ; 1]
+# so that each GEMM's input is one contiguous block of rows, ending or starting with a
+# row of ones that carries the bias:
+#     decoder (eq 7)      [1 ; z_t ; h_dec_{t-1}]                 slot t
+#     encoder (eq 5)      [h_dec_{t-1} ; r_t ; h_enc_{t-1} ; 1]   slot t
+#     posterior (eq 1-2)  [h_enc_t ; 1]                           slot t + 1
+# The LSTMs write h straight into the next slot and the sample z into its own, so no
+# state is copied and no bias added per glimpse; after the reverse loop each weight's
+# gradient, its bias's included, is one GEMM over the T*B columns of its block. r_t
+# holds only the varying part of the read (the x rows without attention are constant
+# and projected once per forward).
+
+class _InputRows:
+    """Row slices of the stacked GEMM-input buffer (see above) for a config."""
+
+    def __init__(self, cfg: DrawConfig):
+        Z, Hd, He = cfg.z_dim, cfg.dec_dim, cfg.enc_dim
+        R = cfg.read_dim - _static_read_rows(cfg)
+        self.z = slice(1, 1 + Z)
+        self.h_dec = slice(1 + Z, 1 + Z + Hd)
+        self.r = slice(1 + Z + Hd, 1 + Z + Hd + R)
+        self.h_enc = slice(1 + Z + Hd + R, 1 + Z + Hd + R + He)
+        self.count = 2 + Z + Hd + R + He
+        self.decoder = slice(0, self.h_dec.stop)
+        self.encoder = slice(self.h_dec.start, self.count)
+        self.posterior = slice(self.h_enc.start, self.count)
+
+
+def _encoder_weights(params, cfg):
+    """enc_W's varying rows in the buffer's order [h_dec ; r ; h_enc] (the parameter
+    keeps the paper's [r ; h_dec ; h_enc]) -> (Hd+R+He, 4He), contiguous."""
+    xp = get_array_module(params["enc_W"])
+    S = _static_read_rows(cfg)
+    R, Hd = cfg.read_dim - S, cfg.dec_dim
+    W = params["enc_W"]
+    return xp.concatenate([W[S + R:S + R + Hd], W[S:S + R], W[S + R + Hd:]])
+
 
 def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     """The whole inference network, unrolled over T glimpses (eq 3-12).
@@ -322,46 +362,39 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     per-glimpse caches (the cache is then None), for forward-only evaluation.
     Inputs are assumed checked (loss_and_grads and loss_only check them).
 
-    Layout: the recurrent state runs features first, (features, B), and the stacked
-    inputs are (features, T, B). A gate GEMM is then W^T [input] with the small batch
-    as the GEMM's last dimension, which OpenBLAS runs about a third faster than the
-    (B, features) form, and every stacked buffer reshapes to (features, T*B) for the
-    weight gradients. Images, canvas, read and write stay (B, .).
+    Layout: the recurrent state runs features first, (features, B), in the stacked
+    buffer described above, (features, T+1, B). A gate GEMM is then W^T [input] with
+    the small batch as the GEMM's last dimension, which OpenBLAS runs about a third
+    faster than the (B, features) form. Images, canvas, read and write stay (B, .).
     """
     xp = get_array_module(x)
     dtype = params["c0"].dtype
     T, B, D, Z = cfg.T, x.shape[0], cfg.D, cfg.z_dim
     He, Hd = cfg.enc_dim, cfg.dec_dim
     S = _static_read_rows(cfg)
-    R = cfg.read_dim - S
-    # Transposed weight copies, made once per call, so each glimpse's GEMM reads them
-    # contiguously. The constant rows of r_t (x, without attention) are projected
-    # once, not T times.
-    enc_W_T = xp.ascontiguousarray(params["enc_W"][S:].T)                   # (4He, R+Hd+He)
-    dec_W_T = xp.ascontiguousarray(params["dec_W"].T)                       # (4Hd, Z+Hd)
-    q_W_T = xp.ascontiguousarray(params["q_W"].T)                           # (2Z, He)
-    enc_bias = params["enc_b"] + x @ params["enc_W"][:S] if S else params["enc_b"][None, :]
-    enc_bias = xp.ascontiguousarray(enc_bias.T)                             # (4He, B or 1)
-    dec_bias = params["dec_b"][:, None]
-    q_bias = params["q_b"][:, None]
+    rows = _InputRows(cfg)
+    # Transposed weights with the bias as the column that meets the ones row, made
+    # once per call, so that each glimpse's GEMM reads them contiguously.
+    enc_W_T = xp.ascontiguousarray(
+        xp.concatenate([_encoder_weights(params, cfg), params["enc_b"][None]]).T)
+    dec_W_T = xp.ascontiguousarray(xp.concatenate([params["dec_b"][None], params["dec_W"]]).T)
+    q_W_T = xp.ascontiguousarray(xp.concatenate([params["q_W"], params["q_b"][None]]).T)
+    # the constant rows of r_t (x, without attention) are projected once, not T times
+    enc_static = xp.ascontiguousarray((x @ params["enc_W"][:S]).T) if S else None  # (4He, B)
     eps_T = eps.transpose(0, 2, 1)                                          # (T, Z, B) view
 
-    # stacked inputs of the linear maps, allocated once (see module docstring)
-    enc_in = xp.empty((R + Hd + He, T, B), dtype)  # [r_t (its varying part), h_dec_{t-1}, h_enc_{t-1}]
-    dec_in = xp.empty((Z + Hd, T, B), dtype)       # [z_t, h_dec_{t-1}]
-    h_enc = xp.empty((He, T, B), dtype)
-    h_dec = xp.empty((Hd, T + 1, B), dtype)        # h_dec[:, 0] is h_dec0
-    sig_prev = xp.empty((T, B, D), dtype)          # sigmoid(c_{t-1}), for eq 3's backward
-    kl = xp.empty((T, B), dtype)
-    h_dec[:, 0] = params["h_dec0"][:, None]
-    enc_in[R + Hd:, 0] = params["h_enc0"][:, None]
+    inputs = xp.empty((rows.count, T + 1, B), dtype)      # the stacked buffer (see above)
+    inputs[0] = inputs[-1] = 1
+    inputs[rows.h_dec, 0] = params["h_dec0"][:, None]
+    inputs[rows.h_enc, 0] = params["h_enc0"][:, None]
+    q_all = xp.empty((2 * Z, T, B), dtype)                 # [mu ; log sigma] of every glimpse
+    sig_prev = xp.empty((T, B, D), dtype)                  # sigmoid(c_{t-1}), for eq 3's backward
     canvas = xp.broadcast_to(params["c0"], (B, D))
     c_enc = xp.zeros((He, B), dtype)
     c_dec = xp.zeros((Hd, B), dtype)
     # gate pre-activations, turned into the activations backward needs in place
     a_enc = xp.empty((T, 4 * He, B), dtype)
     a_dec = xp.empty((T, 4 * Hd, B), dtype)
-    log_ratio = xp.zeros(B, dtype) if need_terms else None
     if cfg.attention:
         C, H, W, Pw = cfg.channels, cfg.height, cfg.width, cfg.write_dim
         # [x, x_hat] as the read sees them, x written once, x_hat rewritten each glimpse
@@ -372,13 +405,14 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
         heads_W, heads_b = _decoder_heads(params)
         # the first glimpse's read window, from h_dec_0 (eq 21); later ones come with
         # the previous glimpse's write window
-        p_read = h_dec[:, 0].T @ params["read_att_W"] + params["read_att_b"]
+        p_read = inputs[rows.h_dec, 0].T @ params["read_att_W"] + params["read_att_b"]
         (read_window,), first_window_cache = att.windows_forward(p_read, H, W, (cfg.read_n,))
     else:
         x_hat, first_window_cache = xp.empty((B, D), dtype), None
         x_planes = x
     steps = []
     for t in range(T):
+        slot, next_slot = inputs[:, t], inputs[:, t + 1]
         _glimpse_error_into(x_planes, canvas.reshape(x_hat.shape),               # eq 3
                             sig_prev[t].reshape(x_hat.shape), x_hat)
         if cfg.attention:                                                        # eq 4
@@ -386,23 +420,19 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
             r = glimpse.reshape(B, -1)
         else:
             r, read_cache = x_hat, None                                          # eq 17
-        enc_in[:R, t] = r.T
-        enc_in[R:R + Hd, t] = h_dec[:, t]
-        if t > 0:
-            enc_in[R + Hd:, t] = h_enc[:, t - 1]
-        xp.matmul(enc_W_T, enc_in[:, t], out=a_enc[t])
-        a_enc[t] += enc_bias
-        (h_enc[:, t], c_enc), enc_cache = lstm_cell_forward(a_enc[t], c_enc, axis=0,  # eq 5
-                                                            gates_out=a_enc[t])
-        q = q_W_T @ h_enc[:, t] + q_bias                                       # eq 1-2
-        (dec_in[:Z, t], kl[t]), latent_cache = latent_forward(q, eps_T[t], axis=0)  # eq 6
-        dec_in[Z:, t] = h_dec[:, t]
-        xp.matmul(dec_W_T, dec_in[:, t], out=a_dec[t])
-        a_dec[t] += dec_bias
-        (h_dec[:, t + 1], c_dec), dec_cache = lstm_cell_forward(a_dec[t], c_dec, axis=0,  # eq 7
-                                                                gates_out=a_dec[t])
+        slot[rows.r] = r.T
+        xp.matmul(enc_W_T, slot[rows.encoder], out=a_enc[t])
+        if S:
+            a_enc[t] += enc_static
+        (_, c_enc), enc_cache = lstm_cell_forward(a_enc[t], c_enc, axis=0,       # eq 5
+                                                  gates_out=a_enc[t], h_out=next_slot[rows.h_enc])
+        xp.matmul(q_W_T, next_slot[rows.posterior], out=q_all[:, t])           # eq 1-2
+        _, latent_cache = reparam_forward(q_all[:, t], eps_T[t], axis=0, z_out=slot[rows.z])  # eq 6
+        xp.matmul(dec_W_T, slot[rows.decoder], out=a_dec[t])
+        (h_dec, c_dec), dec_cache = lstm_cell_forward(a_dec[t], c_dec, axis=0,   # eq 7
+                                                      gates_out=a_dec[t], h_out=next_slot[rows.h_dec])
         if cfg.attention:
-            heads = h_dec[:, t + 1].T @ heads_W + heads_b                        # eq 21, 28
+            heads = h_dec.T @ heads_W + heads_b                                  # eq 21, 28
             (write_window, read_window), window_cache = att.windows_forward(
                 heads[:, Pw:], H, W, (cfg.write_n, cfg.read_n))                  # eq 19-26
             w, write_cache = att.write_forward(
@@ -410,25 +440,25 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
             w = w.reshape(B, D)
             write_cache = (write_cache, window_cache)
         else:
-            w, write_cache = _write_forward(params, cfg, h_dec[:, t + 1].T)      # eq 18
+            w, write_cache = _write_forward(params, cfg, h_dec.T)                # eq 18
         canvas = canvas + w                                                      # eq 8
-        if need_terms:  # log p(z_t) - log q(z_t|x) = sum_j -z^2/2 + eps^2/2 + log sigma
-            z = dec_in[:Z, t]
-            log_ratio += (0.5 * (eps_T[t] * eps_T[t] - z * z) + q[Z:]).sum(axis=0)
         if need_cache:
             steps.append((read_cache, enc_cache, latent_cache, dec_cache, write_cache))
     recon, bce_cache = bce_forward(canvas, x)                                    # eq 9
+    kl, kl_cache = kl_forward(q_all, axis=0)                   # (T, B), every glimpse at once
     loss = recon + kl.sum(axis=0)                                                # eq 10-12
     terms = {"recon": recon, "kl": kl}
-    if need_terms:
+    if need_terms:  # log p(z) - log q(z|x) = sum over t, j of -z^2/2 + eps^2/2 + log sigma
+        z_all, eps_all = inputs[rows.z, :T], eps.transpose(2, 0, 1)            # (Z, T, B)
+        log_ratio = (0.5 * (eps_all * eps_all - z_all * z_all) + q_all[Z:]).sum(axis=(0, 1))
         terms["log_weight"] = log_ratio - recon
     if not need_cache:
         return loss, terms, None
     # the gate buffers are reached through the glimpse caches; listed here so that
     # activation counts see them once
-    stacked = {"enc_in": enc_in, "dec_in": dec_in, "h_enc": h_enc, "h_dec": h_dec,
-               "sig_prev": sig_prev, "x": x, "gates_enc": a_enc, "gates_dec": a_dec}
-    return loss, terms, (steps, stacked, bce_cache, first_window_cache)
+    stacked = {"inputs": inputs, "q": q_all, "sig_prev": sig_prev, "x": x,
+               "gates_enc": a_enc, "gates_dec": a_dec}
+    return loss, terms, (steps, stacked, bce_cache, kl_cache, first_window_cache)
 
 
 def backward(params, cfg, cache):
@@ -437,21 +467,24 @@ def backward(params, cfg, cache):
     cache: from forward -> grads, a dict with the keys and shapes of params.
     Gradients of the recurrent state run features first, as in forward.
     """
-    steps, stacked, bce_cache, first_window_cache = cache
-    xp = get_array_module(stacked["enc_in"])
-    dtype = stacked["enc_in"].dtype
-    T, B = stacked["enc_in"].shape[1:]
+    steps, stacked, bce_cache, kl_cache, first_window_cache = cache
+    inputs = stacked["inputs"]
+    xp = get_array_module(inputs)
+    dtype = inputs.dtype
+    T, B = stacked["gates_enc"].shape[0], inputs.shape[2]
     Z, He, Hd, D, Pw = cfg.z_dim, cfg.enc_dim, cfg.dec_dim, cfg.D, cfg.write_dim
     S = _static_read_rows(cfg)
     R = cfg.read_dim - S
-    enc_W = params["enc_W"][S:]          # the constant rows of r_t need no input gradient
+    rows = _InputRows(cfg)
+    enc_W = _encoder_weights(params, cfg)       # rows [h_dec ; r ; h_enc], as in forward
     inv_B = 1.0 / B
 
     # stacked output gradients of the linear maps: features first for the LSTM and q
     # layers, (T, B, .) for the decoder's heads (write, and with attention both windows)
     da_enc = xp.empty((4 * He, T, B), dtype)
-    dq_all = xp.empty((2 * Z, T, B), dtype)
     da_dec = xp.empty((4 * Hd, T, B), dtype)
+    # d loss / d q: the KL's part for every glimpse at once; each glimpse adds eq 6's
+    dq_all = kl_backward(inv_B, kl_cache)                                  # (2Z, T, B)
     if cfg.attention:
         C, H, W, Nr = cfg.channels, cfg.height, cfg.width, cfg.read_n
         heads_W, _ = _decoder_heads(params)
@@ -486,47 +519,49 @@ def backward(params, cfg, cache):
         # into a contiguous scratch, then one copy: ufuncs crawl over the strided slice
         da_dec[:, t], dc_dec = lstm_cell_backward(dh_dec, dc_dec, dec_cache, out=da_dec_step)
         ddec_in = params["dec_W"] @ da_dec_step                          # [dz, dh_dec_{t-1}]
-        latent_backward(ddec_in[:Z], inv_B, latent_cache, out=dq_all[:, t])
+        reparam_backward(ddec_in[:Z], latent_cache, dq=dq_all[:, t])
         dh_enc = params["q_W"] @ dq_all[:, t] + dh_enc_next
         da_enc[:, t], dc_enc = lstm_cell_backward(dh_enc, dc_enc, enc_cache, out=da_enc_step)
-        denc_in = enc_W @ da_enc_step                    # [dr, dh_dec_{t-1}, dh_enc_{t-1}]
-        dh_enc_next = denc_in[R + Hd:]
-        dh_dec_next = ddec_in[Z:] + denc_in[R:R + Hd]
+        denc_in = enc_W @ da_enc_step                    # [dh_dec_{t-1}, dr, dh_enc_{t-1}]
+        dh_enc_next = denc_in[Hd + R:]
+        dh_dec_next = ddec_in[Z:] + denc_in[:Hd]
+        dr = denc_in[Hd:Hd + R]
         if cfg.attention:    # the window's gradients wait for the previous glimpse's heads
             dx_hat, *dread_window = att.read_backward(
-                denc_in[:R].T.reshape(B, 2 * C, Nr, Nr), read_cache, first_plane=C)
+                dr.T.reshape(B, 2 * C, Nr, Nr), read_cache, first_plane=C)
             dx_hat = dx_hat.reshape(B, D)
         else:
-            dx_hat = denc_in[:R].T
+            dx_hat = dr.T
         dcanvas = _glimpse_error_backward(dcanvas, dx_hat, stacked["sig_prev"][t])
     if cfg.attention:        # the first glimpse's read window came from h_dec_0
         dp_first_read = att.windows_backward([dread_window], first_window_cache)   # (B, 5)
         dh_dec_next += params["read_att_W"] @ dp_first_read.T
 
+    def block(row_slice, first):         # rows of slots first..first+T-1 -> (F, T*B), a view
+        return inputs[row_slice, first:first + T].reshape(row_slice.stop - row_slice.start, -1)
+
     def features_first(buffer):          # (F, T, B) -> (F, T*B)
         return buffer.reshape(buffer.shape[0], -1)
 
-    def rows(buffer):                    # (T, B, F) -> (T*B, F)
-        return buffer.reshape(T * B, -1)
-
-    # h_dec_1..T: a view, (Hd, T*B) with a row stride of (T+1)*B, which BLAS takes as is
-    h_dec_new = features_first(stacked["h_dec"][:, 1:])
     grads = {"c0": dcanvas.sum(axis=0), "h_dec0": dh_dec_next.sum(axis=1),
              "h_enc0": dh_enc_next.sum(axis=1)}
-    # one GEMM per weight over all T*B rows (see module docstring)
-    for w_name, inputs, douts in (("enc_W", stacked["enc_in"], da_enc),
-                                  ("q_W", stacked["h_enc"], dq_all),
-                                  ("dec_W", stacked["dec_in"], da_dec)):
-        grads[w_name] = features_first(inputs) @ features_first(douts).T
-        grads[w_name.replace("_W", "_b")] = features_first(douts).sum(axis=1)
-    dheads_W = h_dec_new @ rows(dheads)                  # the heads' columns, as in forward
-    dheads_b = rows(dheads).sum(axis=0)
+    # one GEMM per weight, bias included, over all T*B columns (see the layout above)
+    enc = block(rows.encoder, 0) @ features_first(da_enc).T          # [h_dec ; r ; h_enc ; 1]
+    grads["enc_W"] = xp.concatenate([enc[Hd:Hd + R], enc[:Hd], enc[Hd + R:-1]])
+    grads["enc_b"] = enc[-1]
+    dec = block(rows.decoder, 0) @ features_first(da_dec).T          # [1 ; z ; h_dec]
+    grads["dec_b"], grads["dec_W"] = dec[0], dec[1:]
+    q = block(rows.posterior, 1) @ features_first(dq_all).T          # [h_enc ; 1]
+    grads["q_W"], grads["q_b"] = q[:-1], q[-1]
+    dheads_2d = dheads.reshape(T * B, -1)
+    dheads_W = block(rows.h_dec, 1) @ dheads_2d                      # h_dec_1..T
+    dheads_b = dheads_2d.sum(axis=0)
     grads["write_W"], grads["write_b"] = dheads_W[:, :Pw], dheads_b[:Pw]
     if cfg.attention:
         P = att.P_ATTENTION
         grads["write_att_W"] = dheads_W[:, Pw:Pw + P]
         grads["write_att_b"] = dheads_b[Pw:Pw + P]
-        grads["read_att_W"] = dheads_W[:, Pw + P:] + stacked["h_dec"][:, 0] @ dp_first_read
+        grads["read_att_W"] = dheads_W[:, Pw + P:] + inputs[rows.h_dec, 0] @ dp_first_read
         grads["read_att_b"] = dheads_b[Pw + P:] + dp_first_read.sum(axis=0)
     if S:  # x fed the same rows at every glimpse: sum their output gradients first
         dW_static = stacked["x"].T @ da_enc.sum(axis=1).T
@@ -554,11 +589,11 @@ def _activation_nbytes(cache, x, eps):
     """Bytes kept for the backward pass: the stacked buffers plus T times one
     glimpse's cache (every glimpse caches arrays of the same shapes). The inputs
     x and eps are not counted."""
-    steps, stacked, bce_cache, first_window_cache = cache
+    steps, stacked, bce_cache, kl_cache, first_window_cache = cache
     seen = {id(x), id(eps if eps.base is None else eps.base)}
     per_step = _cache_nbytes(steps[0], seen | {id(v) for v in stacked.values()})
     return (_cache_nbytes(stacked, seen) + len(steps) * per_step
-            + _cache_nbytes((bce_cache, first_window_cache), seen))
+            + _cache_nbytes((bce_cache, kl_cache, first_window_cache), seen))
 
 
 # ---------------------------------------------------------------- public API

@@ -82,7 +82,7 @@ def test_fused_kernels_match_their_numpy_form():
     from npdraw import layers, model
     rng = np.random.default_rng(1)
     kernels = [(layers._lstm_cell_kernel, 5), (layers._lstm_cell_backward_kernel, 8),
-               (layers._latent_kernel, 3), (layers._latent_backward_kernel, 5),
+               (layers._reparam_kernel, 3), (layers._kl_terms_kernel, 2),
                (layers._bce_kernel, 2), (layers._bce_backward_kernel, 3),
                (model._glimpse_error, 2), (model._glimpse_error_backward, 3)]
     for kernel, n_args in kernels:

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from npdraw.layers import (bce_backward, bce_forward, latent_backward, latent_forward,
-                           linear_backward, linear_forward, lstm_cell_backward, lstm_cell_forward)
+from npdraw.layers import (bce_backward, bce_forward, kl_backward, kl_forward, latent_backward,
+                           latent_forward, linear_backward, linear_forward, lstm_cell_backward,
+                           lstm_cell_forward, reparam_backward, reparam_forward)
 from gradcheck import numeric_grad, rel_err
 
 TOL = 1e-6  # reached: every check here lands below about 1e-8
@@ -112,6 +113,47 @@ def test_latent_gradients_and_exact_kl(rng):
     # KL(N(mu, sigma^2) || N(0, 1)) by its textbook closed form
     expected = np.sum(np.log(1.0 / sigma) + (sigma ** 2 + mu ** 2) / 2.0 - 0.5, axis=1)
     np.testing.assert_allclose(kl, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_reparam_gradients_and_accumulation(rng, axis):
+    """z = mu + sigma eps, features last or first; dq= adds into a given gradient."""
+    B, Z = 3, 4
+    q, eps, pz = rng.standard_normal((B, 2 * Z)), rng.standard_normal((B, Z)), rng.standard_normal((B, Z))
+    if axis == 0:
+        q, eps, pz = q.T.copy(), eps.T.copy(), pz.T.copy()
+    z_out = np.full_like(eps, np.nan)
+
+    def f():
+        return float((reparam_forward(q, eps, axis)[0] * pz).sum())
+
+    z, cache = reparam_forward(q, eps, axis, z_out=z_out)
+    assert z is z_out
+    dq = reparam_backward(pz, cache)
+    assert rel_err(dq.ravel(), numeric_grad(f, q)) < TOL
+    base = rng.standard_normal(dq.shape)
+    into = base.copy()
+    assert reparam_backward(pz, cache, dq=into) is into
+    np.testing.assert_allclose(into, base + dq, rtol=1e-14)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_kl_of_many_glimpses_at_once(rng, axis):
+    """kl_forward over a stacked (2Z, T, B) or (T, B, 2Z) q: gradients and the per-glimpse KL."""
+    T, B, Z = 2, 3, 4
+    q = rng.standard_normal((2 * Z, T, B) if axis == 0 else (T, B, 2 * Z))
+    pkl = rng.standard_normal((T, B))
+
+    def f():
+        return float((kl_forward(q, axis)[0] * pkl).sum())
+
+    kl, cache = kl_forward(q, axis)
+    assert rel_err(kl_backward(pkl, cache).ravel(), numeric_grad(f, q)) < TOL
+    assert rel_err(kl_backward(0.5, cache).ravel(),
+                   numeric_grad(lambda: 0.5 * float(kl_forward(q, axis)[0].sum()), q)) < TOL
+    for t in range(T):
+        q_t = q[:, t].T if axis == 0 else q[t]                          # (B, 2Z)
+        np.testing.assert_allclose(kl[t], latent_forward(q_t, np.zeros((B, Z)))[0][1], rtol=1e-13)
 
 
 def test_kl_is_zero_at_the_prior():

@@ -177,9 +177,8 @@ def lstm_cell_backward(dh, dc, cache, out=None):
 
 # ---------------------------------------------------------------- Gaussian latent
 # Q(z_t|h_enc_t) = N(mu, sigma^2) with q = [mu | log sigma] (eq 1-2). Two paired ops:
-# the reparameterised sample (eq 6), which the glimpse loop needs at once, and the KL
-# (eq 10-11), which nothing needs before the loss, so the unrolled model takes it for
-# all glimpses in one call. latent_forward/backward compose them for one glimpse.
+# the reparameterised sample (eq 6) and the KL (eq 10-11); the unrolled model writes
+# their gradients into one stacked dq. latent_forward/backward compose them.
 
 @fuse
 def _reparam_kernel(mu, log_sigma, eps):
@@ -234,21 +233,42 @@ def kl_forward(q, axis=-1):
     kl = sum_j 0.5 (mu^2 + sigma^2 - 1) - log sigma.
 
     q: (..., 2Z) = [mu | log sigma] -> kl (...), cache.
-    axis=0: features first, q (2Z, ...) -> kl (...); the model passes (2Z, T, B).
+    axis=0: features first, q (2Z, ...) -> kl (...).
     """
-    mu, log_sigma = _blocks(q, q.shape[axis] // 2, 2, axis)
-    var, terms = _kl_terms_kernel(mu, log_sigma)
-    return terms.sum(axis=axis), (mu, var, axis)
+    xp = get_array_module(q)
+    Z = q.shape[axis] // 2
+    mu, log_sigma = _blocks(q, Z, 2, axis)
+    if xp is not np:
+        var, terms = _kl_terms_kernel(mu, log_sigma)
+        return terms.sum(axis=axis), (mu, var, axis)
+    var = np.multiply(log_sigma, 2.0)             # in place: no further temporaries
+    np.exp(var, out=var)
+    terms = np.multiply(mu, mu)
+    terms += var
+    terms *= 0.5
+    terms -= log_sigma
+    kl = terms.sum(axis=axis)
+    kl -= 0.5 * Z
+    return kl, (mu, var, axis)
 
 
-def kl_backward(dkl, cache):
-    """dkl: shaped like kl, or a scalar -> dq = [dkl mu | dkl (sigma^2 - 1)], shaped like q."""
+def kl_backward(dkl, cache, out=None):
+    """dkl: shaped like kl, or a scalar -> dq = [dkl mu | dkl (sigma^2 - 1)], shaped like q
+    (written into `out` if given)."""
     mu, var, axis = cache
     xp = get_array_module(mu)
     dkl = xp.asarray(dkl, dtype=mu.dtype)
     if dkl.ndim:
         dkl = xp.expand_dims(dkl, axis)
-    return xp.concatenate([dkl * mu, dkl * (var - 1.0)], axis=axis)
+    if out is None:
+        shape = list(mu.shape)
+        shape[axis] *= 2
+        out = xp.empty(shape, mu.dtype)
+    dmu, dlog_sigma = _blocks(out, mu.shape[axis], 2, axis)
+    xp.multiply(mu, dkl, out=dmu)
+    xp.subtract(var, 1.0, out=dlog_sigma)
+    dlog_sigma *= dkl
+    return out
 
 
 def latent_forward(q, eps, axis=-1):

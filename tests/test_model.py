@@ -235,3 +235,12 @@ def test_glimpse_error_in_place_equals_the_fused_kernel():
     sig_ref, x_hat_ref = _glimpse_error.unfused(x, canvas)
     np.testing.assert_allclose(sig, sig_ref, rtol=1e-15)
     np.testing.assert_allclose(x_hat, x_hat_ref, rtol=1e-15)
+
+
+@pytest.mark.parametrize("shape", [(13, 7), (3, 1024), (17, 1024), (1, 1)])
+def test_blocked_transpose_is_the_transpose(shape):
+    from npdraw.model import _transpose
+    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    t = _transpose(a)
+    assert t.flags["C_CONTIGUOUS"] and t.dtype == a.dtype
+    np.testing.assert_array_equal(t, a.T)

@@ -402,7 +402,7 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     inputs[0] = inputs[-1] = 1
     inputs[rows.h_dec, 0] = params["h_dec0"][:, None]
     inputs[rows.h_enc, 0] = params["h_enc0"][:, None]
-    q_all = xp.empty((2 * Z, T, B), dtype)                 # [mu ; log sigma] of every glimpse
+    q_all = xp.empty((T, 2 * Z, B), dtype)                 # [mu ; log sigma] of every glimpse
     kl = xp.empty((T, B), dtype)
     sig_prev = xp.empty((T, B, D), dtype)                  # sigmoid(c_{t-1}), for eq 3's backward
     canvas = xp.broadcast_to(params["c0"], (B, D))
@@ -442,10 +442,10 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
             a_enc[t] += enc_static
         (_, c_enc), enc_cache = lstm_cell_forward(a_enc[t], c_enc, axis=0,       # eq 5
                                                   gates_out=a_enc[t], h_out=next_slot[rows.h_enc])
-        xp.matmul(q_W_T, next_slot[rows.posterior], out=q_all[:, t])           # eq 1-2
-        _, reparam_cache = reparam_forward(q_all[:, t], eps_T[t], axis=0, z_out=slot[rows.z])  # eq 6
+        xp.matmul(q_W_T, next_slot[rows.posterior], out=q_all[t])              # eq 1-2
+        _, reparam_cache = reparam_forward(q_all[t], eps_T[t], axis=0, z_out=slot[rows.z])  # eq 6
         # per glimpse, while q_t is in the CPU caches, though only the loss needs it
-        kl[t], kl_cache = kl_forward(q_all[:, t], axis=0)                       # eq 10-11
+        kl[t], kl_cache = kl_forward(q_all[t], axis=0)                          # eq 10-11
         xp.matmul(dec_W_T, slot[rows.decoder], out=a_dec[t])
         (h_dec, c_dec), dec_cache = lstm_cell_forward(a_dec[t], c_dec, axis=0,   # eq 7
                                                       gates_out=a_dec[t], h_out=next_slot[rows.h_dec])
@@ -466,8 +466,8 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     loss = recon + kl.sum(axis=0)                                                # eq 10-12
     terms = {"recon": recon, "kl": kl}
     if need_terms:  # log p(z) - log q(z|x) = sum over t, j of -z^2/2 + eps^2/2 + log sigma
-        z_all, eps_all = inputs[rows.z, :T], eps.transpose(2, 0, 1)            # (Z, T, B)
-        log_ratio = (0.5 * (eps_all * eps_all - z_all * z_all) + q_all[Z:]).sum(axis=(0, 1))
+        z_all, eps_all = inputs[rows.z, :T].transpose(1, 0, 2), eps.transpose(0, 2, 1)  # (T, Z, B)
+        log_ratio = (0.5 * (eps_all * eps_all - z_all * z_all) + q_all[:, Z:]).sum(axis=(0, 1))
         terms["log_weight"] = log_ratio - recon
     if not need_cache:
         return loss, terms, None
@@ -501,6 +501,7 @@ def backward(params, cfg, cache):
     da_enc = xp.empty((4 * He, T, B), dtype)
     da_dec = xp.empty((4 * Hd, T, B), dtype)
     dq_all = xp.empty((2 * Z, T, B), dtype)
+    dq_step = xp.empty((2 * Z, B), dtype)
     if cfg.attention:
         C, H, W, Nr = cfg.channels, cfg.height, cfg.width, cfg.read_n
         heads_W, _ = _decoder_heads(params)
@@ -536,9 +537,9 @@ def backward(params, cfg, cache):
         da_dec[:, t], dc_dec = lstm_cell_backward(dh_dec, dc_dec, dec_cache, out=da_dec_step)
         ddec_in = params["dec_W"] @ da_dec_step                          # [dz, dh_dec_{t-1}]
         reparam_cache, kl_cache = latent_cache
-        kl_backward(inv_B, kl_cache, out=dq_all[:, t])
-        reparam_backward(ddec_in[:Z], reparam_cache, dq=dq_all[:, t])
-        dh_enc = params["q_W"] @ dq_all[:, t] + dh_enc_next
+        kl_backward(inv_B, kl_cache, out=dq_step)
+        dq_all[:, t] = reparam_backward(ddec_in[:Z], reparam_cache, dq=dq_step)
+        dh_enc = params["q_W"] @ dq_step + dh_enc_next
         da_enc[:, t], dc_enc = lstm_cell_backward(dh_enc, dc_enc, enc_cache, out=da_enc_step)
         denc_in = enc_W @ da_enc_step                    # [dh_dec_{t-1}, dr, dh_enc_{t-1}]
         dh_enc_next = denc_in[Hd + R:]

@@ -483,6 +483,8 @@ def _run(args) -> dict:
     xp = backend.xp_for(device)
     torch, torch_missing = (None, "--no-torch") if args.no_torch else _import_torch(device)
 
+    # as train does; in this process it holds for the PyTorch side as well
+    retained = backend.retain_freed_memory()
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                           "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
     result = {
@@ -495,7 +497,7 @@ def _run(args) -> dict:
         "env": {k: v for k, v in env.items() if v is not None},
         "settings": {"batch": args.batch, "T": args.T, "dtype": args.dtype, "steps": args.steps,
                      "warmup": args.warmup, "settle": args.settle, "clip": CLIP, "lr": LR,
-                     "seed": args.seed, "workers": workers},
+                     "seed": args.seed, "workers": workers, "freed_memory_retained": retained},
     }
     if result["blas"]:
         result["threads"]["blas"] = result["blas"][0].get("num_threads")
@@ -668,6 +670,9 @@ def format_report(r: dict) -> str:
     if s.get("workers", 1) > 1:
         lines.append(f"npdraw splits each batch over {s['workers']} worker processes with one BLAS "
                      "thread each, as `train` does (--workers 1: the in-process model)")
+    if s.get("freed_memory_retained"):
+        lines.append("malloc keeps freed memory for reuse, as `train` sets it, for both sides "
+                     "(npdraw.backend.retain_freed_memory)")
     for name, e in r["models"].items():
         c = e["config"]
         lines.append("")

@@ -2,9 +2,12 @@
 
 Every numerical function takes its array module from its inputs
 (``xp = get_array_module(x)``), so the same code runs on NumPy and, given
-CuPy arrays, on the GPU. Nothing here is a global switch.
+CuPy arrays, on the GPU. Nothing here is a global switch, except the host
+allocator setting that the training entry points ask for (retain_freed_memory).
 """
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 
@@ -103,3 +106,32 @@ def fuse(fn):
     dispatch.__doc__ = fn.__doc__
     dispatch.unfused = fn
     return dispatch
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def retain_freed_memory() -> bool:
+    """Have the C allocator keep freed memory for reuse rather than return it to the OS.
+
+    A training step allocates and frees the same tens of MB of activation buffers
+    every time. glibc's malloc maps blocks that large afresh and hands them back on
+    free, and trims the heap's free top, so each step pays the kernel for new zeroed
+    pages: about 11 ms of a 140 ms CPU step, as system time (measured, 21 steps of a
+    worker: 0.28 s of system time, 0.07 s with this). Blocks up to 32 MiB (glibc's
+    upper limit) then come from the heap, and up to 1 GiB of free heap is kept.
+
+    Called by `train`, the data-parallel workers and the benchmark (for both of its
+    sides), never on import. -> True where the allocator took the settings (glibc),
+    False elsewhere, where nothing changes.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):       # not glibc: no mallopt
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    took_mmap = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+    took_trim = mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    return took_mmap and took_trim

@@ -34,7 +34,7 @@ import tempfile
 
 import numpy as np
 
-from .backend import is_gpu_array
+from .backend import is_gpu_array, retain_freed_memory
 from .config import DrawConfig
 from .model import _check_inputs, _loss_and_grads, _loss_only, param_shapes
 
@@ -246,8 +246,11 @@ class DataParallel:
                 xk, ek = buffers.inputs(self.cfg, hi - lo)
                 xk[...] = x[lo:hi]
                 ek[...] = eps[:, lo:hi]
-                self._send(k, {**message, "n": hi - lo, "share": (hi - lo) / B})
                 slices.append((k, lo, hi))
+            # Every slice is in place before the first worker wakes: a woken worker can
+            # share the parent's core for a moment, and would delay the later copies.
+            for k, lo, hi in slices:
+                self._send(k, {**message, "n": hi - lo, "share": (hi - lo) / B})
         except BaseException:
             self.close()
             raise
@@ -358,6 +361,11 @@ def _reply(message):
 def _worker(spec_json: str) -> None:
     global _channel
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and closes us
+    retain_freed_memory()                          # every step reuses the same buffers
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
     # Replies go to the original stdout; a stray print goes to stderr, not into the protocol.
     _channel = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     sys.stdout = sys.stderr

@@ -492,6 +492,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     TrainingStopped, with ``run_dir``; checkpoint.h5 then holds the last completed
     epoch), ValueError for bad configs, data or checkpoints.
     """
+    backend.retain_freed_memory()            # every step reuses the same host buffers
     resume_ckpt = None
     if tcfg.resume:
         run_dir = Path(tcfg.resume)

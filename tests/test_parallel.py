@@ -204,3 +204,13 @@ def test_worker_count_resolution():
         resolve_workers(2, "gpu", 100)
     with pytest.raises(ValueError, match="workers must be 0"):
         TrainConfig(workers=-1)
+
+
+def test_workers_run_as_batch_jobs(engine64):
+    """A woken worker must not preempt the parent while it is still handing out slices
+    (Linux; elsewhere the workers keep the default policy, and still answer)."""
+    if not hasattr(os, "sched_getscheduler"):
+        assert all(proc.poll() is None for proc in engine64._procs)
+        return
+    for proc in engine64._procs:
+        assert os.sched_getscheduler(proc.pid) == os.SCHED_BATCH

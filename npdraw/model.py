@@ -391,9 +391,10 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     rows = _InputRows(cfg)
     # Transposed weights with the bias as the column that meets the ones row, made
     # once per call, so that each glimpse's GEMM reads them contiguously.
-    enc_W_T = _transpose(xp.concatenate([_encoder_weights(params, cfg), params["enc_b"][None]]))
-    dec_W_T = _transpose(xp.concatenate([params["dec_b"][None], params["dec_W"]]))
-    q_W_T = _transpose(xp.concatenate([params["q_W"], params["q_b"][None]]))
+    enc_W_T = _transpose(xp.concatenate([_encoder_weights(params, cfg),
+                                         params["enc_b"][None]]))         # (4He, Hd+R+He+1)
+    dec_W_T = _transpose(xp.concatenate([params["dec_b"][None], params["dec_W"]]))  # (4Hd, 1+Z+Hd)
+    q_W_T = _transpose(xp.concatenate([params["q_W"], params["q_b"][None]]))        # (2Z, He+1)
     # the constant rows of r_t (x, without attention) are projected once, not T times
     enc_static = xp.ascontiguousarray((x @ params["enc_W"][:S]).T) if S else None  # (4He, B)
     eps_T = eps.transpose(0, 2, 1)                                          # (T, Z, B) view

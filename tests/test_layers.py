@@ -211,6 +211,10 @@ def test_features_first_layout_is_the_transpose(rng):
     (hT, cT), cacheT = lstm_cell_forward(a.T, c_prev.T, axis=0)
     np.testing.assert_allclose(hT, h.T, rtol=1e-14)
     np.testing.assert_allclose(cT, c.T, rtol=1e-14)
+    slot = np.full((Hd + 2, B), np.nan)[1:-1]                  # h written into a given view
+    (h_into, _), _ = lstm_cell_forward(a.T, c_prev.T, axis=0, h_out=slot)
+    assert h_into is slot
+    np.testing.assert_array_equal(slot, hT)
     for got, want in zip(lstm_cell_backward(dh.T, dc.T, cacheT), lstm_cell_backward(dh, dc, cache)):
         np.testing.assert_allclose(got, want.T, rtol=1e-14)
     q, eps = rng.standard_normal((B, 2 * Z)), rng.standard_normal((B, Z))

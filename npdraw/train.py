@@ -27,6 +27,7 @@ import json
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -132,10 +133,14 @@ def _derived_rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, *[int(s) for s in stream]])
 
 
+def _host_noise(rng: np.random.Generator, cfg: DrawConfig, batch: int, dtype) -> np.ndarray:
+    """eps (T, B, Z) standard normal, drawn on the host in ``dtype``."""
+    return rng.standard_normal((cfg.T, batch, cfg.z_dim), dtype=np.dtype(dtype))
+
+
 def _noise(rng: np.random.Generator, cfg: DrawConfig, batch: int, dtype, device: str):
     """eps (T, B, Z) standard normal, drawn on the host in ``dtype`` then moved to ``device``."""
-    eps = rng.standard_normal((cfg.T, batch, cfg.z_dim), dtype=np.dtype(dtype))
-    return backend.to_device(eps, device)
+    return backend.to_device(_host_noise(rng, cfg, batch, dtype), device)
 
 
 def _cap(x: np.ndarray, subset: int) -> np.ndarray:
@@ -600,6 +605,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         return NonFiniteLossError(f"{what}; training stopped. {ckpt_path} still holds epoch "
                                   f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
     engine = DataParallel(cfg, workers, dtype) if workers > 1 else None
+    noise_thread = ThreadPoolExecutor(max_workers=1)
     try:
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t0 = time.perf_counter()
@@ -608,14 +614,22 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
             loss_sum = recon_sum = gnorm_sum = snorm_sum = 0.0
             kl_sum = np.zeros(cfg.T, dtype=np.float64)
             try:
+                next_eps = None
                 for it in range(1, n_iter + 1):
                     idx = perm[(it - 1) * tcfg.batch_size: it * tcfg.batch_size]
                     xb = backend.to_device(train_x[idx], device)
-                    eps = _noise(rng, cfg, idx.shape[0], dtype, device)
+                    eps = backend.to_device(next_eps.result() if next_eps is not None
+                                            else _host_noise(rng, cfg, idx.shape[0], dtype), device)
                     if engine is not None:
                         loss, grads, stats = engine.loss_and_grads(params, xb, eps)
                     else:
                         loss, grads, stats = model_lib.loss_and_grads(params, cfg, xb, eps)
+                    # The next step's noise is drawn while this one's clipping and Adam run,
+                    # on the core they leave idle (NumPy's generator releases the GIL). The
+                    # draws come from rng in the same order as drawn inline.
+                    next_eps = None if it == n_iter else noise_thread.submit(
+                        _host_noise, rng, cfg, min(tcfg.batch_size, n_train - it * tcfg.batch_size),
+                        dtype)
                     where = f"at epoch {epoch}, iteration {it}/{n_iter}"
                     if not math.isfinite(loss):
                         raise non_finite(f"loss is {loss} {where}")
@@ -701,6 +715,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         log(msg)
         raise WorkerFailed(msg, run_dir) from None
     finally:
+        noise_thread.shutdown(wait=True)
         if engine is not None:
             engine.close()
     log(f"done: {tcfg.epochs} epochs; best valid bound {best_valid:.2f} (epoch {best_epoch}); "

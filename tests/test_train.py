@@ -183,6 +183,30 @@ def test_worker_processes_train_the_same_model(bmnist, tmp_path):
         assert ra["train_bound"] == pytest.approx(rb["train_bound"], rel=1e-4)
 
 
+def test_noise_drawn_ahead_is_the_inline_sequence(bmnist, tmp_path, monkeypatch):
+    """Each step's noise, drawn on a thread while the previous step's Adam runs, is what
+    drawing it inline from the run's generator gives: the permutation, then eps per step."""
+    seen = []
+    real = train_lib.model_lib.loss_and_grads
+
+    def recording(params, cfg, x, eps):
+        seen.append(np.array(eps))
+        return real(params, cfg, x, eps)
+
+    monkeypatch.setattr(train_lib.model_lib, "loss_and_grads", recording)
+    tcfg = _tcfg(tmp_path, epochs=2, subset=130, batch_size=50, workers=1)   # 50, 50, 30
+    train_lib.train(TINY, tcfg, log=_quiet([]), data=bmnist, progress=False)
+    rng = train_lib._new_rng(tcfg.seed)
+    expected = []
+    for _ in range(2):
+        rng.permutation(130)
+        expected += [rng.standard_normal((TINY.T, n, TINY.z_dim), dtype=np.float32)
+                     for n in (50, 50, 30)]
+    assert len(seen) == len(expected) == 6
+    for got, want in zip(seen, expected):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_a_worker_that_dies_stops_training_clearly_and_keeps_the_checkpoint(
         bmnist, tmp_path, monkeypatch):
     class Dying(train_lib.DataParallel):

@@ -27,10 +27,10 @@ Parameters (name: shape, role)
     read_att_W  (Hd, 5), read_att_b (5,)    read window (eq 21) from h_dec_{t-1}
     write_att_W (Hd, 5), write_att_b (5,)   write window from h_dec_t
 
-The forward keeps the stacked inputs of every linear map in arrays allocated once,
-(features, T, B) for the LSTMs and q, (features, T+1, B) for h_dec, and the
-backward keeps the stacked output gradients likewise, so each weight gradient is one
-GEMM over all T*B columns after the reverse loop.
+The forward keeps the inputs of the recurrent GEMMs in one stacked buffer allocated
+once per call, (features, T+1, B) (see "unrolled forward" below), and the backward
+keeps the stacked output gradients likewise, so each weight gradient is one GEMM over
+all T*B columns after the reverse loop.
 """
 from __future__ import annotations
 

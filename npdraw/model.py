@@ -635,12 +635,18 @@ def _loss_and_grads(params, cfg, x, eps):
     """loss_and_grads on inputs already checked (the data-parallel workers' entry)."""
     loss_per_example, terms, cache = forward(params, cfg, x, eps)
     grads = backward(params, cfg, cache)
-    kl = to_numpy(terms["kl"].mean(axis=1))
-    recon = float(terms["recon"].mean())
-    loss = float(loss_per_example.mean())
+    loss, recon, kl = _batch_means(loss_per_example, terms)
     stats = {"loss": loss, "recon": recon, "kl": kl, "kl_total": float(kl.sum()),
              "activation_bytes": _activation_nbytes(cache, x, eps)}
     return loss, grads, stats
+
+
+def _batch_means(loss_per_example, terms):
+    """-> (loss, recon) floats and kl (T,) NumPy: batch means, in one transfer from a GPU."""
+    xp = get_array_module(loss_per_example)
+    means = to_numpy(xp.concatenate([loss_per_example.mean()[None], terms["recon"].mean()[None],
+                                     terms["kl"].mean(axis=1)]))
+    return float(means[0]), float(means[1]), means[2:]
 
 
 def loss_only(params, cfg, x, eps, return_terms=False):
@@ -658,9 +664,8 @@ def _loss_only(params, cfg, x, eps, return_terms=False):
     """loss_only on inputs already checked (the data-parallel workers' entry)."""
     loss_per_example, terms, _ = forward(params, cfg, x, eps, need_terms=return_terms,
                                          need_cache=False)
-    kl = to_numpy(terms["kl"].mean(axis=1))
-    stats = {"recon": float(terms["recon"].mean()), "kl": kl, "kl_total": float(kl.sum()),
-             "loss": float(loss_per_example.mean())}
+    loss, recon, kl = _batch_means(loss_per_example, terms)
+    stats = {"recon": recon, "kl": kl, "kl_total": float(kl.sum()), "loss": loss}
     if return_terms:
         stats["recon_per_example"] = terms["recon"]
         stats["log_weight"] = terms["log_weight"]

@@ -31,26 +31,30 @@ def _check_keys(params: dict, grads: dict, what: str = "grads") -> None:
 _CHUNK = 1 << 16   # values per float64 partial sum: the converted chunk stays in cache
 
 
-def _sq_norm(arrays) -> float:
-    """Sum of squares over an iterable of arrays, as a python float.
+def _sq_sum(a):
+    """Sum of squares of one array in float64: a python float on NumPy, a 0-d device
+    array on a GPU (so that callers can add many and wait for the device once).
 
     Accumulated in float64 so float32 gradients of many entries do not lose bits. On
-    NumPy each array is converted chunk by chunk, each chunk's squares summed by one
+    NumPy the array is converted chunk by chunk, each chunk's squares summed by one
     einsum, which spares a full float64 copy and its squared copy.
     """
+    xp = get_array_module(a)
+    flat = a.reshape(-1)
+    if xp is not np:
+        return xp.sum(xp.square(flat.astype(xp.float64, copy=False)))
     total = 0.0
-    for a in arrays:
-        xp = get_array_module(a)
-        flat = a.reshape(-1)
-        if xp is np:
-            for start in range(0, flat.size, _CHUNK):
-                chunk = flat[start:start + _CHUNK].astype(np.float64)
-                # einsum, not dot: a BLAS call would wake BLAS threads that then spin
-                # while data-parallel workers want the cores
-                total += float(np.einsum("i,i->", chunk, chunk))
-        else:
-            total += float(xp.sum(xp.square(flat.astype(xp.float64, copy=False))))
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start:start + _CHUNK].astype(np.float64)
+        # einsum, not dot: a BLAS call would wake BLAS threads that then spin
+        # while data-parallel workers want the cores
+        total += float(np.einsum("i,i->", chunk, chunk))
     return total
+
+
+def _sq_norm(arrays) -> float:
+    """Sum of squares over an iterable of arrays, as a python float (one device sync)."""
+    return float(sum((_sq_sum(a) for a in arrays), 0.0))
 
 
 def global_norm(grads: dict) -> float:
@@ -127,7 +131,7 @@ def adam_step(params: dict, grads: dict, state: dict, lr: float,
     bc2 = 1.0 - beta2 ** t
     lr_t = lr * math.sqrt(bc2) / bc1
     eps_t = eps * math.sqrt(bc2)
-    new_params, sq_norm = {}, 0.0
+    new_params, update_sq_sums = {}, []
     for name, p in params.items():
         xp = get_array_module(p)
         dt = p.dtype.type
@@ -147,6 +151,6 @@ def adam_step(params: dict, grads: dict, state: dict, lr: float,
         xp.divide(m, scratch, out=scratch)
         scratch *= dt(-lr_t)                               # the update
         new_params[name] = xp.add(p, scratch, out=xp.empty_like(p))
-        sq_norm += _sq_norm([scratch])
+        update_sq_sums.append(_sq_sum(scratch))
     state["step"] = t
-    return new_params, state, math.sqrt(sq_norm)
+    return new_params, state, math.sqrt(float(sum(update_sq_sums, 0.0)))

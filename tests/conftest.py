@@ -38,3 +38,22 @@ def bmnist_data_dir(bmnist_mirror, tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / "npdraw-bmnist-data"
     load_splits("bmnist", data_dir=str(path), mirror=str(bmnist_mirror), progress=False)
     return path
+
+
+@pytest.fixture
+def as_if_on_gpu(monkeypatch):
+    """Make npdraw take its GPU branches on NumPy arrays: every module's
+    get_array_module returns an array module that has NumPy's functions but is not
+    numpy itself. Checks the generic code (fused kernels, assignments into views,
+    device-side sums) on a machine without a GPU."""
+    import types
+
+    import numpy as np
+
+    from npdraw import attention, layers, model, optim
+    generic = types.ModuleType("generic_xp")
+    generic.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    generic.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0))
+    for module in (attention, layers, model, optim):
+        monkeypatch.setattr(module, "get_array_module", lambda *arrays: generic)
+    return generic

@@ -267,20 +267,14 @@ def test_blocked_transpose_is_the_transpose(shape):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_the_array_module_generic_path_equals_the_numpy_one(name, monkeypatch):
+def test_the_array_module_generic_path_equals_the_numpy_one(name, request):
     """The branches a GPU takes (fused kernels, assignments into views, no in-place
-    NumPy calls), run here on NumPy arrays through an array module that is not numpy
-    itself: the same loss and gradients as the NumPy fast paths."""
-    import types
-    from npdraw import attention, layers, model as model_mod
+    NumPy calls), run on NumPy arrays (conftest's as_if_on_gpu): the same loss and
+    gradients as the NumPy fast paths."""
     cfg = CONFIGS[name]
     params, x, eps = generic_point(cfg, seed=5)
     loss, grads, _ = npdraw.loss_and_grads(params, cfg, x, eps)
-    generic = types.ModuleType("generic_xp")
-    generic.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-    generic.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0))
-    for module in (attention, layers, model_mod):
-        monkeypatch.setattr(module, "get_array_module", lambda *arrays: generic)
+    request.getfixturevalue("as_if_on_gpu")
     loss_g, grads_g, _ = npdraw.loss_and_grads(params, cfg, x, eps)
     assert loss_g == pytest.approx(loss, rel=1e-13)
     for key in grads:

@@ -135,3 +135,20 @@ def test_grad_scale_is_adam_on_clipped_gradients():
         np.testing.assert_allclose(pb[k], pa[k], rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(state_b["m"][k], state_a["m"][k], rtol=1e-12, atol=1e-15)
     assert clip_scale(1.0, 10.0) == 1.0 and clip_scale(20.0, 10.0) == pytest.approx(0.5)
+
+
+def test_generic_path_equals_the_numpy_one(request):
+    """global_norm and Adam as a GPU runs them (device-side sums, one conversion at the
+    end; conftest's as_if_on_gpu) give the NumPy path's results."""
+    rng = np.random.default_rng(7)
+    params = {"a": rng.standard_normal((70000,)).astype(np.float32),
+              "b": rng.standard_normal((3, 4)).astype(np.float32)}
+    grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+    norm = global_norm(grads)
+    new, _, step_norm = adam_step(params, grads, adam_init(params), 1e-3, grad_scale=0.5)
+    request.getfixturevalue("as_if_on_gpu")
+    assert global_norm(grads) == pytest.approx(norm, rel=1e-12)
+    new_g, _, step_norm_g = adam_step(params, grads, adam_init(params), 1e-3, grad_scale=0.5)
+    assert step_norm_g == pytest.approx(step_norm, rel=1e-12)
+    for name in params:
+        np.testing.assert_array_equal(new_g[name], new[name])

@@ -257,9 +257,10 @@ def kl_backward(dkl, cache, out=None):
     (written into `out` if given)."""
     mu, var, axis = cache
     xp = get_array_module(mu)
-    dkl = xp.asarray(dkl, dtype=mu.dtype)
-    if dkl.ndim:
-        dkl = xp.expand_dims(dkl, axis)
+    if not isinstance(dkl, (int, float)):   # a python number needs no copy to a GPU
+        dkl = xp.asarray(dkl, dtype=mu.dtype)
+        if dkl.ndim:
+            dkl = xp.expand_dims(dkl, axis)
     if out is None:
         shape = list(mu.shape)
         shape[axis] *= 2

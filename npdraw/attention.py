@@ -347,6 +347,13 @@ def windows_backward(dwindows, cache):
     return _window_params_backward(dq, pcache)
 
 
+def window_values(cache):
+    """The windows' (gX, gY, sigma^2, delta, gamma) as eq 22-24 gave them, from a
+    windows_forward or window_forward cache -> q (B, 5k), window after window."""
+    pcache, _, _ = cache
+    return pcache[0]
+
+
 def window_forward(p, height, width, N):
     """One window: p (B, 5) -> (Fy (B, N, H), Fx (B, N, W), gamma (B,)), cache."""
     windows, cache = windows_forward(p, height, width, (N,))

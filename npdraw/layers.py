@@ -272,14 +272,15 @@ def kl_backward(dkl, cache, out=None):
     return out
 
 
-def latent_forward(q, eps, axis=-1):
+def latent_forward(q, eps, axis=-1, z_out=None):
     """Reparameterised sample and exact KL to N(0, I) of one glimpse (eq 1-2, 6, 10-11).
 
     q: (B, 2Z) = [mu | log sigma]   eps: (B, Z) standard normal noise
     -> (z (B, Z), kl (B,)), cache
     axis=0: all transposed, features first (q (2Z, B), eps (Z, B), z (Z, B)).
+    z_out: optional array shaped like eps to write z into (see reparam_forward).
     """
-    z, reparam_cache = reparam_forward(q, eps, axis)
+    z, reparam_cache = reparam_forward(q, eps, axis, z_out=z_out)
     kl, kl_cache = kl_forward(q, axis)
     return (z, kl), (reparam_cache, kl_cache)
 
@@ -289,11 +290,7 @@ def latent_backward(dz, dkl, cache, out=None):
 
     Transposed, as the forward was."""
     reparam_cache, kl_cache = cache
-    dq = reparam_backward(dz, reparam_cache, dq=kl_backward(dkl, kl_cache))
-    if out is None:
-        return dq
-    out[...] = dq
-    return out
+    return reparam_backward(dz, reparam_cache, dq=kl_backward(dkl, kl_cache, out=out))
 
 
 # ---------------------------------------------------------------- Bernoulli likelihood

@@ -41,9 +41,8 @@ import numpy as np
 from . import attention as att
 from .backend import fuse, get_array_module, to_numpy
 from .config import DrawConfig
-from .layers import (bce_backward, bce_forward, kl_backward, kl_forward, latent_forward,
-                     linear_forward, lstm_cell_backward, lstm_cell_forward, reparam_backward,
-                     reparam_forward, sigmoid)
+from .layers import (bce_backward, bce_forward, latent_backward, latent_forward,
+                     linear_forward, lstm_cell_backward, lstm_cell_forward, sigmoid)
 
 def param_shapes(cfg: DrawConfig) -> dict:
     """name -> shape of every parameter for this configuration."""
@@ -241,7 +240,7 @@ def _read_forward(params, cfg, x, x_hat, h_dec_prev):
 def _write_forward(params, cfg, h_dec):
     """write(h_dec_t) -> canvas increment (B, D): eq 18, or eq 28-29 with attention.
 
-    The cache's last item is the write window's raw parameters p (B, 5) or None.
+    The cache is None without attention, else (window cache, write cache).
     """
     w, _ = linear_forward(h_dec, params["write_W"], params["write_b"])
     if not cfg.attention:
@@ -250,7 +249,7 @@ def _write_forward(params, cfg, h_dec):
     p, _ = linear_forward(h_dec, params["write_att_W"], params["write_att_b"])
     (Fy, Fx, gamma), window_cache = att.window_forward(p, H, W, N)
     image, write_cache = att.write_forward(w.reshape(B, C, N, N), Fy, Fx, gamma)
-    return image.reshape(B, -1), (window_cache, write_cache, p)
+    return image.reshape(B, -1), (window_cache, write_cache)
 
 
 def _decoder_heads(params):
@@ -444,9 +443,8 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
         (_, c_enc), enc_cache = lstm_cell_forward(a_enc[t], c_enc, axis=0,       # eq 5
                                                   gates_out=a_enc[t], h_out=next_slot[rows.h_enc])
         xp.matmul(q_W_T, next_slot[rows.posterior], out=q_all[t])              # eq 1-2
-        _, reparam_cache = reparam_forward(q_all[t], eps_T[t], axis=0, z_out=slot[rows.z])  # eq 6
-        # per glimpse, while q_t is in the CPU caches, though only the loss needs it
-        kl[t], kl_cache = kl_forward(q_all[t], axis=0)                          # eq 10-11
+        # eq 6, and eq 10-11's KL per glimpse, while q_t is in the CPU caches
+        (_, kl[t]), latent_cache = latent_forward(q_all[t], eps_T[t], axis=0, z_out=slot[rows.z])
         xp.matmul(dec_W_T, slot[rows.decoder], out=a_dec[t])
         (h_dec, c_dec), dec_cache = lstm_cell_forward(a_dec[t], c_dec, axis=0,   # eq 7
                                                       gates_out=a_dec[t], h_out=next_slot[rows.h_dec])
@@ -462,7 +460,7 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
             w, write_cache = _write_forward(params, cfg, h_dec.T)                # eq 18
         canvas = canvas + w                                                      # eq 8
         if need_cache:
-            steps.append((read_cache, enc_cache, (reparam_cache, kl_cache), dec_cache, write_cache))
+            steps.append((read_cache, enc_cache, latent_cache, dec_cache, write_cache))
     recon, bce_cache = bce_forward(canvas, x)                                    # eq 9
     loss = recon + kl.sum(axis=0)                                                # eq 10-12
     terms = {"recon": recon, "kl": kl}
@@ -537,9 +535,7 @@ def backward(params, cfg, cache):
         # into a contiguous scratch, then one copy: ufuncs crawl over the strided slice
         da_dec[:, t], dc_dec = lstm_cell_backward(dh_dec, dc_dec, dec_cache, out=da_dec_step)
         ddec_in = params["dec_W"] @ da_dec_step                          # [dz, dh_dec_{t-1}]
-        reparam_cache, kl_cache = latent_cache
-        kl_backward(inv_B, kl_cache, out=dq_step)
-        dq_all[:, t] = reparam_backward(ddec_in[:Z], reparam_cache, dq=dq_step)
+        dq_all[:, t] = latent_backward(ddec_in[:Z], inv_B, latent_cache, out=dq_step)
         dh_enc = params["q_W"] @ dq_step + dh_enc_next
         da_enc[:, t], dc_enc = lstm_cell_backward(dh_enc, dc_enc, enc_cache, out=da_enc_step)
         denc_in = enc_W @ da_enc_step                    # [dh_dec_{t-1}, dr, dh_enc_{t-1}]
@@ -697,8 +693,7 @@ def generate(params, cfg, eps):
         canvas = canvas + w                                                      # eq 15
         canvases[t] = sigmoid(canvas)                                            # eq 16
         if windows is not None:
-            (gx, gy, delta, sigma2, gamma), _ = att.attn_params_forward(
-                write_cache[-1], cfg.height, cfg.width, cfg.write_n)
+            gx, gy, sigma2, delta, gamma = att.window_values(write_cache[0]).T   # eq 22-24
             windows["cx"][t], windows["cy"][t], windows["stride"][t] = gx, gy, delta
             windows["sigma"][t], windows["gamma"][t] = xp.sqrt(sigma2), gamma
     return canvases, windows

@@ -113,6 +113,13 @@ def test_latent_gradients_and_exact_kl(rng):
     # KL(N(mu, sigma^2) || N(0, 1)) by its textbook closed form
     expected = np.sum(np.log(1.0 / sigma) + (sigma ** 2 + mu ** 2) / 2.0 - 0.5, axis=1)
     np.testing.assert_allclose(kl, expected, rtol=1e-12)
+    # the buffers the unrolled model passes: z and dq written into given arrays
+    z_out, dq_out = np.full_like(eps, np.nan), np.full_like(q, np.nan)
+    (z_into, _), cache_into = latent_forward(q, eps, z_out=z_out)
+    assert z_into is z_out
+    np.testing.assert_array_equal(z_out, z)
+    assert latent_backward(pz, pkl, cache_into, out=dq_out) is dq_out
+    np.testing.assert_array_equal(dq_out, dq)
 
 
 @pytest.mark.parametrize("axis", [-1, 0])

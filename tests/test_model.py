@@ -190,6 +190,13 @@ def test_generate_shapes_and_windows():
         (h, c), _ = lstm_cell_forward(a, c)
         canvas = canvas + _write_forward(params, cfg, h)[0]
     np.testing.assert_allclose(canvases[-1], sigmoid(canvas), rtol=1e-12)
+    # ... and the last write window is eq 21-24 applied to its h_dec
+    from npdraw.attention import attn_params_forward
+    gx, gy, delta, sigma2, gamma = attn_params_forward(
+        h @ params["write_att_W"] + params["write_att_b"], cfg.height, cfg.width, cfg.write_n)[0]
+    for key, want in (("cx", gx), ("cy", gy), ("stride", delta), ("sigma", np.sqrt(sigma2)),
+                      ("gamma", gamma)):
+        np.testing.assert_allclose(windows[key][-1], want, rtol=1e-12, err_msg=key)
     cfg2 = CONFIGS["noattn_colour"]
     p2, _, e2 = generic_point(cfg2)
     assert npdraw.generate(p2, cfg2, e2)[1] is None

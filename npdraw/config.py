@@ -1,4 +1,6 @@
-"""Typed configuration: DrawConfig (the model) and TrainConfig (a training run).
+"""Typed configuration: DrawConfig (the model) and TrainConfig (a training run);
+ClassifierConfig and ClassifyConfig, the same pair for the attentive classifier of
+cluttered MNIST (paper section 4.1, table 1).
 
 DrawConfig's defaults are the paper's binarized-MNIST model with attention
 (Gregor et al. 2015, table 3): 28x28x1 images, T=64 glimpses, read 2x2,
@@ -75,7 +77,7 @@ class DrawConfig:
         return cls(**kwargs)
 
 
-DATASETS = ("bmnist", "mnist", "fashion-mnist", "cifar10", "svhn", "folder")
+DATASETS = ("bmnist", "mnist", "fashion-mnist", "cifar10", "svhn", "folder", "two-digit-mnist")
 
 
 @dataclass(frozen=True)
@@ -134,3 +136,85 @@ class TrainConfig:
             raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
         kwargs = {k: type(names[k].default)(v) for k, v in values.items()}
         return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """The attentive classifier ("differentiable RAM", paper table 1): one LSTM reading one
+    read_n x read_n attention glimpse of the image per step, a softmax on its last state."""
+    height: int = 100
+    width: int = 100
+    glimpses: int = 8
+    read_n: int = 12
+    hidden: int = 256
+    classes: int = 10
+
+    def __post_init__(self):
+        _check_positive_ints(self, ("height", "width", "glimpses", "read_n", "hidden"))
+        if isinstance(self.classes, bool) or not isinstance(self.classes, int) or self.classes < 2:
+            raise ValueError(f"classes must be an integer of at least 2, got {self.classes!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ClassifierConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown ClassifierConfig fields: {sorted(unknown)}")
+        return cls(**{k: int(v) for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """One classifier training run on cluttered MNIST. The CLI's `classify` options map one
+    to one onto these fields (and ClassifierConfig's)."""
+    data_dir: str = "data"
+    mirror: str = ""
+    valid_size: int = 1000        # labelled training digits held out for validation
+    distractors: int = 8          # clutter pieces per image
+    crop: int = 8                 # side of each clutter piece
+    epochs: int = 100
+    batch_size: int = 100
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip: float = 10.0
+    seed: int = 0
+    subset: int = 0               # train on the first N training digits; 0: all of them
+    eval_subset: int = 0          # evaluate on the first N of valid/test; 0: all
+    device: str = "auto"
+    dtype: str = "float32"
+    name: str = ""
+    out: str = "runs"
+    resume: str = ""
+
+    def __post_init__(self):
+        _check_positive_ints(self, ("valid_size", "epochs", "batch_size", "crop"))
+        for name in ("subset", "eval_subset", "distractors"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be 0 or a positive integer, got {value!r}")
+        if self.crop > 28:
+            raise ValueError(f"crop must be at most 28 (a digit's side), got {self.crop}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.clip > 0:
+            raise ValueError(f"clip must be positive, got {self.clip}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"device must be auto, cpu or gpu, got {self.device!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ClassifyConfig":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(names)
+        if unknown:
+            raise ValueError(f"unknown ClassifyConfig fields: {sorted(unknown)}")
+        return cls(**{k: type(names[k].default)(v) for k, v in values.items()})

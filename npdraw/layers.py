@@ -1,9 +1,11 @@
-"""Paired forward/backward building blocks: linear, LSTM cell, Gaussian latent, BCE.
+"""Paired forward/backward building blocks: linear, LSTM cell, Gaussian latent, BCE,
+softmax cross-entropy.
 
 Dimension legend
     B  batch                      I  input width of a linear map
     O  output width               Hd LSTM hidden size (one of enc_dim / dec_dim)
     Z  latent size (z_dim)        D  flattened image size C*H*W
+    K  classes (the classifier's softmax)
 
 Every `*_forward` returns `(out, cache)` and its `*_backward` takes `(dout, cache)`.
 Functions never write into their inputs; they take the array module from the
@@ -323,3 +325,35 @@ def bce_backward(dloss, cache):
     if dloss.ndim:
         dloss = dloss.reshape(-1, 1)
     return _bce_backward_kernel(dloss, logits, x)
+
+
+# ---------------------------------------------------------------- softmax cross-entropy
+
+def softmax_xent_forward(logits, labels):
+    """-log softmax(logits)[label] per example (the classifier's loss, paper section 4.1).
+
+    logits: (B, K)   labels: (B,) integers in 0..K-1
+    -> (loss (B,), probabilities (B, K)), cache
+    The row maximum is subtracted before exp, so no logit can overflow it.
+    """
+    xp = get_array_module(logits)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = xp.exp(shifted)
+    total = exp.sum(axis=1)
+    rows = xp.arange(logits.shape[0])
+    loss = xp.log(total) - shifted[rows, labels]
+    probs = exp / total[:, None]
+    return (loss, probs), (probs, labels)
+
+
+def softmax_xent_backward(dloss, cache):
+    """dloss: (B,) or scalar -> dlogits (B, K) = dloss * (softmax(logits) - onehot(label))."""
+    probs, labels = cache
+    xp = get_array_module(probs)
+    dlogits = probs.copy()
+    dlogits[xp.arange(probs.shape[0]), labels] -= 1.0
+    if isinstance(dloss, (int, float)):
+        dlogits *= dloss
+    else:
+        dlogits *= xp.asarray(dloss, dtype=probs.dtype).reshape(-1, 1)
+    return dlogits

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""npdraw command line: train, sample, evaluate, plot, attention-demo (and bench).
+"""npdraw command line: train, sample, evaluate, plot, attention-demo, classify,
+classify-eval (and bench).
 
     python cli.py --help
     python cli.py train --epochs 20 --name mnist-att
@@ -7,6 +8,8 @@
     python cli.py evaluate runs/mnist-att/best.h5 --k 100
     python cli.py plot runs/mnist-att
     python cli.py attention-demo picture.png --n 12
+    python cli.py classify --glimpses 8 --read 12 --name cluttered-8
+    python cli.py classify-eval runs/cluttered-8 --pictures docs/pictures
 
 See docs/TRAINING.md for what each command writes.
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from npdraw.config import DATASETS, DrawConfig, TrainConfig
+from npdraw.config import DATASETS, ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
 
 HERE = Path(__file__).resolve().parent
 
@@ -101,6 +104,14 @@ def _params_on(ckpt, device, dtype=None):
     from npdraw import backend
     from npdraw import train as train_lib
     return train_lib.arrays_to_device(ckpt.params, backend.resolve_device(device), dtype)
+
+
+def _draw_cfg(ckpt, ckpt_path):
+    """The checkpoint's DrawConfig; a clear error for a classifier checkpoint."""
+    if not isinstance(ckpt.cfg, DrawConfig):
+        raise click.BadParameter(f"{ckpt_path} is a classifier checkpoint; use classify-eval",
+                                 param_hint="'CHECKPOINT'")
+    return ckpt.cfg
 
 
 def _ckpt_file(path: Path) -> Path:
@@ -228,7 +239,7 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 
     ckpt_path = _ckpt_file(checkpoint)
     ckpt = _load_ckpt(ckpt_path)
-    cfg = ckpt.cfg
+    cfg = _draw_cfg(ckpt, ckpt_path)
     params = _params_on(ckpt, device)
     if boxes and not cfg.attention:
         click.echo("note: this model has no attention; --boxes draws nothing", err=True)
@@ -278,7 +289,7 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
 
     ckpt_path = _ckpt_file(checkpoint)
     ckpt = _load_ckpt(ckpt_path)
-    cfg = ckpt.cfg
+    cfg = _draw_cfg(ckpt, ckpt_path)
     saved = _train_cfg_or_none(ckpt) or TrainConfig()
     tcfg = TrainConfig.from_dict({**saved.to_dict(),
                                   "dataset": dataset or saved.dataset,
@@ -314,6 +325,154 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
                f"{bound:.2f} nats")
     label = "single-sample bound, log-weight form" if K == 1 else f"IWAE, K={K}"
     click.echo(f"  -log p(x) estimate ({label}): {iwae:.2f} nats")
+
+
+# ----------------------------------------------------------------------------- classify
+
+@cli.command()
+@click.option("--glimpses", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Glimpses (LSTM steps) per image.")
+@click.option("--read", "read_n", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Read window size N (N x N filters).")
+@click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True,
+              help="LSTM units.")
+@click.option("--size", type=click.IntRange(min=28), default=100, show_default=True,
+              help="Side of the cluttered canvas.")
+@click.option("--distractors", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Clutter pieces per image.")
+@click.option("--crop", type=click.IntRange(min=1, max=28), default=8, show_default=True,
+              help="Side of each clutter piece.")
+@click.option("--valid-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Labelled training digits held out for validation.")
+@click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True,
+              help="Adam learning rate.")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Total epochs (with --resume: the new total).")
+@click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
+              show_default=True, help="Minibatch size.")
+@click.option("--clip", type=POSITIVE_FLOAT, default=10.0, show_default=True,
+              help="Global gradient-norm clipping threshold.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Train on the first N training digits only (0: all).")
+@click.option("--eval-subset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evaluate each epoch on the first N valid/test digits (0: all).")
+@click.option("--name", default="", help="Run name (default: classify-<date>-<time>).")
+@click.option("--out", default="runs", show_default=True, help="Parent folder of run dirs.")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Continue the run in this run dir from its checkpoint.h5.")
+@DEVICE_OPTION
+@click.option("--data-dir", envvar="NPDRAW_DATA", default="data", show_default=True,
+              help="Where data sets live [env NPDRAW_DATA].")
+@click.option("--mirror", envvar="NPDRAW_MIRROR", default="",
+              help="Folder or URL holding the labelled MNIST files [env NPDRAW_MIRROR].")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.pass_context
+@library_errors
+def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size, lr, epochs,
+             batch_size, clip, seed, subset, eval_subset, name, out, resume, device, data_dir,
+             mirror, dtype, no_progress):
+    """Train the attentive classifier on cluttered MNIST (paper table 1); writes a run dir."""
+    from npdraw import train as train_lib
+
+    if resume:
+        ignored = [p for p in ("glimpses", "read_n", "hidden", "size", "distractors", "crop",
+                               "valid_size", "lr", "batch_size", "clip", "seed", "subset",
+                               "eval_subset", "name", "out", "dtype")
+                   if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+        if ignored:
+            click.echo("note: --resume takes the model and training settings from the "
+                       f"checkpoint; ignoring {', '.join(ignored)}", err=True)
+        cfg = None
+        ccfg = ClassifyConfig(epochs=epochs, device=device, data_dir=data_dir, mirror=mirror,
+                              resume=str(resume))
+    else:
+        cfg = ClassifierConfig(height=size, width=size, glimpses=glimpses, read_n=read_n,
+                               hidden=hidden)
+        ccfg = ClassifyConfig(data_dir=data_dir, mirror=mirror, valid_size=valid_size,
+                              distractors=distractors, crop=crop, epochs=epochs,
+                              batch_size=batch_size, lr=lr, clip=clip, seed=seed, subset=subset,
+                              eval_subset=eval_subset, device=device, dtype=dtype, name=name,
+                              out=out)
+    try:
+        train_lib.train_classifier(cfg, ccfg, log=click.echo, progress=not no_progress)
+    except train_lib.TrainingInterrupted:
+        click.echo("training interrupted", err=True)
+        ctx.exit(130)
+    except train_lib.NonFiniteLossError as err:
+        raise click.ClickException(str(err)) from None
+
+
+@cli.command("classify-eval")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
+@click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evaluate only the first N digits of the split (0: all).")
+@click.option("--data-dir", envvar="NPDRAW_DATA", default=None,
+              help="Default: the checkpoint's [env NPDRAW_DATA].")
+@click.option("--mirror", envvar="NPDRAW_MIRROR", default=None,
+              help="Default: the checkpoint's [env NPDRAW_MIRROR].")
+@click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=500,
+              show_default=True)
+@click.option("--pictures", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also draw the glimpse windows over the split's first images into this "
+                   "folder: glimpses.png and glimpses.gif.")
+@click.option("--rows", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--cols", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--scale", type=click.IntRange(min=1), default=2, show_default=True)
+@DEVICE_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@library_errors
+def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictures, rows, cols,
+                  scale, device, as_json):
+    """Error rate of a classifier checkpoint on the fixed cluttered test (or valid) set."""
+    from npdraw import classifier as clf
+    from npdraw import images as images_lib
+    from npdraw import synthetic
+    from npdraw import train as train_lib
+
+    ckpt_path = _ckpt_file(checkpoint)
+    ckpt = _load_ckpt(ckpt_path)
+    if not isinstance(ckpt.cfg, ClassifierConfig):
+        raise click.BadParameter(f"{ckpt_path} is a DRAW checkpoint; use evaluate",
+                                 param_hint="'CHECKPOINT'")
+    cfg = ckpt.cfg
+    saved = train_lib.classify_config_of(ckpt) or ClassifyConfig()
+    ccfg = ClassifyConfig.from_dict({**saved.to_dict(), "eval_subset": subset, "resume": "",
+                                     "data_dir": data_dir if data_dir is not None else saved.data_dir,
+                                     "mirror": mirror if mirror is not None else saved.mirror})
+    digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size)
+    valid, test = train_lib.cluttered_eval_sets(ccfg, cfg, digits)
+    x, y = test if split == "test" else valid
+    params = _params_on(ckpt, device)
+    loss, error = clf.evaluate(params, cfg, x, y, batch_size)
+    n_train = int(digits.train_x.shape[0])
+    result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "split": split,
+              "n": int(len(x)), "glimpses": cfg.glimpses, "read_n": cfg.read_n,
+              "cross_entropy": loss, "error": error, "train_digits": n_train}
+    if pictures is not None:
+        count = rows * cols
+        if count > len(x):
+            raise click.BadParameter(f"{rows}x{cols} pictures need {count} images; the split "
+                                     f"has {len(x)}", param_hint="'--rows'/'--cols'")
+        windows = clf.glimpse_windows(params, cfg, x[:count])
+        frames = train_lib.render_glimpse_frames(x[:count], windows, (1, cfg.height, cfg.width),
+                                                 rows, cols, scale)
+        pictures.mkdir(parents=True, exist_ok=True)
+        images_lib.save_png(pictures / "glimpses.png", frames[-1])
+        images_lib.save_gif(pictures / "glimpses.gif", frames, duration=0.5, loop=0)
+        result["pictures"] = [str(pictures / "glimpses.png"), str(pictures / "glimpses.gif")]
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{ckpt_path} (epoch {ckpt.epoch}, {cfg.glimpses} glimpses of {cfg.read_n}x"
+               f"{cfg.read_n}) on cluttered MNIST {split}, {len(x)} images:")
+    click.echo(f"  error {100 * error:.2f}%  cross-entropy {loss:.4f}  "
+               f"(trained on {n_train} digits; the paper had 60,000)")
+    if pictures is not None:
+        click.echo(f"  wrote {pictures / 'glimpses.png'} and {pictures / 'glimpses.gif'}")
 
 
 # ----------------------------------------------------------------------------- plot

@@ -6,7 +6,8 @@ Legend of dimension letters:
 File layout (format_version 1; see docs/CHECKPOINT.md):
     /                 attrs: format = "npdraw-checkpoint", format_version = 1, epoch,
                              rng_state, train_config, extra (JSON strings; optional)
-    /config           attrs: the DrawConfig fields
+    /config           attrs: the DrawConfig fields, or the ClassifierConfig fields when the
+                      root attr model = "classifier" (the cluttered-MNIST classifier)
     /params/<name>    one dataset (P,) per parameter, dtype as given
     /optimizer        optional; attr step; subgroups m/<name>, v/<name> of shape (P,)
 
@@ -26,7 +27,7 @@ import h5py
 import numpy as np
 
 from . import backend
-from .config import DrawConfig
+from .config import ClassifierConfig, DrawConfig
 
 FORMAT = "npdraw-checkpoint"
 FORMAT_VERSION = 1
@@ -41,7 +42,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    cfg: DrawConfig
+    cfg: DrawConfig                      # or a ClassifierConfig
     params: dict                         # {name: np.ndarray (P,)}
     opt_state: Optional[dict] = None     # {"m": {name: (P,)}, "v": {name: (P,)}, "step": int}
     epoch: int = 0
@@ -146,8 +147,9 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
             cfg = DrawConfig.from_dict(cfg)
         except ValueError as e:
             raise CheckpointError(f"bad model config: {e}") from None
-    if not isinstance(cfg, DrawConfig):
-        raise CheckpointError(f"cfg must be a DrawConfig, got {type(cfg).__name__}")
+    if not isinstance(cfg, (DrawConfig, ClassifierConfig)):
+        raise CheckpointError(f"cfg must be a DrawConfig or ClassifierConfig, "
+                              f"got {type(cfg).__name__}")
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
         raise CheckpointError(f"epoch must be a non-negative integer, got {epoch!r}")
     host_params = _host_arrays(params, "params")
@@ -176,6 +178,8 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["epoch"] = int(epoch)
+            if isinstance(cfg, ClassifierConfig):
+                f.attrs["model"] = "classifier"
             for key, text in json_attrs.items():
                 f.attrs[key] = text
             g = f.create_group("config", track_order=True)
@@ -237,7 +241,12 @@ def _read(f, path) -> Checkpoint:
 
     cfg_group = _need_group(f, "config", path)
     try:
-        cfg = DrawConfig.from_dict({k: v for k, v in cfg_group.attrs.items()})
+        model = f.attrs.get("model", "draw")
+        model = model.decode("utf-8", "replace") if isinstance(model, bytes) else str(model)
+        if model not in ("draw", "classifier"):
+            raise CheckpointError(f"checkpoint {path}: unknown model kind {model!r}")
+        config_cls = ClassifierConfig if model == "classifier" else DrawConfig
+        cfg = config_cls.from_dict({k: v for k, v in cfg_group.attrs.items()})
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: bad model config: {e}") from None
     params = _read_arrays(_need_group(f, "params", path), "params", path)

@@ -20,6 +20,8 @@ Data sets (see docs/DATA.md for formats, splits and the mirror layout):
     cifar10        CIFAR-10 binary version (cifar-10-binary.tar.gz)
     svhn           SVHN cropped digits (train_32x32.mat / test_32x32.mat, MAT v5)
     folder         a folder of same-sized PNG/JPEG images
+    two-digit-mnist  two binarized-MNIST digits on a 60x60 canvas, made on the fly
+                   (npdraw/synthetic.py; a fresh training set every epoch)
 
 Where files come from, in this order: a copy already in the data folder, the mirror
 (argument ``mirror`` or env ``NPDRAW_MIRROR``: a local folder, or an http://,
@@ -44,7 +46,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -71,6 +73,9 @@ class DataSplits:
     valid: np.ndarray  # (N_valid, D)
     test: np.ndarray  # (N_test, D)
     shape: tuple  # (C, H, W); D = C*H*W
+    # For data made on the fly (two-digit-mnist): fresh_train(rng, count) -> a new (count, D)
+    # training set, which training draws every epoch; train is one such set.
+    fresh_train: Optional[Callable] = None
 
 
 # --------------------------------------------------------------------------- #
@@ -165,6 +170,9 @@ def load_splits(dataset: str, data_dir: str = DEFAULT_DATA_DIR, mirror: str = ""
     mirror = resolve_mirror(mirror)
     if name == "bmnist":
         return _load_bmnist(root, mirror, progress)
+    if name == "two-digit-mnist":
+        from .synthetic import two_digit_splits
+        return two_digit_splits(_load_bmnist(root, mirror, progress))
     if name in ("mnist", "fashion-mnist"):
         return _load_idx_dataset(name, root, mirror, progress)
     if name == "cifar10":

@@ -450,6 +450,11 @@ _GRID = np.array((232, 232, 232), np.uint8)
 _MAX_CATEGORICAL = 10
 
 
+def series_colors(s: int) -> np.ndarray:
+    """(S, 3) uint8 colours for S series (of a plot, or glimpses of a picture)."""
+    return _series_colors(s)
+
+
 def _series_colors(s: int) -> np.ndarray:
     """(S, 3) uint8 colours for S series."""
     if s <= _MAX_CATEGORICAL:

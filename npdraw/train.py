@@ -1,5 +1,8 @@
 """Training, evaluation and sample rendering: the only module with an epoch loop.
 
+Two loops: ``train`` (DRAW) and ``train_classifier`` (the attentive classifier of
+cluttered MNIST, paper table 1), with the same run dir, log, checkpoints and resume.
+
 ``train(cfg, tcfg)`` runs one training run into ``<out>/<name>`` (the run dir):
 
     RUN/config.json     both configs (DrawConfig and TrainConfig) as resolved
@@ -37,7 +40,7 @@ from . import checkpoint as ckpt_lib
 from . import images as images_lib
 from . import model as model_lib
 from . import optim
-from .config import DrawConfig, TrainConfig
+from .config import ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
 from .parallel import DataParallel, WorkerError, resolve_workers
 
 # c0 = logit(clip(mean training image, C0_CLIP, 1 - C0_CLIP)); see init_model.
@@ -351,6 +354,37 @@ def render_frames(canvases, windows, shape, rows: int, cols: int, boxes: bool = 
     return frames
 
 
+def render_glimpse_frames(images, windows, shape, rows: int, cols: int, scale: int = 2) -> list:
+    """The classifier's read windows over its input images, one grid per glimpse.
+
+    images: (B, D) in [0, 1], B >= rows*cols;  windows: glimpse_windows' dict of (T, B)
+    arrays "cx", "cy", "stride" and "N". Frame t shows glimpses 1..t+1, each window
+    outlined in its own colour (images.series_colors: tab10 up to 10 glimpses), so the
+    final frame holds all T windows.
+    -> T arrays (rows*(H*scale+1)+1, cols*(W*scale+1)+1, 3) uint8.
+    """
+    images = np.asarray(backend.to_numpy(images))
+    count = rows * cols
+    if images.shape[0] < count:
+        raise ValueError(f"{rows}x{cols} grid needs {count} images, got {images.shape[0]}")
+    c, h, w = shape
+    scale = max(int(scale), 1)
+    t_steps = np.shape(windows["cx"])[0]
+    colors = images_lib.series_colors(t_steps)
+    tiles = [_tile_rgb(images[i], shape, scale) for i in range(count)]
+    frames = []
+    for t in range(t_steps):
+        for i in range(count):
+            box = window_box(float(windows["cx"][t, i]), float(windows["cy"][t, i]),
+                             float(windows["stride"][t, i]), _window_n(windows["N"], t, i),
+                             h, w, scale)
+            if box is not None:
+                tiles[i] = images_lib.draw_box(tiles[i], *box, color=tuple(int(v) for v in colors[t]))
+        grid_in = np.stack(tiles).transpose(0, 3, 1, 2)
+        frames.append(images_lib.image_grid(grid_in, (3, h * scale, w * scale), rows, cols))
+    return frames
+
+
 def generate_samples(params: dict, cfg: DrawConfig, count: int, rng: np.random.Generator):
     """Draw ``count`` images from the prior: returns (canvases (T, B, D), windows) on host."""
     device, dtype = _device_of(params), _params_dtype(params)
@@ -609,6 +643,9 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     try:
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t0 = time.perf_counter()
+            if data.fresh_train is not None:     # data made on the fly: new every epoch
+                train_x = np.asarray(data.fresh_train(_derived_rng(tcfg.seed, 3, epoch), n_train),
+                                     dtype=dtype)
             bar = _Progress(n_iter, f"epoch {epoch}/{tcfg.epochs}", progress)
             perm = rng.permutation(n_train)
             loss_sum = recon_sum = gnorm_sum = snorm_sum = 0.0
@@ -736,3 +773,204 @@ def _cfg_summary(cfg) -> str:
     att = f"attention {cfg.read_n},{cfg.write_n}" if cfg.attention else "no attention"
     return (f"{cfg.channels}x{cfg.height}x{cfg.width}, T={cfg.T}, {att}, "
             f"enc {cfg.enc_dim}, dec {cfg.dec_dim}, z {cfg.z_dim}")
+
+
+# ----------------------------------------------------------------------------- classifier
+
+def classify_config_of(ckpt) -> ClassifyConfig | None:
+    """The ClassifyConfig a classifier checkpoint recorded, or None."""
+    tc = getattr(ckpt, "train_cfg", None)
+    if tc is None or isinstance(tc, ClassifyConfig):
+        return tc
+    return ClassifyConfig.from_dict(dict(json.loads(tc) if isinstance(tc, str) else tc))
+
+
+def cluttered_eval_sets(ccfg: ClassifyConfig, cfg: ClassifierConfig, digits):
+    """The fixed cluttered validation and test sets, of the first eval_subset digits of each
+    split (all with 0) -> ((valid_x, valid_y), (test_x, test_y)), float32 (M, H*W)."""
+    from . import synthetic
+    if ccfg.eval_subset:
+        digits = synthetic.LabelledDigits(
+            digits.train_x, digits.train_y, digits.valid_x[:ccfg.eval_subset],
+            digits.valid_y[:ccfg.eval_subset], digits.test_x[:ccfg.eval_subset],
+            digits.test_y[:ccfg.eval_subset])
+    return synthetic.cluttered_splits(digits, cfg.height, ccfg.distractors, ccfg.crop)
+
+
+def _resumed_classify_config(ccfg: ClassifyConfig, saved: ClassifyConfig) -> ClassifyConfig:
+    """The saved run's settings, with the new epochs and device, and data_dir and mirror
+    where the new ones differ from the defaults."""
+    defaults = ClassifyConfig()
+    where = {k: (getattr(ccfg, k) if getattr(ccfg, k) != getattr(defaults, k)
+                 else getattr(saved, k)) for k in ("data_dir", "mirror")}
+    return ClassifyConfig.from_dict({**saved.to_dict(), **where, "epochs": ccfg.epochs,
+                                     "device": ccfg.device, "resume": str(ccfg.resume)})
+
+
+def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=print, *,
+                     digits=None, progress: bool = True, eval_batch: int = EVAL_BATCH) -> Path:
+    """Train the attentive classifier on cluttered MNIST; returns the run directory.
+
+    The run dir holds config.json, log.jsonl (one record per epoch: train/valid/test
+    cross-entropy and error), checkpoint.h5 (the latest epoch, with Adam and RNG state)
+    and best.h5 (the lowest validation error), as ``train`` writes them. Each epoch
+    clutters the training digits afresh (noise from (seed, 3, epoch), so a resumed run
+    sees the same images); validation and test sets are fixed (synthetic.py's seeds).
+    digits: a synthetic.LabelledDigits to use instead of loading the labelled MNIST files.
+    With ``ccfg.resume`` the model and settings come from RUN/checkpoint.h5 (cfg may be
+    None), as for ``train``. Raises NonFiniteLossError / TrainingInterrupted like ``train``.
+    """
+    from . import classifier as clf
+    from . import synthetic
+    resume_ckpt = None
+    if ccfg.resume:
+        run_dir = Path(ccfg.resume)
+        ckpt_path = run_dir / "checkpoint.h5"
+        if not ckpt_path.is_file():
+            raise ValueError(f"cannot resume: {ckpt_path} does not exist")
+        resume_ckpt = load_checkpoint(ckpt_path)
+        saved = classify_config_of(resume_ckpt)
+        if saved is None or not isinstance(resume_ckpt.cfg, ClassifierConfig):
+            raise ValueError(f"cannot resume: {ckpt_path} is not a classifier run")
+        if cfg is not None and cfg != resume_ckpt.cfg:
+            log("note: resuming with the checkpoint's model config; the one given is ignored")
+        cfg, ccfg = resume_ckpt.cfg, _resumed_classify_config(ccfg, saved)
+    elif cfg is None:
+        raise ValueError("train_classifier needs a model config unless it resumes a run")
+    if cfg.height != cfg.width:
+        raise ValueError(f"cluttered MNIST is square: height {cfg.height} != width {cfg.width}")
+    if cfg.height < synthetic.DIGIT:
+        raise ValueError(f"the image must be at least {synthetic.DIGIT} pixels wide "
+                         f"to hold a digit, got {cfg.height}")
+
+    device = backend.resolve_device(ccfg.device)
+    dtype = np.dtype(ccfg.dtype)
+    if digits is None:
+        digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size)
+    train_digits, train_y = _cap(digits.train_x, ccfg.subset), _cap(digits.train_y, ccfg.subset)
+    (valid_x, valid_y), (test_x, test_y) = cluttered_eval_sets(ccfg, cfg, digits)
+    n_train = int(train_digits.shape[0])
+    if n_train == 0:
+        raise ValueError("the training split is empty")
+
+    if resume_ckpt is not None:
+        params = arrays_to_device(resume_ckpt.params, device)
+        clf.check_params(params, cfg)
+        if resume_ckpt.opt_state is None:
+            raise ValueError(f"cannot resume: {run_dir / 'checkpoint.h5'} holds no optimizer state")
+        opt_state = _opt_state_to(resume_ckpt.opt_state, device)
+        rng = _rng_from_state(resume_ckpt.rng_state)
+        start_epoch = int(resume_ckpt.epoch)
+        extra = dict(resume_ckpt.extra or {})
+        best_error = float(extra.get("best_valid_error", float("inf")))
+        best_epoch = int(extra.get("best_epoch", 0))
+    else:
+        params = arrays_to_device(clf.init_params(cfg, ccfg.seed, ccfg.dtype), device, dtype)
+        opt_state = optim.adam_init(params)
+        rng = _new_rng(ccfg.seed)
+        start_epoch, best_error, best_epoch = 0, float("inf"), 0
+        run_name = ccfg.name or _dt.datetime.now().strftime("classify-%Y%m%d-%H%M%S")
+        run_dir = _unique_run_dir(Path(ccfg.out), run_name)
+    log_path, ckpt_path, best_path = (run_dir / n for n in ("log.jsonl", "checkpoint.h5",
+                                                             "best.h5"))
+    (run_dir / "config.json").write_text(json.dumps(
+        {"model": cfg.to_dict(), "classify": ccfg.to_dict()}, indent=2) + "\n")
+    n_params = sum(int(np.prod(np.shape(p))) for p in params.values())
+    log(f"run dir: {run_dir}")
+    log("model config: " + json.dumps(cfg.to_dict()))
+    log("classify config: " + json.dumps(ccfg.to_dict()))
+    log(f"device {device}, dtype {dtype.name}, {n_params:,} parameters; cluttered MNIST: "
+        f"{n_train} train digits (the paper had 60,000), {valid_x.shape[0]} valid, "
+        f"{test_x.shape[0]} test")
+
+    def extra_now():
+        return {"best_valid_error": best_error, "best_epoch": best_epoch, "run_dir": run_dir.name}
+
+    if resume_ckpt is not None:
+        rows = [r for r in _read_log(log_path) if int(r.get("epoch", 0)) <= start_epoch]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
+            f"target {ccfg.epochs} epochs")
+        if start_epoch >= ccfg.epochs:
+            log(f"nothing to do: the run already has {start_epoch} epochs")
+            return run_dir
+    else:
+        _save(ckpt_path, cfg, params, opt_state, 0, rng, ccfg, extra_now())
+
+    n_iter = (n_train + ccfg.batch_size - 1) // ccfg.batch_size
+    epoch = start_epoch
+
+    def non_finite(what):
+        return NonFiniteLossError(f"{what}; training stopped. {ckpt_path} still holds epoch "
+                                  f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
+    try:
+        for epoch in range(start_epoch + 1, ccfg.epochs + 1):
+            t0 = time.perf_counter()
+            train_x = synthetic.clutter(train_digits, train_digits,
+                                        _derived_rng(ccfg.seed, 3, epoch), cfg.height,
+                                        ccfg.distractors, ccfg.crop).astype(dtype, copy=False)
+            bar = _Progress(n_iter, f"epoch {epoch}/{ccfg.epochs}", progress)
+            perm = rng.permutation(n_train)
+            loss_sum = gnorm_sum = 0.0
+            errors = 0
+            try:
+                for it in range(1, n_iter + 1):
+                    idx = perm[(it - 1) * ccfg.batch_size: it * ccfg.batch_size]
+                    xb = backend.to_device(train_x[idx], device)
+                    yb = backend.to_device(train_y[idx], device)
+                    loss, grads, stats = clf.loss_and_grads(params, cfg, xb, yb)
+                    where = f"at epoch {epoch}, iteration {it}/{n_iter}"
+                    if not math.isfinite(loss):
+                        raise non_finite(f"loss is {loss} {where}")
+                    gnorm = optim.global_norm(grads)
+                    if not math.isfinite(gnorm):
+                        raise non_finite(f"gradient norm is {gnorm} {where}")
+                    params, opt_state, _ = optim.adam_step(
+                        params, grads, opt_state, ccfg.lr, ccfg.beta1, ccfg.beta2,
+                        ccfg.adam_eps, grad_scale=optim.clip_scale(gnorm, ccfg.clip))
+                    loss_sum += loss * idx.shape[0]
+                    errors += stats["errors"]
+                    gnorm_sum += gnorm
+                    bar.update(it, loss)
+            finally:
+                bar.close()
+            train_time = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            valid_loss, valid_error = clf.evaluate(params, cfg, valid_x, valid_y, eval_batch)
+            test_loss, test_error = clf.evaluate(params, cfg, test_x, test_y, eval_batch)
+            if not math.isfinite(valid_loss):
+                raise non_finite(f"validation loss is {valid_loss} after epoch {epoch}")
+            is_best = valid_error < best_error
+            if is_best:
+                best_error, best_epoch = valid_error, epoch
+            record = {
+                "epoch": epoch, "step": int(opt_state["step"]),
+                "train_loss": loss_sum / n_train, "train_error": errors / n_train,
+                "valid_loss": valid_loss, "valid_error": valid_error,
+                "test_loss": test_loss, "test_error": test_error,
+                "train_digits": n_train, "grad_norm": gnorm_sum / n_iter, "lr": ccfg.lr,
+                "train_time_s": train_time, "eval_time_s": time.perf_counter() - t1,
+                "best": bool(is_best), "wall_s": time.perf_counter() - t0,
+                "time": _dt.datetime.now().isoformat(timespec="seconds"),
+            }
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if is_best:
+                _save(best_path, cfg, params, opt_state, epoch, rng, ccfg, extra_now())
+            _save(ckpt_path, cfg, params, opt_state, epoch, rng, ccfg, extra_now())
+            log(f"epoch {epoch}/{ccfg.epochs}  train {record['train_loss']:.4f} "
+                f"({100 * record['train_error']:.2f}% wrong)  valid {valid_loss:.4f} "
+                f"({100 * valid_error:.2f}%)  test {test_loss:.4f} ({100 * test_error:.2f}%)  "
+                f"|g| {record['grad_norm']:.2f}  {record['wall_s']:.1f}s"
+                + ("  *best*" if is_best else ""))
+    except KeyboardInterrupt:
+        msg = (f"interrupted in epoch {epoch}; {ckpt_path} holds the last completed epoch "
+               f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir}")
+        log(msg)
+        raise TrainingInterrupted(msg, run_dir) from None
+    except NonFiniteLossError as err:
+        log(str(err))
+        raise
+    log(f"done: {ccfg.epochs} epochs; best valid error {100 * best_error:.2f}% (epoch "
+        f"{best_epoch}; {n_train} training digits); run dir {run_dir}")
+    return run_dir

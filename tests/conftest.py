@@ -57,3 +57,18 @@ def as_if_on_gpu(monkeypatch):
     for module in (attention, layers, model, optim):
         monkeypatch.setattr(module, "get_array_module", lambda *arrays: generic)
     return generic
+
+
+@pytest.fixture(scope="session")
+def labelled_mnist_mirror() -> Path:
+    """Folder holding the labelled grey MNIST IDX files (npm10k and t10k; read-only):
+    ../shared/data/mnist next to the repository, or NPDRAW_TEST_LABELLED_MIRROR."""
+    env = os.environ.get("NPDRAW_TEST_LABELLED_MIRROR")
+    path = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "mnist"
+    names = [f"{s}-{k}-idx{d}-ubyte.gz" for s in ("npm10k", "t10k")
+             for k, d in (("images", 3), ("labels", 1))]
+    missing = [n for n in names if not (path / n).exists()]
+    if missing:
+        pytest.fail(f"labelled MNIST mirror not found at {path} (missing {missing}); set "
+                    "NPDRAW_TEST_LABELLED_MIRROR to the folder holding the IDX files")
+    return path

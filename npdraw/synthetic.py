@@ -1,0 +1,181 @@
+"""Data made on the fly from MNIST digits: cluttered MNIST (paper section 4.1, the recipe of
+Mnih et al. 2014) and two-digit MNIST (paper section 4.2); and the labelled grey MNIST
+files they are made from.
+
+Dimension legend
+    M  images made           S  source digits          P  = 28, a digit's side
+    H, W  canvas height and width (100 x 100 cluttered, 60 x 60 two-digit)
+    D  = H*W                 Q  clutter crop side (8)
+
+Labelled MNIST (``load_labelled_mnist``): two sets of 28 x 28 grey digits with labels, in
+IDX files: the 10,000 canonical test digits (t10k) and 10,000 other MNIST digits (npm10k,
+disjoint from t10k, stored ordered by class). The files come from the data folder's
+``labelled-mnist`` subfolder, else a mirror folder or URL (like every data set, see
+docs/DATA.md); t10k also from MNIST's canonical URL. Every file's uncompressed SHA-256 is
+checked. npm10k is the training set and t10k the test set: 10,000 training digits where
+the paper had 60,000.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import (MNIST_URL, DataError, DataSplits, _locate, _read_maybe_gzip, parse_idx,
+                   resolve_data_dir, resolve_mirror)
+
+DIGIT = 28
+LABELLED_SUBDIR = "labelled-mnist"
+# uncompressed SHA-256 of each IDX file
+LABELLED_SHA256 = {
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    "npm10k-images-idx3-ubyte": "4e3355b0dd14bc12e53353f1d2789806361e6ef7350c92a8c5e778a74ea77696",
+    "npm10k-labels-idx1-ubyte": "364de413ea4102745aa4d08a168e3501716cb789ace0f8b3033481882a00e25f",
+}
+VALID_SEED = 0     # fixed permutation that picks the validation digits out of npm10k
+VALID_CLUTTER_SEED = 1
+TEST_CLUTTER_SEED = 2
+TWO_DIGIT_SEEDS = {"valid": 3, "test": 4}
+
+
+@dataclass
+class LabelledDigits:
+    """Grey digits as float32 (S, 28, 28) in [0, 1] with int64 labels (S,)."""
+    train_x: np.ndarray
+    train_y: np.ndarray
+    valid_x: np.ndarray
+    valid_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def _labelled_file(stem: str, root: Path, mirror: str) -> np.ndarray:
+    cache = root / LABELLED_SUBDIR
+    canonical_names = [stem + ".gz"] if stem.startswith("t10k") else []
+    if not canonical_names and not mirror and not any(
+            (cache / n).is_file() for n in (stem, stem + ".gz")):
+        raise DataError(f"{stem} has no public download: put {stem}.gz into {cache} or give "
+                        "a mirror folder that holds it (--mirror)")
+    path, _ = _locate([stem, stem + ".gz"], LABELLED_SUBDIR, cache, cache, mirror, MNIST_URL,
+                      canonical_names, progress=False, keep=True)
+    raw = _read_maybe_gzip(path)
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != LABELLED_SHA256[stem]:
+        raise DataError(f"{path}: SHA-256 of the uncompressed file is {digest}, expected "
+                        f"{LABELLED_SHA256[stem]} (damaged or a different file)")
+    return parse_idx(raw, str(path))
+
+
+def load_labelled_mnist(data_dir: str = "data", mirror: str = "",
+                        valid_size: int = 1000) -> LabelledDigits:
+    """npm10k (train, less a validation slice of ``valid_size`` digits picked by a fixed
+    permutation, since the file is ordered by class) and t10k (test)."""
+    root = resolve_data_dir(data_dir)
+    mirror = resolve_mirror(mirror)
+    sets = {}
+    for name in ("npm10k", "t10k"):
+        images = _labelled_file(f"{name}-images-idx3-ubyte", root, mirror)
+        labels = _labelled_file(f"{name}-labels-idx1-ubyte", root, mirror)
+        if images.shape[1:] != (DIGIT, DIGIT) or labels.shape != images.shape[:1]:
+            raise DataError(f"{name}: expected (S, 28, 28) images with S labels, got "
+                            f"{images.shape} and {labels.shape}")
+        sets[name] = (images.astype(np.float32) / np.float32(255), labels.astype(np.int64))
+    train_x, train_y = sets["npm10k"]
+    if not 0 < valid_size < train_x.shape[0]:
+        raise DataError(f"valid_size must lie in 1..{train_x.shape[0] - 1}, got {valid_size}")
+    order = np.random.default_rng(VALID_SEED).permutation(train_x.shape[0])
+    train_idx, valid_idx = order[:-valid_size], order[-valid_size:]
+    return LabelledDigits(train_x[train_idx], train_y[train_idx], train_x[valid_idx],
+                          train_y[valid_idx], *sets["t10k"])
+
+
+# ---------------------------------------------------------------- composing canvases
+
+def _paste(canvas, pieces, top, left, clip_low):
+    """Add pieces (M, h, w) into canvas (M, H, W) at per-image offsets top, left (M,),
+    then clip to [0, 1] (or only to 1 when clip_low is False). In place: canvas is
+    this module's own array."""
+    M, h, w = pieces.shape
+    rows = top[:, None, None] + np.arange(h)[None, :, None]
+    cols = left[:, None, None] + np.arange(w)[None, None, :]
+    index = np.arange(M)[:, None, None]
+    canvas[index, rows, cols] += pieces                 # one piece per image: no repeats
+    np.minimum(canvas, 1.0, out=canvas)
+    if clip_low:
+        np.maximum(canvas, 0.0, out=canvas)
+
+
+def clutter(digits, sources, rng: np.random.Generator, size: int = 100,
+            distractors: int = 8, crop: int = 8) -> np.ndarray:
+    """Cluttered MNIST: each digit on a size x size black canvas among distractors.
+
+    digits: (M, 28, 28) in [0, 1]   sources: (S, 28, 28), the digits clutter is cut from
+    -> (M, size*size) float32. Per image (Mnih et al. 2014): ``distractors`` times, a
+    crop x crop piece at a random offset of a random source digit, added at a uniformly
+    random position and clipped to 1; then the digit at a uniformly random position,
+    added and clipped to [0, 1].
+    """
+    M = digits.shape[0]
+    if size < DIGIT:
+        raise ValueError(f"the canvas must be at least {DIGIT} pixels wide, got {size}")
+    canvas = np.zeros((M, size, size), np.float32)
+    inside = np.arange(crop)
+    for _ in range(distractors):
+        source = rng.integers(0, sources.shape[0], M)
+        top, left = rng.integers(0, DIGIT - crop + 1, (2, M))
+        pieces = sources[source[:, None, None], top[:, None, None] + inside[None, :, None],
+                         left[:, None, None] + inside[None, None, :]]
+        y, x = rng.integers(0, size - crop + 1, (2, M))
+        _paste(canvas, pieces, y, x, clip_low=False)
+    y, x = rng.integers(0, size - DIGIT + 1, (2, M))
+    _paste(canvas, np.asarray(digits, np.float32), y, x, clip_low=True)
+    return canvas.reshape(M, size * size)
+
+
+def two_digits(sources, count: int, rng: np.random.Generator, size: int = 60) -> np.ndarray:
+    """Two-digit MNIST (paper section 4.2): two random digits of sources (S, 28, 28 or
+    S, 784) at uniformly random places on a size x size black canvas, summed and clipped
+    to 1 -> (count, size*size) float32."""
+    sources = np.asarray(sources, np.float32).reshape(-1, DIGIT, DIGIT)
+    if size < DIGIT:
+        raise ValueError(f"the canvas must be at least {DIGIT} pixels wide, got {size}")
+    canvas = np.zeros((count, size, size), np.float32)
+    for _ in range(2):
+        pick = rng.integers(0, sources.shape[0], count)
+        y, x = rng.integers(0, size - DIGIT + 1, (2, count))
+        _paste(canvas, sources[pick], y, x, clip_low=True)
+    return canvas.reshape(count, size * size)
+
+
+TWO_DIGIT_SIZE = 60
+
+
+def two_digit_splits(bmnist: DataSplits) -> DataSplits:
+    """Two-digit MNIST from binarized MNIST's splits: fixed, seeded valid and test sets (as
+    many images as those splits hold digits) and ``fresh_train(rng, count)``, which makes
+    a new training set (default: as many images as training digits) every epoch."""
+    train_digits = bmnist.train
+
+    def fresh_train(rng: np.random.Generator, count: int = 0) -> np.ndarray:
+        return two_digits(train_digits, count or train_digits.shape[0], rng, TWO_DIGIT_SIZE)
+
+    fixed = {split: two_digits(getattr(bmnist, split), getattr(bmnist, split).shape[0],
+                               np.random.default_rng(seed), TWO_DIGIT_SIZE)
+             for split, seed in TWO_DIGIT_SEEDS.items()}
+    return DataSplits(train=fresh_train(np.random.default_rng(5)), valid=fixed["valid"],
+                      test=fixed["test"], shape=(1, TWO_DIGIT_SIZE, TWO_DIGIT_SIZE),
+                      fresh_train=fresh_train)
+
+
+def cluttered_splits(digits: LabelledDigits, size: int = 100,
+                     distractors: int = 8, crop: int = 8):
+    """The fixed validation and test sets of cluttered MNIST: each digit cluttered once, with
+    clutter from its own split, seeded -> ((valid_x, valid_y), (test_x, test_y))."""
+    out = []
+    for x, y, seed in ((digits.valid_x, digits.valid_y, VALID_CLUTTER_SEED),
+                       (digits.test_x, digits.test_y, TEST_CLUTTER_SEED)):
+        out.append((clutter(x, x, np.random.default_rng(seed), size, distractors, crop), y))
+    return tuple(out)

@@ -483,7 +483,8 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
               help="Output folder (default: the run dir).")
 @library_errors
 def plot(run_dir, out):
-    """learning_curves.png and kl_per_glimpse.png from RUN_DIR/log.jsonl."""
+    """learning_curves.png and kl_per_glimpse.png from RUN_DIR/log.jsonl (a classifier
+    run: error_curves.png)."""
     from npdraw import images as images_lib
     from npdraw import train as train_lib
 
@@ -494,6 +495,15 @@ def plot(run_dir, out):
     out = Path(out) if out is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     epochs = [int(r["epoch"]) for r in rows]
+    if "valid_error" in rows[0]:           # a classifier run (cli.py classify)
+        curves = {label: (epochs, [100.0 * float(r[key]) for r in rows])
+                  for key, label in (("train_error", "train"), ("valid_error", "valid"),
+                                     ("test_error", "test"))}
+        path = out / "error_curves.png"
+        images_lib.plot_lines(path, curves, title="Cluttered MNIST error per epoch",
+                              xlabel="epoch", ylabel="% wrong")
+        click.echo(f"wrote {path} ({len(rows)} epochs)")
+        return
     curves = {}
     for key, label in (("train_bound", "train"), ("valid_bound", "valid"), ("test_bound", "test")):
         pts = [(e, float(r[key])) for e, r in zip(epochs, rows)

@@ -94,18 +94,30 @@ def load_labelled_mnist(data_dir: str = "data", mirror: str = "",
 
 # ---------------------------------------------------------------- composing canvases
 
+_PASTE_CHUNK = 2048   # images per flat index array (2048 x 784 int64: 13 MB)
+
+
 def _paste(canvas, pieces, top, left, clip_low):
     """Add pieces (M, h, w) into canvas (M, H, W) at per-image offsets top, left (M,),
-    then clip to [0, 1] (or only to 1 when clip_low is False). In place: canvas is
-    this module's own array."""
+    and clip the sums to [0, 1] (or only to 1 when clip_low is False). In place:
+    canvas is this module's own array.
+
+    Through flat indices into the canvas, a chunk of images at a time: a 1-D fancy
+    index is several times faster than the broadcast 3-D one, and clipping only the
+    pixels written spares a pass over the whole canvas per piece."""
     M, h, w = pieces.shape
-    rows = top[:, None, None] + np.arange(h)[None, :, None]
-    cols = left[:, None, None] + np.arange(w)[None, None, :]
-    index = np.arange(M)[:, None, None]
-    canvas[index, rows, cols] += pieces                 # one piece per image: no repeats
-    np.minimum(canvas, 1.0, out=canvas)
-    if clip_low:
-        np.maximum(canvas, 0.0, out=canvas)
+    H, W = canvas.shape[1:]
+    flat = canvas.reshape(-1)
+    within = (np.arange(h)[:, None] * W + np.arange(w)[None, :]).reshape(-1)      # (h*w,)
+    for start in range(0, M, _PASTE_CHUNK):
+        stop = min(start + _PASTE_CHUNK, M)
+        corner = np.arange(start, stop) * (H * W) + top[start:stop] * W + left[start:stop]
+        index = (corner[:, None] + within[None, :]).reshape(-1)   # distinct within a chunk
+        summed = flat[index] + pieces[start:stop].reshape(-1)
+        np.minimum(summed, 1.0, out=summed)
+        if clip_low:
+            np.maximum(summed, 0.0, out=summed)
+        flat[index] = summed
 
 
 def clutter(digits, sources, rng: np.random.Generator, size: int = 100,

@@ -159,11 +159,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ClassifierConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ValueError(f"unknown ClassifierConfig fields: {sorted(unknown)}")
-        return cls(**{k: int(v) for k, v in values.items()})
+        return _typed_from_dict(cls, values)
 
 
 @dataclass(frozen=True)
@@ -213,8 +209,14 @@ class ClassifyConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ClassifyConfig":
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(values) - set(names)
-        if unknown:
-            raise ValueError(f"unknown ClassifyConfig fields: {sorted(unknown)}")
-        return cls(**{k: type(names[k].default)(v) for k, v in values.items()})
+        return _typed_from_dict(cls, values)
+
+
+def _typed_from_dict(cls, values: dict):
+    """cls(**values), each value converted to its field's default's type (JSON and HDF5
+    attributes give back floats as ints, NumPy ints...); unknown names are an error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**{k: type(fields[k].default)(v) for k, v in values.items()})

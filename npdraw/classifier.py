@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from . import attention as att
-from .backend import get_array_module, to_numpy
+from .backend import get_array_module, to_device, to_numpy
 from .config import ClassifierConfig
 from .layers import (linear_forward, lstm_cell_backward, lstm_cell_forward,
                      softmax_xent_backward, softmax_xent_forward)
@@ -169,7 +169,6 @@ def evaluate(params, cfg: ClassifierConfig, x, labels, batch_size: int = 500):
     """Mean cross-entropy and error rate over a whole split, in batches.
 
     x: (M, H*W) NumPy   labels: (M,) -> (loss: float, error: float in [0, 1])."""
-    from .backend import to_device
     device = "gpu" if get_array_module(params["lstm_W"]) is not np else "cpu"
     total_loss, errors = 0.0, 0
     for start in range(0, x.shape[0], batch_size):
@@ -185,22 +184,12 @@ def evaluate(params, cfg: ClassifierConfig, x, labels, batch_size: int = 500):
 
 def glimpse_windows(params, cfg: ClassifierConfig, x):
     """The read windows the classifier chooses for x: (B, H*W) -> dict of (T, B) NumPy
-    arrays "cx", "cy" (centres, 1-based pixels), "stride", "sigma", "gamma", and "N"."""
+    arrays "cx", "cy" (centres, 1-based pixels), "stride", "sigma", "gamma", and "N".
+    Read from the forward's caches (eq 22-24's values), not recomputed."""
     x, _ = check_inputs(params, cfg, x)
     xp = get_array_module(x)
-    T, B, H, W, N = cfg.glimpses, x.shape[0], cfg.height, cfg.width, cfg.read_n
-    images = x.reshape(B, 1, H, W)
-    h = xp.zeros((B, cfg.hidden), x.dtype)
-    c = xp.zeros_like(h)
-    out = {k: np.empty((T, B)) for k in ("cx", "cy", "stride", "sigma", "gamma")}
-    for t in range(T):
-        p = h @ params["att_W"] + params["att_b"]
-        (Fy, Fx, gamma), window_cache = att.window_forward(p, H, W, N)
-        gx, gy, sigma2, delta, gamma_q = to_numpy(att.window_values(window_cache)).T
-        out["cx"][t], out["cy"][t], out["stride"][t] = gx, gy, delta
-        out["sigma"][t], out["gamma"][t] = np.sqrt(sigma2), gamma_q
-        glimpse, _ = att.read_forward(images, Fy, Fx, gamma)
-        a = xp.concatenate([glimpse.reshape(B, N * N), h], axis=1) @ params["lstm_W"]
-        (h, c), _ = lstm_cell_forward(a + params["lstm_b"], c)
-    out["N"] = N
-    return out
+    _, (steps, *_) = forward(params, cfg, x, xp.zeros(x.shape[0], np.intp))
+    gx, gy, sigma2, delta, gamma = np.stack(
+        [to_numpy(att.window_values(window_cache)) for window_cache, _, _ in steps]).transpose(2, 0, 1)
+    return {"cx": gx, "cy": gy, "stride": delta, "sigma": np.sqrt(sigma2), "gamma": gamma,
+            "N": cfg.read_n}

@@ -360,7 +360,10 @@ def _reply(message):
 
 def _worker(spec_json: str) -> None:
     global _channel
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and closes us
+    # The parent handles Ctrl-C and SIGTERM (also when sent to the whole process group)
+    # and closes us; it stops between steps, so we must outlive the signal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     retain_freed_memory()                          # every step reuses the same buffers
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))

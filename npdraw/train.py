@@ -25,6 +25,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,7 @@ import numpy as np
 
 from . import backend
 from . import checkpoint as ckpt_lib
+from . import guards
 from . import images as images_lib
 from . import model as model_lib
 from . import optim
@@ -62,7 +65,16 @@ class NonFiniteLossError(TrainingStopped):
 
 
 class TrainingInterrupted(TrainingStopped):
-    """Ctrl-C (KeyboardInterrupt); the checkpoint of the last completed epoch is on disk."""
+    """Ctrl-C or SIGTERM (``signum``); the checkpoint of the last completed epoch is on disk."""
+
+    def __init__(self, message: str, run_dir: Path | None = None, signum: int = signal.SIGINT):
+        super().__init__(message, run_dir)
+        self.signum = int(signum)
+
+
+class WriteFailed(TrainingStopped):
+    """A file of the run could not be written (a full disk, permissions); the last
+    checkpoint stands."""
 
 
 class WorkerFailed(TrainingStopped):
@@ -186,6 +198,33 @@ class _Progress:
             self.stream.write("\n")
             self.stream.flush()
             self._shown = False
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _per_example_floats(cfg: DrawConfig, training: bool) -> int:
+    """Floats one example takes in a forward pass (with the caches backward keeps when
+    ``training``): model.forward's stacked (features, T+1, B) buffers, the (T, B, .)
+    gate, posterior and sigmoid(canvas) buffers, and per glimpse the LSTM, latent,
+    canvas and attention (glimpse, patch, filterbank) arrays. An upper bound: it is
+    checked against tracemalloc's peaks in tests/test_guards.py."""
+    T, D, Z, He, Hd = cfg.T, cfg.D, cfg.z_dim, cfg.enc_dim, cfg.dec_dim
+    rows = 2 + Z + Hd + (cfg.read_dim if cfg.attention else D) + He
+    stacked = rows * (T + 1) + T * (2 * Z + 1 + D + 4 * He + 4 * Hd)
+    per_glimpse = 2 * He + 2 * Hd + 4 * Z + 3 * D
+    if cfg.attention:
+        C, H, W, Nr, Nw = cfg.channels, cfg.height, cfg.width, cfg.read_n, cfg.write_n
+        per_glimpse += (4 * C * Nr * Nr + 2 * C * Nw * Nw + 4 * (Nr + Nw) * (H + W)
+                        + 2 * C * H * W)
+    return stacked + (T if training else 2) * per_glimpse + 4 * D
+
+
+def model_bytes(cfg: DrawConfig, batch: int, itemsize: int, training: bool) -> int:
+    """Estimated peak bytes of one batch: training (forward, backward, gradients and Adam
+    state) or a forward pass (evaluation, sampling); ``itemsize``: 4 or 8."""
+    n_params = sum(int(np.prod(shape)) for shape in model_lib.param_shapes(cfg).values())
+    param_copies = 4 if training else 2          # params, grads, Adam m and v
+    return itemsize * (int(batch) * _per_example_floats(cfg, training) + param_copies * n_params)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -393,8 +432,15 @@ def init_model(cfg: DrawConfig, seed: int, train_x: np.ndarray, dtype: str = "fl
 
 
 def _unique_run_dir(out: Path, name: str) -> Path:
-    """``out/name``, or ``out/name-2``, ``-3``... when taken; created here (no clobbering)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """``out/name``, or ``out/name-2``, ``-3``... when taken; created here (no clobbering).
+    ValueError with one sentence when the folder cannot be made."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"cannot create the run folder under --out {out}: "
+                         f"{out} is a file, not a folder") from None
+    except OSError as err:
+        raise ValueError(guards.os_error_sentence(err, f"create the --out folder {out}")) from None
     candidate, i = out / name, 1
     while True:
         try:
@@ -403,30 +449,90 @@ def _unique_run_dir(out: Path, name: str) -> Path:
         except FileExistsError:
             i += 1
             candidate = out / f"{name}-{i}"
+        except OSError as err:
+            raise ValueError(guards.os_error_sentence(
+                err, f"create the run folder {candidate}")) from None
 
 
-def _read_log(path: Path) -> list:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
+def _read_log(path: Path, warn=None) -> list:
+    """The records of a log.jsonl (a missing file holds none), checked.
+
+    A last line without its newline that is not valid JSON was cut off by a crash while
+    it was written: it is dropped, with a message to ``warn`` (default: a
+    RuntimeWarning). Any other bad line, or epochs that do not increase (two processes
+    writing one log), is a ValueError naming the line.
+    """
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    rows, previous = [], None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                message = (f"{path}: dropped the cut-off last line {number} (an interrupted "
+                           "write)")
+                if warn is None:
+                    import warnings
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
+                else:
+                    warn(f"note: {message}")
+                break
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column "
+                             f"{err.colno})") from None
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise ValueError(f"{path}, line {number}: not an epoch record (no integer 'epoch')")
+        if previous is not None and epoch <= previous:
+            raise ValueError(f"{path}, line {number}: epoch {epoch} follows epoch {previous}; "
+                             "the log holds duplicated or out-of-order epochs (did two "
+                             "processes write into this run folder?)")
+        previous = epoch
+        rows.append(row)
     return rows
 
 
-def read_log(run_dir) -> list:
-    """The epoch records of RUN/log.jsonl (list of dicts); ValueError when absent/empty."""
+def read_log(run_dir, warn=None) -> list:
+    """The epoch records of RUN/log.jsonl (list of dicts); ValueError when absent/empty
+    or damaged (see _read_log; ``warn`` receives the note on a cut-off last line)."""
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
         raise ValueError(f"no training log at {path}")
-    try:
-        rows = _read_log(path)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON lines: {err}") from err
+    rows = _read_log(path, warn)
     if not rows:
         raise ValueError(f"{path} holds no epochs yet")
     return rows
+
+
+def _append_log(path: Path, record: dict) -> None:
+    """Append one line to log.jsonl; a failed write (a full disk) is undone, so the log
+    never ends in a partial line written by this process."""
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    with open(path, "ab") as fh:
+        size = fh.tell()
+        try:
+            fh.write(line)
+            fh.flush()
+        except OSError:
+            try:
+                fh.truncate(size)
+            except OSError:
+                pass
+            raise
+
+
+def _remove_stale_temps(run_dir: Path) -> None:
+    """Temporary checkpoint files left by a process that was killed mid-save (the caller
+    holds the run folder's lock, so no other process is writing them)."""
+    for tmp in run_dir.glob(".*.h5.tmp-*"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def train_config_of(ckpt) -> TrainConfig | None:
@@ -460,9 +566,20 @@ def load_checkpoint(path):
 
 
 def _save(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra) -> None:
-    ckpt_lib.save_checkpoint(path, cfg, _to_host_dict(params),
-                             opt_state=_opt_state_host(opt_state), epoch=int(epoch),
-                             rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra)
+    """save_checkpoint; a failure is a WriteFailed that says what is still intact."""
+    try:
+        ckpt_lib.save_checkpoint(path, cfg, _to_host_dict(params),
+                                 opt_state=_opt_state_host(opt_state), epoch=int(epoch),
+                                 rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra)
+    except ckpt_lib.CheckpointError as err:
+        what = "the checkpoint" if path.name == "checkpoint.h5" else path.name
+        intact = (f"the checkpoint of epoch {epoch - 1} is intact" if epoch > 0
+                  else "no epoch had been trained yet")
+        if isinstance(err, ckpt_lib.DiskFullError):
+            message = f"no space left on {path.parent} while saving {what} of epoch {epoch}"
+        else:
+            message = f"{err} (while saving {what} of epoch {epoch})"
+        raise WriteFailed(f"{message}; {intact}", path.parent) from None
 
 
 def check_data_shape(cfg: DrawConfig, shape) -> None:
@@ -493,10 +610,22 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     (else the recorded ones). ``data``: a DataSplits to use instead of loading
     ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr.
 
-    Raises NonFiniteLossError on a NaN/inf loss and TrainingInterrupted on Ctrl-C (both
-    TrainingStopped, with ``run_dir``; checkpoint.h5 then holds the last completed
-    epoch), ValueError for bad configs, data or checkpoints.
+    Raises NonFiniteLossError on a NaN/inf loss, TrainingInterrupted on Ctrl-C or
+    SIGTERM and WriteFailed when a file cannot be written (all TrainingStopped, with
+    ``run_dir``; checkpoint.h5 then holds the last completed epoch), ValueError for bad
+    configs, data or checkpoints, a run folder that another process is training in
+    (guards.RunFolderBusy) or a model too large for this machine's memory.
+
+    While it runs, the run folder is locked (guards.RunLock) and, in the main thread,
+    SIGINT and SIGTERM only set a flag that is checked between steps (guards.StopSignals);
+    a second signal stops at once. Both are undone on return.
     """
+    with guards.StopSignals() as stop, guards.RunLock() as lock:
+        return _train(cfg, tcfg, log, data, progress, eval_batch, stop, lock)
+
+
+def _train(cfg, tcfg, log, data, progress, eval_batch, stop, lock) -> Path:
+    """train()'s body; ``stop``: a guards.StopSignals, ``lock``: a guards.RunLock to take."""
     backend.retain_freed_memory()            # every step reuses the same host buffers
     resume_ckpt = None
     if tcfg.resume:
@@ -504,6 +633,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         ckpt_path = run_dir / "checkpoint.h5"
         if not ckpt_path.is_file():
             raise ValueError(f"cannot resume: {ckpt_path} does not exist")
+        lock.acquire(run_dir)
         resume_ckpt = load_checkpoint(ckpt_path)
         saved_tcfg = train_config_of(resume_ckpt)
         if saved_tcfg is None:
@@ -523,6 +653,9 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     device = backend.resolve_device(tcfg.device)
     workers = resolve_workers(tcfg.workers, device, tcfg.batch_size)
     dtype = np.dtype(tcfg.dtype)
+    guards.check_memory(model_bytes(cfg, tcfg.batch_size, dtype.itemsize, training=True),
+                        f"training this model ({_cfg_summary(cfg)}) with batches of "
+                        f"{tcfg.batch_size}")
 
     if data is None:
         data = load_data(tcfg, progress)
@@ -566,13 +699,19 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         best_valid, best_epoch = float("inf"), 0
         run_name = tcfg.name or _dt.datetime.now().strftime("draw-%Y%m%d-%H%M%S")
         run_dir = _unique_run_dir(Path(tcfg.out), run_name)
+        lock.acquire(run_dir)
+    _remove_stale_temps(run_dir)
 
     log_path = run_dir / "log.jsonl"
     ckpt_path = run_dir / "checkpoint.h5"
     best_path = run_dir / "best.h5"
 
-    (run_dir / "config.json").write_text(json.dumps(
-        {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
+    try:
+        (run_dir / "config.json").write_text(json.dumps(
+            {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
+    except OSError as err:
+        raise WriteFailed(guards.os_error_sentence(err, f"write {run_dir / 'config.json'}"),
+                          run_dir) from None
     n_params = sum(int(np.prod(np.shape(p))) for p in params.values())
     log(f"run dir: {run_dir}")
     log("model config: " + json.dumps(cfg.to_dict()))
@@ -586,8 +725,12 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
 
     if resume_ckpt is not None:
         # Keep the log lines of the epochs the checkpoint holds; drop any written later.
-        rows = [r for r in _read_log(log_path) if int(r.get("epoch", 0)) <= start_epoch]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = [r for r in _read_log(log_path, warn=log) if int(r["epoch"]) <= start_epoch]
+        try:
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        except OSError as err:
+            raise WriteFailed(guards.os_error_sentence(err, f"rewrite {log_path}"),
+                              run_dir) from None
         log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
             f"target {tcfg.epochs} epochs")
         if start_epoch >= tcfg.epochs:
@@ -616,6 +759,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
             try:
                 next_eps = None
                 for it in range(1, n_iter + 1):
+                    stop.check()             # Ctrl-C / SIGTERM: stop between steps
                     idx = perm[(it - 1) * tcfg.batch_size: it * tcfg.batch_size]
                     xb = backend.to_device(train_x[idx], device)
                     eps = backend.to_device(next_eps.result() if next_eps is not None
@@ -689,8 +833,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
             record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
             # The log line first: should the saves below not happen, a resume from the
             # previous checkpoint drops this line again.
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            _append_log(log_path, record)
             if is_best:
                 _save(best_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
             _save(ckpt_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
@@ -700,14 +843,21 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                 f"|g| {record['grad_norm']:.2f}  |step| {record['step_norm']:.4f}  "
                 f"{record['wall_s']:.1f}s  {record['examples_per_s']:.0f} ex/s"
                 + ("  *best*" if is_best else ""))
-    except KeyboardInterrupt:
-        msg = (f"interrupted in epoch {epoch}; {ckpt_path} holds the last completed epoch "
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        msg = (f"interrupted{how} in epoch {epoch}; {ckpt_path} holds the last completed epoch "
                f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir}")
         log(msg)
-        raise TrainingInterrupted(msg, run_dir) from None
-    except NonFiniteLossError as err:
+        raise TrainingInterrupted(msg, run_dir, signum) from None
+    except (NonFiniteLossError, WriteFailed) as err:
         log(str(err))
         raise
+    except OSError as err:         # the log line, the sample pictures
+        msg = (guards.os_error_sentence(err, f"write the files of epoch {epoch}")
+               + f"; {ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)})")
+        log(msg)
+        raise WriteFailed(msg, run_dir) from None
     except WorkerError as err:
         msg = (f"{err}\nin epoch {epoch}; {ckpt_path} holds the last completed epoch "
                f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir} "

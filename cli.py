@@ -12,9 +12,11 @@ See docs/TRAINING.md for what each command writes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -51,8 +53,33 @@ class AttentionType(click.ParamType):
         return (read_n, write_n)
 
 
+class FiniteFloat(click.ParamType):
+    """A finite float (no nan or inf), optionally > 0."""
+    name = "float"
+
+    def __init__(self, positive: bool = False):
+        self.positive = positive
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) and math.isfinite(value) and (value > 0 or not self.positive):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.positive and not number > 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return number
+
+
 ATTENTION = AttentionType()
 POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
+FINITE_FLOAT = FiniteFloat()
+POSITIVE_FINITE_FLOAT = FiniteFloat(positive=True)
+# GIF stores a frame's delay in hundredths of a second in 16 bits: at most 655.35 s.
+MIN_FPS = 1 / 655.0
 
 
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]),
@@ -73,12 +100,35 @@ def library_errors(fn):
             raise
         except ValueError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:  # a file-system error no command step below described
+            target = f"use {err.filename}" if getattr(err, "filename", None) else "finish"
+            from npdraw.guards import os_error_sentence
+            raise click.ClickException(os_error_sentence(err, target)) from None
         except RuntimeError as err:  # a data-parallel worker failed (parallel.WorkerError)
             from npdraw.parallel import WorkerError
             if isinstance(err, WorkerError):
                 raise click.ClickException(str(err)) from None
             raise
     return wrapper
+
+
+@contextlib.contextmanager
+def _writing(wanted: str):
+    """Turn an OSError inside the block into 'Error: cannot <wanted>: <reason>' (exit 1)."""
+    from npdraw.guards import os_error_sentence
+    try:
+        yield
+    except OSError as err:
+        raise click.ClickException(os_error_sentence(err, wanted)) from None
+
+
+def _output_folder(out: Path, what: str) -> Path:
+    """Create the folder ``out`` for ``what``; one-sentence errors."""
+    if out.exists() and not out.is_dir():
+        raise click.ClickException(f"cannot write {what} into {out}: it is a file, not a folder")
+    with _writing(f"create the folder {out} for {what}"):
+        out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _load_ckpt(path, param_hint="'CHECKPOINT'"):
@@ -196,10 +246,10 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
                              write_n=write_n, enc_dim=enc_dim, dec_dim=dec_dim, z_dim=z_dim,
                              attention=attention is not None)
         train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress)
-    except train_lib.TrainingInterrupted:  # train() has already said where to resume from
+    except train_lib.TrainingInterrupted as err:  # train() has said where to resume from
         click.echo("training interrupted", err=True)
-        ctx.exit(130)
-    except (train_lib.NonFiniteLossError, train_lib.WorkerFailed) as err:
+        ctx.exit(128 + err.signum)              # 130 for Ctrl-C, 143 for SIGTERM
+    except train_lib.TrainingStopped as err:    # non-finite loss, a worker, a failed write
         raise click.ClickException(str(err)) from None
 
 
@@ -217,8 +267,9 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
               help="Outline each glimpse's write window in red.")
 @click.option("--scale", type=click.IntRange(min=1), default=2, show_default=True,
               help="Enlarge every image this many times.")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              show_default=True, help="GIF frames per second.")
+@click.option("--fps", type=click.FloatRange(min=MIN_FPS, max=1e6), default=10.0,
+              show_default=True, help="GIF frames per second (GIF keeps at most 50 and "
+              "frames of at most 655 s).")
 @DEVICE_OPTION
 @library_errors
 def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
@@ -232,17 +283,26 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
     params = _params_on(ckpt, device)
     if boxes and not cfg.attention:
         click.echo("note: this model has no attention; --boxes draws nothing", err=True)
+    from npdraw.guards import check_memory
+    check_memory(train_lib.sample_bytes(cfg, rows, cols, scale),
+                 f"{rows}x{cols} samples of T={cfg.T} glimpses at --scale {scale}")
     rng = np.random.default_rng(seed)
     canvases, windows = train_lib.generate_samples(params, cfg, rows * cols, rng)
     frames = train_lib.render_frames(canvases, windows, (cfg.channels, cfg.height, cfg.width),
                                      rows, cols, boxes=boxes, scale=scale)
-    out = Path(out) if out is not None else ckpt_path.parent / "samples"
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(Path(out) if out is not None else ckpt_path.parent / "samples",
+                         "the samples")
     width = max(3, len(str(len(frames) - 1)))
-    for t, frame in enumerate(frames):
-        images_lib.save_png(out / f"frame_{t:0{width}d}.png", frame)
+    names = {f"frame_{t:0{width}d}.png" for t in range(len(frames))}
     gif = out / "samples.gif"
-    images_lib.save_gif(gif, frames, duration=1.0 / fps, loop=0)
+    with _writing(f"write the samples into {out}"):
+        for t, frame in enumerate(frames):
+            images_lib.save_png(out / f"frame_{t:0{width}d}.png", frame)
+        images_lib.save_gif(gif, frames, duration=1.0 / fps, loop=0)
+        # frames of an earlier, longer (or wider-numbered) animation would pass for ours
+        for stale in out.glob("frame_*.png"):
+            if re.fullmatch(r"frame_\d+\.png", stale.name) and stale.name not in names:
+                stale.unlink()
     click.echo(f"wrote {len(frames)} frames ({rows}x{cols} samples, T={cfg.T}) to {out}: "
                f"frame_{0:0{width}d}.png ... frame_{len(frames) - 1:0{width}d}.png and {gif.name}")
 
@@ -291,6 +351,11 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
     x = getattr(data, split)
     if subset:
         x = x[:subset]
+    from npdraw.guards import check_memory
+    batch = min(batch_size, max(len(x), 1))
+    check_memory(train_lib.model_bytes(cfg, batch, np.dtype(ckpt.params["c0"].dtype).itemsize,
+                                       training=False) + 8 * K * batch,     # + log w (K, B)
+                 f"evaluating this model (T={cfg.T}) with --k {K} in batches of {batch}")
     params = _params_on(ckpt, device)
     rng = np.random.default_rng(seed)
     from npdraw import backend
@@ -299,7 +364,7 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
     engine = DataParallel(cfg, workers, params["c0"].dtype) if workers > 1 else None
     try:
         iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size,
-                                                        rng, engine)
+                                                        rng, engine, progress=not as_json)
     finally:
         if engine is not None:
             engine.close()
@@ -329,11 +394,10 @@ def plot(run_dir, out):
     from npdraw import train as train_lib
 
     try:
-        rows = train_lib.read_log(run_dir)
+        rows = train_lib.read_log(run_dir, warn=lambda message: click.echo(message, err=True))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'RUN_DIR'") from None
-    out = Path(out) if out is not None else Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(Path(out) if out is not None else Path(run_dir), "the plots")
     epochs = [int(r["epoch"]) for r in rows]
     curves = {}
     for key, label in (("train_bound", "train"), ("valid_bound", "valid"), ("test_bound", "test")):
@@ -342,8 +406,9 @@ def plot(run_dir, out):
         if pts:
             curves[label] = ([p[0] for p in pts], [p[1] for p in pts])
     curves_path = out / "learning_curves.png"
-    images_lib.plot_lines(curves_path, curves, title="NLL bound per epoch", xlabel="epoch",
-                          ylabel="nats per image")
+    with _writing(f"write {curves_path}"):
+        images_lib.plot_lines(curves_path, curves, title="NLL bound per epoch", xlabel="epoch",
+                              ylabel="nats per image")
     kl = [r.get("kl") or [] for r in rows]
     n_glimpses = max((len(k) for k in kl), default=0)
     kl_series = {}
@@ -351,8 +416,9 @@ def plot(run_dir, out):
         pts = [(e, float(k[t])) for e, k in zip(epochs, kl) if len(k) > t]
         kl_series[f"t={t + 1}"] = ([p[0] for p in pts], [p[1] for p in pts])
     kl_path = out / "kl_per_glimpse.png"
-    images_lib.plot_lines(kl_path, kl_series, title="KL of each glimpse", xlabel="epoch",
-                          ylabel="nats")
+    with _writing(f"write {kl_path}"):
+        images_lib.plot_lines(kl_path, kl_series, title="KL of each glimpse", xlabel="epoch",
+                              ylabel="nats")
     click.echo(f"wrote {curves_path} and {kl_path} ({len(rows)} epochs)")
 
 
@@ -362,14 +428,14 @@ def plot(run_dir, out):
 @click.argument("img", type=click.Path(path_type=Path))
 @click.option("--n", "N", type=click.IntRange(min=1), default=12, show_default=True,
               help="Window size N (an N x N glimpse).")
-@click.option("--cx", type=float, default=None,
+@click.option("--cx", type=FINITE_FLOAT, default=None,
               help="Window centre x, 1-based pixels (default: image centre (W+1)/2).")
-@click.option("--cy", type=float, default=None,
+@click.option("--cy", type=FINITE_FLOAT, default=None,
               help="Window centre y, 1-based pixels (default: image centre (H+1)/2).")
-@click.option("--stride", type=POSITIVE_FLOAT, default=None,
+@click.option("--stride", type=POSITIVE_FINITE_FLOAT, default=None,
               help="Filter spacing delta (default: 0.9*(max(H,W)-1)/(N-1), filters "
                    "spanning 90% of the image).")
-@click.option("--sigma", type=POSITIVE_FLOAT, default=None,
+@click.option("--sigma", type=POSITIVE_FINITE_FLOAT, default=None,
               help="Filter standard deviation (default: stride/2).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True)
@@ -385,6 +451,8 @@ def attention_demo(img, N, cx, cy, stride, sigma, out):
         raise click.BadParameter(str(err), param_hint="'IMG'") from None
     image = np.asarray(image, dtype=np.float64)
     c, h, w = image.shape
+    from npdraw.guards import check_memory
+    check_memory(attention_demo_bytes(c, h, w, N), f"an {N}x{N} glimpse of a {w}x{h} image")
     cx = (w + 1) / 2.0 if cx is None else cx
     cy = (h + 1) / 2.0 if cy is None else cy
     if stride is None:
@@ -408,22 +476,30 @@ def attention_demo(img, N, cx, cy, stride, sigma, out):
     seen = coverage > 1e-3 * float(coverage.max())
     upsampled = np.where(seen, written / np.where(seen, coverage, 1.0), 0.0)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(Path(out), "the attention pictures")
     stem = Path(img).stem
     view = max(1, int(round(max(h, w) / N)))
     paths = {"original": out / f"{stem}_original.png", "read": out / f"{stem}_read.png",
              "write": out / f"{stem}_write.png"}
-    images_lib.save_png(paths["original"], _to_hwc(image))
     enlarged = np.repeat(np.repeat(glimpse, view, axis=1), view, axis=2)
-    images_lib.save_png(paths["read"], _to_hwc(enlarged))
-    images_lib.save_png(paths["write"], _to_hwc(upsampled))
+    with _writing(f"write the attention pictures into {out}"):
+        images_lib.save_png(paths["original"], _to_hwc(image))
+        images_lib.save_png(paths["read"], _to_hwc(enlarged))
+        images_lib.save_png(paths["write"], _to_hwc(upsampled))
     click.echo(f"image {c}x{h}x{w}; window N={N}, centre ({cx:g}, {cy:g}), stride {stride:g}, "
                f"sigma {sigma:g}")
     click.echo(f"original: {paths['original']}")
     click.echo(f"read:     {paths['read']} ({N}x{N} glimpse shown {view}x enlarged)")
     click.echo(f"write:    {paths['write']} (the glimpse written back at full size, "
                "divided by the write of an all-ones patch)")
+
+
+def attention_demo_bytes(c: int, h: int, w: int, n: int) -> int:
+    """Estimated peak bytes of attention-demo: float64 filterbanks (N, H) and (N, W), the
+    glimpse and its enlarged view (C, N*v, N*v) with v = max(1, round(max(H, W)/N)),
+    the write, coverage and picture copies (C, H, W), each a few times over."""
+    view = max(1, int(round(max(h, w) / n)))
+    return 8 * (4 * c * n * (h + w) + 8 * max(c, 3) * (n * view) ** 2 + 12 * c * h * w)
 
 
 def _to_hwc(chw: np.ndarray) -> np.ndarray:

@@ -120,6 +120,10 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or gpu, got {self.device!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.name and (self.name in (".", "..") or "/" in self.name or "\\" in self.name
+                          or self.name != self.name.strip() or "\0" in self.name):
+            raise ValueError(f"name must be a single folder name (no '/', not '.' or '..'), "
+                             f"got {self.name!r}; the run folder is <out>/<name>")
         if self.dataset == "folder" and not self.folder:
             raise ValueError("dataset 'folder' needs the image folder (--folder)")
 

@@ -284,6 +284,10 @@ def _check_mirror(mirror: str) -> None:
     if "://" in mirror and not _is_url(mirror):
         raise DataError(f"mirror {mirror!r}: only http://, https://, file:// URLs or a local "
                         "folder are supported")
+    if not _is_url(mirror) and Path(mirror).expanduser().exists() \
+            and not Path(mirror).expanduser().is_dir():
+        raise DataError(f"mirror {mirror} is a file; the mirror must be a folder or a URL "
+                        f"(from the mirror argument or {ENV_MIRROR})")
     if not _is_url(mirror) and not Path(mirror).expanduser().is_dir():
         raise DataError(f"mirror folder {mirror} does not exist (from the mirror argument or "
                         f"{ENV_MIRROR})")
@@ -843,9 +847,12 @@ def _load_folder(folder: str) -> DataSplits:
     images = []
     for p in paths:
         try:
-            img = np.asarray(iio.imread(p, index=0))
-        except Exception as e:  # imageio raises many kinds for a bad file
-            raise DataError(f"cannot read image {p}: {e}") from None
+            # Pillow reads every IMAGE_SUFFIXES format; letting imageio try its other
+            # plugins on a damaged file ends in advice to install video decoders.
+            img = np.asarray(iio.imread(p, index=0, plugin="pillow"))
+        except Exception as e:  # imageio/Pillow raise many kinds for a bad file
+            raise DataError(f"{p} is not an image (it cannot be decoded as "
+                            f"{p.suffix.lstrip('.').upper()}: {type(e).__name__})") from None
         chw = _image_to_chw(img, p)
         if images and chw.shape != images[0].shape:
             first = "x".join(map(str, images[0].shape))

@@ -321,7 +321,9 @@ def load_image(path) -> np.ndarray:
     """Read a picture file as float32 (C, H, W) in [0, 1].
 
     Grey -> C=1, RGB -> C=3; alpha is dropped (RGBA -> 3, grey+alpha -> 1); palette
-    images become RGB; 16-bit images are scaled by 65535; an animation gives frame 0.
+    images become RGB; 16-bit images are scaled by 65535; float images (e.g. TIFF) are
+    kept when within [0, 1], else scaled by their range (min -> 0, max -> 1); an
+    animation gives frame 0.
     A missing file raises ImageNotFoundError (a ValueError and a FileNotFoundError);
     anything unreadable raises ValueError "... is not an image".
     """
@@ -347,7 +349,14 @@ def load_image(path) -> np.ndarray:
     elif a.dtype.kind in "iu":    # 16-bit PNGs arrive as uint16 or int32
         a = np.clip(a.astype(np.float32) / np.float32(65535), 0, 1)
     else:
-        a = np.clip(a.astype(np.float32), 0, 1)
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{path} holds NaN or infinite pixel values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 1:
+            # Float pictures have no fixed white (0-1, 0-255, physical units...): one
+            # outside [0, 1] is scaled by its own range, so it shows rather than saturates.
+            a = (a - np.float32(lo)) / np.float32(hi - lo) if hi > lo else np.zeros_like(a)
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 

@@ -227,6 +227,18 @@ def model_bytes(cfg: DrawConfig, batch: int, itemsize: int, training: bool) -> i
     return itemsize * (int(batch) * _per_example_floats(cfg, training) + param_copies * n_params)
 
 
+def sample_bytes(cfg: DrawConfig, rows: int, cols: int, scale: int) -> int:
+    """Estimated peak bytes of generating and rendering a rows x cols grid of samples:
+    the decoder's forward pass, the canvases (T, B, D), and T RGB frames
+    (rows*(H*scale+1)+1, cols*(W*scale+1)+1, 3) held twice (the pictures and their GIF
+    encoding) plus one frame's tiles."""
+    count, scale = int(rows) * int(cols), max(int(scale), 1)
+    frame = (rows * (cfg.height * scale + 1) + 1) * (cols * (cfg.width * scale + 1) + 1) * 3
+    tiles = count * cfg.height * cfg.width * scale * scale * 3
+    return (model_bytes(cfg, count, 8, training=False) + 8 * cfg.T * count * cfg.D
+            + 2 * cfg.T * frame + 2 * tiles)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def _loss_only_fn(cfg, engine):
@@ -268,7 +280,8 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
 
 
 def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int,
-                            batch_size: int, rng: np.random.Generator, engine=None):
+                            batch_size: int, rng: np.random.Generator, engine=None,
+                            progress: bool = False):
     """Both estimates from one pass of K noise draws per example.
 
     Returns (iwae_nll, bound_nll), nats per example:
@@ -277,7 +290,8 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
       bound_nll = mean over n and k of the model's per-example loss L^x + L^z.
     With K = 1 the IWAE estimate is a (noisier) single-sample bound; as K grows it
     tightens towards -log p(x), so iwae_nll <= bound_nll in expectation.
-    engine: as in evaluate_bound.
+    engine: as in evaluate_bound. progress: a bar on stderr over the K passes of all
+    batches, with the running bound.
     """
     n = int(x.shape[0])
     if K < 1:
@@ -289,16 +303,22 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
     device, dtype = _device_of(params), _params_dtype(params)
     loss_only = _loss_only_fn(cfg, engine)
     iwae_total, bound_total = 0.0, 0.0
-    for start in range(0, n, batch_size):
-        xb = backend.to_device(np.asarray(x[start:start + batch_size], dtype=dtype), device)
-        b = int(xb.shape[0])
-        log_w = np.empty((K, b), dtype=np.float64)
-        for k in range(K):
-            eps = _noise(rng, cfg, b, dtype, device)
-            per_example, stats = loss_only(params, xb, eps, return_terms=True)
-            log_w[k] = backend.to_numpy(stats["log_weight"]).astype(np.float64)
-            bound_total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
-        iwae_total += float(np.sum(_logsumexp(log_w, axis=0) - math.log(K)))
+    n_batches = (n + batch_size - 1) // batch_size
+    bar = _Progress(n_batches * K, f"evaluating {n} images, K={K}", progress)
+    try:
+        for i, start in enumerate(range(0, n, batch_size)):
+            xb = backend.to_device(np.asarray(x[start:start + batch_size], dtype=dtype), device)
+            b = int(xb.shape[0])
+            log_w = np.empty((K, b), dtype=np.float64)
+            for k in range(K):
+                eps = _noise(rng, cfg, b, dtype, device)
+                per_example, stats = loss_only(params, xb, eps, return_terms=True)
+                log_w[k] = backend.to_numpy(stats["log_weight"]).astype(np.float64)
+                bound_total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
+                bar.update(i * K + k + 1, bound_total / (start * K + (k + 1) * b))
+            iwae_total += float(np.sum(_logsumexp(log_w, axis=0) - math.log(K)))
+    finally:
+        bar.close()
     return -iwae_total / n, bound_total / (n * K)
 
 

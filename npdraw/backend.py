@@ -119,8 +119,8 @@ def retain_freed_memory() -> bool:
     every time. glibc's malloc maps blocks that large afresh and hands them back on
     free, and trims the heap's free top, so each step pays the kernel for new zeroed
     pages, as system time (docs/DESIGN.md, item 14, has the measurement). Blocks up
-    to 32 MiB (glibc's
-    upper limit) then come from the heap, and up to 1 GiB of free heap is kept.
+    to 32 MiB (glibc's upper limit) then come from the heap, and up to 1 GiB of free
+    heap is kept.
 
     Called by `train`, the data-parallel workers and the benchmark (for both of its
     sides), never on import. -> True where the allocator took the settings (glibc),

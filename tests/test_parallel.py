@@ -40,8 +40,15 @@ def test_split_batch_matches_the_whole_batch_in_float64(cfg):
         loss_p, grads_p, stats_p = engine.loss_and_grads(params, x, eps)
     assert loss_p == pytest.approx(loss, rel=1e-13)
     assert stats_p["recon"] == pytest.approx(stats["recon"], rel=1e-13)
-    np.testing.assert_allclose(stats_p["kl"], stats["kl"], rtol=1e-12)
-    assert stats_p["kl_total"] == pytest.approx(stats["kl_total"], rel=1e-12)
+    # Near the prior a glimpse's KL, sum_j (mu^2 + sigma^2 - 1)/2 - log sigma, is a small
+    # difference of Z + 1 terms of size about 1 (here 4e-5 from terms near 1/2): rounding
+    # leaves it an absolute error of up to (Z + 1) eps per term summed, whatever its size.
+    # A slice's GEMMs may round differently from the whole batch's (BLAS kernels pick
+    # their blocking by shape), so compare absolutely at that bound, with a factor 2.
+    kl_atol = 2 * (cfg.z_dim + 1) ** 2 * np.finfo(np.float64).eps
+    np.testing.assert_allclose(stats_p["kl"], stats["kl"], rtol=1e-12, atol=kl_atol)
+    assert stats_p["kl_total"] == pytest.approx(stats["kl_total"], rel=1e-12,
+                                                abs=cfg.T * kl_atol)
     assert set(grads_p) == set(grads)
     for name in grads:
         assert grads_p[name].dtype == np.float64 and grads_p[name].shape == grads[name].shape

@@ -28,7 +28,7 @@ from ..layers import (bce_backward, bce_forward, latent_backward, latent_forward
 
 def window_params_forward(p, height, width, N):
     """Eq 22-24: p (B, 5) = (g~X, g~Y, log sigma^2, log delta~, log gamma), a linear map of
-    h_dec (eq 21) -> ((gX, gY, sigma2, delta, gamma), each (B,)), cache.
+    h_dec -> ((gX, gY, sigma2, delta, gamma), each (B,)), cache.
     N = 1 divides the stride by max(N - 1, 1): one filter sits at g whatever delta is."""
     xp = get_array_module(p)
     gX = (width + 1) / 2 * (p[:, 0] + 1)

@@ -58,7 +58,6 @@ def _glimpse_error_backward(dcanvas, dx_hat, sig):
     return dcanvas - dx_hat * sig * (1.0 - sig)
 
 
-
 # ---------------------------------------------------------------- read and write
 
 def _static_read_rows(cfg):

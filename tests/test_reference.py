@@ -141,7 +141,8 @@ def test_filterbank_gradients(rng, N):
 def test_window_gradients(rng):
     B, H, W, N = 2, 5, 7, 3
     p = 0.5 * rng.standard_normal((B, 5))
-    py, px, pg = rng.standard_normal((B, N, H)), rng.standard_normal((B, N, W)), rng.standard_normal(B)
+    py, px = rng.standard_normal((B, N, H)), rng.standard_normal((B, N, W))
+    pg = rng.standard_normal(B)
 
     def f():
         (Fy, Fx, gamma), _ = reference.window_forward(p, H, W, N)

@@ -142,20 +142,21 @@ def read_head_forward(params, cfg, x, x_hat, h_dec_prev):
     x, x_hat (B, D)   h_dec_prev (B, Hd) -> r (B, R), cache"""
     xp = get_array_module(x)
     if not cfg.attention:
-        return xp.concatenate([x, x_hat], axis=1), None
+        return xp.concatenate([x, x_hat], axis=1), (cfg, None)
     B, C, H, W = x.shape[0], cfg.channels, cfg.height, cfg.width
     p, linear_cache = linear_forward(h_dec_prev, params["read_att_W"], params["read_att_b"])
     (Fy, Fx, gamma), window_cache = window_forward(p, H, W, cfg.read_n)
     images = xp.concatenate([x.reshape(B, C, H, W), x_hat.reshape(B, C, H, W)], axis=1)
     glimpse, read_cache = read_forward(images, Fy, Fx, gamma)
-    return glimpse.reshape(B, -1), (linear_cache, window_cache, read_cache)
+    return glimpse.reshape(B, -1), (cfg, (linear_cache, window_cache, read_cache))
 
 
-def read_head_backward(dr, cache, cfg):
+def read_head_backward(dr, cache):
     """dr (B, R) -> (dx_hat (B, D), dh_dec_prev (B, Hd) or None, grads)."""
-    if not cfg.attention:
+    cfg, window_caches = cache
+    if window_caches is None:
         return dr[:, cfg.D:], None, {}
-    linear_cache, window_cache, read_cache = cache
+    linear_cache, window_cache, read_cache = window_caches
     B, C, N = dr.shape[0], cfg.channels, cfg.read_n
     dimages, dFy, dFx, dgamma = read_backward(dr.reshape(B, 2 * C, N, N), read_cache)
     dp = window_backward(dFy, dFx, dgamma, window_cache)
@@ -168,17 +169,17 @@ def write_head_forward(params, cfg, h_dec):
     attention (eq 18); with it, the patch w_t = W(h_dec_t) (eq 28) written through its window."""
     w, patch_cache = linear_forward(h_dec, params["write_W"], params["write_b"])
     if not cfg.attention:
-        return w, (patch_cache, None)
+        return w, (cfg, patch_cache, None)
     B, C, H, W, N = h_dec.shape[0], cfg.channels, cfg.height, cfg.width, cfg.write_n
     p, linear_cache = linear_forward(h_dec, params["write_att_W"], params["write_att_b"])
     (Fy, Fx, gamma), window_cache = window_forward(p, H, W, N)
     image, write_cache = write_forward(w.reshape(B, C, N, N), Fy, Fx, gamma)
-    return image.reshape(B, -1), (patch_cache, (linear_cache, window_cache, write_cache))
+    return image.reshape(B, -1), (cfg, patch_cache, (linear_cache, window_cache, write_cache))
 
 
-def write_head_backward(dcanvas, cache, cfg):
+def write_head_backward(dcanvas, cache):
     """dcanvas (B, D) -> (dh_dec (B, Hd), grads)."""
-    patch_cache, window_caches = cache
+    cfg, patch_cache, window_caches = cache
     if window_caches is None:
         dh_dec, dW, db = linear_backward(dcanvas, patch_cache)
         return dh_dec, {"write_W": dW, "write_b": db}
@@ -200,9 +201,9 @@ def initial_state(params, B):
 
     def rows(v):
         return xp.broadcast_to(v, (B,) + v.shape).copy()
-    return {"canvas": rows(params["c0"]),
-            "h_enc": rows(params["h_enc0"]), "c_enc": xp.zeros_like(rows(params["h_enc0"])),
-            "h_dec": rows(params["h_dec0"]), "c_dec": xp.zeros_like(rows(params["h_dec0"]))}
+    h_enc, h_dec = rows(params["h_enc0"]), rows(params["h_dec0"])
+    return {"canvas": rows(params["c0"]), "h_enc": h_enc, "c_enc": xp.zeros_like(h_enc),
+            "h_dec": h_dec, "c_dec": xp.zeros_like(h_dec)}
 
 
 def decoder_forward(params, z, h_dec, c_dec):
@@ -246,7 +247,7 @@ def step_backward(dstate, dkl, cache):
         write_cache = cache
     Z, Hd, R = cfg.z_dim, cfg.dec_dim, cfg.read_dim
     dcanvas = dstate["canvas"]
-    dh_dec, grads = write_head_backward(dcanvas, write_cache, cfg)
+    dh_dec, grads = write_head_backward(dcanvas, write_cache)
     dec_linear, dec_cell = decoder_cache
     da_dec, dc_dec = lstm_cell_backward(dh_dec + dstate["h_dec"], dstate["c_dec"], dec_cell)
     ddec_in, grads["dec_W"], grads["dec_b"] = linear_backward(da_dec, dec_linear)
@@ -255,7 +256,7 @@ def step_backward(dstate, dkl, cache):
     da_enc, dc_enc = lstm_cell_backward(dh_enc + dstate["h_enc"], dstate["c_enc"], enc_cell)
     denc_in, grads["enc_W"], grads["enc_b"] = linear_backward(da_enc, enc_linear)
     dh_dec_prev = ddec_in[:, Z:] + denc_in[:, R:R + Hd]
-    dx_hat, dh_dec_read, read_grads = read_head_backward(denc_in[:, :R], read_cache, cfg)
+    dx_hat, dh_dec_read, read_grads = read_head_backward(denc_in[:, :R], read_cache)
     grads.update(read_grads)
     if dh_dec_read is not None:
         dh_dec_prev = dh_dec_prev + dh_dec_read
@@ -316,7 +317,7 @@ def generate(params, cfg, eps):
     window_rows = {k: [] for k in ("cx", "cy", "sigma", "stride", "gamma")}
     for t in range(cfg.T):
         (h_dec, c_dec), _ = decoder_forward(params, eps[t], h_dec, c_dec)
-        w, (_, window_caches) = write_head_forward(params, cfg, h_dec)
+        w, (_, _, window_caches) = write_head_forward(params, cfg, h_dec)
         canvas = canvas + w
         canvases.append(sigmoid(canvas))
         if cfg.attention:

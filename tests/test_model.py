@@ -230,5 +230,5 @@ def test_the_array_module_generic_path_equals_the_numpy_one(name, request):
     request.getfixturevalue("as_if_on_gpu")
     loss_g, grads_g, _ = npdraw.loss_and_grads(params, cfg, x, eps)
     assert loss_g == pytest.approx(loss, rel=1e-13)
-    for key in grads:
-        np.testing.assert_allclose(grads_g[key], grads[key], rtol=1e-11, atol=1e-13, err_msg=key)
+    for key in grads:   # the same sums with other elementwise roundings: eps-scale per tensor
+        assert rel_err(grads_g[key], grads[key]) < 1e-12, key

@@ -104,12 +104,12 @@ def _params_on(ckpt, device, dtype=None):
 
 
 def _ckpt_file(path: Path) -> Path:
-    """The file a CHECKPOINT argument names (a run dir means its best.h5, else checkpoint.h5)."""
-    if path.is_dir():
-        for name in ("best.h5", "checkpoint.h5"):
-            if (path / name).is_file():
-                return path / name
-    return path
+    """The file a CHECKPOINT argument names (train.checkpoint_file)."""
+    from npdraw import train as train_lib
+    try:
+        return train_lib.checkpoint_file(path)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'CHECKPOINT'") from None
 
 
 # ----------------------------------------------------------------------------- group
@@ -441,8 +441,8 @@ def plot(run_dir, out):
 @library_errors
 def attention_demo(img, N, cx, cy, stride, sigma, out):
     """Read an N x N glimpse from IMG with the attention filterbank, write it back."""
-    from npdraw import attention as att
     from npdraw import images as images_lib
+    from npdraw import reference
 
     try:
         image = images_lib.load_image(img)
@@ -458,17 +458,17 @@ def attention_demo(img, N, cx, cy, stride, sigma, out):
     if sigma is None:
         sigma = stride / 2.0
     one = lambda v: np.array([float(v)], dtype=np.float64)  # noqa: E731
-    Fx, _ = att.filterbank_forward(one(cx), one(stride), one(sigma ** 2), N, w)
-    Fy, _ = att.filterbank_forward(one(cy), one(stride), one(sigma ** 2), N, h)
+    Fx, _ = reference.filterbank_forward(one(cx), one(stride), one(sigma ** 2), N, w)
+    Fy, _ = reference.filterbank_forward(one(cy), one(stride), one(sigma ** 2), N, h)
     gamma = one(1.0)
-    glimpse, _ = att.read_forward(image[None], Fy, Fx, gamma)        # (1, C, N, N)
-    written, _ = att.write_forward(glimpse, Fy, Fx, gamma)           # (1, C, H, W)
+    glimpse, _ = reference.read_forward(image[None], Fy, Fx, gamma)        # (1, C, N, N)
+    written, _ = reference.write_forward(glimpse, Fy, Fx, gamma)           # (1, C, H, W)
     glimpse, written = glimpse[0], written[0]
     # The raw write (1/gamma) Fy^T g Fx spreads each glimpse value over ~stride^2 pixels
     # with unit-sum filter rows, so it is far dimmer than the image, and brighter where
     # truncated edge filters pile up. Dividing by the write of an all-ones patch (the
     # coverage) shows what the glimpse says about each pixel: the read upsampled.
-    coverage, _ = att.write_forward(np.ones_like(glimpse[None]), Fy, Fx, gamma)
+    coverage, _ = reference.write_forward(np.ones_like(glimpse[None]), Fy, Fx, gamma)
     coverage = coverage[0]
     seen = coverage > 1e-3 * float(coverage.max())
     upsampled = np.where(seen, written / np.where(seen, coverage, 1.0), 0.0)

@@ -118,9 +118,9 @@ def retain_freed_memory() -> bool:
     A training step allocates and frees the same tens of MB of activation buffers
     every time. glibc's malloc maps blocks that large afresh and hands them back on
     free, and trims the heap's free top, so each step pays the kernel for new zeroed
-    pages: about 11 ms of a 140 ms CPU step, as system time (measured, 21 steps of a
-    worker: 0.28 s of system time, 0.07 s with this). Blocks up to 32 MiB (glibc's
-    upper limit) then come from the heap, and up to 1 GiB of free heap is kept.
+    pages, as system time (docs/DESIGN.md, item 14, has the measurement). Blocks up
+    to 32 MiB (glibc's upper limit) then come from the heap, and up to 1 GiB of free
+    heap is kept.
 
     Called by `train`, the data-parallel workers and the benchmark (for both of its
     sides), never on import. -> True where the allocator took the settings (glibc),

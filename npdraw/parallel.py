@@ -8,11 +8,11 @@ Dimension legend
 Why processes: at the paper's batch of 100 a DRAW step is thousands of small NumPy
 calls between GEMMs, and NumPy runs each of those on one core. Threads would
 serialise on the interpreter lock between the calls; processes do not. Each worker
-runs `model.loss_and_grads` on its slice of the batch, with its share of the cores
-for BLAS threads (one each on two cores), so the elementwise work is spread over all
-cores while the GEMMs stay nearly as efficient. Measured on two cores with the
-paper's model, the step is about 1.2x faster than one process with a two-thread BLAS
-(bench/README.md). The loss is a batch mean, so the full-batch gradient is the
+runs `engine.loss_and_grads` (what `model.loss_and_grads` runs once its inputs are
+checked; the parent checks the whole batch) on its slice of the batch, with its share
+of the cores for BLAS threads (one each on two cores), so the elementwise work is
+spread over all cores while the GEMMs stay nearly as efficient (bench/README.md has
+the measurements). The loss is a batch mean, so the full-batch gradient is the
 Bk/B-weighted sum of the workers' gradients.
 
 How data moves (no pickle): parameters, each worker's inputs and each worker's
@@ -36,7 +36,8 @@ import numpy as np
 
 from .backend import is_gpu_array, retain_freed_memory
 from .config import DrawConfig
-from .model import _check_inputs, _loss_and_grads, _loss_only, param_shapes
+from . import engine
+from .model import check_inputs, param_shapes
 
 
 class WorkerError(RuntimeError):
@@ -229,7 +230,7 @@ class DataParallel:
         been addressed closes the engine: their replies could no longer be matched."""
         if self._closed:
             raise WorkerError("this DataParallel engine is closed")
-        x, eps, _xp, dtype = _check_inputs(params, self.cfg, x, eps)
+        x, eps, _xp, dtype = check_inputs(params, self.cfg, x, eps)
         if any(is_gpu_array(p) for p in params.values()):
             raise ValueError("DataParallel runs on the CPU: pass NumPy arrays")
         if dtype != self.dtype:
@@ -385,7 +386,7 @@ def _worker(spec_json: str) -> None:
             elif message["cmd"] == "step":
                 x, eps = buffers.inputs(cfg, message["n"])
                 # the parent checked the whole batch; the slice is not checked again
-                loss, grads, stats = _loss_and_grads(params, cfg, x, eps)
+                loss, grads, stats = engine.loss_and_grads(params, cfg, x, eps)
                 share = dtype.type(message["share"])
                 for name, view in _views(buffers.grads, layout).items():
                     np.multiply(grads[name], share, out=view)
@@ -394,7 +395,7 @@ def _worker(spec_json: str) -> None:
             elif message["cmd"] == "eval":
                 n = message["n"]
                 x, eps = buffers.inputs(cfg, n)
-                per_example, stats = _loss_only(params, cfg, x, eps, message["terms"])
+                per_example, stats = engine.loss_only(params, cfg, x, eps, message["terms"])
                 buffers.out[0, :n] = per_example
                 if message["terms"]:
                     buffers.out[1, :n] = stats["recon_per_example"]

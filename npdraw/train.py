@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +38,7 @@ from . import model as model_lib
 from . import optim
 from .config import RESUME_OVERRIDES, DrawConfig, TrainConfig
 from .parallel import DataParallel, WorkerError, resolve_workers
+from .progress import Progress
 
 # c0 = logit(clip(mean training image, C0_CLIP, 1 - C0_CLIP)); see init_model.
 C0_CLIP = 1e-3
@@ -150,42 +150,6 @@ def _cap(x: np.ndarray, subset: int) -> np.ndarray:
 def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.2f}"
-
-
-class _Progress:
-    """A plain text progress bar on stderr (carriage return, no tqdm)."""
-
-    def __init__(self, total: int, prefix: str, enabled: bool, stream=None, width: int = 30):
-        self.total = max(int(total), 1)
-        self.prefix = prefix
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-        self.start = time.perf_counter()
-        self._last = 0.0
-        self._shown = False
-
-    def update(self, done: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if done < self.total and now - self._last < 0.2:
-            return
-        self._last = now
-        frac = done / self.total
-        filled = int(round(self.width * frac))
-        rate = done / max(now - self.start, 1e-9)
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r{self.prefix} [{bar}] {done}/{self.total} "
-                          f"loss {loss:8.2f}  {rate:6.1f} it/s ")
-        self.stream.flush()
-        self._shown = True
-
-    def close(self) -> None:
-        if self.enabled and self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._shown = False
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -439,16 +403,22 @@ def train_config_of(ckpt) -> TrainConfig | None:
     return TrainConfig.from_dict(dict(tc))
 
 
-def load_checkpoint(path):
-    """checkpoint.load_checkpoint with every read failure as a ValueError naming the file."""
+def checkpoint_file(path) -> Path:
+    """The file a checkpoint argument names: a run dir means its best.h5, else its
+    checkpoint.h5; a file means itself. ValueError if a run dir holds neither."""
     path = Path(path)
     if path.is_dir():
         for name in ("best.h5", "checkpoint.h5"):
             if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise ValueError(f"{path} holds neither best.h5 nor checkpoint.h5")
+                return path / name
+        raise ValueError(f"{path} holds neither best.h5 nor checkpoint.h5")
+    return path
+
+
+def load_checkpoint(path):
+    """checkpoint.load_checkpoint with every read failure as a ValueError naming the file
+    (path: a file or a run dir, see checkpoint_file)."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     try:
@@ -620,7 +590,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     try:
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t0 = time.perf_counter()
-            bar = _Progress(n_iter, f"epoch {epoch}/{tcfg.epochs}", progress)
+            bar = Progress(f"epoch {epoch}/{tcfg.epochs}", n_iter, progress, rate_unit="it/s")
             perm = rng.permutation(n_train)
             loss_sum = recon_sum = gnorm_sum = snorm_sum = 0.0
             kl_sum = np.zeros(cfg.T, dtype=np.float64)
@@ -656,7 +626,7 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                     kl_sum += stats["kl"]
                     gnorm_sum += gnorm
                     snorm_sum += snorm
-                    bar.update(it, loss)
+                    bar.update(it, f"loss {loss:8.2f}")
             finally:
                 bar.close()
             if not math.isfinite(optim.global_norm(params)):

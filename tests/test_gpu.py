@@ -79,12 +79,12 @@ def test_adam_step_agrees():
 
 def test_fused_kernels_match_their_numpy_form():
     """Each backend.fuse kernel compiled by CuPy equals its plain NumPy body."""
-    from npdraw import layers, model
+    from npdraw import engine, layers
     rng = np.random.default_rng(1)
     kernels = [(layers._lstm_cell_kernel, 5), (layers._lstm_cell_backward_kernel, 8),
                (layers._reparam_kernel, 3), (layers._kl_terms_kernel, 2),
                (layers._bce_kernel, 2), (layers._bce_backward_kernel, 3),
-               (model._glimpse_error, 2), (model._glimpse_error_backward, 3)]
+               (engine._glimpse_error, 2), (engine._glimpse_error_backward, 3)]
     for kernel, n_args in kernels:
         args = [rng.uniform(0.05, 0.95, (4, 6)) for _ in range(n_args)]
         expected = kernel(*args)

@@ -40,8 +40,10 @@ def test_split_batch_matches_the_whole_batch_in_float64(cfg):
         loss_p, grads_p, stats_p = engine.loss_and_grads(params, x, eps)
     assert loss_p == pytest.approx(loss, rel=1e-13)
     assert stats_p["recon"] == pytest.approx(stats["recon"], rel=1e-13)
-    np.testing.assert_allclose(stats_p["kl"], stats["kl"], rtol=1e-12)
-    assert stats_p["kl_total"] == pytest.approx(stats["kl_total"], rel=1e-12)
+    # A glimpse's KL is a sum of O(1) terms (mu^2, sigma^2, log sigma) that nearly cancel
+    # at initialisation (KL ~ 4e-5): its rounding is absolute, about Z eps per example.
+    np.testing.assert_allclose(stats_p["kl"], stats["kl"], rtol=1e-12, atol=1e-14)
+    assert stats_p["kl_total"] == pytest.approx(stats["kl_total"], rel=1e-12, abs=1e-14)
     assert set(grads_p) == set(grads)
     for name in grads:
         assert grads_p[name].dtype == np.float64 and grads_p[name].shape == grads[name].shape

@@ -165,8 +165,14 @@ def cli():
 def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
           oldmodel, resume, seed, device, workers, data_dir, mirror, folder, subset, eval_subset, clip, out,
           dtype, no_progress):
-    """Train DRAW; writes a run dir under --out (see docs/TRAINING.md)."""
+    """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
+
+    Under `mpiexec -n N` (or srun) the N ranks train one model together, each on its
+    slice of every batch (docs/TRAINING.md, "Running on a cluster")."""
+    from npdraw import distributed
     from npdraw import train as train_lib
+
+    comm = distributed.from_environment()
 
     if resume:
         ignored = [p for p in ("dataset", "attention", "T", "lr", "batch_size", "enc_dim",
@@ -189,18 +195,34 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
     try:
         data = None
         if not resume:  # the model config needs the data set's image shape
-            data = train_lib.load_data(tcfg, not no_progress)
+            data = _load_data_on_ranks(train_lib, tcfg, not no_progress, comm)
             c, h, w = (int(s) for s in data.shape)
             read_n, write_n = attention if attention else (2, 5)
             cfg = DrawConfig(height=h, width=w, channels=c, T=T, read_n=read_n,
                              write_n=write_n, enc_dim=enc_dim, dec_dim=dec_dim, z_dim=z_dim,
                              attention=attention is not None)
-        train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress)
+        train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress,
+                        comm=comm)
     except train_lib.TrainingInterrupted:  # train() has already said where to resume from
-        click.echo("training interrupted", err=True)
+        if comm.is_root:
+            click.echo("training interrupted", err=True)
         ctx.exit(130)
     except (train_lib.NonFiniteLossError, train_lib.WorkerFailed) as err:
+        if not comm.is_root:               # every rank stopped alike; rank 0 says why
+            ctx.exit(1)
         raise click.ClickException(str(err)) from None
+    except Exception as err:               # noqa: BLE001 - one rank's failure ends them all
+        if comm.size == 1:
+            raise
+        comm.abort(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+
+
+def _load_data_on_ranks(train_lib, tcfg, progress, comm):
+    """train.load_data on every rank; rank 0 first, so that a download or conversion
+    into the data dir happens once (the others wait for it, then read its result)."""
+    data = train_lib.load_data(tcfg, progress and comm.is_root) if comm.is_root else None
+    comm.sum([0.0])                         # every rank waits here for rank 0
+    return data if data is not None else train_lib.load_data(tcfg, False)
 
 
 # ----------------------------------------------------------------------------- sample

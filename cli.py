@@ -15,13 +15,35 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
-import click
-import numpy as np
 
-from npdraw.config import DATASETS, DrawConfig, TrainConfig
+def _share_cores_between_ranks(environ=os.environ) -> None:
+    """Under mpiexec or srun the ranks on one machine share its cores: each rank's BLAS
+    gets its share, one thread on two cores with two ranks (as parallel.py gives its
+    workers), unless the user set the thread count. It must be set before NumPy loads."""
+    if environ.get("SLURM_CPUS_PER_TASK", "").isdigit() and "SLURM_STEP_ID" in environ:
+        threads = int(environ["SLURM_CPUS_PER_TASK"])
+    else:
+        local = next((environ[v] for v in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+                      if environ.get(v, "").isdigit()), None)
+        if local is None or int(local) <= 1:
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+        threads = max(1, cores // int(local))
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        environ.setdefault(variable, str(threads))
+
+
+_share_cores_between_ranks()
+
+import click  # noqa: E402 - after the BLAS thread count is settled
+import numpy as np  # noqa: E402
+
+from npdraw.config import DATASETS, DrawConfig, TrainConfig  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -295,9 +317,25 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 @library_errors
 def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, batch_size, seed,
              device, workers, as_json):
-    """Negative log-likelihood bound (nats per image) on a split, by default the test set."""
+    """Negative log-likelihood bound (nats per image) on a split, by default the test set.
+
+    Under `mpiexec -n N` the N ranks share every batch; rank 0 prints."""
+    from npdraw import distributed
     from npdraw import train as train_lib
 
+    comm = distributed.from_environment()
+    try:
+        _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder,
+                  subset, batch_size, seed, device, workers, as_json)
+    except Exception as err:           # noqa: BLE001 - one rank's failure ends them all
+        if comm.size == 1:
+            raise
+        comm.abort(err.format_message() if isinstance(err, click.ClickException) else
+                   str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+
+
+def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder, subset,
+              batch_size, seed, device, workers, as_json):
     ckpt_path = _ckpt_file(checkpoint)
     ckpt = _load_ckpt(ckpt_path)
     cfg = ckpt.cfg
@@ -308,23 +346,31 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
                                   "mirror": mirror if mirror is not None else saved.mirror,
                                   "folder": folder if folder is not None else saved.folder,
                                   "resume": "", "oldmodel": ""})
-    data = train_lib.load_data(tcfg, progress=not as_json)
+    data = _load_data_on_ranks(train_lib, tcfg, not as_json, comm)
     train_lib.check_data_shape(cfg, data.shape)
     x = getattr(data, split)
     if subset:
         x = x[:subset]
-    params = _params_on(ckpt, device)
-    rng = np.random.default_rng(seed)
     from npdraw import backend
     from npdraw.parallel import DataParallel, resolve_workers
+    if comm.size > 1:
+        if workers > 1:
+            raise click.UsageError(f"--workers {workers} splits batches over processes of one "
+                                   "rank; under MPI each rank is one process: use 0 or 1")
+        workers = 1
+        comm = comm.for_device(backend.resolve_device(device))   # one GPU per rank
+    params = _params_on(ckpt, device)
+    rng = np.random.default_rng(seed)
     workers = resolve_workers(workers, backend.resolve_device(device), batch_size)
     engine = DataParallel(cfg, workers, params["c0"].dtype) if workers > 1 else None
     try:
         iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size,
-                                                        rng, engine)
+                                                        rng, engine, comm)
     finally:
         if engine is not None:
             engine.close()
+    if not comm.is_root:
+        return
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "dataset": tcfg.dataset,
               "split": split, "n": int(len(x)), "k": K, "seed": seed,
               "nll_bound": bound, "nll_iwae": iwae}

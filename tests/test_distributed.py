@@ -499,3 +499,22 @@ def test_a_failing_rank_stops_every_rank_and_keeps_the_last_checkpoint(how, data
     assert "epoch 2/3" not in result.stdout and "done:" not in result.stdout
     assert ckpt_lib.load_checkpoint(tmp_path / "run" / "checkpoint.h5").epoch == 1
     assert len(train_lib.read_log(tmp_path / "run")) == 1
+
+
+def test_evaluate_under_mpiexec_gives_the_one_process_figures(mpi_run, data_args):
+    run, _ = mpi_run
+    args = ["evaluate", run / "checkpoint.h5", "--k", 3, "--subset", 90, "--bs", 40,
+            "--json", *data_args]
+    shared = _run_mpi(2, [REPO / "cli.py", *args])
+    assert shared.returncode == 0, shared.stdout + shared.stderr
+    lines = shared.stdout.strip().splitlines()
+    assert len(lines) == 1                                 # rank 0 alone prints
+    one = subprocess.run([sys.executable, REPO / "cli.py", *map(str, args)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    got, want = json.loads(lines[0]), json.loads(one.stdout.strip().splitlines()[-1])
+    # float32 forwards of sub-batches (GEMMs of other widths round otherwise, a few eps of
+    # 6e-8 per glimpse), float64 sums
+    for key in ("nll_bound", "nll_iwae"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert got["n"] == want["n"] == 90

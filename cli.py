@@ -43,7 +43,7 @@ _share_cores_between_ranks()
 import click  # noqa: E402 - after the BLAS thread count is settled
 import numpy as np  # noqa: E402
 
-from npdraw.config import DATASETS, DrawConfig, TrainConfig  # noqa: E402
+from npdraw.config import DATASETS, LR_SCHEDULES, DrawConfig, TrainConfig  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -152,6 +152,18 @@ def cli():
               help="Glimpses T.")
 @click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True,
               help="Adam learning rate.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="constant",
+              show_default=True, help="How the learning rate decays after --lr-hold epochs.")
+@click.option("--lr-min", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="exponential: the floor; cosine: the final rate.")
+@click.option("--lr-hold", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Epochs at --lr before the decay starts.")
+@click.option("--lr-gamma", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+              show_default=True, help="exponential: the factor per epoch.")
+@click.option("--lr-decay-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="cosine: epochs from --lr to --lr-min (0: until --epochs).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Evaluate valid and test every K epochs (and after the last).")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Total epochs (with --resume: the new total).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
@@ -184,7 +196,8 @@ def cli():
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.pass_context
 @library_errors
-def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
+def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma,
+          lr_decay_epochs, eval_every, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
           oldmodel, resume, seed, device, workers, data_dir, mirror, folder, subset, eval_subset, clip, out,
           dtype, no_progress):
     """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
@@ -196,23 +209,29 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
 
     comm = distributed.from_environment()
 
+    schedule = dict(lr=lr, lr_schedule=lr_schedule, lr_min=lr_min, lr_hold=lr_hold,
+                    lr_gamma=lr_gamma, lr_decay_epochs=lr_decay_epochs, eval_every=eval_every)
+    overrides = ()
     if resume:
-        ignored = [p for p in ("dataset", "attention", "T", "lr", "batch_size", "enc_dim",
+        given = [p for p in ctx.params
+                 if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+        ignored = [p for p in ("dataset", "attention", "T", "batch_size", "enc_dim",
                                "dec_dim", "z_dim", "name", "oldmodel", "seed", "subset",
-                               "eval_subset", "clip", "out", "dtype")
-                   if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+                               "eval_subset", "clip", "out", "dtype") if p in given]
         if ignored:
             click.echo("note: --resume takes the model and training settings from the "
                        f"checkpoint; ignoring {', '.join(ignored)}", err=True)
+        overrides = tuple(p for p in schedule if p in given)
         tcfg = TrainConfig(epochs=epochs, device=device, workers=workers, data_dir=data_dir,
-                           mirror=mirror, folder=folder, resume=str(resume))
+                           mirror=mirror, folder=folder, resume=str(resume),
+                           **{p: schedule[p] for p in overrides})
         cfg = None
     else:
         tcfg = TrainConfig(dataset=dataset, data_dir=data_dir, mirror=mirror, folder=folder,
-                           epochs=epochs, batch_size=batch_size, lr=lr, clip=clip, seed=seed,
+                           epochs=epochs, batch_size=batch_size, clip=clip, seed=seed,
                            subset=subset, eval_subset=eval_subset, device=device,
                            workers=workers, dtype=dtype, name=name, out=out,
-                           oldmodel=oldmodel or "")
+                           oldmodel=oldmodel or "", **schedule)
 
     try:
         data = None
@@ -224,7 +243,7 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
                              write_n=write_n, enc_dim=enc_dim, dec_dim=dec_dim, z_dim=z_dim,
                              attention=attention is not None)
         train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress,
-                        comm=comm)
+                        resume_overrides=overrides, comm=comm)
     except train_lib.TrainingInterrupted:  # train() has already said where to resume from
         if comm.is_root:
             click.echo("training interrupted", err=True)
@@ -384,6 +403,41 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
     click.echo(f"  -log p(x) estimate ({label}): {iwae:.2f} nats")
 
 
+# ----------------------------------------------------------------------------- export
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--check-n", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Record the float64 bound of the first N test images (0: none).")
+@click.option("--check-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Noise seed of that bound.")
+@click.option("--data-dir", envvar="NPDRAW_DATA", default=None,
+              help="Where converted data sets live (default: the recorded one).")
+@click.option("--mirror", envvar="NPDRAW_MIRROR", default=None,
+              help="Folder or URL to download raw data from.")
+@library_errors
+def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
+    """Write CHECKPOINT's parameters (float32, no optimizer state) to OUT, the file to
+    ship, with its epoch, its bounds from the run's log and a bound a test can check."""
+    from npdraw import train as train_lib
+
+    ckpt_path = _ckpt_file(checkpoint)
+    test_x = None
+    if check_n:
+        ckpt = _load_ckpt(ckpt_path)
+        saved = _train_cfg_or_none(ckpt) or TrainConfig()
+        tcfg = TrainConfig.from_dict({**saved.to_dict(), "resume": "", "oldmodel": "",
+                                      "data_dir": data_dir if data_dir is not None
+                                      else saved.data_dir,
+                                      "mirror": mirror if mirror is not None else saved.mirror})
+        data = train_lib.load_data(tcfg, progress=False)
+        train_lib.check_data_shape(ckpt.cfg, data.shape)
+        test_x = data.test
+    info = train_lib.export_model(ckpt_path, out, test_x, check_n, check_seed)
+    click.echo(f"wrote {out} (epoch {info['epoch']}): " + json.dumps(info))
+
+
 # ----------------------------------------------------------------------------- plot
 
 @cli.command()
@@ -392,7 +446,8 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
               help="Output folder (default: the run dir).")
 @library_errors
 def plot(run_dir, out):
-    """learning_curves.png and kl_per_glimpse.png from RUN_DIR/log.jsonl."""
+    """learning_curves.png (per epoch), learning_curves_hours.png (per hour) and
+    kl_per_glimpse.png from RUN_DIR/log.jsonl."""
     from npdraw import images as images_lib
     from npdraw import train as train_lib
 
@@ -412,6 +467,15 @@ def plot(run_dir, out):
     curves_path = out / "learning_curves.png"
     images_lib.plot_lines(curves_path, curves, title="NLL bound per epoch", xlabel="epoch",
                           ylabel="nats per image")
+    # The same curves against the hours of training and evaluation so far.
+    hours, total = {}, 0.0
+    for e, r in zip(epochs, rows):
+        total += float(r.get("wall_s") or 0.0)
+        hours[e] = total / 3600.0
+    curves_h = {label: ([hours[e] for e in xs], ys) for label, (xs, ys) in curves.items()}
+    hours_path = out / "learning_curves_hours.png"
+    images_lib.plot_lines(hours_path, curves_h, title="NLL bound against time", xlabel="hours",
+                          ylabel="nats per image")
     kl = [r.get("kl") or [] for r in rows]
     n_glimpses = max((len(k) for k in kl), default=0)
     kl_series = {}
@@ -421,7 +485,7 @@ def plot(run_dir, out):
     kl_path = out / "kl_per_glimpse.png"
     images_lib.plot_lines(kl_path, kl_series, title="KL of each glimpse", xlabel="epoch",
                           ylabel="nats")
-    click.echo(f"wrote {curves_path} and {kl_path} ({len(rows)} epochs)")
+    click.echo(f"wrote {curves_path}, {hours_path} and {kl_path} ({len(rows)} epochs)")
 
 
 # ----------------------------------------------------------------------------- attention-demo

@@ -45,7 +45,7 @@ from . import distributed
 from . import images as images_lib
 from . import model as model_lib
 from . import optim
-from .config import DrawConfig, TrainConfig
+from .config import RESUME_OVERRIDES, DrawConfig, TrainConfig
 from .parallel import DataParallel, WorkerError, resolve_workers
 
 # c0 = logit(clip(mean training image, C0_CLIP, 1 - C0_CLIP)); see init_model.
@@ -510,18 +510,21 @@ def load_data(tcfg: TrainConfig, progress: bool):
 # ----------------------------------------------------------------------------- train
 
 def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
-          progress: bool = True, eval_batch: int = EVAL_BATCH, comm=None) -> Path:
+          progress: bool = True, eval_batch: int = EVAL_BATCH,
+          resume_overrides=(), comm=None) -> Path:
     """Train DRAW; returns the run directory.
 
     cfg: the model (height/width/channels must match the data). With ``tcfg.resume`` set
     to a run dir, the model and training settings come from RUN/checkpoint.h5 and
-    ``cfg`` may be None; of ``tcfg`` only epochs (the new total) and device are taken,
-    and data_dir, mirror and folder where they differ from TrainConfig's defaults
-    (else the recorded ones). ``data``: a DataSplits to use instead of loading
-    ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr. ``comm``: the
-    ranks that train together (distributed.py); by default MPI's when the process was
-    started by mpiexec or srun with more than one rank, else one process. Every rank
-    calls train() alike; only rank 0 logs and writes the run dir.
+    ``cfg`` may be None; of ``tcfg`` only epochs (the new total), device and workers are
+    taken, the fields named in ``resume_overrides`` (a subset of
+    config.RESUME_OVERRIDES: the learning-rate schedule and eval_every, for the next
+    phase of a long run), and data_dir, mirror and folder where they differ from
+    TrainConfig's defaults (else the recorded ones). ``data``: a DataSplits to use
+    instead of loading ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr.
+    ``comm``: the ranks that train together (distributed.py); by default MPI's when the
+    process was started by mpiexec or srun with more than one rank, else one process.
+    Every rank calls train() alike; only rank 0 logs and writes the run dir.
 
     Raises NonFiniteLossError on a NaN/inf loss and TrainingInterrupted on Ctrl-C (both
     TrainingStopped, with ``run_dir``; checkpoint.h5 then holds the last completed
@@ -549,8 +552,16 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         defaults = TrainConfig()
         where = {k: (getattr(tcfg, k) if getattr(tcfg, k) != getattr(defaults, k)
                      else getattr(saved_tcfg, k)) for k in ("data_dir", "mirror", "folder")}
-        tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), **where, "epochs": tcfg.epochs,
-                                      "device": tcfg.device, "workers": tcfg.workers,
+        unknown = set(resume_overrides) - set(RESUME_OVERRIDES)
+        if unknown:
+            raise ValueError(f"a resumed run keeps its {', '.join(sorted(unknown))}; only "
+                             f"{', '.join(RESUME_OVERRIDES)} can change")
+        changed = {k: getattr(tcfg, k) for k in ("epochs", "device", "workers",
+                                                   *resume_overrides)}
+        for k in resume_overrides:
+            if changed[k] != getattr(saved_tcfg, k):
+                log(f"note: resuming with {k} {changed[k]!r} (was {getattr(saved_tcfg, k)!r})")
+        tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), **where, **changed,
                                       "resume": str(tcfg.resume)})
     elif cfg is None:
         raise ValueError("train needs a model config unless it resumes a run")
@@ -691,8 +702,9 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                     gnorm = optim.global_norm(grads)
                     if not math.isfinite(gnorm):
                         raise non_finite(f"gradient norm is {gnorm} {where}")
+                    lr = learning_rate(tcfg, epoch - 1 + (it - 1) / n_iter)
                     params, opt_state, snorm = optim.adam_step(     # clipping folded in
-                        params, grads, opt_state, tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps,
+                        params, grads, opt_state, lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps,
                         grad_scale=optim.clip_scale(gnorm, tcfg.clip))
                     loss_sum += loss
                     recon_sum += stats["recon"]
@@ -710,15 +722,21 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
             train_time = time.perf_counter() - t0
 
             t1 = time.perf_counter()
-            valid_bound = evaluate_bound(params, cfg, valid_x, eval_batch,
-                                         _derived_rng(tcfg.seed, 1, epoch, 0), engine, comm)
-            test_bound = evaluate_bound(params, cfg, test_x, eval_batch,
-                                        _derived_rng(tcfg.seed, 1, epoch, 1), engine, comm)
+            evaluated = is_eval_epoch(epoch, tcfg)
+            valid_bound = test_bound = float("nan")
+            if evaluated:
+                valid_bound = evaluate_bound(params, cfg, valid_x, eval_batch,
+                                             _derived_rng(tcfg.seed, 1, epoch, 0), engine, comm)
+                test_bound = evaluate_bound(params, cfg, test_x, eval_batch,
+                                            _derived_rng(tcfg.seed, 1, epoch, 1), engine, comm)
             eval_time = time.perf_counter() - t1
             train_bound = loss_sum / n_iter
-            if not math.isfinite(valid_bound) and valid_x.shape[0] > 0:
+            if evaluated and not math.isfinite(valid_bound) and valid_x.shape[0] > 0:
                 raise non_finite(f"validation bound is {valid_bound} after epoch {epoch}")
-            score = valid_bound if valid_x.shape[0] > 0 else train_bound
+            # Without a validation split the train bound decides; with one, only the
+            # epochs that were evaluated can be the best.
+            score = (train_bound if valid_x.shape[0] == 0
+                     else valid_bound if evaluated else float("inf"))
             is_best = score < best_valid
             if is_best:
                 best_valid, best_epoch = score, epoch
@@ -735,7 +753,8 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                 "kl": [float(v) for v in kl],
                 "grad_norm": gnorm_sum / n_iter,
                 "step_norm": snorm_sum / n_iter,
-                "lr": tcfg.lr,
+                "lr": lr,
+                "evaluated": bool(evaluated),
                 "train_time_s": train_time,
                 "eval_time_s": eval_time,
                 "examples_per_s": n_train / max(train_time, 1e-9),
@@ -789,6 +808,68 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     log(f"done: {tcfg.epochs} epochs; best valid bound {best_valid:.2f} (epoch {best_epoch}); "
         f"run dir {run_dir}")
     return run_dir
+
+
+def fixed_noise_bound(params: dict, cfg: DrawConfig, x: np.ndarray, seed: int) -> float:
+    """The mean bound over ``x`` in float64 with noise from ``default_rng(seed)``.
+
+    params: {name: array}, cast to float64 on the host; x: (N, D) in [0, 1]. The
+    figure depends on the parameters, the images and the seed only (float64 makes it
+    independent of the BLAS kernel to about 1e-13), so it pins a shipped model to the
+    number stated beside it.
+    """
+    params64 = {k: np.asarray(backend.to_numpy(v), dtype=np.float64) for k, v in params.items()}
+    x64 = np.asarray(x, dtype=np.float64)
+    eps = np.random.default_rng(seed).standard_normal((cfg.T, x64.shape[0], cfg.z_dim))
+    per_example, _ = model_lib.loss_only(params64, cfg, x64, eps)
+    return float(np.mean(per_example))
+
+
+def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
+                 check_n: int = 100, check_seed: int = 0) -> dict:
+    """Write the parameters of a checkpoint, float32 and nothing else that trains, to
+    ``out_path``: the model to ship.
+
+    The file records the model config, the epoch and, from RUN/log.jsonl beside the
+    checkpoint, that epoch's valid and test bounds. With ``test_x`` (N, D) it also
+    records ``fixed_noise_bound`` of its first ``check_n`` images (seed ``check_seed``),
+    the figure a test recomputes. Returns what it recorded (the file's ``extra``).
+    """
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    params = {k: np.asarray(v, dtype=np.float32) for k, v in ckpt.params.items()}
+    info = {"epoch": int(ckpt.epoch), "source": ckpt_path.name}
+    log_path = ckpt_path.parent / "log.jsonl"
+    if log_path.is_file():
+        rows = [r for r in _read_log(log_path) if int(r.get("epoch", -1)) == int(ckpt.epoch)]
+        if rows:
+            for key in ("train_bound", "valid_bound", "test_bound", "step", "lr"):
+                info[key] = rows[-1].get(key)
+            info["hours"] = sum(float(r.get("wall_s", 0.0)) for r in _read_log(log_path)
+                                if int(r.get("epoch", 0)) <= int(ckpt.epoch)) / 3600.0
+    if test_x is not None:
+        x = np.asarray(test_x[:check_n])
+        info["check"] = {"split": "test", "n": int(x.shape[0]), "seed": int(check_seed),
+                         "dtype": "float64",
+                         "bound": fixed_noise_bound(params, ckpt.cfg, x, check_seed)}
+    ckpt_lib.save_checkpoint(out_path, ckpt.cfg, params, opt_state=None,
+                             epoch=int(ckpt.epoch), train_cfg=train_config_of(ckpt),
+                             extra=info)
+    return info
+
+
+def learning_rate(tcfg: TrainConfig, epochs_done: float) -> float:
+    """The schedule's learning rate after ``epochs_done`` epochs (optim.scheduled_lr)."""
+    decay_epochs = tcfg.lr_decay_epochs or max(tcfg.epochs - tcfg.lr_hold, 1e-9)
+    return optim.scheduled_lr(tcfg.lr_schedule, tcfg.lr, epochs_done, lr_min=tcfg.lr_min,
+                              hold=tcfg.lr_hold, gamma=tcfg.lr_gamma,
+                              decay_epochs=decay_epochs)
+
+
+def is_eval_epoch(epoch: int, tcfg: TrainConfig) -> bool:
+    """Whether the valid and test splits are evaluated after ``epoch``: every
+    ``eval_every`` epochs, and always after the run's last epoch."""
+    return epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
 
 
 def _saved_epoch(path: Path):

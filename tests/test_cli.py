@@ -97,13 +97,14 @@ def test_train_without_attention_and_resume_through_the_cli(data_args, tmp_path,
     monkeypatch.delenv("NPDRAW_DATA", raising=False)
     monkeypatch.delenv("NPDRAW_MIRROR", raising=False)
     monkeypatch.chdir(tmp_path)
-    result = invoke(["train", "--resume", run, "--epochs", "2", "--lr", "0.5", "--no-progress",
-                     "--device", "cpu"])
+    result = invoke(["train", "--resume", run, "--epochs", "2", "--seed", "7", "--lr", "0.002",
+                     "--no-progress", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "ignoring lr" in result.output
+    assert "ignoring seed" in result.output           # the model and data settings stay
+    assert "resuming with lr 0.002 (was 0.001)" in result.output   # a new phase's rate
     assert not (tmp_path / "data").exists()           # the recorded data dir was used
     rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["lr"] == 1e-3
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["lr"] for r in rows] == [1e-3, 2e-3]
     assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 2
 
 
@@ -229,11 +230,11 @@ def test_damaged_checkpoints_are_clear_errors(trained, tmp_path, command):
 
 # ----------------------------------------------------------------------------- plot
 
-def test_plot_writes_both_figures(trained, tmp_path):
+def test_plot_writes_the_three_figures(trained, tmp_path):
     run, _ = trained
     result = invoke(["plot", run, "--out", tmp_path])
     assert result.exit_code == 0, result.output
-    for name in ("learning_curves.png", "kl_per_glimpse.png"):
+    for name in ("learning_curves.png", "learning_curves_hours.png", "kl_per_glimpse.png"):
         img = iio.imread(tmp_path / name)
         assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50, name
     empty = tmp_path / "empty"
@@ -324,3 +325,18 @@ def test_ranks_on_one_machine_share_its_cores_between_their_blas_threads():
     env = {}
     cli_mod._share_cores_between_ranks(env)                 # one process: nothing set
     assert env == {}
+
+
+def test_export_writes_a_params_only_model_that_sample_and_evaluate_read(trained, data_args,
+                                                                         tmp_path):
+    run, _ = trained
+    out = tmp_path / "model.h5"
+    result = invoke(["export", run, out, "--check-n", "10", *data_args])
+    assert result.exit_code == 0, result.output
+    shipped = ckpt_lib.load_checkpoint(out)
+    assert shipped.opt_state is None and shipped.extra["check"]["n"] == 10
+    assert shipped.extra["epoch"] == 1 and shipped.extra["valid_bound"] is not None
+    assert invoke(["sample", out, "--rows", "1", "--cols", "2"]).exit_code == 0
+    result = invoke(["evaluate", out, "--subset", "20", "--json", *data_args])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.splitlines()[-1])["n"] == 20

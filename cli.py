@@ -218,7 +218,7 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
         ignored = [p for p in ("dataset", "attention", "T", "batch_size", "enc_dim",
                                "dec_dim", "z_dim", "name", "oldmodel", "seed", "subset",
                                "eval_subset", "clip", "out", "dtype") if p in given]
-        if ignored:
+        if ignored and comm.is_root:
             click.echo("note: --resume takes the model and training settings from the "
                        f"checkpoint; ignoring {', '.join(ignored)}", err=True)
         overrides = tuple(p for p in schedule if p in given)

@@ -190,6 +190,36 @@ def test_a_stop_request_of_one_rank_stops_every_rank_at_the_same_reduction():
     assert _run_ranks(2, work) == [True, True]
 
 
+def test_a_nan_on_one_rank_reaches_every_rank():
+    """Every rank then stops at the same step, as one process does on a NaN loss."""
+    params = model.init_params(ATT, seed=0, dtype="float32")
+    x, eps = _batch(ATT, 4, np.float32)
+
+    def work(comm, rank):
+        lo, hi = comm.shard(4)
+        loss, grads, stats = model.loss_and_grads(params, ATT, x[lo:hi],
+                                                  np.ascontiguousarray(eps[:, lo:hi]))
+        if rank == 1:
+            grads = {**grads, "c0": grads["c0"] * np.float32("nan")}
+            loss = float("nan")
+        loss, grads, _ = comm.reduce_step(params, ATT.T, (loss, grads, stats), 0.5)
+        return np.isnan(loss), bool(np.isnan(grads["c0"]).all())
+    assert _run_ranks(2, work) == [(True, True), (True, True)]
+
+
+def test_the_environment_decides_between_one_process_and_mpi(monkeypatch):
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert type(distributed.from_environment()) is distributed.SingleProcess
+    monkeypatch.setenv("PMI_SIZE", "1")                    # mpiexec -n 1: no MPI needed
+    assert type(distributed.from_environment()) is distributed.SingleProcess
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)       # as if it were not installed
+    with pytest.raises(ValueError, match=r"started as 2 MPI ranks, but mpi4py cannot be "
+                                         r"imported.*pip install -e \"\.\[mpi\]\""):
+        distributed.from_environment()
+
+
 def test_ctrl_c_under_mpi_only_requests_a_stop_and_a_second_one_interrupts():
     comm = distributed.MPIRanks(_Group(1).comm(0), _FakeMPI)
     previous = signal.getsignal(signal.SIGINT)

@@ -15,13 +15,35 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
-import click
-import numpy as np
 
-from npdraw.config import DATASETS, LR_SCHEDULES, DrawConfig, TrainConfig
+def _share_cores_between_ranks(environ=os.environ) -> None:
+    """Under mpiexec or srun the ranks on one machine share its cores: each rank's BLAS
+    gets its share, one thread on two cores with two ranks (as parallel.py gives its
+    workers), unless the user set the thread count. It must be set before NumPy loads."""
+    if environ.get("SLURM_CPUS_PER_TASK", "").isdigit() and "SLURM_STEP_ID" in environ:
+        threads = int(environ["SLURM_CPUS_PER_TASK"])
+    else:
+        local = next((environ[v] for v in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+                      if environ.get(v, "").isdigit()), None)
+        if local is None or int(local) <= 1:
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+        threads = max(1, cores // int(local))
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        environ.setdefault(variable, str(threads))
+
+
+_share_cores_between_ranks()
+
+import click  # noqa: E402 - after the BLAS thread count is settled
+import numpy as np  # noqa: E402
+
+from npdraw.config import DATASETS, LR_SCHEDULES, DrawConfig, TrainConfig  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -178,8 +200,14 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
           lr_decay_epochs, eval_every, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
           oldmodel, resume, seed, device, workers, data_dir, mirror, folder, subset, eval_subset, clip, out,
           dtype, no_progress):
-    """Train DRAW; writes a run dir under --out (see docs/TRAINING.md)."""
+    """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
+
+    Under `mpiexec -n N` (or srun) the N ranks train one model together, each on its
+    slice of every batch (docs/TRAINING.md, "Running on a cluster")."""
+    from npdraw import distributed
     from npdraw import train as train_lib
+
+    comm = distributed.from_environment()
 
     schedule = dict(lr=lr, lr_schedule=lr_schedule, lr_min=lr_min, lr_hold=lr_hold,
                     lr_gamma=lr_gamma, lr_decay_epochs=lr_decay_epochs, eval_every=eval_every)
@@ -190,7 +218,7 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
         ignored = [p for p in ("dataset", "attention", "T", "batch_size", "enc_dim",
                                "dec_dim", "z_dim", "name", "oldmodel", "seed", "subset",
                                "eval_subset", "clip", "out", "dtype") if p in given]
-        if ignored:
+        if ignored and comm.is_root:
             click.echo("note: --resume takes the model and training settings from the "
                        f"checkpoint; ignoring {', '.join(ignored)}", err=True)
         overrides = tuple(p for p in schedule if p in given)
@@ -208,19 +236,34 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
     try:
         data = None
         if not resume:  # the model config needs the data set's image shape
-            data = train_lib.load_data(tcfg, not no_progress)
+            data = _load_data_on_ranks(train_lib, tcfg, not no_progress, comm)
             c, h, w = (int(s) for s in data.shape)
             read_n, write_n = attention if attention else (2, 5)
             cfg = DrawConfig(height=h, width=w, channels=c, T=T, read_n=read_n,
                              write_n=write_n, enc_dim=enc_dim, dec_dim=dec_dim, z_dim=z_dim,
                              attention=attention is not None)
         train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress,
-                        resume_overrides=overrides)
+                        resume_overrides=overrides, comm=comm)
     except train_lib.TrainingInterrupted:  # train() has already said where to resume from
-        click.echo("training interrupted", err=True)
+        if comm.is_root:
+            click.echo("training interrupted", err=True)
         ctx.exit(130)
     except (train_lib.NonFiniteLossError, train_lib.WorkerFailed) as err:
+        if not comm.is_root:               # every rank stopped alike; rank 0 says why
+            ctx.exit(1)
         raise click.ClickException(str(err)) from None
+    except Exception as err:               # noqa: BLE001 - one rank's failure ends them all
+        if comm.size == 1:
+            raise
+        comm.abort(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+
+
+def _load_data_on_ranks(train_lib, tcfg, progress, comm):
+    """train.load_data on every rank; rank 0 first, so that a download or conversion
+    into the data dir happens once (the others wait for it, then read its result)."""
+    data = train_lib.load_data(tcfg, progress and comm.is_root) if comm.is_root else None
+    comm.sum([0.0])                         # every rank waits here for rank 0
+    return data if data is not None else train_lib.load_data(tcfg, False)
 
 
 # ----------------------------------------------------------------------------- sample
@@ -293,9 +336,25 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 @library_errors
 def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, batch_size, seed,
              device, workers, as_json):
-    """Negative log-likelihood bound (nats per image) on a split, by default the test set."""
+    """Negative log-likelihood bound (nats per image) on a split, by default the test set.
+
+    Under `mpiexec -n N` the N ranks share every batch; rank 0 prints."""
+    from npdraw import distributed
     from npdraw import train as train_lib
 
+    comm = distributed.from_environment()
+    try:
+        _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder,
+                  subset, batch_size, seed, device, workers, as_json)
+    except Exception as err:           # noqa: BLE001 - one rank's failure ends them all
+        if comm.size == 1:
+            raise
+        comm.abort(err.format_message() if isinstance(err, click.ClickException) else
+                   str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+
+
+def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder, subset,
+              batch_size, seed, device, workers, as_json):
     ckpt_path = _ckpt_file(checkpoint)
     ckpt = _load_ckpt(ckpt_path)
     cfg = ckpt.cfg
@@ -306,23 +365,31 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
                                   "mirror": mirror if mirror is not None else saved.mirror,
                                   "folder": folder if folder is not None else saved.folder,
                                   "resume": "", "oldmodel": ""})
-    data = train_lib.load_data(tcfg, progress=not as_json)
+    data = _load_data_on_ranks(train_lib, tcfg, not as_json, comm)
     train_lib.check_data_shape(cfg, data.shape)
     x = getattr(data, split)
     if subset:
         x = x[:subset]
-    params = _params_on(ckpt, device)
-    rng = np.random.default_rng(seed)
     from npdraw import backend
     from npdraw.parallel import DataParallel, resolve_workers
+    if comm.size > 1:
+        if workers > 1:
+            raise click.UsageError(f"--workers {workers} splits batches over processes of one "
+                                   "rank; under MPI each rank is one process: use 0 or 1")
+        workers = 1
+        comm = comm.for_device(backend.resolve_device(device))   # one GPU per rank
+    params = _params_on(ckpt, device)
+    rng = np.random.default_rng(seed)
     workers = resolve_workers(workers, backend.resolve_device(device), batch_size)
     engine = DataParallel(cfg, workers, params["c0"].dtype) if workers > 1 else None
     try:
         iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size,
-                                                        rng, engine)
+                                                        rng, engine, comm)
     finally:
         if engine is not None:
             engine.close()
+    if not comm.is_root:
+        return
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "dataset": tcfg.dataset,
               "split": split, "n": int(len(x)), "k": K, "seed": seed,
               "nll_bound": bound, "nll_iwae": iwae}

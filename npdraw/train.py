@@ -15,6 +15,12 @@ checkpoint, so a resumed run continues bit for bit (on NumPy). Evaluation and sa
 noise come from separate generators derived from (seed, epoch), so they never disturb
 the training stream.
 
+Data parallelism over MPI ranks (``mpiexec -n N``; see distributed.py): every rank runs
+this same loop with the same generators, so each draws the same batch order and the
+same (T, B, Z) noise of the whole global batch, and takes the slice of its examples.
+The noise an example gets is thus the one it gets in one process, whatever the number
+of ranks. Only rank 0 writes the run dir and prints.
+
 Legend of dimension letters:
     B  batch            T  glimpses         Z  latent units
     D  C*H*W pixels     N  examples of a split
@@ -22,6 +28,7 @@ Legend of dimension letters:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -33,6 +40,7 @@ import numpy as np
 
 from . import backend
 from . import checkpoint as ckpt_lib
+from . import distributed
 from . import images as images_lib
 from . import model as model_lib
 from . import optim
@@ -143,6 +151,12 @@ def _noise(rng: np.random.Generator, cfg: DrawConfig, batch: int, dtype, device:
     return backend.to_device(_host_noise(rng, cfg, batch, dtype), device)
 
 
+def _examples(eps: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The noise of examples lo..hi-1 of a batch: eps (T, B, Z) -> (T, hi - lo, Z),
+    contiguous (eps itself when that is the whole batch)."""
+    return eps if (lo, hi) == (0, eps.shape[1]) else np.ascontiguousarray(eps[:, lo:hi])
+
+
 def _cap(x: np.ndarray, subset: int) -> np.ndarray:
     return x if not subset else x[:subset]
 
@@ -163,12 +177,14 @@ def _loss_only_fn(cfg, engine):
 
 
 def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int,
-                   rng: np.random.Generator, engine=None) -> float:
+                   rng: np.random.Generator, engine=None, comm=None) -> float:
     """Mean negative variational bound (L^x + L^z, nats per example) over all of ``x``.
 
     x: (N, D) host array in [0, 1]; one fresh noise draw per example from ``rng``.
     Returns NaN for an empty ``x``. engine: an optional parallel.DataParallel that
-    splits each batch over worker processes (the same figures, up to rounding).
+    splits each batch over worker processes; comm: a distributed communicator whose
+    ranks each take their slice of every batch (both give the same figures, up to
+    rounding; every rank gets the result).
     """
     n = int(x.shape[0])
     if n == 0:
@@ -177,13 +193,17 @@ def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device, dtype = _device_of(params), _params_dtype(params)
     loss_only = _loss_only_fn(cfg, engine)
+    comm = distributed.SingleProcess() if comm is None else comm
     total = 0.0
     for start in range(0, n, batch_size):
-        xb = backend.to_device(np.asarray(x[start:start + batch_size], dtype=dtype), device)
-        eps = _noise(rng, cfg, xb.shape[0], dtype, device)
-        per_example, _ = loss_only(params, xb, eps)
-        total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
-    return total / n
+        batch = np.asarray(x[start:start + batch_size], dtype=dtype)
+        eps = _host_noise(rng, cfg, batch.shape[0], dtype)      # the whole batch's, on every rank
+        lo, hi = comm.shard(batch.shape[0])
+        if hi > lo:
+            per_example, _ = loss_only(params, backend.to_device(batch[lo:hi], device),
+                                       backend.to_device(_examples(eps, lo, hi), device))
+            total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
+    return float(comm.sum([total])[0]) / n
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
@@ -193,7 +213,7 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
 
 
 def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int,
-                            batch_size: int, rng: np.random.Generator, engine=None):
+                            batch_size: int, rng: np.random.Generator, engine=None, comm=None):
     """Both estimates from one pass of K noise draws per example.
 
     Returns (iwae_nll, bound_nll), nats per example:
@@ -202,7 +222,7 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
       bound_nll = mean over n and k of the model's per-example loss L^x + L^z.
     With K = 1 the IWAE estimate is a (noisier) single-sample bound; as K grows it
     tightens towards -log p(x), so iwae_nll <= bound_nll in expectation.
-    engine: as in evaluate_bound.
+    engine, comm: as in evaluate_bound.
     """
     n = int(x.shape[0])
     if K < 1:
@@ -213,24 +233,31 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
         return float("nan"), float("nan")
     device, dtype = _device_of(params), _params_dtype(params)
     loss_only = _loss_only_fn(cfg, engine)
+    comm = distributed.SingleProcess() if comm is None else comm
     iwae_total, bound_total = 0.0, 0.0
     for start in range(0, n, batch_size):
-        xb = backend.to_device(np.asarray(x[start:start + batch_size], dtype=dtype), device)
-        b = int(xb.shape[0])
-        log_w = np.empty((K, b), dtype=np.float64)
+        batch = np.asarray(x[start:start + batch_size], dtype=dtype)
+        lo, hi = comm.shard(batch.shape[0])
+        xb = backend.to_device(batch[lo:hi], device)
+        log_w = np.empty((K, hi - lo), dtype=np.float64)
         for k in range(K):
-            eps = _noise(rng, cfg, b, dtype, device)
-            per_example, stats = loss_only(params, xb, eps, return_terms=True)
+            eps = _host_noise(rng, cfg, batch.shape[0], dtype)  # the whole batch's, on every rank
+            if hi == lo:
+                continue
+            per_example, stats = loss_only(params, xb, backend.to_device(_examples(eps, lo, hi),
+                                                                         device),
+                                           return_terms=True)
             log_w[k] = backend.to_numpy(stats["log_weight"]).astype(np.float64)
             bound_total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
         iwae_total += float(np.sum(_logsumexp(log_w, axis=0) - math.log(K)))
-    return -iwae_total / n, bound_total / (n * K)
+    iwae_total, bound_total = comm.sum([iwae_total, bound_total])
+    return -float(iwae_total) / n, float(bound_total) / (n * K)
 
 
 def evaluate_iwae(params: dict, cfg: DrawConfig, x: np.ndarray, K: int, batch_size: int,
-                  rng: np.random.Generator, engine=None) -> float:
+                  rng: np.random.Generator, engine=None, comm=None) -> float:
     """Importance-weighted estimate of -log p(x) (nats per example) with K samples."""
-    return evaluate_iwae_and_bound(params, cfg, x, K, batch_size, rng, engine)[0]
+    return evaluate_iwae_and_bound(params, cfg, x, K, batch_size, rng, engine, comm)[0]
 
 
 # ----------------------------------------------------------------------------- samples
@@ -454,7 +481,7 @@ def load_data(tcfg: TrainConfig, progress: bool):
 
 def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
           progress: bool = True, eval_batch: int = EVAL_BATCH,
-          resume_overrides=()) -> Path:
+          resume_overrides=(), comm=None) -> Path:
     """Train DRAW; returns the run directory.
 
     cfg: the model (height/width/channels must match the data). With ``tcfg.resume`` set
@@ -465,12 +492,20 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     phase of a long run), and data_dir, mirror and folder where they differ from
     TrainConfig's defaults (else the recorded ones). ``data``: a DataSplits to use
     instead of loading ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr.
+    ``comm``: the ranks that train together (distributed.py); by default MPI's when the
+    process was started by mpiexec or srun with more than one rank, else one process.
+    Every rank calls train() alike; only rank 0 logs and writes the run dir.
 
     Raises NonFiniteLossError on a NaN/inf loss and TrainingInterrupted on Ctrl-C (both
     TrainingStopped, with ``run_dir``; checkpoint.h5 then holds the last completed
-    epoch), ValueError for bad configs, data or checkpoints.
+    epoch; under MPI every rank raises them together), ValueError for bad configs,
+    data or checkpoints. Under MPI any other failure of a rank in the epoch loop ends
+    every rank (MPI_Abort) after printing one line.
     """
     backend.retain_freed_memory()            # every step reuses the same host buffers
+    comm = distributed.from_environment() if comm is None else comm
+    if not comm.is_root:                     # rank 0 speaks for all
+        log, progress = (lambda *args, **kwargs: None), False
     resume_ckpt = None
     if tcfg.resume:
         run_dir = Path(tcfg.resume)
@@ -502,7 +537,15 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         raise ValueError("train needs a model config unless it resumes a run")
 
     device = backend.resolve_device(tcfg.device)
-    workers = resolve_workers(tcfg.workers, device, tcfg.batch_size)
+    if comm.size > 1:
+        if tcfg.workers > 1:
+            raise ValueError(f"workers = {tcfg.workers} splits batches over processes of one "
+                             f"rank; under MPI each of the {comm.size} ranks is one process: "
+                             "use --workers 0 or 1")
+        workers = 1
+    else:
+        workers = resolve_workers(tcfg.workers, device, tcfg.batch_size)
+    comm = comm.for_device(device)           # on GPUs: one per rank, NCCL between them
     dtype = np.dtype(tcfg.dtype)
 
     if data is None:
@@ -546,19 +589,22 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         start_epoch = 0
         best_valid, best_epoch = float("inf"), 0
         run_name = tcfg.name or _dt.datetime.now().strftime("draw-%Y%m%d-%H%M%S")
-        run_dir = _unique_run_dir(Path(tcfg.out), run_name)
+        run_dir = Path(comm.broadcast_text(
+            str(_unique_run_dir(Path(tcfg.out), run_name)) if comm.is_root else ""))
 
     log_path = run_dir / "log.jsonl"
     ckpt_path = run_dir / "checkpoint.h5"
     best_path = run_dir / "best.h5"
 
-    (run_dir / "config.json").write_text(json.dumps(
-        {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
+    if comm.is_root:
+        (run_dir / "config.json").write_text(json.dumps(
+            {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
     n_params = sum(int(np.prod(np.shape(p))) for p in params.values())
     log(f"run dir: {run_dir}")
     log("model config: " + json.dumps(cfg.to_dict()))
     log("train config: " + json.dumps(tcfg.to_dict()))
     log(f"device {device}" + (f" ({workers} worker processes)" if workers > 1 else "")
+        + (f" ({comm.describe()})" if comm.size > 1 else "")
         + f", dtype {dtype.name}, {n_params:,} parameters; data "
         f"{tcfg.dataset}: {n_train} train, {valid_x.shape[0]} valid, {test_x.shape[0]} test")
 
@@ -567,14 +613,15 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
 
     if resume_ckpt is not None:
         # Keep the log lines of the epochs the checkpoint holds; drop any written later.
-        rows = [r for r in _read_log(log_path) if int(r.get("epoch", 0)) <= start_epoch]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if comm.is_root:
+            rows = [r for r in _read_log(log_path) if int(r.get("epoch", 0)) <= start_epoch]
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
             f"target {tcfg.epochs} epochs")
         if start_epoch >= tcfg.epochs:
             log(f"nothing to do: the run already has {start_epoch} epochs")
             return run_dir
-    else:
+    elif comm.is_root:
         # The epoch-0 state on disk at once: an interrupted first epoch can be resumed.
         _save(ckpt_path, cfg, params, opt_state, 0, rng, tcfg, extra_now())
 
@@ -587,7 +634,9 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                                   f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
     engine = DataParallel(cfg, workers, dtype) if workers > 1 else None
     noise_thread = ThreadPoolExecutor(max_workers=1)
+    scope = contextlib.ExitStack()
     try:
+        scope.enter_context(comm.deferred_interrupts())  # MPI: Ctrl-C stops all ranks at one step
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t0 = time.perf_counter()
             bar = Progress(f"epoch {epoch}/{tcfg.epochs}", n_iter, progress, rate_unit="it/s")
@@ -598,13 +647,19 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                 next_eps = None
                 for it in range(1, n_iter + 1):
                     idx = perm[(it - 1) * tcfg.batch_size: it * tcfg.batch_size]
-                    xb = backend.to_device(train_x[idx], device)
-                    eps = backend.to_device(next_eps.result() if next_eps is not None
-                                            else _host_noise(rng, cfg, idx.shape[0], dtype), device)
-                    if engine is not None:
-                        loss, grads, stats = engine.loss_and_grads(params, xb, eps)
-                    else:
-                        loss, grads, stats = model_lib.loss_and_grads(params, cfg, xb, eps)
+                    batch_eps = (next_eps.result() if next_eps is not None   # the whole batch's
+                                 else _host_noise(rng, cfg, idx.shape[0], dtype))
+                    lo, hi = comm.shard(idx.shape[0])          # this rank's examples
+                    mine = None                                # (loss, grads, stats) of them
+                    if hi > lo:
+                        xb = backend.to_device(train_x[idx[lo:hi]], device)
+                        eps = backend.to_device(_examples(batch_eps, lo, hi), device)
+                        if engine is not None:
+                            mine = engine.loss_and_grads(params, xb, eps)
+                        else:
+                            mine = model_lib.loss_and_grads(params, cfg, xb, eps)
+                    loss, grads, stats = comm.reduce_step(params, cfg.T, mine,
+                                                          (hi - lo) / idx.shape[0])
                     # The next step's noise is drawn while this one's clipping and Adam run,
                     # on the core they leave idle (NumPy's generator releases the GIL). The
                     # draws come from rng in the same order as drawn inline.
@@ -629,8 +684,10 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                     bar.update(it, f"loss {loss:8.2f}")
             finally:
                 bar.close()
-            if not math.isfinite(optim.global_norm(params)):
+            params_norm = optim.global_norm(params)
+            if not math.isfinite(params_norm):
                 raise non_finite(f"parameters became non-finite in epoch {epoch}")
+            comm.check_same(params_norm, "the parameters' norm")
             backend.synchronize(backend.get_array_module(*params.values()))
             train_time = time.perf_counter() - t0
 
@@ -639,9 +696,9 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
             valid_bound = test_bound = float("nan")
             if evaluated:
                 valid_bound = evaluate_bound(params, cfg, valid_x, eval_batch,
-                                             _derived_rng(tcfg.seed, 1, epoch, 0), engine)
+                                             _derived_rng(tcfg.seed, 1, epoch, 0), engine, comm)
                 test_bound = evaluate_bound(params, cfg, test_x, eval_batch,
-                                            _derived_rng(tcfg.seed, 1, epoch, 1), engine)
+                                            _derived_rng(tcfg.seed, 1, epoch, 1), engine, comm)
             eval_time = time.perf_counter() - t1
             train_bound = loss_sum / n_iter
             if evaluated and not math.isfinite(valid_bound) and valid_x.shape[0] > 0:
@@ -673,25 +730,29 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                 "examples_per_s": n_train / max(train_time, 1e-9),
                 "best": bool(is_best),
             }
-            _write_run_samples(run_dir, params, cfg, tcfg.seed)
+            if comm.is_root:
+                _write_run_samples(run_dir, params, cfg, tcfg.seed)
             record["wall_s"] = time.perf_counter() - t0
             record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
-            # The log line first: should the saves below not happen, a resume from the
-            # previous checkpoint drops this line again.
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            if is_best:
-                _save(best_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
-            _save(ckpt_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
+            if comm.is_root:
+                # The log line first: should the saves below not happen, a resume from the
+                # previous checkpoint drops this line again.
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if is_best:
+                    _save(best_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
+                _save(ckpt_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
             log(f"epoch {epoch}/{tcfg.epochs}  train {train_bound:.2f}  valid "
                 f"{_fmt(record['valid_bound'])}  test {_fmt(record['test_bound'])}  "
                 f"(recon {record['train_recon']:.2f} + KL {record['train_kl']:.2f})  "
                 f"|g| {record['grad_norm']:.2f}  |step| {record['step_norm']:.4f}  "
                 f"{record['wall_s']:.1f}s  {record['examples_per_s']:.0f} ex/s"
                 + ("  *best*" if is_best else ""))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         msg = (f"interrupted in epoch {epoch}; {ckpt_path} holds the last completed epoch "
                f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir}")
+        if comm.size > 1 and not isinstance(interrupt, distributed.Interrupted):
+            comm.abort(msg + " (a second Ctrl-C: every rank was stopped at once)")
         log(msg)
         raise TrainingInterrupted(msg, run_dir) from None
     except NonFiniteLossError as err:
@@ -703,7 +764,14 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                "(add --workers 1 to train in one process)")
         log(msg)
         raise WorkerFailed(msg, run_dir) from None
+    except Exception as error:               # noqa: BLE001 - under MPI: stop every rank
+        if comm.size == 1:
+            raise
+        comm.abort(f"{type(error).__name__}: {error} (in epoch {epoch}); stopping every rank. "
+                   f"{ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)}). "
+                   f"Continue with: --resume {run_dir}")
     finally:
+        scope.close()
         noise_thread.shutdown(wait=True)
         if engine is not None:
             engine.close()

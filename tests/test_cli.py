@@ -1,6 +1,7 @@
 """cli.py: every command on real binarized MNIST with a tiny model, and its errors."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -308,6 +309,22 @@ def test_ctrl_c_exits_130_and_keeps_the_epoch_0_checkpoint(data_args, tmp_path, 
     assert "interrupted in epoch 1" in result.output and "--resume" in result.output
     ckpt = ckpt_lib.load_checkpoint(tmp_path / "stop" / "checkpoint.h5")
     assert ckpt.epoch == 0 and ckpt.opt_state["step"] == 0
+
+
+def test_ranks_on_one_machine_share_its_cores_between_their_blas_threads():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    env = {"PMI_SIZE": "4", "MPI_LOCALNRANKS": "4"}
+    cli_mod._share_cores_between_ranks(env)
+    assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == str(max(1, cores // 4))
+    env = {"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OPENBLAS_NUM_THREADS": "3"}
+    cli_mod._share_cores_between_ranks(env)
+    assert env["OPENBLAS_NUM_THREADS"] == "3"               # the user's choice stands
+    env = {"SLURM_STEP_ID": "0", "SLURM_CPUS_PER_TASK": "6"}
+    cli_mod._share_cores_between_ranks(env)
+    assert env["MKL_NUM_THREADS"] == "6"
+    env = {}
+    cli_mod._share_cores_between_ranks(env)                 # one process: nothing set
+    assert env == {}
 
 
 def test_export_writes_a_params_only_model_that_sample_and_evaluate_read(trained, data_args,

@@ -16,14 +16,36 @@ import contextlib
 import functools
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
 
-import click
-import numpy as np
 
-from npdraw.config import DATASETS, DrawConfig, TrainConfig
+def _share_cores_between_ranks(environ=os.environ) -> None:
+    """Under mpiexec or srun the ranks on one machine share its cores: each rank's BLAS
+    gets its share, one thread on two cores with two ranks (as parallel.py gives its
+    workers), unless the user set the thread count. It must be set before NumPy loads."""
+    if environ.get("SLURM_CPUS_PER_TASK", "").isdigit() and "SLURM_STEP_ID" in environ:
+        threads = int(environ["SLURM_CPUS_PER_TASK"])
+    else:
+        local = next((environ[v] for v in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+                      if environ.get(v, "").isdigit()), None)
+        if local is None or int(local) <= 1:
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+        threads = max(1, cores // int(local))
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        environ.setdefault(variable, str(threads))
+
+
+_share_cores_between_ranks()
+
+import click  # noqa: E402 - after the BLAS thread count is settled
+import numpy as np  # noqa: E402
+
+from npdraw.config import DATASETS, LR_SCHEDULES, DrawConfig, TrainConfig  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -154,12 +176,12 @@ def _params_on(ckpt, device, dtype=None):
 
 
 def _ckpt_file(path: Path) -> Path:
-    """The file a CHECKPOINT argument names (a run dir means its best.h5, else checkpoint.h5)."""
-    if path.is_dir():
-        for name in ("best.h5", "checkpoint.h5"):
-            if (path / name).is_file():
-                return path / name
-    return path
+    """The file a CHECKPOINT argument names (train.checkpoint_file)."""
+    from npdraw import train as train_lib
+    try:
+        return train_lib.checkpoint_file(path)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'CHECKPOINT'") from None
 
 
 # ----------------------------------------------------------------------------- group
@@ -180,6 +202,18 @@ def cli():
               help="Glimpses T.")
 @click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True,
               help="Adam learning rate.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="constant",
+              show_default=True, help="How the learning rate decays after --lr-hold epochs.")
+@click.option("--lr-min", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="exponential: the floor; cosine: the final rate.")
+@click.option("--lr-hold", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Epochs at --lr before the decay starts.")
+@click.option("--lr-gamma", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+              show_default=True, help="exponential: the factor per epoch.")
+@click.option("--lr-decay-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="cosine: epochs from --lr to --lr-min (0: until --epochs).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Evaluate valid and test every K epochs (and after the last).")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Total epochs (with --resume: the new total).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
@@ -212,45 +246,74 @@ def cli():
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.pass_context
 @library_errors
-def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
+def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma,
+          lr_decay_epochs, eval_every, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
           oldmodel, resume, seed, device, workers, data_dir, mirror, folder, subset, eval_subset, clip, out,
           dtype, no_progress):
-    """Train DRAW; writes a run dir under --out (see docs/TRAINING.md)."""
+    """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
+
+    Under `mpiexec -n N` (or srun) the N ranks train one model together, each on its
+    slice of every batch (docs/TRAINING.md, "Running on a cluster")."""
+    from npdraw import distributed
     from npdraw import train as train_lib
 
+    comm = distributed.from_environment()
+
+    schedule = dict(lr=lr, lr_schedule=lr_schedule, lr_min=lr_min, lr_hold=lr_hold,
+                    lr_gamma=lr_gamma, lr_decay_epochs=lr_decay_epochs, eval_every=eval_every)
+    overrides = ()
     if resume:
-        ignored = [p for p in ("dataset", "attention", "T", "lr", "batch_size", "enc_dim",
+        given = [p for p in ctx.params
+                 if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+        ignored = [p for p in ("dataset", "attention", "T", "batch_size", "enc_dim",
                                "dec_dim", "z_dim", "name", "oldmodel", "seed", "subset",
-                               "eval_subset", "clip", "out", "dtype")
-                   if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
-        if ignored:
+                               "eval_subset", "clip", "out", "dtype") if p in given]
+        if ignored and comm.is_root:
             click.echo("note: --resume takes the model and training settings from the "
                        f"checkpoint; ignoring {', '.join(ignored)}", err=True)
+        overrides = tuple(p for p in schedule if p in given)
         tcfg = TrainConfig(epochs=epochs, device=device, workers=workers, data_dir=data_dir,
-                           mirror=mirror, folder=folder, resume=str(resume))
+                           mirror=mirror, folder=folder, resume=str(resume),
+                           **{p: schedule[p] for p in overrides})
         cfg = None
     else:
         tcfg = TrainConfig(dataset=dataset, data_dir=data_dir, mirror=mirror, folder=folder,
-                           epochs=epochs, batch_size=batch_size, lr=lr, clip=clip, seed=seed,
+                           epochs=epochs, batch_size=batch_size, clip=clip, seed=seed,
                            subset=subset, eval_subset=eval_subset, device=device,
                            workers=workers, dtype=dtype, name=name, out=out,
-                           oldmodel=oldmodel or "")
+                           oldmodel=oldmodel or "", **schedule)
 
     try:
         data = None
         if not resume:  # the model config needs the data set's image shape
-            data = train_lib.load_data(tcfg, not no_progress)
+            data = _load_data_on_ranks(train_lib, tcfg, not no_progress, comm)
             c, h, w = (int(s) for s in data.shape)
             read_n, write_n = attention if attention else (2, 5)
             cfg = DrawConfig(height=h, width=w, channels=c, T=T, read_n=read_n,
                              write_n=write_n, enc_dim=enc_dim, dec_dim=dec_dim, z_dim=z_dim,
                              attention=attention is not None)
-        train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress)
+        train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress,
+                        resume_overrides=overrides, comm=comm)
     except train_lib.TrainingInterrupted as err:  # train() has said where to resume from
-        click.echo("training interrupted", err=True)
+        if comm.is_root:
+            click.echo("training interrupted", err=True)
         ctx.exit(128 + err.signum)              # 130 for Ctrl-C, 143 for SIGTERM
     except train_lib.TrainingStopped as err:    # non-finite loss, a worker, a failed write
+        if not comm.is_root:               # every rank stopped alike; rank 0 says why
+            ctx.exit(1)
         raise click.ClickException(str(err)) from None
+    except Exception as err:               # noqa: BLE001 - one rank's failure ends them all
+        if comm.size == 1:
+            raise
+        comm.abort(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+
+
+def _load_data_on_ranks(train_lib, tcfg, progress, comm):
+    """train.load_data on every rank; rank 0 first, so that a download or conversion
+    into the data dir happens once (the others wait for it, then read its result)."""
+    data = train_lib.load_data(tcfg, progress and comm.is_root) if comm.is_root else None
+    comm.sum([0.0])                         # every rank waits here for rank 0
+    return data if data is not None else train_lib.load_data(tcfg, False)
 
 
 # ----------------------------------------------------------------------------- sample
@@ -333,9 +396,25 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 @library_errors
 def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, batch_size, seed,
              device, workers, as_json):
-    """Negative log-likelihood bound (nats per image) on a split, by default the test set."""
+    """Negative log-likelihood bound (nats per image) on a split, by default the test set.
+
+    Under `mpiexec -n N` the N ranks share every batch; rank 0 prints."""
+    from npdraw import distributed
     from npdraw import train as train_lib
 
+    comm = distributed.from_environment()
+    try:
+        _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder,
+                  subset, batch_size, seed, device, workers, as_json)
+    except Exception as err:           # noqa: BLE001 - one rank's failure ends them all
+        if comm.size == 1:
+            raise
+        comm.abort(err.format_message() if isinstance(err, click.ClickException) else
+                   str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+
+
+def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder, subset,
+              batch_size, seed, device, workers, as_json):
     ckpt_path = _ckpt_file(checkpoint)
     ckpt = _load_ckpt(ckpt_path)
     cfg = ckpt.cfg
@@ -346,7 +425,7 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
                                   "mirror": mirror if mirror is not None else saved.mirror,
                                   "folder": folder if folder is not None else saved.folder,
                                   "resume": "", "oldmodel": ""})
-    data = train_lib.load_data(tcfg, progress=not as_json)
+    data = _load_data_on_ranks(train_lib, tcfg, not as_json, comm)
     train_lib.check_data_shape(cfg, data.shape)
     x = getattr(data, split)
     if subset:
@@ -356,18 +435,27 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
     check_memory(train_lib.model_bytes(cfg, batch, np.dtype(ckpt.params["c0"].dtype).itemsize,
                                        training=False) + 8 * K * batch,     # + log w (K, B)
                  f"evaluating this model (T={cfg.T}) with --k {K} in batches of {batch}")
-    params = _params_on(ckpt, device)
-    rng = np.random.default_rng(seed)
     from npdraw import backend
     from npdraw.parallel import DataParallel, resolve_workers
+    if comm.size > 1:
+        if workers > 1:
+            raise click.UsageError(f"--workers {workers} splits batches over processes of one "
+                                   "rank; under MPI each rank is one process: use 0 or 1")
+        workers = 1
+        comm = comm.for_device(backend.resolve_device(device))   # one GPU per rank
+    params = _params_on(ckpt, device)
+    rng = np.random.default_rng(seed)
     workers = resolve_workers(workers, backend.resolve_device(device), batch_size)
     engine = DataParallel(cfg, workers, params["c0"].dtype) if workers > 1 else None
     try:
         iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size,
-                                                        rng, engine, progress=not as_json)
+                                                        rng, engine, comm,
+                                                        progress=not as_json and comm.is_root)
     finally:
         if engine is not None:
             engine.close()
+    if not comm.is_root:
+        return
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "dataset": tcfg.dataset,
               "split": split, "n": int(len(x)), "k": K, "seed": seed,
               "nll_bound": bound, "nll_iwae": iwae}
@@ -381,6 +469,41 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
     click.echo(f"  -log p(x) estimate ({label}): {iwae:.2f} nats")
 
 
+# ----------------------------------------------------------------------------- export
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--check-n", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Record the float64 bound of the first N test images (0: none).")
+@click.option("--check-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Noise seed of that bound.")
+@click.option("--data-dir", envvar="NPDRAW_DATA", default=None,
+              help="Where converted data sets live (default: the recorded one).")
+@click.option("--mirror", envvar="NPDRAW_MIRROR", default=None,
+              help="Folder or URL to download raw data from.")
+@library_errors
+def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
+    """Write CHECKPOINT's parameters (float32, no optimizer state) to OUT, the file to
+    ship, with its epoch, its bounds from the run's log and a bound a test can check."""
+    from npdraw import train as train_lib
+
+    ckpt_path = _ckpt_file(checkpoint)
+    test_x = None
+    if check_n:
+        ckpt = _load_ckpt(ckpt_path)
+        saved = _train_cfg_or_none(ckpt) or TrainConfig()
+        tcfg = TrainConfig.from_dict({**saved.to_dict(), "resume": "", "oldmodel": "",
+                                      "data_dir": data_dir if data_dir is not None
+                                      else saved.data_dir,
+                                      "mirror": mirror if mirror is not None else saved.mirror})
+        data = train_lib.load_data(tcfg, progress=False)
+        train_lib.check_data_shape(ckpt.cfg, data.shape)
+        test_x = data.test
+    info = train_lib.export_model(ckpt_path, out, test_x, check_n, check_seed)
+    click.echo(f"wrote {out} (epoch {info['epoch']}): " + json.dumps(info))
+
+
 # ----------------------------------------------------------------------------- plot
 
 @cli.command()
@@ -389,7 +512,8 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
               help="Output folder (default: the run dir).")
 @library_errors
 def plot(run_dir, out):
-    """learning_curves.png and kl_per_glimpse.png from RUN_DIR/log.jsonl."""
+    """learning_curves.png (per epoch), learning_curves_hours.png (per hour) and
+    kl_per_glimpse.png from RUN_DIR/log.jsonl."""
     from npdraw import images as images_lib
     from npdraw import train as train_lib
 
@@ -409,6 +533,16 @@ def plot(run_dir, out):
     with _writing(f"write {curves_path}"):
         images_lib.plot_lines(curves_path, curves, title="NLL bound per epoch", xlabel="epoch",
                               ylabel="nats per image")
+    # The same curves against the hours of training and evaluation so far.
+    hours, total = {}, 0.0
+    for e, r in zip(epochs, rows):
+        total += float(r.get("wall_s") or 0.0)
+        hours[e] = total / 3600.0
+    curves_h = {label: ([hours[e] for e in xs], ys) for label, (xs, ys) in curves.items()}
+    hours_path = out / "learning_curves_hours.png"
+    with _writing(f"write {hours_path}"):
+        images_lib.plot_lines(hours_path, curves_h, title="NLL bound against time",
+                              xlabel="hours", ylabel="nats per image")
     kl = [r.get("kl") or [] for r in rows]
     n_glimpses = max((len(k) for k in kl), default=0)
     kl_series = {}
@@ -419,7 +553,7 @@ def plot(run_dir, out):
     with _writing(f"write {kl_path}"):
         images_lib.plot_lines(kl_path, kl_series, title="KL of each glimpse", xlabel="epoch",
                               ylabel="nats")
-    click.echo(f"wrote {curves_path} and {kl_path} ({len(rows)} epochs)")
+    click.echo(f"wrote {curves_path}, {hours_path} and {kl_path} ({len(rows)} epochs)")
 
 
 # ----------------------------------------------------------------------------- attention-demo
@@ -442,8 +576,8 @@ def plot(run_dir, out):
 @library_errors
 def attention_demo(img, N, cx, cy, stride, sigma, out):
     """Read an N x N glimpse from IMG with the attention filterbank, write it back."""
-    from npdraw import attention as att
     from npdraw import images as images_lib
+    from npdraw import reference
 
     try:
         image = images_lib.load_image(img)
@@ -461,17 +595,17 @@ def attention_demo(img, N, cx, cy, stride, sigma, out):
     if sigma is None:
         sigma = stride / 2.0
     one = lambda v: np.array([float(v)], dtype=np.float64)  # noqa: E731
-    Fx, _ = att.filterbank_forward(one(cx), one(stride), one(sigma ** 2), N, w)
-    Fy, _ = att.filterbank_forward(one(cy), one(stride), one(sigma ** 2), N, h)
+    Fx, _ = reference.filterbank_forward(one(cx), one(stride), one(sigma ** 2), N, w)
+    Fy, _ = reference.filterbank_forward(one(cy), one(stride), one(sigma ** 2), N, h)
     gamma = one(1.0)
-    glimpse, _ = att.read_forward(image[None], Fy, Fx, gamma)        # (1, C, N, N)
-    written, _ = att.write_forward(glimpse, Fy, Fx, gamma)           # (1, C, H, W)
+    glimpse, _ = reference.read_forward(image[None], Fy, Fx, gamma)        # (1, C, N, N)
+    written, _ = reference.write_forward(glimpse, Fy, Fx, gamma)           # (1, C, H, W)
     glimpse, written = glimpse[0], written[0]
     # The raw write (1/gamma) Fy^T g Fx spreads each glimpse value over ~stride^2 pixels
     # with unit-sum filter rows, so it is far dimmer than the image, and brighter where
     # truncated edge filters pile up. Dividing by the write of an all-ones patch (the
     # coverage) shows what the glimpse says about each pixel: the read upsampled.
-    coverage, _ = att.write_forward(np.ones_like(glimpse[None]), Fy, Fx, gamma)
+    coverage, _ = reference.write_forward(np.ones_like(glimpse[None]), Fy, Fx, gamma)
     coverage = coverage[0]
     seen = coverage > 1e-3 * float(coverage.max())
     upsampled = np.where(seen, written / np.where(seen, coverage, 1.0), 0.0)

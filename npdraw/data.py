@@ -35,10 +35,8 @@ import hashlib
 import http.client
 import os
 import struct
-import sys
 import tarfile
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import zlib
@@ -49,6 +47,7 @@ from typing import Optional
 import numpy as np
 
 from .config import DATASETS  # the one list of names, shared with TrainConfig
+from .progress import Progress
 
 DEFAULT_DATA_DIR = "data"
 ENV_DATA = "NPDRAW_DATA"
@@ -176,40 +175,6 @@ def load_splits(dataset: str, data_dir: str = DEFAULT_DATA_DIR, mirror: str = ""
 # Downloading
 # --------------------------------------------------------------------------- #
 
-class _Progress:
-    """A one-line progress bar on stderr, redrawn at most ten times a second."""
-
-    def __init__(self, label: str, total: Optional[int], enabled: bool):
-        self.label, self.total, self.enabled = label, total, enabled
-        self.done = 0
-        self._last = 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and now - self._last >= 0.1:
-            self._last = now
-            self._draw()
-
-    def _draw(self) -> None:
-        mb = self.done / 1e6
-        if self.total:
-            frac = min(1.0, self.done / self.total)
-            bar = "#" * int(frac * 24)
-            line = (f"{self.label}: [{bar:<24}] {frac * 100:5.1f}% "
-                    f"{mb:.1f}/{self.total / 1e6:.1f} MB")
-        else:
-            line = f"{self.label}: {mb:.1f} MB"
-        sys.stderr.write("\r" + line)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw()
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 class _NotFound(Exception):
     """The URL answered, but has no such file: the next candidate may."""
 
@@ -243,14 +208,14 @@ def _stream_to_temp(url: str, directory: Path, progress: bool) -> Path:
             with response:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.strip().isdigit() else None
-                bar = _Progress(name, total, progress)
+                bar = Progress(name, total, progress, amount=lambda n: f"{n / 1e6:.1f} MB")
                 try:
                     while True:
                         chunk = response.read(_CHUNK)
                         if not chunk:
                             break
                         out.write(chunk)
-                        bar.update(len(chunk))
+                        bar.update(bar.done + len(chunk))
                 finally:
                     bar.close()
             # urllib returns b"" (no exception) when the peer closes early, so the

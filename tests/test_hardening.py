@@ -4,7 +4,6 @@ evaluate_bound's mean). Tiny models on real binarized MNIST; seconds in all."""
 import errno
 import importlib.util
 import json
-import math
 import os
 import signal
 import subprocess

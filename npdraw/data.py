@@ -421,22 +421,37 @@ def _bmnist_split(split: str, root: Path, mirror: str, progress: bool) -> np.nda
 
 
 def _write_h5_atomically(path: Path, arrays: dict, attrs: dict) -> None:
-    """Write uint8 (N, D) arrays to an HDF5 file via a temp file + os.replace."""
+    """Write uint8 (N, D) arrays to an HDF5 file via a temp file + os.replace.
+
+    The file is built in memory (a few MB, compressed) and written with plain writes, so
+    a full disk is one OSError, never an HDF5 failure with half-open objects."""
+    import io
+
     import h5py
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    from .guards import os_error_sentence
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        for key, arr in arrays.items():
+            f.create_dataset(key, data=arr, compression="gzip", compression_opts=4,
+                             chunks=(min(1000, max(1, arr.shape[0])), arr.shape[1]))
+    tmp = None
     try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in attrs.items():
-                f.attrs[key] = value
-            for key, arr in arrays.items():
-                f.create_dataset(key, data=arr, compression="gzip", compression_opts=4,
-                                 chunks=(min(1000, max(1, arr.shape[0])), arr.shape[1]))
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part",
+                                        dir=path.parent)
+        tmp = Path(tmp_name)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buffer.getbuffer())
         _publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise DataError(os_error_sentence(err, f"write the converted data set {path}")) \
+                from None
         raise
 
 

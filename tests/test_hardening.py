@@ -163,6 +163,39 @@ def test_a_failed_log_line_is_undone(tmp_path, monkeypatch):
     assert log.read_text() == '{"epoch": 1}\n'
 
 
+def test_a_full_disk_while_writing_the_sample_pictures(bmnist, tmp_path, monkeypatch):
+    real, calls = images_lib.save_gif, {"n": 0}
+
+    def save_gif(path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:                                  # epoch 2's samples.gif
+            raise OSError(errno.ENOSPC, "No space left on device", os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(images_lib, "save_gif", save_gif)
+    with pytest.raises(train_lib.WriteFailed) as info:
+        _train(tmp_path, bmnist, epochs=3)
+    run = tmp_path / "run"
+    assert str(info.value) == (
+        f"cannot write the files of epoch 2: no space left on the device "
+        f"({run / 'samples.gif'}); {run / 'checkpoint.h5'} holds the last completed epoch "
+        "(epoch 1)")
+    assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 1
+
+
+def test_a_full_disk_while_converting_a_data_set(tmp_path, monkeypatch):
+    from npdraw import data as data_lib
+
+    def full(tmp, dest):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data_lib, "_publish", full)
+    with pytest.raises(DataError, match=r"cannot write the converted data set .*x.h5: no "
+                                        r"space left on the device"):
+        data_lib._write_h5_atomically(tmp_path / "x.h5", {"a": np.zeros((3, 4), np.uint8)}, {})
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 # ----------------------------------------------------------------------------- 2. second writer
 
 _HOLDER = """

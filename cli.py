@@ -101,7 +101,7 @@ POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
 FINITE_FLOAT = FiniteFloat()
 POSITIVE_FINITE_FLOAT = FiniteFloat(positive=True)
 # GIF stores a frame's delay in hundredths of a second in 16 bits: at most 655.35 s.
-MIN_FPS = 1 / 655.0
+MIN_FPS = 0.002
 
 
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]),

@@ -266,6 +266,9 @@ def _gif_frame(f: np.ndarray):
     return table, desc, lzw
 
 
+GIF_MAX_DURATION = 655.35       # a frame's delay: 16 bits of hundredths of a second
+
+
 def save_gif(path, frames, duration=0.1, loop=0) -> None:
     """Write an animated GIF with exactly one GIF frame per input frame.
 
@@ -293,8 +296,10 @@ def save_gif(path, frames, duration=0.1, loop=0) -> None:
     durations = list(duration) if np.ndim(duration) else [duration] * len(frames)
     if len(durations) != len(frames):
         raise ValueError(f"{len(durations)} durations for {len(frames)} frames")
-    if any(not (isinstance(d, (int, float, np.number)) and d >= 0) for d in durations):
-        raise ValueError(f"durations must be non-negative numbers of seconds, got {duration!r}")
+    if any(not (isinstance(d, (int, float, np.number)) and 0 <= d <= GIF_MAX_DURATION)
+           for d in durations):
+        raise ValueError(f"durations must be numbers of seconds from 0 to {GIF_MAX_DURATION} "
+                         f"(GIF's longest frame), got {duration!r}")
     if loop is not None and (int(loop) != loop or not 0 <= loop <= 65535):
         raise ValueError(f"loop must be None or an integer in 0..65535, got {loop!r}")
     _check_parent(path)

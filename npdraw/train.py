@@ -521,15 +521,15 @@ def read_log(run_dir, warn=None) -> list:
 
 
 def _append_log(path: Path, record: dict) -> None:
-    """Append one line to log.jsonl; a failed write (a full disk) is undone, so the log
-    never ends in a partial line written by this process."""
+    """Append one line to log.jsonl; a failed write (a full disk, a second Ctrl-C) is
+    undone, so the log never ends in a partial line written by this process."""
     line = (json.dumps(record) + "\n").encode("utf-8")
     with open(path, "ab") as fh:
         size = fh.tell()
         try:
             fh.write(line)
             fh.flush()
-        except OSError:
+        except BaseException:
             try:
                 fh.truncate(size)
             except OSError:

@@ -104,10 +104,12 @@ def test_full_disk_stops_with_a_sentence_and_keeps_the_previous_checkpoint(
     assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 1
     assert _temps(run) == []
     monkeypatch.undo()
+    (run / ".checkpoint.h5.tmp-999999").write_bytes(b"left by a kill -9")
     # The log line of epoch 2 came before the failed save; a resume drops it and goes on.
     train_lib.train(None, TrainConfig(epochs=2, device="cpu", workers=1, resume=str(run)),
                     log=[].append, data=bmnist, progress=False)
     assert [r["epoch"] for r in train_lib.read_log(run)] == [1, 2]
+    assert _temps(run) == []                   # the stale temporary file was removed
 
 
 def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
@@ -481,6 +483,11 @@ def test_absurd_sizes_are_refused_with_the_estimate_and_the_limit(
 def test_fps_must_fit_a_gif(tiny_run, tmp_path):
     result = invoke(["sample", tiny_run, "--fps", "1e-300", "--out", tmp_path / "s"])
     assert result.exit_code == 2 and "Invalid value for '--fps'" in result.output
+    frame = np.zeros((2, 2), np.uint8)
+    with pytest.raises(ValueError, match="from 0 to 655.35"):
+        images_lib.save_gif(tmp_path / "a.gif", [frame], duration=1e300)
+    images_lib.save_gif(tmp_path / "a.gif", [frame], duration=655.35)     # the longest
+    assert (tmp_path / "a.gif").is_file()
 
 
 @pytest.mark.parametrize("cfg", [

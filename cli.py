@@ -586,7 +586,7 @@ def attention_demo(img, N, cx, cy, stride, sigma, out):
     image = np.asarray(image, dtype=np.float64)
     c, h, w = image.shape
     from npdraw.guards import check_memory
-    check_memory(attention_demo_bytes(c, h, w, N), f"an {N}x{N} glimpse of a {w}x{h} image")
+    check_memory(attention_demo_bytes(c, h, w, N), f"a {N}x{N} glimpse of a {w}x{h} image")
     cx = (w + 1) / 2.0 if cx is None else cx
     cy = (h + 1) / 2.0 if cy is None else cy
     if stride is None:

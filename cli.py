@@ -15,16 +15,41 @@ See docs/TRAINING.md for what each command writes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
-import click
-import numpy as np
 
-from npdraw.config import DATASETS, ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
+def _share_cores_between_ranks(environ=os.environ) -> None:
+    """Under mpiexec or srun the ranks on one machine share its cores: each rank's BLAS
+    gets its share, one thread on two cores with two ranks (as parallel.py gives its
+    workers), unless the user set the thread count. It must be set before NumPy loads."""
+    if environ.get("SLURM_CPUS_PER_TASK", "").isdigit() and "SLURM_STEP_ID" in environ:
+        threads = int(environ["SLURM_CPUS_PER_TASK"])
+    else:
+        local = next((environ[v] for v in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+                      if environ.get(v, "").isdigit()), None)
+        if local is None or int(local) <= 1:
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+        threads = max(1, cores // int(local))
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        environ.setdefault(variable, str(threads))
+
+
+_share_cores_between_ranks()
+
+import click  # noqa: E402 - after the BLAS thread count is settled
+import numpy as np  # noqa: E402
+
+from npdraw.config import (DATASETS, LR_SCHEDULES, ClassifierConfig, ClassifyConfig,  # noqa: E402
+                           DrawConfig, TrainConfig)
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,8 +79,33 @@ class AttentionType(click.ParamType):
         return (read_n, write_n)
 
 
+class FiniteFloat(click.ParamType):
+    """A finite float (no nan or inf), optionally > 0."""
+    name = "float"
+
+    def __init__(self, positive: bool = False):
+        self.positive = positive
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) and math.isfinite(value) and (value > 0 or not self.positive):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.positive and not number > 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return number
+
+
 ATTENTION = AttentionType()
 POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
+FINITE_FLOAT = FiniteFloat()
+POSITIVE_FINITE_FLOAT = FiniteFloat(positive=True)
+# GIF stores a frame's delay in hundredths of a second in 16 bits: at most 655.35 s.
+MIN_FPS = 0.002
 
 
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]),
@@ -76,12 +126,35 @@ def library_errors(fn):
             raise
         except ValueError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:  # a file-system error no command step below described
+            target = f"use {err.filename}" if getattr(err, "filename", None) else "finish"
+            from npdraw.guards import os_error_sentence
+            raise click.ClickException(os_error_sentence(err, target)) from None
         except RuntimeError as err:  # a data-parallel worker failed (parallel.WorkerError)
             from npdraw.parallel import WorkerError
             if isinstance(err, WorkerError):
                 raise click.ClickException(str(err)) from None
             raise
     return wrapper
+
+
+@contextlib.contextmanager
+def _writing(wanted: str):
+    """Turn an OSError inside the block into 'Error: cannot <wanted>: <reason>' (exit 1)."""
+    from npdraw.guards import os_error_sentence
+    try:
+        yield
+    except OSError as err:
+        raise click.ClickException(os_error_sentence(err, wanted)) from None
+
+
+def _output_folder(out: Path, what: str) -> Path:
+    """Create the folder ``out`` for ``what``; one-sentence errors."""
+    if out.exists() and not out.is_dir():
+        raise click.ClickException(f"cannot write {what} into {out}: it is a file, not a folder")
+    with _writing(f"create the folder {out} for {what}"):
+        out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _load_ckpt(path, param_hint="'CHECKPOINT'"):
@@ -115,12 +188,12 @@ def _draw_cfg(ckpt, ckpt_path):
 
 
 def _ckpt_file(path: Path) -> Path:
-    """The file a CHECKPOINT argument names (a run dir means its best.h5, else checkpoint.h5)."""
-    if path.is_dir():
-        for name in ("best.h5", "checkpoint.h5"):
-            if (path / name).is_file():
-                return path / name
-    return path
+    """The file a CHECKPOINT argument names (train.checkpoint_file)."""
+    from npdraw import train as train_lib
+    try:
+        return train_lib.checkpoint_file(path)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'CHECKPOINT'") from None
 
 
 # ----------------------------------------------------------------------------- group
@@ -141,6 +214,18 @@ def cli():
               help="Glimpses T.")
 @click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True,
               help="Adam learning rate.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="constant",
+              show_default=True, help="How the learning rate decays after --lr-hold epochs.")
+@click.option("--lr-min", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="exponential: the floor; cosine: the final rate.")
+@click.option("--lr-hold", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Epochs at --lr before the decay starts.")
+@click.option("--lr-gamma", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+              show_default=True, help="exponential: the factor per epoch.")
+@click.option("--lr-decay-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="cosine: epochs from --lr to --lr-min (0: until --epochs).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Evaluate valid and test every K epochs (and after the last).")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Total epochs (with --resume: the new total).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
@@ -173,45 +258,74 @@ def cli():
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.pass_context
 @library_errors
-def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
+def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma,
+          lr_decay_epochs, eval_every, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
           oldmodel, resume, seed, device, workers, data_dir, mirror, folder, subset, eval_subset, clip, out,
           dtype, no_progress):
-    """Train DRAW; writes a run dir under --out (see docs/TRAINING.md)."""
+    """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
+
+    Under `mpiexec -n N` (or srun) the N ranks train one model together, each on its
+    slice of every batch (docs/TRAINING.md, "Running on a cluster")."""
+    from npdraw import distributed
     from npdraw import train as train_lib
 
+    comm = distributed.from_environment()
+
+    schedule = dict(lr=lr, lr_schedule=lr_schedule, lr_min=lr_min, lr_hold=lr_hold,
+                    lr_gamma=lr_gamma, lr_decay_epochs=lr_decay_epochs, eval_every=eval_every)
+    overrides = ()
     if resume:
-        ignored = [p for p in ("dataset", "attention", "T", "lr", "batch_size", "enc_dim",
+        given = [p for p in ctx.params
+                 if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+        ignored = [p for p in ("dataset", "attention", "T", "batch_size", "enc_dim",
                                "dec_dim", "z_dim", "name", "oldmodel", "seed", "subset",
-                               "eval_subset", "clip", "out", "dtype")
-                   if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
-        if ignored:
+                               "eval_subset", "clip", "out", "dtype") if p in given]
+        if ignored and comm.is_root:
             click.echo("note: --resume takes the model and training settings from the "
                        f"checkpoint; ignoring {', '.join(ignored)}", err=True)
+        overrides = tuple(p for p in schedule if p in given)
         tcfg = TrainConfig(epochs=epochs, device=device, workers=workers, data_dir=data_dir,
-                           mirror=mirror, folder=folder, resume=str(resume))
+                           mirror=mirror, folder=folder, resume=str(resume),
+                           **{p: schedule[p] for p in overrides})
         cfg = None
     else:
         tcfg = TrainConfig(dataset=dataset, data_dir=data_dir, mirror=mirror, folder=folder,
-                           epochs=epochs, batch_size=batch_size, lr=lr, clip=clip, seed=seed,
+                           epochs=epochs, batch_size=batch_size, clip=clip, seed=seed,
                            subset=subset, eval_subset=eval_subset, device=device,
                            workers=workers, dtype=dtype, name=name, out=out,
-                           oldmodel=oldmodel or "")
+                           oldmodel=oldmodel or "", **schedule)
 
     try:
         data = None
         if not resume:  # the model config needs the data set's image shape
-            data = train_lib.load_data(tcfg, not no_progress)
+            data = _load_data_on_ranks(train_lib, tcfg, not no_progress, comm)
             c, h, w = (int(s) for s in data.shape)
             read_n, write_n = attention if attention else (2, 5)
             cfg = DrawConfig(height=h, width=w, channels=c, T=T, read_n=read_n,
                              write_n=write_n, enc_dim=enc_dim, dec_dim=dec_dim, z_dim=z_dim,
                              attention=attention is not None)
-        train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress)
-    except train_lib.TrainingInterrupted:  # train() has already said where to resume from
-        click.echo("training interrupted", err=True)
-        ctx.exit(130)
-    except (train_lib.NonFiniteLossError, train_lib.WorkerFailed) as err:
+        train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress,
+                        resume_overrides=overrides, comm=comm)
+    except train_lib.TrainingInterrupted as err:  # train() has said where to resume from
+        if comm.is_root:
+            click.echo("training interrupted", err=True)
+        ctx.exit(128 + err.signum)              # 130 for Ctrl-C, 143 for SIGTERM
+    except train_lib.TrainingStopped as err:    # non-finite loss, a worker, a failed write
+        if not comm.is_root:               # every rank stopped alike; rank 0 says why
+            ctx.exit(1)
         raise click.ClickException(str(err)) from None
+    except Exception as err:               # noqa: BLE001 - one rank's failure ends them all
+        if comm.size == 1:
+            raise
+        comm.abort(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+
+
+def _load_data_on_ranks(train_lib, tcfg, progress, comm):
+    """train.load_data on every rank; rank 0 first, so that a download or conversion
+    into the data dir happens once (the others wait for it, then read its result)."""
+    data = train_lib.load_data(tcfg, progress and comm.is_root) if comm.is_root else None
+    comm.sum([0.0])                         # every rank waits here for rank 0
+    return data if data is not None else train_lib.load_data(tcfg, False)
 
 
 # ----------------------------------------------------------------------------- sample
@@ -228,8 +342,9 @@ def train(ctx, dataset, attention, T, lr, epochs, batch_size, enc_dim, dec_dim, 
               help="Outline each glimpse's write window in red.")
 @click.option("--scale", type=click.IntRange(min=1), default=2, show_default=True,
               help="Enlarge every image this many times.")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              show_default=True, help="GIF frames per second.")
+@click.option("--fps", type=click.FloatRange(min=MIN_FPS, max=1e6), default=10.0,
+              show_default=True, help="GIF frames per second (GIF keeps at most 50 and "
+              "frames of at most 655 s).")
 @DEVICE_OPTION
 @library_errors
 def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
@@ -243,17 +358,26 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
     params = _params_on(ckpt, device)
     if boxes and not cfg.attention:
         click.echo("note: this model has no attention; --boxes draws nothing", err=True)
+    from npdraw.guards import check_memory
+    check_memory(train_lib.sample_bytes(cfg, rows, cols, scale),
+                 f"{rows}x{cols} samples of T={cfg.T} glimpses at --scale {scale}")
     rng = np.random.default_rng(seed)
     canvases, windows = train_lib.generate_samples(params, cfg, rows * cols, rng)
     frames = train_lib.render_frames(canvases, windows, (cfg.channels, cfg.height, cfg.width),
                                      rows, cols, boxes=boxes, scale=scale)
-    out = Path(out) if out is not None else ckpt_path.parent / "samples"
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(Path(out) if out is not None else ckpt_path.parent / "samples",
+                         "the samples")
     width = max(3, len(str(len(frames) - 1)))
-    for t, frame in enumerate(frames):
-        images_lib.save_png(out / f"frame_{t:0{width}d}.png", frame)
+    names = {f"frame_{t:0{width}d}.png" for t in range(len(frames))}
     gif = out / "samples.gif"
-    images_lib.save_gif(gif, frames, duration=1.0 / fps, loop=0)
+    with _writing(f"write the samples into {out}"):
+        for t, frame in enumerate(frames):
+            images_lib.save_png(out / f"frame_{t:0{width}d}.png", frame)
+        images_lib.save_gif(gif, frames, duration=1.0 / fps, loop=0)
+        # frames of an earlier, longer (or wider-numbered) animation would pass for ours
+        for stale in out.glob("frame_*.png"):
+            if re.fullmatch(r"frame_\d+\.png", stale.name) and stale.name not in names:
+                stale.unlink()
     click.echo(f"wrote {len(frames)} frames ({rows}x{cols} samples, T={cfg.T}) to {out}: "
                f"frame_{0:0{width}d}.png ... frame_{len(frames) - 1:0{width}d}.png and {gif.name}")
 
@@ -284,9 +408,25 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 @library_errors
 def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, batch_size, seed,
              device, workers, as_json):
-    """Negative log-likelihood bound (nats per image) on a split, by default the test set."""
+    """Negative log-likelihood bound (nats per image) on a split, by default the test set.
+
+    Under `mpiexec -n N` the N ranks share every batch; rank 0 prints."""
+    from npdraw import distributed
     from npdraw import train as train_lib
 
+    comm = distributed.from_environment()
+    try:
+        _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder,
+                  subset, batch_size, seed, device, workers, as_json)
+    except Exception as err:           # noqa: BLE001 - one rank's failure ends them all
+        if comm.size == 1:
+            raise
+        comm.abort(err.format_message() if isinstance(err, click.ClickException) else
+                   str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+
+
+def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder, subset,
+              batch_size, seed, device, workers, as_json):
     ckpt_path = _ckpt_file(checkpoint)
     ckpt = _load_ckpt(ckpt_path)
     cfg = _draw_cfg(ckpt, ckpt_path)
@@ -297,23 +437,37 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
                                   "mirror": mirror if mirror is not None else saved.mirror,
                                   "folder": folder if folder is not None else saved.folder,
                                   "resume": "", "oldmodel": ""})
-    data = train_lib.load_data(tcfg, progress=not as_json)
+    data = _load_data_on_ranks(train_lib, tcfg, not as_json, comm)
     train_lib.check_data_shape(cfg, data.shape)
     x = getattr(data, split)
     if subset:
         x = x[:subset]
-    params = _params_on(ckpt, device)
-    rng = np.random.default_rng(seed)
+    from npdraw.guards import check_memory
+    batch = min(batch_size, max(len(x), 1))
+    check_memory(train_lib.model_bytes(cfg, batch, np.dtype(ckpt.params["c0"].dtype).itemsize,
+                                       training=False) + 8 * K * batch,     # + log w (K, B)
+                 f"evaluating this model (T={cfg.T}) with --k {K} in batches of {batch}")
     from npdraw import backend
     from npdraw.parallel import DataParallel, resolve_workers
+    if comm.size > 1:
+        if workers > 1:
+            raise click.UsageError(f"--workers {workers} splits batches over processes of one "
+                                   "rank; under MPI each rank is one process: use 0 or 1")
+        workers = 1
+        comm = comm.for_device(backend.resolve_device(device))   # one GPU per rank
+    params = _params_on(ckpt, device)
+    rng = np.random.default_rng(seed)
     workers = resolve_workers(workers, backend.resolve_device(device), batch_size)
     engine = DataParallel(cfg, workers, params["c0"].dtype) if workers > 1 else None
     try:
         iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size,
-                                                        rng, engine)
+                                                        rng, engine, comm,
+                                                        progress=not as_json and comm.is_root)
     finally:
         if engine is not None:
             engine.close()
+    if not comm.is_root:
+        return
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "dataset": tcfg.dataset,
               "split": split, "n": int(len(x)), "k": K, "seed": seed,
               "nll_bound": bound, "nll_iwae": iwae}
@@ -325,6 +479,42 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
                f"{bound:.2f} nats")
     label = "single-sample bound, log-weight form" if K == 1 else f"IWAE, K={K}"
     click.echo(f"  -log p(x) estimate ({label}): {iwae:.2f} nats")
+
+
+# ----------------------------------------------------------------------------- export
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--check-n", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Record the float64 bound of the first N test images (0: none).")
+@click.option("--check-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Noise seed of that bound.")
+@click.option("--data-dir", envvar="NPDRAW_DATA", default=None,
+              help="Where converted data sets live (default: the recorded one).")
+@click.option("--mirror", envvar="NPDRAW_MIRROR", default=None,
+              help="Folder or URL to download raw data from.")
+@library_errors
+def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
+    """Write CHECKPOINT's parameters (float32, no optimizer state) to OUT, the file to
+    ship, with its epoch, its bounds from the run's log and a bound a test can check."""
+    from npdraw import train as train_lib
+
+    ckpt_path = _ckpt_file(checkpoint)
+    ckpt = _load_ckpt(ckpt_path)
+    _draw_cfg(ckpt, ckpt_path)
+    test_x = None
+    if check_n:
+        saved = _train_cfg_or_none(ckpt) or TrainConfig()
+        tcfg = TrainConfig.from_dict({**saved.to_dict(), "resume": "", "oldmodel": "",
+                                      "data_dir": data_dir if data_dir is not None
+                                      else saved.data_dir,
+                                      "mirror": mirror if mirror is not None else saved.mirror})
+        data = train_lib.load_data(tcfg, progress=False)
+        train_lib.check_data_shape(ckpt.cfg, data.shape)
+        test_x = data.test
+    info = train_lib.export_model(ckpt_path, out, test_x, check_n, check_seed)
+    click.echo(f"wrote {out} (epoch {info['epoch']}): " + json.dumps(info))
 
 
 # ----------------------------------------------------------------------------- classify
@@ -483,17 +673,16 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
               help="Output folder (default: the run dir).")
 @library_errors
 def plot(run_dir, out):
-    """learning_curves.png and kl_per_glimpse.png from RUN_DIR/log.jsonl (a classifier
-    run: error_curves.png)."""
+    """learning_curves.png (per epoch), learning_curves_hours.png (per hour) and
+    kl_per_glimpse.png from RUN_DIR/log.jsonl (a classifier run: error_curves.png)."""
     from npdraw import images as images_lib
     from npdraw import train as train_lib
 
     try:
-        rows = train_lib.read_log(run_dir)
+        rows = train_lib.read_log(run_dir, warn=lambda message: click.echo(message, err=True))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'RUN_DIR'") from None
-    out = Path(out) if out is not None else Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(Path(out) if out is not None else Path(run_dir), "the plots")
     epochs = [int(r["epoch"]) for r in rows]
     if "valid_error" in rows[0]:           # a classifier run (cli.py classify)
         curves = {label: (epochs, [100.0 * float(r[key]) for r in rows])
@@ -511,8 +700,19 @@ def plot(run_dir, out):
         if pts:
             curves[label] = ([p[0] for p in pts], [p[1] for p in pts])
     curves_path = out / "learning_curves.png"
-    images_lib.plot_lines(curves_path, curves, title="NLL bound per epoch", xlabel="epoch",
-                          ylabel="nats per image")
+    with _writing(f"write {curves_path}"):
+        images_lib.plot_lines(curves_path, curves, title="NLL bound per epoch", xlabel="epoch",
+                              ylabel="nats per image")
+    # The same curves against the hours of training and evaluation so far.
+    hours, total = {}, 0.0
+    for e, r in zip(epochs, rows):
+        total += float(r.get("wall_s") or 0.0)
+        hours[e] = total / 3600.0
+    curves_h = {label: ([hours[e] for e in xs], ys) for label, (xs, ys) in curves.items()}
+    hours_path = out / "learning_curves_hours.png"
+    with _writing(f"write {hours_path}"):
+        images_lib.plot_lines(hours_path, curves_h, title="NLL bound against time",
+                              xlabel="hours", ylabel="nats per image")
     kl = [r.get("kl") or [] for r in rows]
     n_glimpses = max((len(k) for k in kl), default=0)
     kl_series = {}
@@ -520,9 +720,10 @@ def plot(run_dir, out):
         pts = [(e, float(k[t])) for e, k in zip(epochs, kl) if len(k) > t]
         kl_series[f"t={t + 1}"] = ([p[0] for p in pts], [p[1] for p in pts])
     kl_path = out / "kl_per_glimpse.png"
-    images_lib.plot_lines(kl_path, kl_series, title="KL of each glimpse", xlabel="epoch",
-                          ylabel="nats")
-    click.echo(f"wrote {curves_path} and {kl_path} ({len(rows)} epochs)")
+    with _writing(f"write {kl_path}"):
+        images_lib.plot_lines(kl_path, kl_series, title="KL of each glimpse", xlabel="epoch",
+                              ylabel="nats")
+    click.echo(f"wrote {curves_path}, {hours_path} and {kl_path} ({len(rows)} epochs)")
 
 
 # ----------------------------------------------------------------------------- attention-demo
@@ -531,22 +732,22 @@ def plot(run_dir, out):
 @click.argument("img", type=click.Path(path_type=Path))
 @click.option("--n", "N", type=click.IntRange(min=1), default=12, show_default=True,
               help="Window size N (an N x N glimpse).")
-@click.option("--cx", type=float, default=None,
+@click.option("--cx", type=FINITE_FLOAT, default=None,
               help="Window centre x, 1-based pixels (default: image centre (W+1)/2).")
-@click.option("--cy", type=float, default=None,
+@click.option("--cy", type=FINITE_FLOAT, default=None,
               help="Window centre y, 1-based pixels (default: image centre (H+1)/2).")
-@click.option("--stride", type=POSITIVE_FLOAT, default=None,
+@click.option("--stride", type=POSITIVE_FINITE_FLOAT, default=None,
               help="Filter spacing delta (default: 0.9*(max(H,W)-1)/(N-1), filters "
                    "spanning 90% of the image).")
-@click.option("--sigma", type=POSITIVE_FLOAT, default=None,
+@click.option("--sigma", type=POSITIVE_FINITE_FLOAT, default=None,
               help="Filter standard deviation (default: stride/2).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True)
 @library_errors
 def attention_demo(img, N, cx, cy, stride, sigma, out):
     """Read an N x N glimpse from IMG with the attention filterbank, write it back."""
-    from npdraw import attention as att
     from npdraw import images as images_lib
+    from npdraw import reference
 
     try:
         image = images_lib.load_image(img)
@@ -554,6 +755,8 @@ def attention_demo(img, N, cx, cy, stride, sigma, out):
         raise click.BadParameter(str(err), param_hint="'IMG'") from None
     image = np.asarray(image, dtype=np.float64)
     c, h, w = image.shape
+    from npdraw.guards import check_memory
+    check_memory(attention_demo_bytes(c, h, w, N), f"a {N}x{N} glimpse of a {w}x{h} image")
     cx = (w + 1) / 2.0 if cx is None else cx
     cy = (h + 1) / 2.0 if cy is None else cy
     if stride is None:
@@ -562,37 +765,45 @@ def attention_demo(img, N, cx, cy, stride, sigma, out):
     if sigma is None:
         sigma = stride / 2.0
     one = lambda v: np.array([float(v)], dtype=np.float64)  # noqa: E731
-    Fx, _ = att.filterbank_forward(one(cx), one(stride), one(sigma ** 2), N, w)
-    Fy, _ = att.filterbank_forward(one(cy), one(stride), one(sigma ** 2), N, h)
+    Fx, _ = reference.filterbank_forward(one(cx), one(stride), one(sigma ** 2), N, w)
+    Fy, _ = reference.filterbank_forward(one(cy), one(stride), one(sigma ** 2), N, h)
     gamma = one(1.0)
-    glimpse, _ = att.read_forward(image[None], Fy, Fx, gamma)        # (1, C, N, N)
-    written, _ = att.write_forward(glimpse, Fy, Fx, gamma)           # (1, C, H, W)
+    glimpse, _ = reference.read_forward(image[None], Fy, Fx, gamma)        # (1, C, N, N)
+    written, _ = reference.write_forward(glimpse, Fy, Fx, gamma)           # (1, C, H, W)
     glimpse, written = glimpse[0], written[0]
     # The raw write (1/gamma) Fy^T g Fx spreads each glimpse value over ~stride^2 pixels
     # with unit-sum filter rows, so it is far dimmer than the image, and brighter where
     # truncated edge filters pile up. Dividing by the write of an all-ones patch (the
     # coverage) shows what the glimpse says about each pixel: the read upsampled.
-    coverage, _ = att.write_forward(np.ones_like(glimpse[None]), Fy, Fx, gamma)
+    coverage, _ = reference.write_forward(np.ones_like(glimpse[None]), Fy, Fx, gamma)
     coverage = coverage[0]
     seen = coverage > 1e-3 * float(coverage.max())
     upsampled = np.where(seen, written / np.where(seen, coverage, 1.0), 0.0)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(Path(out), "the attention pictures")
     stem = Path(img).stem
     view = max(1, int(round(max(h, w) / N)))
     paths = {"original": out / f"{stem}_original.png", "read": out / f"{stem}_read.png",
              "write": out / f"{stem}_write.png"}
-    images_lib.save_png(paths["original"], _to_hwc(image))
     enlarged = np.repeat(np.repeat(glimpse, view, axis=1), view, axis=2)
-    images_lib.save_png(paths["read"], _to_hwc(enlarged))
-    images_lib.save_png(paths["write"], _to_hwc(upsampled))
+    with _writing(f"write the attention pictures into {out}"):
+        images_lib.save_png(paths["original"], _to_hwc(image))
+        images_lib.save_png(paths["read"], _to_hwc(enlarged))
+        images_lib.save_png(paths["write"], _to_hwc(upsampled))
     click.echo(f"image {c}x{h}x{w}; window N={N}, centre ({cx:g}, {cy:g}), stride {stride:g}, "
                f"sigma {sigma:g}")
     click.echo(f"original: {paths['original']}")
     click.echo(f"read:     {paths['read']} ({N}x{N} glimpse shown {view}x enlarged)")
     click.echo(f"write:    {paths['write']} (the glimpse written back at full size, "
                "divided by the write of an all-ones patch)")
+
+
+def attention_demo_bytes(c: int, h: int, w: int, n: int) -> int:
+    """Estimated peak bytes of attention-demo: float64 filterbanks (N, H) and (N, W), the
+    glimpse and its enlarged view (C, N*v, N*v) with v = max(1, round(max(H, W)/N)),
+    the write, coverage and picture copies (C, H, W), each a few times over."""
+    view = max(1, int(round(max(h, w) / n)))
+    return 8 * (4 * c * n * (h + w) + 8 * max(c, 3) * (n * view) ** 2 + 12 * c * h * w)
 
 
 def _to_hwc(chw: np.ndarray) -> np.ndarray:

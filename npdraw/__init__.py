@@ -7,11 +7,11 @@ Public API:
     loss_only(params, cfg, x, eps, return_terms=False) -> (loss_per_example, stats)
     generate(params, cfg, eps)     -> (canvases (T, B, D), windows)
 Arrays may be NumPy or CuPy; the array module is taken from the inputs.
+npdraw.reference holds the same model written plainly, to be read (start there).
 """
 from .config import DrawConfig, TrainConfig
-from .model import (draw_step, generate, init_params, initial_state, loss_and_grads, loss_only,
-                    param_shapes)
+from .model import generate, init_params, loss_and_grads, loss_only, param_shapes
 
 __all__ = ["DrawConfig", "TrainConfig", "init_params", "loss_and_grads", "loss_only", "generate",
-           "param_shapes", "draw_step", "initial_state"]
+           "param_shapes"]
 __version__ = "0.1.0"

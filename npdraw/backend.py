@@ -118,9 +118,9 @@ def retain_freed_memory() -> bool:
     A training step allocates and frees the same tens of MB of activation buffers
     every time. glibc's malloc maps blocks that large afresh and hands them back on
     free, and trims the heap's free top, so each step pays the kernel for new zeroed
-    pages: about 11 ms of a 140 ms CPU step, as system time (measured, 21 steps of a
-    worker: 0.28 s of system time, 0.07 s with this). Blocks up to 32 MiB (glibc's
-    upper limit) then come from the heap, and up to 1 GiB of free heap is kept.
+    pages, as system time (docs/DESIGN.md, item 14, has the measurement). Blocks up
+    to 32 MiB (glibc's upper limit) then come from the heap, and up to 1 GiB of free
+    heap is kept.
 
     Called by `train`, the data-parallel workers and the benchmark (for both of its
     sides), never on import. -> True where the allocator took the settings (glibc),
@@ -135,3 +135,53 @@ def retain_freed_memory() -> bool:
     took_mmap = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
     took_trim = mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
     return took_mmap and took_trim
+
+
+# ---------------------------------------------------------------- GPUs of data-parallel ranks
+# (used by distributed.NCCLRanks: one rank per GPU, gradients summed over NCCL)
+
+NCCL_UNIQUE_ID_BYTES = 128          # ncclUniqueId: 128 chars
+
+
+def gpu_count() -> int:
+    """CUDA devices CuPy sees on this machine (0 without CuPy or a GPU)."""
+    if _cupy is None:
+        return 0
+    try:
+        return int(_cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+def use_gpu(index: int) -> None:
+    """Make GPU `index` this process's current device (before any array is made)."""
+    _cupy.cuda.Device(int(index)).use()
+
+
+def _nccl():
+    from cupy.cuda import nccl      # a CuPy build without NCCL has no such module
+    return nccl
+
+
+def nccl_unique_id():
+    """NCCL's unique id of a new communicator: NCCL_UNIQUE_ID_BYTES signed chars, made on
+    one rank and broadcast to the others."""
+    return tuple(int(v) for v in _nccl().get_unique_id())
+
+
+def nccl_communicator(size: int, unique_id, rank: int):
+    """This rank's NCCL communicator of `size` ranks; unique_id: the broadcast id
+    (NCCL_UNIQUE_ID_BYTES integers in [-128, 127])."""
+    return _nccl().NcclCommunicator(int(size), tuple(int(v) for v in unique_id), int(rank))
+
+
+def nccl_allreduce_sum(communicator, array) -> None:
+    """Sum a contiguous float32/float64 CuPy array over the ranks, in place on the device,
+    on the current stream (no host copy; the host waits only when it reads the result)."""
+    nccl = _nccl()
+    dtypes = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}
+    if np.dtype(array.dtype) not in dtypes or not array.flags.c_contiguous:
+        raise ValueError(f"NCCL sums contiguous float32/float64 arrays, got {array.dtype}")
+    pointer = array.data.ptr
+    communicator.allReduce(pointer, pointer, array.size, dtypes[np.dtype(array.dtype)],
+                           nccl.NCCL_SUM, _cupy.cuda.get_current_stream().ptr)

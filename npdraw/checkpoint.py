@@ -11,13 +11,17 @@ File layout (format_version 1; see docs/CHECKPOINT.md):
     /params/<name>    one dataset (P,) per parameter, dtype as given
     /optimizer        optional; attr step; subgroups m/<name>, v/<name> of shape (P,)
 
-Writes are atomic: the file is written next to the target under a temporary name,
-fsync'ed, then renamed over the target, so a crash mid-save leaves the previous
-checkpoint as it was. Arrays may be CuPy; they are copied to the host here, and
+Writes are atomic: the HDF5 file is built in memory, the free space is checked, then
+the bytes are written next to the target under a temporary name, fsync'ed and renamed
+over the target, so a crash or a full disk mid-save leaves the previous checkpoint as
+it was (and HDF5 never sees a failing disk). Datasets carry HDF5's Fletcher-32
+checksum, and loading refuses damaged or non-finite arrays, naming the array. Arrays may be CuPy; they are copied to the host here, and
 loading needs neither CuPy nor a GPU (parameters come back as NumPy arrays).
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -38,6 +42,18 @@ _ND_KEY = "__ndarray__"
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be written, read, or does not fit the model."""
+
+
+class DiskFullError(CheckpointError):
+    """No space was left to write a checkpoint; ``directory`` is where it was to go."""
+
+    def __init__(self, message: str, directory: str):
+        super().__init__(message)
+        self.directory = directory
+
+
+# Room kept free beyond the checkpoint's own bytes (file-system metadata, the log line).
+SPACE_MARGIN = 1 << 16
 
 
 @dataclass
@@ -110,7 +126,31 @@ def _host_arrays(arrays: dict, what: str) -> dict:
 
 def _write_arrays(group, arrays: dict) -> None:
     for name, a in arrays.items():
-        group.create_dataset(name, data=a)
+        # Fletcher-32 needs chunked storage, which HDF5 has for non-empty arrays only.
+        checksum = a.ndim > 0 and a.size > 0
+        group.create_dataset(name, data=a, fletcher32=checksum)
+
+
+def free_bytes(directory) -> int | None:
+    """Bytes an unprivileged process may still write in ``directory``'s file system."""
+    try:
+        st = os.statvfs(directory)
+    except (AttributeError, OSError):
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write ``data`` to a new file ``path`` and fsync it (plain POSIX writes: a full
+    disk is an OSError here, not an HDF5 failure with half-open objects)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_path(path, directory: bool = False) -> None:
@@ -172,34 +212,42 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
     directory, name = os.path.split(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CheckpointError(f"cannot save checkpoint {path}: directory {directory} does not exist")
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", track_order=True) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["epoch"] = int(epoch)
+        if isinstance(cfg, ClassifierConfig):
+            f.attrs["model"] = "classifier"
+        for key, text in json_attrs.items():
+            f.attrs[key] = text
+        g = f.create_group("config", track_order=True)
+        for key, value in cfg.to_dict().items():
+            g.attrs[key] = value
+        _write_arrays(f.create_group("params", track_order=True), host_params)
+        if host_opt is not None:
+            g = f.create_group("optimizer")
+            g.attrs["step"] = host_opt["step"]
+            _write_arrays(g.create_group("m", track_order=True), host_opt["m"])
+            _write_arrays(g.create_group("v", track_order=True), host_opt["v"])
+    data = buffer.getbuffer()
+    free = free_bytes(directory)
+    if free is not None and free < len(data) + SPACE_MARGIN:
+        raise DiskFullError(f"no space left on {directory} to save checkpoint {path} "
+                            f"({len(data):,} bytes needed, {free:,} free)", directory)
     tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["epoch"] = int(epoch)
-            if isinstance(cfg, ClassifierConfig):
-                f.attrs["model"] = "classifier"
-            for key, text in json_attrs.items():
-                f.attrs[key] = text
-            g = f.create_group("config", track_order=True)
-            for key, value in cfg.to_dict().items():
-                g.attrs[key] = value
-            _write_arrays(f.create_group("params", track_order=True), host_params)
-            if host_opt is not None:
-                g = f.create_group("optimizer")
-                g.attrs["step"] = host_opt["step"]
-                _write_arrays(g.create_group("m", track_order=True), host_opt["m"])
-                _write_arrays(g.create_group("v", track_order=True), host_opt["v"])
-            f.flush()
-        _fsync_path(tmp)
+        _write_file(tmp, data)
         os.replace(tmp, path)
     except BaseException as e:
         try:
             os.remove(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError):  # disk full, permissions, HDF5 I/O errors
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"no space left on {directory} to save checkpoint {path} "
+                                f"({e.strerror})", directory) from e
+        if isinstance(e, OSError):  # permissions, I/O errors
             raise CheckpointError(f"cannot save checkpoint {path}: {e}") from e
         raise
     _fsync_path(directory, directory=True)  # make the rename itself durable
@@ -208,11 +256,22 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
 # ----------------------------------------------------------------------------- load
 
 def _read_arrays(group, where: str, path) -> dict:
+    """The datasets of a group, each checked: readable (checksum) and finite."""
     out = {}
     for name, ds in group.items():
         if not isinstance(ds, h5py.Dataset):
             raise CheckpointError(f"checkpoint {path}: {where}/{name} is not a dataset")
-        out[name] = np.asarray(ds[()])
+        try:
+            a = np.asarray(ds[()])
+        except (OSError, RuntimeError, ValueError) as e:   # e.g. a Fletcher-32 mismatch
+            raise CheckpointError(f"checkpoint {path}: array {where}/{name} is damaged "
+                                  f"({e})") from None
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            raise CheckpointError(f"checkpoint {path}: array {where}/{name} holds {bad} NaN "
+                                  f"or infinite value{'s' if bad > 1 else ''} of {a.size}; "
+                                  "the file is damaged or was saved from a diverged model")
+        out[name] = a
     return out
 
 

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from . import attention as att
+from . import engine_attention as att
 from .backend import get_array_module, to_device, to_numpy
 from .config import ClassifierConfig
 from .layers import (linear_forward, lstm_cell_backward, lstm_cell_forward,
@@ -95,7 +95,7 @@ def forward(params, cfg: ClassifierConfig, x, labels, need_cache=True):
     for t in range(T):
         h_prev = inputs[t, :, R:]
         p = h_prev @ params["att_W"] + params["att_b"]                          # eq 21
-        (Fy, Fx, gamma), window_cache = att.window_forward(p, H, W, N)          # eq 22-26
+        [(Fy, Fx, gamma)], window_cache = att.windows_forward(p, H, W, (N,))    # eq 22-26
         glimpse, read_cache = att.read_forward(images, Fy, Fx, gamma)           # eq 27
         inputs[t, :, :R] = glimpse.reshape(B, R)
         linear_forward(inputs[t], params["lstm_W"], params["lstm_b"], out=gates[t])
@@ -131,7 +131,7 @@ def backward(params, cfg: ClassifierConfig, cache):
         dinputs = dgates[t] @ lstm_W_T                                           # [dr_t, dh_{t-1}]
         _, dFy, dFx, dgamma = att.read_backward(dinputs[:, :R].reshape(B, 1, N, N), read_cache,
                                                 need_images=False)
-        dp[t] = att.window_backward(dFy, dFx, dgamma, window_cache)
+        dp[t] = att.windows_backward([(dFy, dFx, dgamma)], window_cache)
         dh = dinputs[:, R:] + dp[t] @ att_W_T
     gates_2d = dgates.reshape(T * B, 4 * Hd)
     dp_2d = dp.reshape(T * B, att.P_ATTENTION)
@@ -189,7 +189,8 @@ def glimpse_windows(params, cfg: ClassifierConfig, x):
     x, _ = check_inputs(params, cfg, x)
     xp = get_array_module(x)
     _, (steps, *_) = forward(params, cfg, x, xp.zeros(x.shape[0], np.intp))
+    # a windows_forward cache starts with eq 22-24's values, (B, 5): gX, gY, sigma2, delta, gamma
     gx, gy, sigma2, delta, gamma = np.stack(
-        [to_numpy(att.window_values(window_cache)) for window_cache, _, _ in steps]).transpose(2, 0, 1)
+        [to_numpy(window_cache[0][0]) for window_cache, _, _ in steps]).transpose(2, 0, 1)
     return {"cx": gx, "cy": gy, "stride": delta, "sigma": np.sqrt(sigma2), "gamma": gamma,
             "N": cfg.read_n}

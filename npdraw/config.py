@@ -78,6 +78,11 @@ class DrawConfig:
 
 
 DATASETS = ("bmnist", "mnist", "fashion-mnist", "cifar10", "svhn", "folder", "two-digit-mnist")
+LR_SCHEDULES = ("constant", "exponential", "cosine")
+# The TrainConfig fields that a resumed run may change (a new phase of a long campaign);
+# every other field is the checkpoint's, so that the run stays what it was.
+RESUME_OVERRIDES = ("epochs", "device", "workers", "lr", "lr_schedule", "lr_min", "lr_hold",
+                    "lr_gamma", "lr_decay_epochs", "eval_every")
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,12 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 100
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | exponential | cosine (see optim.scheduled_lr)
+    lr_min: float = 0.0           # the floor of exponential; the end of cosine
+    lr_hold: float = 0.0          # epochs at lr before any decay starts
+    lr_gamma: float = 1.0         # exponential: the factor per epoch after lr_hold
+    lr_decay_epochs: float = 0.0  # cosine: epochs from lr to lr_min after lr_hold; 0: until `epochs`
+    eval_every: int = 1           # evaluate valid/test every K epochs, and at the last one
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -108,12 +119,23 @@ class TrainConfig:
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
-        _check_positive_ints(self, ("epochs", "batch_size"))
+        _check_positive_ints(self, ("epochs", "batch_size", "eval_every"))
         for name in ("subset", "eval_subset"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (all) or positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ValueError(f"lr_min must be between 0 and lr ({self.lr}), got {self.lr_min}")
+        for name in ("lr_hold", "lr_decay_epochs"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number of epochs >= 0, "
+                                 f"got {getattr(self, name)}")
+        if not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
         if not self.clip > 0:
             raise ValueError(f"clip must be positive, got {self.clip}")
         if self.workers < 0:
@@ -122,6 +144,10 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or gpu, got {self.device!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.name and (self.name in (".", "..") or "/" in self.name or "\\" in self.name
+                          or self.name != self.name.strip() or "\0" in self.name):
+            raise ValueError(f"name must be a single folder name (no '/', not '.' or '..'), "
+                             f"got {self.name!r}; the run folder is <out>/<name>")
         if self.dataset == "folder" and not self.folder:
             raise ValueError("dataset 'folder' needs the image folder (--folder)")
 

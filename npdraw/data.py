@@ -37,10 +37,8 @@ import hashlib
 import http.client
 import os
 import struct
-import sys
 import tarfile
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import zlib
@@ -51,6 +49,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .config import DATASETS  # the one list of names, shared with TrainConfig
+from .progress import Progress
 
 DEFAULT_DATA_DIR = "data"
 ENV_DATA = "NPDRAW_DATA"
@@ -184,40 +183,6 @@ def load_splits(dataset: str, data_dir: str = DEFAULT_DATA_DIR, mirror: str = ""
 # Downloading
 # --------------------------------------------------------------------------- #
 
-class _Progress:
-    """A one-line progress bar on stderr, redrawn at most ten times a second."""
-
-    def __init__(self, label: str, total: Optional[int], enabled: bool):
-        self.label, self.total, self.enabled = label, total, enabled
-        self.done = 0
-        self._last = 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and now - self._last >= 0.1:
-            self._last = now
-            self._draw()
-
-    def _draw(self) -> None:
-        mb = self.done / 1e6
-        if self.total:
-            frac = min(1.0, self.done / self.total)
-            bar = "#" * int(frac * 24)
-            line = (f"{self.label}: [{bar:<24}] {frac * 100:5.1f}% "
-                    f"{mb:.1f}/{self.total / 1e6:.1f} MB")
-        else:
-            line = f"{self.label}: {mb:.1f} MB"
-        sys.stderr.write("\r" + line)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw()
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 class _NotFound(Exception):
     """The URL answered, but has no such file: the next candidate may."""
 
@@ -251,14 +216,14 @@ def _stream_to_temp(url: str, directory: Path, progress: bool) -> Path:
             with response:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.strip().isdigit() else None
-                bar = _Progress(name, total, progress)
+                bar = Progress(name, total, progress, amount=lambda n: f"{n / 1e6:.1f} MB")
                 try:
                     while True:
                         chunk = response.read(_CHUNK)
                         if not chunk:
                             break
                         out.write(chunk)
-                        bar.update(len(chunk))
+                        bar.update(bar.done + len(chunk))
                 finally:
                     bar.close()
             # urllib returns b"" (no exception) when the peer closes early, so the
@@ -292,6 +257,10 @@ def _check_mirror(mirror: str) -> None:
     if "://" in mirror and not _is_url(mirror):
         raise DataError(f"mirror {mirror!r}: only http://, https://, file:// URLs or a local "
                         "folder are supported")
+    if not _is_url(mirror) and Path(mirror).expanduser().exists() \
+            and not Path(mirror).expanduser().is_dir():
+        raise DataError(f"mirror {mirror} is a file; the mirror must be a folder or a URL "
+                        f"(from the mirror argument or {ENV_MIRROR})")
     if not _is_url(mirror) and not Path(mirror).expanduser().is_dir():
         raise DataError(f"mirror folder {mirror} does not exist (from the mirror argument or "
                         f"{ENV_MIRROR})")
@@ -460,22 +429,37 @@ def _bmnist_split(split: str, root: Path, mirror: str, progress: bool) -> np.nda
 
 
 def _write_h5_atomically(path: Path, arrays: dict, attrs: dict) -> None:
-    """Write uint8 (N, D) arrays to an HDF5 file via a temp file + os.replace."""
+    """Write uint8 (N, D) arrays to an HDF5 file via a temp file + os.replace.
+
+    The file is built in memory (a few MB, compressed) and written with plain writes, so
+    a full disk is one OSError, never an HDF5 failure with half-open objects."""
+    import io
+
     import h5py
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    from .guards import os_error_sentence
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        for key, arr in arrays.items():
+            f.create_dataset(key, data=arr, compression="gzip", compression_opts=4,
+                             chunks=(min(1000, max(1, arr.shape[0])), arr.shape[1]))
+    tmp = None
     try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in attrs.items():
-                f.attrs[key] = value
-            for key, arr in arrays.items():
-                f.create_dataset(key, data=arr, compression="gzip", compression_opts=4,
-                                 chunks=(min(1000, max(1, arr.shape[0])), arr.shape[1]))
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part",
+                                        dir=path.parent)
+        tmp = Path(tmp_name)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buffer.getbuffer())
         _publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise DataError(os_error_sentence(err, f"write the converted data set {path}")) \
+                from None
         raise
 
 
@@ -851,9 +835,12 @@ def _load_folder(folder: str) -> DataSplits:
     images = []
     for p in paths:
         try:
-            img = np.asarray(iio.imread(p, index=0))
-        except Exception as e:  # imageio raises many kinds for a bad file
-            raise DataError(f"cannot read image {p}: {e}") from None
+            # Pillow reads every IMAGE_SUFFIXES format; letting imageio try its other
+            # plugins on a damaged file ends in advice to install video decoders.
+            img = np.asarray(iio.imread(p, index=0, plugin="pillow"))
+        except Exception as e:  # imageio/Pillow raise many kinds for a bad file
+            raise DataError(f"{p} is not an image (it cannot be decoded as "
+                            f"{p.suffix.lstrip('.').upper()}: {type(e).__name__})") from None
         chw = _image_to_chw(img, p)
         if images and chw.shape != images[0].shape:
             first = "x".join(map(str, images[0].shape))

@@ -266,6 +266,9 @@ def _gif_frame(f: np.ndarray):
     return table, desc, lzw
 
 
+GIF_MAX_DURATION = 655.35       # a frame's delay: 16 bits of hundredths of a second
+
+
 def save_gif(path, frames, duration=0.1, loop=0) -> None:
     """Write an animated GIF with exactly one GIF frame per input frame.
 
@@ -293,8 +296,10 @@ def save_gif(path, frames, duration=0.1, loop=0) -> None:
     durations = list(duration) if np.ndim(duration) else [duration] * len(frames)
     if len(durations) != len(frames):
         raise ValueError(f"{len(durations)} durations for {len(frames)} frames")
-    if any(not (isinstance(d, (int, float, np.number)) and d >= 0) for d in durations):
-        raise ValueError(f"durations must be non-negative numbers of seconds, got {duration!r}")
+    if any(not (isinstance(d, (int, float, np.number)) and 0 <= d <= GIF_MAX_DURATION)
+           for d in durations):
+        raise ValueError(f"durations must be numbers of seconds from 0 to {GIF_MAX_DURATION} "
+                         f"(GIF's longest frame), got {duration!r}")
     if loop is not None and (int(loop) != loop or not 0 <= loop <= 65535):
         raise ValueError(f"loop must be None or an integer in 0..65535, got {loop!r}")
     _check_parent(path)
@@ -321,7 +326,9 @@ def load_image(path) -> np.ndarray:
     """Read a picture file as float32 (C, H, W) in [0, 1].
 
     Grey -> C=1, RGB -> C=3; alpha is dropped (RGBA -> 3, grey+alpha -> 1); palette
-    images become RGB; 16-bit images are scaled by 65535; an animation gives frame 0.
+    images become RGB; 16-bit images are scaled by 65535; float images (e.g. TIFF) are
+    kept when within [0, 1], else scaled by their range (min -> 0, max -> 1); an
+    animation gives frame 0.
     A missing file raises ImageNotFoundError (a ValueError and a FileNotFoundError);
     anything unreadable raises ValueError "... is not an image".
     """
@@ -347,7 +354,14 @@ def load_image(path) -> np.ndarray:
     elif a.dtype.kind in "iu":    # 16-bit PNGs arrive as uint16 or int32
         a = np.clip(a.astype(np.float32) / np.float32(65535), 0, 1)
     else:
-        a = np.clip(a.astype(np.float32), 0, 1)
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{path} holds NaN or infinite pixel values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 1:
+            # Float pictures have no fixed white (0-1, 0-255, physical units...): one
+            # outside [0, 1] is scaled by its own range, so it shows rather than saturates.
+            a = (a - np.float32(lo)) / np.float32(hi - lo) if hi > lo else np.zeros_like(a)
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 

@@ -154,3 +154,27 @@ def adam_step(params: dict, grads: dict, state: dict, lr: float,
         update_sq_sums.append(_sq_sum(scratch))
     state["step"] = t
     return new_params, state, math.sqrt(float(sum(update_sq_sums, 0.0)))
+
+
+def scheduled_lr(schedule: str, lr: float, epochs_done: float, *, lr_min: float = 0.0,
+                 hold: float = 0.0, gamma: float = 1.0, decay_epochs: float = 0.0) -> float:
+    """The learning rate after ``epochs_done`` epochs of training (a fraction within one).
+
+    A pure function of the position in training, so a resumed run continues the same
+    schedule. ``lr`` holds for the first ``hold`` epochs; after that, with s = epochs_done
+    - hold:
+      constant      lr
+      exponential   max(lr_min, lr * gamma**s)
+      cosine        lr_min + (lr - lr_min) * (1 + cos(pi * min(s / decay_epochs, 1))) / 2
+    """
+    s = epochs_done - hold
+    if schedule == "constant" or s <= 0:
+        return float(lr)
+    if schedule == "exponential":
+        return float(max(lr_min, lr * gamma ** s))
+    if schedule == "cosine":
+        if decay_epochs <= 0:
+            raise ValueError("the cosine schedule needs decay_epochs > 0")
+        frac = min(s / decay_epochs, 1.0)
+        return float(lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")

@@ -8,12 +8,13 @@ Dimension legend
 Why processes: at the paper's batch of 100 a DRAW step is thousands of small NumPy
 calls between GEMMs, and NumPy runs each of those on one core. Threads would
 serialise on the interpreter lock between the calls; processes do not. Each worker
-runs `model.loss_and_grads` on its slice of the batch, with its share of the cores
-for BLAS threads (one each on two cores), so the elementwise work is spread over all
-cores while the GEMMs stay nearly as efficient. Measured on two cores with the
-paper's model, the step is about 1.2x faster than one process with a two-thread BLAS
-(bench/README.md). The loss is a batch mean, so the full-batch gradient is the
-Bk/B-weighted sum of the workers' gradients.
+runs `engine.loss_and_grads` (what `model.loss_and_grads` runs once its inputs are
+checked; the parent checks the whole batch) on its slice of the batch, with its share
+of the cores for BLAS threads (one each on two cores), so the elementwise work is
+spread over all cores while the GEMMs stay nearly as efficient (bench/README.md has
+the measurements). The loss is a batch mean, so the full-batch gradient is the
+Bk/B-weighted sum of the workers' gradients (the weighting, the flat layout and the
+split are distributed.py's, shared with the MPI ranks).
 
 How data moves (no pickle): parameters, each worker's inputs and each worker's
 gradients live in files mapped into memory (/dev/shm where it exists), written by
@@ -36,7 +37,9 @@ import numpy as np
 
 from .backend import is_gpu_array, retain_freed_memory
 from .config import DrawConfig
-from .model import _check_inputs, _loss_and_grads, _loss_only, param_shapes
+from . import engine
+from .distributed import flat_layout, flat_views, shard_bounds, write_weighted
+from .model import check_inputs, param_shapes
 
 
 class WorkerError(RuntimeError):
@@ -69,11 +72,7 @@ def resolve_workers(workers: int, device: str, batch_size: int) -> int:
 
 def _layout(cfg: DrawConfig):
     """name -> (offset, shape) of every parameter in one flat (P,) vector, and P."""
-    layout, offset = {}, 0
-    for name, shape in param_shapes(cfg).items():
-        layout[name] = (offset, shape)
-        offset += int(np.prod(shape))
-    return layout, offset
+    return flat_layout(param_shapes(cfg))
 
 
 def _shared_dir() -> str:
@@ -92,11 +91,6 @@ def _new_shared_file(nbytes: int) -> str:
 
 def _map(path: str, dtype, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r+", shape=(count,))
-
-
-def _views(flat: np.ndarray, layout: dict) -> dict:
-    return {name: flat[off:off + int(np.prod(shape))].reshape(shape)
-            for name, (off, shape) in layout.items()}
 
 
 class _WorkerBuffers:
@@ -148,7 +142,7 @@ class DataParallel:
         params_path = _new_shared_file(self.P * self.dtype.itemsize)
         try:
             self._params_flat = _map(params_path, self.dtype, self.P)
-            self._params = _views(self._params_flat, self.layout)
+            self._params = flat_views(self._params_flat, self.layout)
             spec = {"cfg": cfg.to_dict(), "dtype": self.dtype.name, "params": params_path}
             # The cores are shared out: on two cores each worker runs a one-thread BLAS.
             blas_threads = str(max(1, usable_cores() // workers))
@@ -229,14 +223,14 @@ class DataParallel:
         been addressed closes the engine: their replies could no longer be matched."""
         if self._closed:
             raise WorkerError("this DataParallel engine is closed")
-        x, eps, _xp, dtype = _check_inputs(params, self.cfg, x, eps)
+        x, eps, _xp, dtype = check_inputs(params, self.cfg, x, eps)
         if any(is_gpu_array(p) for p in params.values()):
             raise ValueError("DataParallel runs on the CPU: pass NumPy arrays")
         if dtype != self.dtype:
             raise ValueError(f"params are {dtype}, this engine was built for {self.dtype}")
         B = x.shape[0]
         count = min(self.workers, B)
-        bounds = [round(k * B / count) for k in range(count + 1)]
+        bounds = shard_bounds(B, count)
         slices = []
         try:
             for name, view in self._params.items():
@@ -278,7 +272,7 @@ class DataParallel:
             recon += share * reply["recon"]
             kl = kl + share * np.asarray(reply["kl"])
             act += reply["activation_bytes"]
-            shares.append(_views(self._buffers[k].grads, self.layout))
+            shares.append(flat_views(self._buffers[k].grads, self.layout))
         # Each worker has weighted its gradients by its share of the batch: sum them into
         # new arrays (the shared buffers are overwritten by the next call).
         grads = {}
@@ -360,7 +354,10 @@ def _reply(message):
 
 def _worker(spec_json: str) -> None:
     global _channel
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and closes us
+    # The parent handles Ctrl-C and SIGTERM (also when sent to the whole process group)
+    # and closes us; it stops between steps, so we must outlive the signal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     retain_freed_memory()                          # every step reuses the same buffers
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
@@ -373,7 +370,7 @@ def _worker(spec_json: str) -> None:
     cfg = DrawConfig.from_dict(spec["cfg"])
     dtype = np.dtype(spec["dtype"])
     layout, P = _layout(cfg)
-    params = _views(_map(spec["params"], dtype, P), layout)
+    params = flat_views(_map(spec["params"], dtype, P), layout)
     buffers = None
     _reply({"ready": True})
     for line in sys.stdin:
@@ -385,16 +382,14 @@ def _worker(spec_json: str) -> None:
             elif message["cmd"] == "step":
                 x, eps = buffers.inputs(cfg, message["n"])
                 # the parent checked the whole batch; the slice is not checked again
-                loss, grads, stats = _loss_and_grads(params, cfg, x, eps)
-                share = dtype.type(message["share"])
-                for name, view in _views(buffers.grads, layout).items():
-                    np.multiply(grads[name], share, out=view)
+                loss, grads, stats = engine.loss_and_grads(params, cfg, x, eps)
+                write_weighted(grads, message["share"], flat_views(buffers.grads, layout))
                 _reply({"loss": loss, "recon": stats["recon"], "kl": stats["kl"].tolist(),
                         "activation_bytes": stats["activation_bytes"]})
             elif message["cmd"] == "eval":
                 n = message["n"]
                 x, eps = buffers.inputs(cfg, n)
-                per_example, stats = _loss_only(params, cfg, x, eps, message["terms"])
+                per_example, stats = engine.loss_only(params, cfg, x, eps, message["terms"])
                 buffers.out[0, :n] = per_example
                 if message["terms"]:
                     buffers.out[1, :n] = stats["recon_per_example"]

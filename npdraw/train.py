@@ -18,6 +18,12 @@ checkpoint, so a resumed run continues bit for bit (on NumPy). Evaluation and sa
 noise come from separate generators derived from (seed, epoch), so they never disturb
 the training stream.
 
+Data parallelism over MPI ranks (``mpiexec -n N``; see distributed.py): every rank runs
+this same loop with the same generators, so each draws the same batch order and the
+same (T, B, Z) noise of the whole global batch, and takes the slice of its examples.
+The noise an example gets is thus the one it gets in one process, whatever the number
+of ranks. Only rank 0 writes the run dir and prints.
+
 Legend of dimension letters:
     B  batch            T  glimpses         Z  latent units
     D  C*H*W pixels     N  examples of a split
@@ -25,10 +31,11 @@ Legend of dimension letters:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
-import sys
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,11 +44,14 @@ import numpy as np
 
 from . import backend
 from . import checkpoint as ckpt_lib
+from . import distributed
+from . import guards
 from . import images as images_lib
 from . import model as model_lib
 from . import optim
-from .config import ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
+from .config import RESUME_OVERRIDES, ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
 from .parallel import DataParallel, WorkerError, resolve_workers
+from .progress import Progress
 
 # c0 = logit(clip(mean training image, C0_CLIP, 1 - C0_CLIP)); see init_model.
 C0_CLIP = 1e-3
@@ -65,7 +75,16 @@ class NonFiniteLossError(TrainingStopped):
 
 
 class TrainingInterrupted(TrainingStopped):
-    """Ctrl-C (KeyboardInterrupt); the checkpoint of the last completed epoch is on disk."""
+    """Ctrl-C or SIGTERM (``signum``); the checkpoint of the last completed epoch is on disk."""
+
+    def __init__(self, message: str, run_dir: Path | None = None, signum: int = signal.SIGINT):
+        super().__init__(message, run_dir)
+        self.signum = int(signum)
+
+
+class WriteFailed(TrainingStopped):
+    """A file of the run could not be written (a full disk, permissions); the last
+    checkpoint stands."""
 
 
 class WorkerFailed(TrainingStopped):
@@ -146,6 +165,12 @@ def _noise(rng: np.random.Generator, cfg: DrawConfig, batch: int, dtype, device:
     return backend.to_device(_host_noise(rng, cfg, batch, dtype), device)
 
 
+def _examples(eps: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The noise of examples lo..hi-1 of a batch: eps (T, B, Z) -> (T, hi - lo, Z),
+    contiguous (eps itself when that is the whole batch)."""
+    return eps if (lo, hi) == (0, eps.shape[1]) else np.ascontiguousarray(eps[:, lo:hi])
+
+
 def _cap(x: np.ndarray, subset: int) -> np.ndarray:
     return x if not subset else x[:subset]
 
@@ -155,40 +180,43 @@ def _fmt(value) -> str:
         else f"{value:.2f}"
 
 
-class _Progress:
-    """A plain text progress bar on stderr (carriage return, no tqdm)."""
+# ----------------------------------------------------------------------------- memory
 
-    def __init__(self, total: int, prefix: str, enabled: bool, stream=None, width: int = 30):
-        self.total = max(int(total), 1)
-        self.prefix = prefix
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-        self.start = time.perf_counter()
-        self._last = 0.0
-        self._shown = False
+def _per_example_floats(cfg: DrawConfig, training: bool) -> int:
+    """Floats one example takes in a forward pass (with the caches backward keeps when
+    ``training``): model.forward's stacked (features, T+1, B) buffers, the (T, B, .)
+    gate, posterior and sigmoid(canvas) buffers, and per glimpse the LSTM, latent,
+    canvas and attention (glimpse, patch, filterbank) arrays. An upper bound: it is
+    checked against tracemalloc's peaks in tests/test_guards.py."""
+    T, D, Z, He, Hd = cfg.T, cfg.D, cfg.z_dim, cfg.enc_dim, cfg.dec_dim
+    rows = 2 + Z + Hd + (cfg.read_dim if cfg.attention else D) + He
+    stacked = rows * (T + 1) + T * (2 * Z + 1 + D + 4 * He + 4 * Hd)
+    per_glimpse = 2 * He + 2 * Hd + 4 * Z + 3 * D
+    if cfg.attention:
+        C, H, W, Nr, Nw = cfg.channels, cfg.height, cfg.width, cfg.read_n, cfg.write_n
+        per_glimpse += (4 * C * Nr * Nr + 2 * C * Nw * Nw + 4 * (Nr + Nw) * (H + W)
+                        + 2 * C * H * W)
+    return stacked + (T if training else 2) * per_glimpse + 4 * D
 
-    def update(self, done: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if done < self.total and now - self._last < 0.2:
-            return
-        self._last = now
-        frac = done / self.total
-        filled = int(round(self.width * frac))
-        rate = done / max(now - self.start, 1e-9)
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r{self.prefix} [{bar}] {done}/{self.total} "
-                          f"loss {loss:8.2f}  {rate:6.1f} it/s ")
-        self.stream.flush()
-        self._shown = True
 
-    def close(self) -> None:
-        if self.enabled and self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._shown = False
+def model_bytes(cfg: DrawConfig, batch: int, itemsize: int, training: bool) -> int:
+    """Estimated peak bytes of one batch: training (forward, backward, gradients and Adam
+    state) or a forward pass (evaluation, sampling); ``itemsize``: 4 or 8."""
+    n_params = sum(int(np.prod(shape)) for shape in model_lib.param_shapes(cfg).values())
+    param_copies = 4 if training else 2          # params, grads, Adam m and v
+    return itemsize * (int(batch) * _per_example_floats(cfg, training) + param_copies * n_params)
+
+
+def sample_bytes(cfg: DrawConfig, rows: int, cols: int, scale: int) -> int:
+    """Estimated peak bytes of generating and rendering a rows x cols grid of samples:
+    the decoder's forward pass, the canvases (T, B, D), and T RGB frames
+    (rows*(H*scale+1)+1, cols*(W*scale+1)+1, 3) held twice (the pictures and their GIF
+    encoding) plus one frame's tiles."""
+    count, scale = int(rows) * int(cols), max(int(scale), 1)
+    frame = (rows * (cfg.height * scale + 1) + 1) * (cols * (cfg.width * scale + 1) + 1) * 3
+    tiles = count * cfg.height * cfg.width * scale * scale * 3
+    return (model_bytes(cfg, count, 8, training=False) + 8 * cfg.T * count * cfg.D
+            + 2 * cfg.T * frame + 2 * tiles)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -202,12 +230,14 @@ def _loss_only_fn(cfg, engine):
 
 
 def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int,
-                   rng: np.random.Generator, engine=None) -> float:
+                   rng: np.random.Generator, engine=None, comm=None) -> float:
     """Mean negative variational bound (L^x + L^z, nats per example) over all of ``x``.
 
     x: (N, D) host array in [0, 1]; one fresh noise draw per example from ``rng``.
     Returns NaN for an empty ``x``. engine: an optional parallel.DataParallel that
-    splits each batch over worker processes (the same figures, up to rounding).
+    splits each batch over worker processes; comm: a distributed communicator whose
+    ranks each take their slice of every batch (both give the same figures, up to
+    rounding; every rank gets the result).
     """
     n = int(x.shape[0])
     if n == 0:
@@ -216,13 +246,17 @@ def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device, dtype = _device_of(params), _params_dtype(params)
     loss_only = _loss_only_fn(cfg, engine)
+    comm = distributed.SingleProcess() if comm is None else comm
     total = 0.0
     for start in range(0, n, batch_size):
-        xb = backend.to_device(np.asarray(x[start:start + batch_size], dtype=dtype), device)
-        eps = _noise(rng, cfg, xb.shape[0], dtype, device)
-        per_example, _ = loss_only(params, xb, eps)
-        total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
-    return total / n
+        batch = np.asarray(x[start:start + batch_size], dtype=dtype)
+        eps = _host_noise(rng, cfg, batch.shape[0], dtype)      # the whole batch's, on every rank
+        lo, hi = comm.shard(batch.shape[0])
+        if hi > lo:
+            per_example, _ = loss_only(params, backend.to_device(batch[lo:hi], device),
+                                       backend.to_device(_examples(eps, lo, hi), device))
+            total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
+    return float(comm.sum([total])[0]) / n
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
@@ -232,7 +266,8 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
 
 
 def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int,
-                            batch_size: int, rng: np.random.Generator, engine=None):
+                            batch_size: int, rng: np.random.Generator, engine=None, comm=None,
+                            progress: bool = False):
     """Both estimates from one pass of K noise draws per example.
 
     Returns (iwae_nll, bound_nll), nats per example:
@@ -241,7 +276,8 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
       bound_nll = mean over n and k of the model's per-example loss L^x + L^z.
     With K = 1 the IWAE estimate is a (noisier) single-sample bound; as K grows it
     tightens towards -log p(x), so iwae_nll <= bound_nll in expectation.
-    engine: as in evaluate_bound.
+    engine, comm: as in evaluate_bound. progress: a bar on stderr over the K passes of
+    all batches, with the running bound (of this rank's examples).
     """
     n = int(x.shape[0])
     if K < 1:
@@ -252,24 +288,39 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
         return float("nan"), float("nan")
     device, dtype = _device_of(params), _params_dtype(params)
     loss_only = _loss_only_fn(cfg, engine)
+    comm = distributed.SingleProcess() if comm is None else comm
     iwae_total, bound_total = 0.0, 0.0
-    for start in range(0, n, batch_size):
-        xb = backend.to_device(np.asarray(x[start:start + batch_size], dtype=dtype), device)
-        b = int(xb.shape[0])
-        log_w = np.empty((K, b), dtype=np.float64)
-        for k in range(K):
-            eps = _noise(rng, cfg, b, dtype, device)
-            per_example, stats = loss_only(params, xb, eps, return_terms=True)
-            log_w[k] = backend.to_numpy(stats["log_weight"]).astype(np.float64)
-            bound_total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
-        iwae_total += float(np.sum(_logsumexp(log_w, axis=0) - math.log(K)))
-    return -iwae_total / n, bound_total / (n * K)
+    n_batches = (n + batch_size - 1) // batch_size
+    bar = Progress(f"evaluating {n} images, K={K}", n_batches * K, progress, rate_unit="it/s")
+    seen = 0
+    try:
+        for i, start in enumerate(range(0, n, batch_size)):
+            batch = np.asarray(x[start:start + batch_size], dtype=dtype)
+            lo, hi = comm.shard(batch.shape[0])
+            xb = backend.to_device(batch[lo:hi], device)
+            log_w = np.empty((K, hi - lo), dtype=np.float64)
+            for k in range(K):
+                eps = _host_noise(rng, cfg, batch.shape[0], dtype)  # the whole batch's, on every rank
+                bar.update(i * K + k + 1, f"bound {bound_total / max(seen, 1):.2f}")
+                if hi == lo:
+                    continue
+                per_example, stats = loss_only(
+                    params, xb, backend.to_device(_examples(eps, lo, hi), device),
+                    return_terms=True)
+                log_w[k] = backend.to_numpy(stats["log_weight"]).astype(np.float64)
+                bound_total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
+                seen += hi - lo
+            iwae_total += float(np.sum(_logsumexp(log_w, axis=0) - math.log(K)))
+    finally:
+        bar.close()
+    iwae_total, bound_total = comm.sum([iwae_total, bound_total])
+    return -float(iwae_total) / n, float(bound_total) / (n * K)
 
 
 def evaluate_iwae(params: dict, cfg: DrawConfig, x: np.ndarray, K: int, batch_size: int,
-                  rng: np.random.Generator, engine=None) -> float:
+                  rng: np.random.Generator, engine=None, comm=None) -> float:
     """Importance-weighted estimate of -log p(x) (nats per example) with K samples."""
-    return evaluate_iwae_and_bound(params, cfg, x, K, batch_size, rng, engine)[0]
+    return evaluate_iwae_and_bound(params, cfg, x, K, batch_size, rng, engine, comm)[0]
 
 
 # ----------------------------------------------------------------------------- samples
@@ -427,8 +478,15 @@ def init_model(cfg: DrawConfig, seed: int, train_x: np.ndarray, dtype: str = "fl
 
 
 def _unique_run_dir(out: Path, name: str) -> Path:
-    """``out/name``, or ``out/name-2``, ``-3``... when taken; created here (no clobbering)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """``out/name``, or ``out/name-2``, ``-3``... when taken; created here (no clobbering).
+    ValueError with one sentence when the folder cannot be made."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"cannot create the run folder under --out {out}: "
+                         f"{out} is a file, not a folder") from None
+    except OSError as err:
+        raise ValueError(guards.os_error_sentence(err, f"create the --out folder {out}")) from None
     candidate, i = out / name, 1
     while True:
         try:
@@ -437,30 +495,90 @@ def _unique_run_dir(out: Path, name: str) -> Path:
         except FileExistsError:
             i += 1
             candidate = out / f"{name}-{i}"
+        except OSError as err:
+            raise ValueError(guards.os_error_sentence(
+                err, f"create the run folder {candidate}")) from None
 
 
-def _read_log(path: Path) -> list:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
+def _read_log(path: Path, warn=None) -> list:
+    """The records of a log.jsonl (a missing file holds none), checked.
+
+    A last line without its newline that is not valid JSON was cut off by a crash while
+    it was written: it is dropped, with a message to ``warn`` (default: a
+    RuntimeWarning). Any other bad line, or epochs that do not increase (two processes
+    writing one log), is a ValueError naming the line.
+    """
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    rows, previous = [], None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                message = (f"{path}: dropped the cut-off last line {number} (an interrupted "
+                           "write)")
+                if warn is None:
+                    import warnings
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
+                else:
+                    warn(f"note: {message}")
+                break
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column "
+                             f"{err.colno})") from None
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise ValueError(f"{path}, line {number}: not an epoch record (no integer 'epoch')")
+        if previous is not None and epoch <= previous:
+            raise ValueError(f"{path}, line {number}: epoch {epoch} follows epoch {previous}; "
+                             "the log holds duplicated or out-of-order epochs (did two "
+                             "processes write into this run folder?)")
+        previous = epoch
+        rows.append(row)
     return rows
 
 
-def read_log(run_dir) -> list:
-    """The epoch records of RUN/log.jsonl (list of dicts); ValueError when absent/empty."""
+def read_log(run_dir, warn=None) -> list:
+    """The epoch records of RUN/log.jsonl (list of dicts); ValueError when absent/empty
+    or damaged (see _read_log; ``warn`` receives the note on a cut-off last line)."""
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
         raise ValueError(f"no training log at {path}")
-    try:
-        rows = _read_log(path)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON lines: {err}") from err
+    rows = _read_log(path, warn)
     if not rows:
         raise ValueError(f"{path} holds no epochs yet")
     return rows
+
+
+def _append_log(path: Path, record: dict) -> None:
+    """Append one line to log.jsonl; a failed write (a full disk, a second Ctrl-C) is
+    undone, so the log never ends in a partial line written by this process."""
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    with open(path, "ab") as fh:
+        size = fh.tell()
+        try:
+            fh.write(line)
+            fh.flush()
+        except BaseException:
+            try:
+                fh.truncate(size)
+            except OSError:
+                pass
+            raise
+
+
+def _remove_stale_temps(run_dir: Path) -> None:
+    """Temporary checkpoint files left by a process that was killed mid-save (the caller
+    holds the run folder's lock, so no other process is writing them)."""
+    for tmp in run_dir.glob(".*.h5.tmp-*"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def train_config_of(ckpt) -> TrainConfig | None:
@@ -473,16 +591,22 @@ def train_config_of(ckpt) -> TrainConfig | None:
     return TrainConfig.from_dict(dict(tc))
 
 
-def load_checkpoint(path):
-    """checkpoint.load_checkpoint with every read failure as a ValueError naming the file."""
+def checkpoint_file(path) -> Path:
+    """The file a checkpoint argument names: a run dir means its best.h5, else its
+    checkpoint.h5; a file means itself. ValueError if a run dir holds neither."""
     path = Path(path)
     if path.is_dir():
         for name in ("best.h5", "checkpoint.h5"):
             if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise ValueError(f"{path} holds neither best.h5 nor checkpoint.h5")
+                return path / name
+        raise ValueError(f"{path} holds neither best.h5 nor checkpoint.h5")
+    return path
+
+
+def load_checkpoint(path):
+    """checkpoint.load_checkpoint with every read failure as a ValueError naming the file
+    (path: a file or a run dir, see checkpoint_file)."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     try:
@@ -494,9 +618,20 @@ def load_checkpoint(path):
 
 
 def _save(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra) -> None:
-    ckpt_lib.save_checkpoint(path, cfg, _to_host_dict(params),
-                             opt_state=_opt_state_host(opt_state), epoch=int(epoch),
-                             rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra)
+    """save_checkpoint; a failure is a WriteFailed that says what is still intact."""
+    try:
+        ckpt_lib.save_checkpoint(path, cfg, _to_host_dict(params),
+                                 opt_state=_opt_state_host(opt_state), epoch=int(epoch),
+                                 rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra)
+    except ckpt_lib.CheckpointError as err:
+        what = "the checkpoint" if path.name == "checkpoint.h5" else path.name
+        intact = (f"the checkpoint of epoch {epoch - 1} is intact" if epoch > 0
+                  else "no epoch had been trained yet")
+        if isinstance(err, ckpt_lib.DiskFullError):
+            message = f"no space left on {path.parent} while saving {what} of epoch {epoch}"
+        else:
+            message = f"{err} (while saving {what} of epoch {epoch})"
+        raise WriteFailed(f"{message}; {intact}", path.parent) from None
 
 
 def check_data_shape(cfg: DrawConfig, shape) -> None:
@@ -517,27 +652,56 @@ def load_data(tcfg: TrainConfig, progress: bool):
 # ----------------------------------------------------------------------------- train
 
 def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
-          progress: bool = True, eval_batch: int = EVAL_BATCH) -> Path:
+          progress: bool = True, eval_batch: int = EVAL_BATCH,
+          resume_overrides=(), comm=None) -> Path:
     """Train DRAW; returns the run directory.
 
     cfg: the model (height/width/channels must match the data). With ``tcfg.resume`` set
     to a run dir, the model and training settings come from RUN/checkpoint.h5 and
-    ``cfg`` may be None; of ``tcfg`` only epochs (the new total) and device are taken,
-    and data_dir, mirror and folder where they differ from TrainConfig's defaults
-    (else the recorded ones). ``data``: a DataSplits to use instead of loading
-    ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr.
+    ``cfg`` may be None; of ``tcfg`` only epochs (the new total), device and workers are
+    taken, the fields named in ``resume_overrides`` (a subset of
+    config.RESUME_OVERRIDES: the learning-rate schedule and eval_every, for the next
+    phase of a long run), and data_dir, mirror and folder where they differ from
+    TrainConfig's defaults (else the recorded ones). ``data``: a DataSplits to use
+    instead of loading ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr.
+    ``comm``: the ranks that train together (distributed.py); by default MPI's when the
+    process was started by mpiexec or srun with more than one rank, else one process.
+    Every rank calls train() alike; only rank 0 logs and writes the run dir.
 
-    Raises NonFiniteLossError on a NaN/inf loss and TrainingInterrupted on Ctrl-C (both
-    TrainingStopped, with ``run_dir``; checkpoint.h5 then holds the last completed
-    epoch), ValueError for bad configs, data or checkpoints.
+    Raises NonFiniteLossError on a NaN/inf loss, TrainingInterrupted on Ctrl-C or
+    SIGTERM and WriteFailed when a file cannot be written (all TrainingStopped, with
+    ``run_dir``; checkpoint.h5 then holds the last completed epoch; under MPI every rank
+    raises the first two together), ValueError for bad configs, data or checkpoints, a
+    run folder that another process is training in (guards.RunFolderBusy) or a model
+    too large for this machine's memory. Under MPI any other failure of a rank in the
+    epoch loop ends every rank (MPI_Abort) after printing one line.
+
+    While it runs, rank 0 locks the run folder (guards.RunLock) and, in the main
+    thread, SIGINT and SIGTERM only set a flag that is checked between steps
+    (guards.StopSignals; under MPI the flag travels with each step's reduction, see
+    distributed.py); a second signal stops at once. Both are undone on return.
     """
+    with guards.StopSignals() as stop, guards.RunLock() as lock:
+        return _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm,
+                      stop, lock)
+
+
+def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, stop,
+           lock) -> Path:
+    """train()'s body; ``stop``: a guards.StopSignals, ``lock``: a guards.RunLock that
+    rank 0 takes once the run folder is known."""
     backend.retain_freed_memory()            # every step reuses the same host buffers
+    comm = distributed.from_environment() if comm is None else comm
+    if not comm.is_root:                     # rank 0 speaks for all
+        log, progress = (lambda *args, **kwargs: None), False
     resume_ckpt = None
     if tcfg.resume:
         run_dir = Path(tcfg.resume)
         ckpt_path = run_dir / "checkpoint.h5"
         if not ckpt_path.is_file():
             raise ValueError(f"cannot resume: {ckpt_path} does not exist")
+        if comm.is_root:
+            lock.acquire(run_dir)
         resume_ckpt = load_checkpoint(ckpt_path)
         saved_tcfg = train_config_of(resume_ckpt)
         if saved_tcfg is None:
@@ -548,15 +712,34 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         defaults = TrainConfig()
         where = {k: (getattr(tcfg, k) if getattr(tcfg, k) != getattr(defaults, k)
                      else getattr(saved_tcfg, k)) for k in ("data_dir", "mirror", "folder")}
-        tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), **where, "epochs": tcfg.epochs,
-                                      "device": tcfg.device, "workers": tcfg.workers,
+        unknown = set(resume_overrides) - set(RESUME_OVERRIDES)
+        if unknown:
+            raise ValueError(f"a resumed run keeps its {', '.join(sorted(unknown))}; only "
+                             f"{', '.join(RESUME_OVERRIDES)} can change")
+        changed = {k: getattr(tcfg, k) for k in ("epochs", "device", "workers",
+                                                   *resume_overrides)}
+        for k in resume_overrides:
+            if changed[k] != getattr(saved_tcfg, k):
+                log(f"note: resuming with {k} {changed[k]!r} (was {getattr(saved_tcfg, k)!r})")
+        tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), **where, **changed,
                                       "resume": str(tcfg.resume)})
     elif cfg is None:
         raise ValueError("train needs a model config unless it resumes a run")
 
     device = backend.resolve_device(tcfg.device)
-    workers = resolve_workers(tcfg.workers, device, tcfg.batch_size)
+    if comm.size > 1:
+        if tcfg.workers > 1:
+            raise ValueError(f"workers = {tcfg.workers} splits batches over processes of one "
+                             f"rank; under MPI each of the {comm.size} ranks is one process: "
+                             "use --workers 0 or 1")
+        workers = 1
+    else:
+        workers = resolve_workers(tcfg.workers, device, tcfg.batch_size)
+    comm = comm.for_device(device)           # on GPUs: one per rank, NCCL between them
     dtype = np.dtype(tcfg.dtype)
+    guards.check_memory(model_bytes(cfg, tcfg.batch_size, dtype.itemsize, training=True),
+                        f"training this model ({_cfg_summary(cfg)}) with batches of "
+                        f"{tcfg.batch_size}")
 
     if data is None:
         data = load_data(tcfg, progress)
@@ -599,19 +782,30 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
         start_epoch = 0
         best_valid, best_epoch = float("inf"), 0
         run_name = tcfg.name or _dt.datetime.now().strftime("draw-%Y%m%d-%H%M%S")
-        run_dir = _unique_run_dir(Path(tcfg.out), run_name)
+        if comm.is_root:
+            run_dir = _unique_run_dir(Path(tcfg.out), run_name)
+            lock.acquire(run_dir)
+        run_dir = Path(comm.broadcast_text(str(run_dir) if comm.is_root else ""))
+    if comm.is_root:
+        _remove_stale_temps(run_dir)
 
     log_path = run_dir / "log.jsonl"
     ckpt_path = run_dir / "checkpoint.h5"
     best_path = run_dir / "best.h5"
 
-    (run_dir / "config.json").write_text(json.dumps(
-        {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
+    if comm.is_root:
+        try:
+            (run_dir / "config.json").write_text(json.dumps(
+                {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
+        except OSError as err:
+            raise WriteFailed(guards.os_error_sentence(err, f"write {run_dir / 'config.json'}"),
+                              run_dir) from None
     n_params = sum(int(np.prod(np.shape(p))) for p in params.values())
     log(f"run dir: {run_dir}")
     log("model config: " + json.dumps(cfg.to_dict()))
     log("train config: " + json.dumps(tcfg.to_dict()))
     log(f"device {device}" + (f" ({workers} worker processes)" if workers > 1 else "")
+        + (f" ({comm.describe()})" if comm.size > 1 else "")
         + f", dtype {dtype.name}, {n_params:,} parameters; data "
         f"{tcfg.dataset}: {n_train} train, {valid_x.shape[0]} valid, {test_x.shape[0]} test")
 
@@ -620,14 +814,19 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
 
     if resume_ckpt is not None:
         # Keep the log lines of the epochs the checkpoint holds; drop any written later.
-        rows = [r for r in _read_log(log_path) if int(r.get("epoch", 0)) <= start_epoch]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if comm.is_root:
+            rows = [r for r in _read_log(log_path, warn=log) if int(r["epoch"]) <= start_epoch]
+            try:
+                log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            except OSError as err:
+                raise WriteFailed(guards.os_error_sentence(err, f"rewrite {log_path}"),
+                                  run_dir) from None
         log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
             f"target {tcfg.epochs} epochs")
         if start_epoch >= tcfg.epochs:
             log(f"nothing to do: the run already has {start_epoch} epochs")
             return run_dir
-    else:
+    elif comm.is_root:
         # The epoch-0 state on disk at once: an interrupted first epoch can be resumed.
         _save(ckpt_path, cfg, params, opt_state, 0, rng, tcfg, extra_now())
 
@@ -640,27 +839,36 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                                   f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
     engine = DataParallel(cfg, workers, dtype) if workers > 1 else None
     noise_thread = ThreadPoolExecutor(max_workers=1)
+    scope = contextlib.ExitStack()
     try:
+        scope.enter_context(comm.deferred_interrupts())  # MPI: Ctrl-C stops all ranks at one step
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t0 = time.perf_counter()
             if data.fresh_train is not None:     # data made on the fly: new every epoch
                 train_x = np.asarray(data.fresh_train(_derived_rng(tcfg.seed, 3, epoch), n_train),
                                      dtype=dtype)
-            bar = _Progress(n_iter, f"epoch {epoch}/{tcfg.epochs}", progress)
+            bar = Progress(f"epoch {epoch}/{tcfg.epochs}", n_iter, progress, rate_unit="it/s")
             perm = rng.permutation(n_train)
             loss_sum = recon_sum = gnorm_sum = snorm_sum = 0.0
             kl_sum = np.zeros(cfg.T, dtype=np.float64)
             try:
                 next_eps = None
                 for it in range(1, n_iter + 1):
+                    stop.check()             # Ctrl-C / SIGTERM: stop between steps
                     idx = perm[(it - 1) * tcfg.batch_size: it * tcfg.batch_size]
-                    xb = backend.to_device(train_x[idx], device)
-                    eps = backend.to_device(next_eps.result() if next_eps is not None
-                                            else _host_noise(rng, cfg, idx.shape[0], dtype), device)
-                    if engine is not None:
-                        loss, grads, stats = engine.loss_and_grads(params, xb, eps)
-                    else:
-                        loss, grads, stats = model_lib.loss_and_grads(params, cfg, xb, eps)
+                    batch_eps = (next_eps.result() if next_eps is not None   # the whole batch's
+                                 else _host_noise(rng, cfg, idx.shape[0], dtype))
+                    lo, hi = comm.shard(idx.shape[0])          # this rank's examples
+                    mine = None                                # (loss, grads, stats) of them
+                    if hi > lo:
+                        xb = backend.to_device(train_x[idx[lo:hi]], device)
+                        eps = backend.to_device(_examples(batch_eps, lo, hi), device)
+                        if engine is not None:
+                            mine = engine.loss_and_grads(params, xb, eps)
+                        else:
+                            mine = model_lib.loss_and_grads(params, cfg, xb, eps)
+                    loss, grads, stats = comm.reduce_step(params, cfg.T, mine,
+                                                          (hi - lo) / idx.shape[0])
                     # The next step's noise is drawn while this one's clipping and Adam run,
                     # on the core they leave idle (NumPy's generator releases the GIL). The
                     # draws come from rng in the same order as drawn inline.
@@ -673,32 +881,41 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                     gnorm = optim.global_norm(grads)
                     if not math.isfinite(gnorm):
                         raise non_finite(f"gradient norm is {gnorm} {where}")
+                    lr = learning_rate(tcfg, epoch - 1 + (it - 1) / n_iter)
                     params, opt_state, snorm = optim.adam_step(     # clipping folded in
-                        params, grads, opt_state, tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps,
+                        params, grads, opt_state, lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps,
                         grad_scale=optim.clip_scale(gnorm, tcfg.clip))
                     loss_sum += loss
                     recon_sum += stats["recon"]
                     kl_sum += stats["kl"]
                     gnorm_sum += gnorm
                     snorm_sum += snorm
-                    bar.update(it, loss)
+                    bar.update(it, f"loss {loss:8.2f}")
             finally:
                 bar.close()
-            if not math.isfinite(optim.global_norm(params)):
+            params_norm = optim.global_norm(params)
+            if not math.isfinite(params_norm):
                 raise non_finite(f"parameters became non-finite in epoch {epoch}")
+            comm.check_same(params_norm, "the parameters' norm")
             backend.synchronize(backend.get_array_module(*params.values()))
             train_time = time.perf_counter() - t0
 
             t1 = time.perf_counter()
-            valid_bound = evaluate_bound(params, cfg, valid_x, eval_batch,
-                                         _derived_rng(tcfg.seed, 1, epoch, 0), engine)
-            test_bound = evaluate_bound(params, cfg, test_x, eval_batch,
-                                        _derived_rng(tcfg.seed, 1, epoch, 1), engine)
+            evaluated = is_eval_epoch(epoch, tcfg)
+            valid_bound = test_bound = float("nan")
+            if evaluated:
+                valid_bound = evaluate_bound(params, cfg, valid_x, eval_batch,
+                                             _derived_rng(tcfg.seed, 1, epoch, 0), engine, comm)
+                test_bound = evaluate_bound(params, cfg, test_x, eval_batch,
+                                            _derived_rng(tcfg.seed, 1, epoch, 1), engine, comm)
             eval_time = time.perf_counter() - t1
             train_bound = loss_sum / n_iter
-            if not math.isfinite(valid_bound) and valid_x.shape[0] > 0:
+            if evaluated and not math.isfinite(valid_bound) and valid_x.shape[0] > 0:
                 raise non_finite(f"validation bound is {valid_bound} after epoch {epoch}")
-            score = valid_bound if valid_x.shape[0] > 0 else train_bound
+            # Without a validation split the train bound decides; with one, only the
+            # epochs that were evaluated can be the best.
+            score = (train_bound if valid_x.shape[0] == 0
+                     else valid_bound if evaluated else float("inf"))
             is_best = score < best_valid
             if is_best:
                 best_valid, best_epoch = score, epoch
@@ -715,49 +932,132 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
                 "kl": [float(v) for v in kl],
                 "grad_norm": gnorm_sum / n_iter,
                 "step_norm": snorm_sum / n_iter,
-                "lr": tcfg.lr,
+                "lr": lr,
+                "evaluated": bool(evaluated),
                 "train_time_s": train_time,
                 "eval_time_s": eval_time,
                 "examples_per_s": n_train / max(train_time, 1e-9),
                 "best": bool(is_best),
             }
-            _write_run_samples(run_dir, params, cfg, tcfg.seed)
+            if comm.is_root:
+                _write_run_samples(run_dir, params, cfg, tcfg.seed)
             record["wall_s"] = time.perf_counter() - t0
             record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
-            # The log line first: should the saves below not happen, a resume from the
-            # previous checkpoint drops this line again.
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            if is_best:
-                _save(best_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
-            _save(ckpt_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
+            if comm.is_root:
+                # The log line first: should the saves below not happen, a resume from the
+                # previous checkpoint drops this line again.
+                _append_log(log_path, record)
+                if is_best:
+                    _save(best_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
+                _save(ckpt_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
             log(f"epoch {epoch}/{tcfg.epochs}  train {train_bound:.2f}  valid "
                 f"{_fmt(record['valid_bound'])}  test {_fmt(record['test_bound'])}  "
                 f"(recon {record['train_recon']:.2f} + KL {record['train_kl']:.2f})  "
                 f"|g| {record['grad_norm']:.2f}  |step| {record['step_norm']:.4f}  "
                 f"{record['wall_s']:.1f}s  {record['examples_per_s']:.0f} ex/s"
                 + ("  *best*" if is_best else ""))
-    except KeyboardInterrupt:
-        msg = (f"interrupted in epoch {epoch}; {ckpt_path} holds the last completed epoch "
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        msg = (f"interrupted{how} in epoch {epoch}; {ckpt_path} holds the last completed epoch "
                f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir}")
+        if comm.size > 1 and not isinstance(interrupt, distributed.Interrupted):
+            comm.abort(msg + " (a second Ctrl-C: every rank was stopped at once)")
         log(msg)
-        raise TrainingInterrupted(msg, run_dir) from None
+        raise TrainingInterrupted(msg, run_dir, signum) from None
     except NonFiniteLossError as err:
         log(str(err))
         raise
+    except (WriteFailed, OSError) as err:    # rank 0's files: a save, the log line, pictures
+        msg = str(err) if isinstance(err, WriteFailed) else (
+            guards.os_error_sentence(err, f"write the files of epoch {epoch}")
+            + f"; {ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)})")
+        if comm.size > 1:                    # the other ranks cannot know: stop them all
+            comm.abort(msg)
+        log(msg)
+        raise WriteFailed(msg, run_dir) from None
     except WorkerError as err:
         msg = (f"{err}\nin epoch {epoch}; {ckpt_path} holds the last completed epoch "
                f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir} "
                "(add --workers 1 to train in one process)")
         log(msg)
         raise WorkerFailed(msg, run_dir) from None
+    except Exception as error:               # noqa: BLE001 - under MPI: stop every rank
+        if comm.size == 1:
+            raise
+        comm.abort(f"{type(error).__name__}: {error} (in epoch {epoch}); stopping every rank. "
+                   f"{ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)}). "
+                   f"Continue with: --resume {run_dir}")
     finally:
+        scope.close()
         noise_thread.shutdown(wait=True)
         if engine is not None:
             engine.close()
     log(f"done: {tcfg.epochs} epochs; best valid bound {best_valid:.2f} (epoch {best_epoch}); "
         f"run dir {run_dir}")
     return run_dir
+
+
+def fixed_noise_bound(params: dict, cfg: DrawConfig, x: np.ndarray, seed: int) -> float:
+    """The mean bound over ``x`` in float64 with noise from ``default_rng(seed)``.
+
+    params: {name: array}, cast to float64 on the host; x: (N, D) in [0, 1]. The
+    figure depends on the parameters, the images and the seed only (float64 makes it
+    independent of the BLAS kernel to about 1e-13), so it pins a shipped model to the
+    number stated beside it.
+    """
+    params64 = {k: np.asarray(backend.to_numpy(v), dtype=np.float64) for k, v in params.items()}
+    x64 = np.asarray(x, dtype=np.float64)
+    eps = np.random.default_rng(seed).standard_normal((cfg.T, x64.shape[0], cfg.z_dim))
+    per_example, _ = model_lib.loss_only(params64, cfg, x64, eps)
+    return float(np.mean(per_example))
+
+
+def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
+                 check_n: int = 100, check_seed: int = 0) -> dict:
+    """Write the parameters of a checkpoint, float32 and nothing else that trains, to
+    ``out_path``: the model to ship.
+
+    The file records the model config, the epoch and, from RUN/log.jsonl beside the
+    checkpoint, that epoch's valid and test bounds. With ``test_x`` (N, D) it also
+    records ``fixed_noise_bound`` of its first ``check_n`` images (seed ``check_seed``),
+    the figure a test recomputes. Returns what it recorded (the file's ``extra``).
+    """
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    params = {k: np.asarray(v, dtype=np.float32) for k, v in ckpt.params.items()}
+    info = {"epoch": int(ckpt.epoch), "source": ckpt_path.name}
+    log_path = ckpt_path.parent / "log.jsonl"
+    if log_path.is_file():
+        rows = [r for r in _read_log(log_path) if int(r.get("epoch", -1)) == int(ckpt.epoch)]
+        if rows:
+            for key in ("train_bound", "valid_bound", "test_bound", "step", "lr"):
+                info[key] = rows[-1].get(key)
+            info["hours"] = sum(float(r.get("wall_s", 0.0)) for r in _read_log(log_path)
+                                if int(r.get("epoch", 0)) <= int(ckpt.epoch)) / 3600.0
+    if test_x is not None:
+        x = np.asarray(test_x[:check_n])
+        info["check"] = {"split": "test", "n": int(x.shape[0]), "seed": int(check_seed),
+                         "dtype": "float64",
+                         "bound": fixed_noise_bound(params, ckpt.cfg, x, check_seed)}
+    ckpt_lib.save_checkpoint(out_path, ckpt.cfg, params, opt_state=None,
+                             epoch=int(ckpt.epoch), train_cfg=train_config_of(ckpt),
+                             extra=info)
+    return info
+
+
+def learning_rate(tcfg: TrainConfig, epochs_done: float) -> float:
+    """The schedule's learning rate after ``epochs_done`` epochs (optim.scheduled_lr)."""
+    decay_epochs = tcfg.lr_decay_epochs or max(tcfg.epochs - tcfg.lr_hold, 1e-9)
+    return optim.scheduled_lr(tcfg.lr_schedule, tcfg.lr, epochs_done, lr_min=tcfg.lr_min,
+                              hold=tcfg.lr_hold, gamma=tcfg.lr_gamma,
+                              decay_epochs=decay_epochs)
+
+
+def is_eval_epoch(epoch: int, tcfg: TrainConfig) -> bool:
+    """Whether the valid and test splits are evaluated after ``epoch``: every
+    ``eval_every`` epochs, and always after the run's last epoch."""
+    return epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
 
 
 def _saved_epoch(path: Path):
@@ -818,8 +1118,16 @@ def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=pri
     sees the same images); validation and test sets are fixed (synthetic.py's seeds).
     digits: a synthetic.LabelledDigits to use instead of loading the labelled MNIST files.
     With ``ccfg.resume`` the model and settings come from RUN/checkpoint.h5 (cfg may be
-    None), as for ``train``. Raises NonFiniteLossError / TrainingInterrupted like ``train``.
+    None), as for ``train``. Raises NonFiniteLossError, TrainingInterrupted (Ctrl-C or
+    SIGTERM, between steps) and WriteFailed like ``train``, and locks the run folder as
+    it does (one process, no MPI).
     """
+    with guards.StopSignals() as stop, guards.RunLock() as lock:
+        return _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, stop, lock)
+
+
+def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, stop, lock) -> Path:
+    """train_classifier()'s body; ``stop``: a guards.StopSignals, ``lock``: a guards.RunLock."""
     from . import classifier as clf
     from . import synthetic
     resume_ckpt = None
@@ -828,6 +1136,7 @@ def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=pri
         ckpt_path = run_dir / "checkpoint.h5"
         if not ckpt_path.is_file():
             raise ValueError(f"cannot resume: {ckpt_path} does not exist")
+        lock.acquire(run_dir)
         resume_ckpt = load_checkpoint(ckpt_path)
         saved = classify_config_of(resume_ckpt)
         if saved is None or not isinstance(resume_ckpt.cfg, ClassifierConfig):
@@ -871,6 +1180,8 @@ def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=pri
         start_epoch, best_error, best_epoch = 0, float("inf"), 0
         run_name = ccfg.name or _dt.datetime.now().strftime("classify-%Y%m%d-%H%M%S")
         run_dir = _unique_run_dir(Path(ccfg.out), run_name)
+        lock.acquire(run_dir)
+    _remove_stale_temps(run_dir)
     log_path, ckpt_path, best_path = (run_dir / n for n in ("log.jsonl", "checkpoint.h5",
                                                              "best.h5"))
     (run_dir / "config.json").write_text(json.dumps(
@@ -887,7 +1198,7 @@ def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=pri
         return {"best_valid_error": best_error, "best_epoch": best_epoch, "run_dir": run_dir.name}
 
     if resume_ckpt is not None:
-        rows = [r for r in _read_log(log_path) if int(r.get("epoch", 0)) <= start_epoch]
+        rows = [r for r in _read_log(log_path, warn=log) if int(r["epoch"]) <= start_epoch]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
             f"target {ccfg.epochs} epochs")
@@ -909,12 +1220,13 @@ def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=pri
             train_x = synthetic.clutter(train_digits, train_digits,
                                         _derived_rng(ccfg.seed, 3, epoch), cfg.height,
                                         ccfg.distractors, ccfg.crop).astype(dtype, copy=False)
-            bar = _Progress(n_iter, f"epoch {epoch}/{ccfg.epochs}", progress)
+            bar = Progress(f"epoch {epoch}/{ccfg.epochs}", n_iter, progress, rate_unit="it/s")
             perm = rng.permutation(n_train)
             loss_sum = gnorm_sum = 0.0
             errors = 0
             try:
                 for it in range(1, n_iter + 1):
+                    stop.check()             # Ctrl-C / SIGTERM: stop between steps
                     idx = perm[(it - 1) * ccfg.batch_size: it * ccfg.batch_size]
                     xb = backend.to_device(train_x[idx], device)
                     yb = backend.to_device(train_y[idx], device)
@@ -931,7 +1243,7 @@ def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=pri
                     loss_sum += loss * idx.shape[0]
                     errors += stats["errors"]
                     gnorm_sum += gnorm
-                    bar.update(it, loss)
+                    bar.update(it, f"loss {loss:7.4f}")
             finally:
                 bar.close()
             train_time = time.perf_counter() - t0
@@ -953,8 +1265,7 @@ def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=pri
                 "best": bool(is_best), "wall_s": time.perf_counter() - t0,
                 "time": _dt.datetime.now().isoformat(timespec="seconds"),
             }
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            _append_log(log_path, record)            # first: see train()
             if is_best:
                 _save(best_path, cfg, params, opt_state, epoch, rng, ccfg, extra_now())
             _save(ckpt_path, cfg, params, opt_state, epoch, rng, ccfg, extra_now())
@@ -963,14 +1274,22 @@ def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=pri
                 f"({100 * valid_error:.2f}%)  test {test_loss:.4f} ({100 * test_error:.2f}%)  "
                 f"|g| {record['grad_norm']:.2f}  {record['wall_s']:.1f}s"
                 + ("  *best*" if is_best else ""))
-    except KeyboardInterrupt:
-        msg = (f"interrupted in epoch {epoch}; {ckpt_path} holds the last completed epoch "
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        msg = (f"interrupted{how} in epoch {epoch}; {ckpt_path} holds the last completed epoch "
                f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir}")
         log(msg)
-        raise TrainingInterrupted(msg, run_dir) from None
+        raise TrainingInterrupted(msg, run_dir, signum) from None
     except NonFiniteLossError as err:
         log(str(err))
         raise
+    except (WriteFailed, OSError) as err:    # a save or the log line
+        msg = str(err) if isinstance(err, WriteFailed) else (
+            guards.os_error_sentence(err, f"write the files of epoch {epoch}")
+            + f"; {ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)})")
+        log(msg)
+        raise WriteFailed(msg, run_dir) from None
     log(f"done: {ccfg.epochs} epochs; best valid error {100 * best_error:.2f}% (epoch "
         f"{best_epoch}; {n_train} training digits); run dir {run_dir}")
     return run_dir

@@ -78,17 +78,19 @@ def test_fast_path_matches_the_reference():
     x, labels = rng.random((6, 400)), rng.integers(0, 10, 6)
     (loss_r, probs_r), cache_r = ref.forward(params, cfg, x, labels)
     (loss_f, probs_f), cache_f = clf.forward(params, cfg, x, labels)
-    # the same operations in the same order: only the weight gradients sum differently
-    # (one GEMM over T*B rows against T summed GEMMs), a few float64 roundings apart
-    np.testing.assert_array_equal(loss_f, loss_r)
-    np.testing.assert_array_equal(probs_f, probs_r)
+    # The same equations; the fast path's attention (engine_attention) orders its sums
+    # differently from the plain one (reference.draw), and sums the weight gradients in
+    # one GEMM over T*B rows: float64 roundings (eps 1.1e-16) through sums of at most a
+    # few hundred terms and 4 glimpses stay far below 1e-11 relative.
+    np.testing.assert_allclose(loss_f, loss_r, rtol=1e-11)
+    np.testing.assert_allclose(probs_f, probs_r, rtol=1e-11, atol=1e-14)
     grads_r = ref.backward(params, cfg, cache_r)
     grads_f = clf.backward(params, cfg, cache_f)
     assert set(grads_f) == set(params)
     for name in params:
         assert grads_f[name].shape == params[name].shape
-        assert rel_err(grads_f[name], grads_r[name]) < 1e-13, name
-    np.testing.assert_array_equal(clf.predict(params, cfg, x), probs_r)
+        assert rel_err(grads_f[name], grads_r[name]) < 1e-11, name
+    np.testing.assert_allclose(clf.predict(params, cfg, x), probs_r, rtol=1e-11, atol=1e-14)
 
 
 def test_float32_fast_path_tracks_float64():

@@ -1,6 +1,7 @@
 """cli.py: every command on real binarized MNIST with a tiny model, and its errors."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,13 +97,14 @@ def test_train_without_attention_and_resume_through_the_cli(data_args, tmp_path,
     monkeypatch.delenv("NPDRAW_DATA", raising=False)
     monkeypatch.delenv("NPDRAW_MIRROR", raising=False)
     monkeypatch.chdir(tmp_path)
-    result = invoke(["train", "--resume", run, "--epochs", "2", "--lr", "0.5", "--no-progress",
-                     "--device", "cpu"])
+    result = invoke(["train", "--resume", run, "--epochs", "2", "--seed", "7", "--lr", "0.002",
+                     "--no-progress", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "ignoring lr" in result.output
+    assert "ignoring seed" in result.output           # the model and data settings stay
+    assert "resuming with lr 0.002 (was 0.001)" in result.output   # a new phase's rate
     assert not (tmp_path / "data").exists()           # the recorded data dir was used
     rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["lr"] == 1e-3
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["lr"] for r in rows] == [1e-3, 2e-3]
     assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 2
 
 
@@ -228,11 +230,11 @@ def test_damaged_checkpoints_are_clear_errors(trained, tmp_path, command):
 
 # ----------------------------------------------------------------------------- plot
 
-def test_plot_writes_both_figures(trained, tmp_path):
+def test_plot_writes_the_three_figures(trained, tmp_path):
     run, _ = trained
     result = invoke(["plot", run, "--out", tmp_path])
     assert result.exit_code == 0, result.output
-    for name in ("learning_curves.png", "kl_per_glimpse.png"):
+    for name in ("learning_curves.png", "learning_curves_hours.png", "kl_per_glimpse.png"):
         img = iio.imread(tmp_path / name)
         assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50, name
     empty = tmp_path / "empty"
@@ -307,3 +309,34 @@ def test_ctrl_c_exits_130_and_keeps_the_epoch_0_checkpoint(data_args, tmp_path, 
     assert "interrupted in epoch 1" in result.output and "--resume" in result.output
     ckpt = ckpt_lib.load_checkpoint(tmp_path / "stop" / "checkpoint.h5")
     assert ckpt.epoch == 0 and ckpt.opt_state["step"] == 0
+
+
+def test_ranks_on_one_machine_share_its_cores_between_their_blas_threads():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    env = {"PMI_SIZE": "4", "MPI_LOCALNRANKS": "4"}
+    cli_mod._share_cores_between_ranks(env)
+    assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == str(max(1, cores // 4))
+    env = {"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OPENBLAS_NUM_THREADS": "3"}
+    cli_mod._share_cores_between_ranks(env)
+    assert env["OPENBLAS_NUM_THREADS"] == "3"               # the user's choice stands
+    env = {"SLURM_STEP_ID": "0", "SLURM_CPUS_PER_TASK": "6"}
+    cli_mod._share_cores_between_ranks(env)
+    assert env["MKL_NUM_THREADS"] == "6"
+    env = {}
+    cli_mod._share_cores_between_ranks(env)                 # one process: nothing set
+    assert env == {}
+
+
+def test_export_writes_a_params_only_model_that_sample_and_evaluate_read(trained, data_args,
+                                                                         tmp_path):
+    run, _ = trained
+    out = tmp_path / "model.h5"
+    result = invoke(["export", run, out, "--check-n", "10", *data_args])
+    assert result.exit_code == 0, result.output
+    shipped = ckpt_lib.load_checkpoint(out)
+    assert shipped.opt_state is None and shipped.extra["check"]["n"] == 10
+    assert shipped.extra["epoch"] == 1 and shipped.extra["valid_bound"] is not None
+    assert invoke(["sample", out, "--rows", "1", "--cols", "2"]).exit_code == 0
+    result = invoke(["evaluate", out, "--subset", "20", "--json", *data_args])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.splitlines()[-1])["n"] == 20

@@ -79,12 +79,12 @@ def test_adam_step_agrees():
 
 def test_fused_kernels_match_their_numpy_form():
     """Each backend.fuse kernel compiled by CuPy equals its plain NumPy body."""
-    from npdraw import layers, model
+    from npdraw import engine, layers
     rng = np.random.default_rng(1)
     kernels = [(layers._lstm_cell_kernel, 5), (layers._lstm_cell_backward_kernel, 8),
                (layers._reparam_kernel, 3), (layers._kl_terms_kernel, 2),
                (layers._bce_kernel, 2), (layers._bce_backward_kernel, 3),
-               (model._glimpse_error, 2), (model._glimpse_error_backward, 3)]
+               (engine._glimpse_error, 2), (engine._glimpse_error_backward, 3)]
     for kernel, n_args in kernels:
         args = [rng.uniform(0.05, 0.95, (4, 6)) for _ in range(n_args)]
         expected = kernel(*args)
@@ -98,3 +98,19 @@ def test_fused_kernels_match_their_numpy_form():
 def test_device_resolution():
     assert backend.resolve_device("auto") == "gpu"
     assert backend.xp_for("gpu") is not np
+
+
+def test_nccl_all_reduce_of_one_rank_on_the_device():
+    """The data-parallel ranks' NCCL call (backend.nccl_allreduce_sum), on one GPU: a
+    communicator of one rank sums to the buffer itself, in place, on the device."""
+    try:
+        backend._nccl()
+    except ImportError:
+        pytest.skip("CuPy here has no NCCL (multi-GPU data parallelism needs it)")
+    communicator = backend.nccl_communicator(1, backend.nccl_unique_id(), 0)
+    for dtype in ("float32", "float64"):
+        host = np.arange(1000, dtype=dtype) / 7
+        device = backend.to_device(host, "gpu")
+        backend.nccl_allreduce_sum(communicator, device)
+        assert backend.is_gpu_array(device)
+        np.testing.assert_array_equal(backend.to_numpy(device), host)

@@ -5,6 +5,7 @@ import signal
 import numpy as np
 import pytest
 
+from gradcheck import rel_err
 from npdraw import model
 from npdraw.config import DrawConfig, TrainConfig
 from npdraw.parallel import (DataParallel, WorkerError, _shared_dir, auto_workers,
@@ -19,6 +20,21 @@ def _batch(cfg, B, dtype, seed=0):
     x = (rng.random((B, cfg.D)) < 0.4).astype(dtype)
     eps = rng.standard_normal((cfg.T, B, cfg.z_dim)).astype(dtype)
     return x, eps
+
+
+# A slice's GEMMs may round differently from the whole batch's (BLAS kernels pick their
+# blocking by shape), so float64 results agree to rounding, not bit for bit. Gradients: a
+# sum over the batch of T glimpses' products, rounded at about n eps of its magnitudes
+# (n ~ T * B * 10 here, so ~1e-13), compared against each tensor's largest magnitude.
+SAME_SUMS = 1e-12
+
+
+def _kl_atol(cfg):
+    """Near the prior a glimpse's KL, sum_j (mu^2 + sigma^2 - 1)/2 - log sigma, is a small
+    difference of Z + 1 terms of size about 1 (init_params gives ~1e-4 from terms near
+    1/2): rounding leaves it an absolute error of up to (Z + 1) eps per term summed,
+    whatever its size. Compared absolutely at that bound, with a factor 2."""
+    return 2 * (cfg.z_dim + 1) ** 2 * np.finfo(np.float64).eps
 
 
 def _our_files():
@@ -40,13 +56,14 @@ def test_split_batch_matches_the_whole_batch_in_float64(cfg):
         loss_p, grads_p, stats_p = engine.loss_and_grads(params, x, eps)
     assert loss_p == pytest.approx(loss, rel=1e-13)
     assert stats_p["recon"] == pytest.approx(stats["recon"], rel=1e-13)
-    np.testing.assert_allclose(stats_p["kl"], stats["kl"], rtol=1e-12)
-    assert stats_p["kl_total"] == pytest.approx(stats["kl_total"], rel=1e-12)
+    kl_atol = _kl_atol(cfg)
+    np.testing.assert_allclose(stats_p["kl"], stats["kl"], rtol=1e-12, atol=kl_atol)
+    assert stats_p["kl_total"] == pytest.approx(stats["kl_total"], rel=1e-12,
+                                                abs=cfg.T * kl_atol)
     assert set(grads_p) == set(grads)
     for name in grads:
         assert grads_p[name].dtype == np.float64 and grads_p[name].shape == grads[name].shape
-        scale = max(1e-8, float(np.abs(grads[name]).max()))
-        assert float(np.abs(grads_p[name] - grads[name]).max()) / scale < 1e-12, name
+        assert rel_err(grads_p[name], grads[name]) < SAME_SUMS, name
 
 
 def test_float32_agrees_to_float32_precision():
@@ -71,7 +88,7 @@ def test_batches_of_any_size_and_new_params_each_call(engine64):
         loss_p, grads_p, _ = engine64.loss_and_grads(params, x, eps)
         assert loss_p == pytest.approx(loss, rel=1e-13), B
         for name in grads:
-            np.testing.assert_allclose(grads_p[name], grads[name], rtol=1e-11, atol=1e-13)
+            assert rel_err(grads_p[name], grads[name]) < SAME_SUMS, (B, name)
 
 
 @pytest.mark.parametrize("return_terms", [False, True])
@@ -83,7 +100,7 @@ def test_loss_only_matches_the_model(engine64, return_terms):
     np.testing.assert_allclose(per_p, per_example, rtol=1e-13)
     for key in ("recon", "kl_total", "loss"):
         assert stats_p[key] == pytest.approx(stats[key], rel=1e-13), key
-    np.testing.assert_allclose(stats_p["kl"], stats["kl"], rtol=1e-12)
+    np.testing.assert_allclose(stats_p["kl"], stats["kl"], rtol=1e-12, atol=_kl_atol(ATT))
     assert ("log_weight" in stats_p) == return_terms
     if return_terms:
         np.testing.assert_allclose(stats_p["log_weight"], stats["log_weight"], rtol=1e-12)

@@ -29,17 +29,19 @@ import math
 
 import numpy as np
 
-from .. import attention as att
 from ..backend import get_array_module
 from ..config import ClassifierConfig
 from ..layers import (linear_backward, linear_forward, lstm_cell_backward, lstm_cell_forward,
                       softmax_xent_backward, softmax_xent_forward)
+from . import draw as plain          # DRAW's plain attention: window (eq 21-26) and read (eq 27)
+
+P_ATTENTION = 5                      # (g~X, g~Y, log sigma^2, log delta~, log gamma)
 
 
 def param_shapes(cfg: ClassifierConfig) -> dict:
     """name -> shape of every parameter."""
     Hd, N = cfg.hidden, cfg.read_n
-    return {"att_W": (Hd, att.P_ATTENTION), "att_b": (att.P_ATTENTION,),
+    return {"att_W": (Hd, P_ATTENTION), "att_b": (P_ATTENTION,),
             "lstm_W": (N * N + Hd, 4 * Hd), "lstm_b": (4 * Hd,),
             "out_W": (Hd, cfg.classes), "out_b": (cfg.classes,)}
 
@@ -52,7 +54,7 @@ def init_params(cfg: ClassifierConfig, seed: int = 0, dtype="float32") -> dict:
     rng = np.random.default_rng(seed)
     Hd = cfg.hidden
     params = {
-        "att_W": 0.01 * rng.standard_normal((Hd, att.P_ATTENTION)),
+        "att_W": 0.01 * rng.standard_normal((Hd, P_ATTENTION)),
         "att_b": _tiling_window_bias(cfg, cfg.read_n),
         "lstm_W": rng.uniform(-1.0, 1.0, (cfg.read_n ** 2 + Hd, 4 * Hd)) / math.sqrt(Hd),
         "lstm_b": np.concatenate([np.zeros(Hd), np.ones(Hd), np.zeros(2 * Hd)]),
@@ -73,8 +75,8 @@ def forward(params, cfg: ClassifierConfig, x, labels):
     steps = []
     for _ in range(cfg.glimpses):
         p, att_cache = linear_forward(h, params["att_W"], params["att_b"])       # eq 21
-        (Fy, Fx, gamma), window_cache = att.window_forward(p, H, W, N)          # eq 22-26
-        glimpse, read_cache = att.read_forward(images, Fy, Fx, gamma)           # eq 27
+        (Fy, Fx, gamma), window_cache = plain.window_forward(p, H, W, N)        # eq 22-26
+        glimpse, read_cache = plain.read_forward(images, Fy, Fx, gamma)         # eq 27
         inputs = xp.concatenate([glimpse.reshape(B, N * N), h], axis=1)
         a, lstm_in_cache = linear_forward(inputs, params["lstm_W"], params["lstm_b"])
         (h, c), cell_cache = lstm_cell_forward(a, c)
@@ -99,9 +101,8 @@ def backward(params, cfg: ClassifierConfig, cache):
         grads["lstm_W"] += dW
         grads["lstm_b"] += db
         dglimpse, dh = dinputs[:, :N * N], dinputs[:, N * N:]
-        _, dFy, dFx, dgamma = att.read_backward(dglimpse.reshape(B, 1, N, N), read_cache,
-                                                need_images=False)
-        dp = att.window_backward(dFy, dFx, dgamma, window_cache)
+        _, dFy, dFx, dgamma = plain.read_backward(dglimpse.reshape(B, 1, N, N), read_cache)
+        dp = plain.window_backward(dFy, dFx, dgamma, window_cache)
         dh_att, dW, db = linear_backward(dp, att_cache)
         grads["att_W"] += dW
         grads["att_b"] += db

@@ -1,4 +1,4 @@
-"""Selective attention (paper section 3.2, eq 19-29), as paired forward/backward.
+"""The engine's attention (eq 19-29): the plain one of npdraw.reference, tuned for speed.
 
 Dimension legend
     B  batch               K  image planes read or written at once (C, or 2C for [x, x_hat])
@@ -8,27 +8,24 @@ Dimension legend
     M  filter rows handled together (N for one axis, 2N for both axes at once)
     P  = 5 attention parameters (g~X, g~Y, log sigma^2, log delta~, log gamma)
 
-Coordinates are 1-based pixel indices a = 1..A, which is what makes the paper's
-centre g = (A+1)/2 * (g~ + 1) (eq 22-23) put g~ = 0 exactly on the image centre.
-The filterbank rows are normalised Gaussians (eq 25-26). They are computed as a
-softmax over a, i.e. with the row maximum subtracted before exp, so the
-normaliser is always >= 1 and can never be zero or underflow, however small
-sigma is or however far the window lies outside the image.
+What the reference computes plainly (npdraw.reference.draw: window_forward, read_forward,
+write_forward), this module computes for one or more windows at once, and the tests check
+that both agree. Coordinates are 1-based pixel indices a = 1..A, as there.
 
-Window size N = 1: eq 24's stride (max(A,B)-1)/(N-1) divides by zero. The only
-filter then sits at the centre (eq 19-20 give mu = g for any delta), so the
-stride has no effect; we divide by max(N-1, 1) and delta stays a harmless,
-gradient-free parameter.
-
-Speed. DRAW calls these functions T times per step on small arrays (B=100, N=2..5,
-A=28), so what they cost is mostly per-call overhead and memory traffic, not
-arithmetic: the number of array operations, broadcasts and reductions along short
-rows (slow in NumPy), how each product suits BLAS, and how much a cache keeps until
-backward (by then it has left the CPU caches). Hence, below: constants built once;
-per-row maxima found analytically; both axes' filters computed as one array when
-H == W; row sums taken as matrix-vector products; products merged over the planes
-k; and caches that hold small arrays only (the read keeps its two products of
-filters and images, not the images).
+DRAW calls these functions T times per step on small arrays (B=100, N=2..5, A=28), so
+what they cost is mostly per-call overhead and memory traffic, not arithmetic: the number
+of array operations, broadcasts and reductions along short rows (slow in NumPy), how each
+product suits BLAS, and how much a cache keeps until backward (by then it has left the CPU
+caches). Hence, below:
+- constants built once, per device, dtype and shape;
+- eq 22-24 as one expression over all columns of p, whichever the column's formula;
+- eq 19-20's filter centres of several windows as one product with a constant matrix;
+- eq 25-26's row maxima found analytically (no reduction), and row sums taken as
+  matrix-vector products;
+- both axes' filters, and several windows' (a glimpse's write window and the next read
+  window), computed as one array;
+- read and write products merged over the planes k, and caches that hold small arrays only
+  (the read keeps its two products of filters and images, not the images).
 """
 from __future__ import annotations
 
@@ -67,15 +64,15 @@ def _offsets(N):
     return np.arange(1, N + 1) - (N / 2 + 0.5)
 
 
-def _windows(N):
+def _as_sizes(N):
     """An int N or a tuple of window sizes -> a tuple (N_1, ..., N_k)."""
     return (N,) if isinstance(N, (int, np.integer)) else tuple(int(n) for n in N)
 
 
 def _centre_map(xp, Ns, dtype):
-    """(5k, M), M = 2 * sum(Ns): q @ this = every filter centre of eq 19-20.
+    """(5k, M), M = 2 * sum(Ns): values @ this = every filter centre of eq 19-20.
 
-    q holds k windows' (gX, gY, sigma^2, delta, gamma) side by side. The columns are
+    values holds k windows' (gX, gY, sigma^2, delta, gamma) side by side. The columns are
     all windows' x centres, window after window, then all their y centres:
     column of x filter i of window w = g_X,w + offset_i delta_w, and likewise for y.
     The rows of sigma^2 and gamma are zero.
@@ -96,7 +93,7 @@ def _centre_map(xp, Ns, dtype):
     return _constant(xp, "centre map", Ns, dtype, build)
 
 
-def _row_windows(xp, Ns, dtype):
+def _row_owners(xp, Ns, dtype):
     """(k, M): 1 where filter row m (ordered as in _centre_map) belongs to window w.
     (B, k) @ this spreads one value per window over its rows; the transpose sums back."""
     def build(Ns):
@@ -107,7 +104,7 @@ def _row_windows(xp, Ns, dtype):
             member[w, start:start + N] = member[w, Mx + start:Mx + start + N] = 1.0
             start += N
         return member
-    return _constant(xp, "row windows", Ns, dtype, build)
+    return _constant(xp, "row owners", Ns, dtype, build)
 
 
 def _param_constants(xp, B, height, width, Ns, dtype):
@@ -140,44 +137,28 @@ def _window_params_kernel(p, scale, logs, slope):
 
 
 @fuse
-def _window_params_kernel_backward(dq, q, logs, slope):
-    """dq times dq/dp: q itself for the exponentials, the slope for the affine columns."""
-    return dq * (q * logs + slope)
+def _window_params_kernel_backward(dvalues, values, logs, slope):
+    """dvalues times dvalues/dp: values itself in the exponential columns, else the slope."""
+    return dvalues * (values * logs + slope)
 
 
 def _window_params(p, height, width, N):
-    """p (B, 5k) -> q (B, 5k) = (gX, gY, sigma^2, delta, gamma) of each of the k windows
+    """p (B, 5k) -> values (B, 5k) = (gX, gY, sigma^2, delta, gamma) of each of the k windows
     of sizes N (an int, or a tuple of k sizes), column by column (eq 21-24).
 
     All columns at once: on (B, 5) arrays an operation costs its call, and one on a
     column slice costs as much as one on the whole array.
     """
     xp = get_array_module(p)
-    scale, logs, slope = _param_constants(xp, p.shape[0], height, width, _windows(N), p.dtype)
-    q = _window_params_kernel(p, scale, logs, slope)
-    return q, (q, logs, slope)
+    scale, logs, slope = _param_constants(xp, p.shape[0], height, width, _as_sizes(N), p.dtype)
+    values = _window_params_kernel(p, scale, logs, slope)
+    return values, (values, logs, slope)
 
 
-def _window_params_backward(dq, cache):
-    """dq (B, 5) -> dp (B, 5). Each q column depends on its own p column only."""
-    q, logs, slope = cache
-    return _window_params_kernel_backward(dq, q, logs, slope)
-
-
-def attn_params_forward(p, height, width, N):
-    """Map a linear layer's output to window parameters (eq 21-24).
-
-    p: (B, 5) = (g~X, g~Y, log sigma^2, log delta~, log gamma)
-    -> (gx, gy, delta, sigma2, gamma), each (B,); cache
-    """
-    q, cache = _window_params(p, height, width, N)
-    return (q[:, 0], q[:, 1], q[:, 3], q[:, 2], q[:, 4]), cache
-
-
-def attn_params_backward(dgx, dgy, ddelta, dsigma2, dgamma, cache):
-    """Each argument (B,) -> dp (B, 5)."""
-    xp = get_array_module(dgx)
-    return _window_params_backward(xp.stack([dgx, dgy, dsigma2, ddelta, dgamma], axis=1), cache)
+def _window_params_backward(dvalues, cache):
+    """dvalues (B, 5k) -> dp (B, 5k). Each column of values depends on its own p column only."""
+    values, logs, slope = cache
+    return _window_params_kernel_backward(dvalues, values, logs, slope)
 
 
 # ---------------------------------------------------------------- eq 25-26, as a softmax
@@ -268,29 +249,6 @@ def _gaussian_rows_backward(dF, cache):
     return dmu, second
 
 
-# ---------------------------------------------------------------- eq 19-20, 25-26
-
-def filterbank_forward(g, delta, sigma2, N, A):
-    """One axis of the filterbank.
-
-    g, delta, sigma2: (B,) centre, stride, variance;  N, A: ints
-    -> F (B, N, A) with F[b, i, a] = exp(-(a - mu_i)^2 / (2 sigma^2)) / Z_i,
-       mu_i = g + (i - N/2 - 0.5) delta  (eq 19-20), rows summing to 1 (eq 25-26).
-    """
-    xp = get_array_module(g)
-    offsets = _constant(xp, "offsets", N, g.dtype, _offsets)              # (N,)
-    mu = g[:, None] + offsets * delta[:, None]                            # (B, N)
-    F, rows_cache = _gaussian_rows(mu, sigma2, A)
-    return F, (rows_cache, offsets)
-
-
-def filterbank_backward(dF, cache):
-    """dF: (B, N, A) -> (dg, ddelta, dsigma2), each (B,)."""
-    rows_cache, offsets = cache
-    dmu, dsigma2 = _gaussian_rows_backward(dF, rows_cache)
-    return dmu.sum(axis=1), dmu @ offsets, dsigma2
-
-
 # ---------------------------------------------------------------- a whole window
 
 def windows_forward(p, height, width, Ns):
@@ -305,11 +263,11 @@ def windows_forward(p, height, width, Ns):
     filters are views of the shared array.
     """
     xp = get_array_module(p)
-    Ns = _windows(Ns)
+    Ns = _as_sizes(Ns)
     Mx = sum(Ns)
-    q, pcache = _window_params(p, height, width, Ns)   # per window (gX, gY, sigma2, delta, gamma)
-    mu = q @ _centre_map(xp, Ns, p.dtype)                                # (B, 2 Mx), eq 19-20
-    sigma2 = q[:, 2::5] @ _row_windows(xp, Ns, p.dtype)                  # each row's window's
+    values, pcache = _window_params(p, height, width, Ns)  # (gX, gY, sigma2, delta, gamma) each
+    mu = values @ _centre_map(xp, Ns, p.dtype)                           # (B, 2 Mx), eq 19-20
+    sigma2 = values[:, 2::5] @ _row_owners(xp, Ns, p.dtype)             # each row's window's
     if height == width:
         # One pixel grid for both axes: one (B, M, A) softmax for all rows.
         F, rows_cache = _gaussian_rows(mu, sigma2, width)
@@ -321,7 +279,8 @@ def windows_forward(p, height, width, Ns):
         rows_caches = (x_cache, y_cache)
     windows, start = [], 0
     for w, N in enumerate(Ns):
-        windows.append((Fy_all[:, start:start + N], Fx_all[:, start:start + N], q[:, 5 * w + 4]))
+        windows.append((Fy_all[:, start:start + N], Fx_all[:, start:start + N],
+                        values[:, 5 * w + 4]))
         start += N
     return windows, (pcache, rows_caches, Ns)
 
@@ -341,28 +300,10 @@ def windows_backward(dwindows, cache):
         dmu = xp.concatenate([dmu_x, dmu_y], axis=1)
         dsigma2 = xp.concatenate([dsigma2_x, dsigma2_y], axis=1)
     centre_map = _centre_map(xp, Ns, dmu.dtype)
-    dq = dmu @ centre_map.T                         # (B, 5k); 0 in sigma^2 and gamma columns
-    dq[:, 2::5] = dsigma2 @ _row_windows(xp, Ns, dmu.dtype).T
-    dq[:, 4::5] = xp.stack([dw[2] for dw in dwindows], axis=1)
-    return _window_params_backward(dq, pcache)
-
-
-def window_values(cache):
-    """The windows' (gX, gY, sigma^2, delta, gamma) as eq 22-24 gave them, from a
-    windows_forward or window_forward cache -> q (B, 5k), window after window."""
-    pcache, _, _ = cache
-    return pcache[0]
-
-
-def window_forward(p, height, width, N):
-    """One window: p (B, 5) -> (Fy (B, N, H), Fx (B, N, W), gamma (B,)), cache."""
-    windows, cache = windows_forward(p, height, width, (N,))
-    return windows[0], cache
-
-
-def window_backward(dFy, dFx, dgamma, cache):
-    """dFy (B, N, H), dFx (B, N, W), dgamma (B,) -> dp (B, 5)."""
-    return windows_backward([(dFy, dFx, dgamma)], cache)
+    dvalues = dmu @ centre_map.T                     # (B, 5k); 0 in sigma^2 and gamma columns
+    dvalues[:, 2::5] = dsigma2 @ _row_owners(xp, Ns, dmu.dtype).T
+    dvalues[:, 4::5] = xp.stack([dw[2] for dw in dwindows], axis=1)
+    return _window_params_backward(dvalues, pcache)
 
 
 # ---------------------------------------------------------------- eq 27

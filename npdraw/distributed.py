@@ -1,0 +1,318 @@
+"""Data parallelism over ranks: one model trained by N processes, on one machine or many.
+
+Dimension legend
+    B  global batch       Bk  the examples of rank k (sum over k is B)
+    T  glimpses           Z   latent size
+    P  the total number of parameter values
+    S  = 3 + T statistics that ride with the gradients: loss, L^x, stop flag, KL per glimpse
+
+Launched as ``mpiexec -n N python cli.py train ...`` (or ``srun``), every rank holds the
+parameters and the Adam state, takes its slice of every global batch, and sums the
+gradients with one all-reduce on one flat, preallocated buffer (P + S values): MPI
+(mpi4py) between CPU processes, NCCL between GPUs (bootstrapped over MPI, ChainerMN's
+design). The loss is a batch mean, so the global gradient is the sum over ranks of
+(Bk / B) times each rank's batch-mean gradient: what one process computes, up to float
+rounding. The same Bk/B weighting is used by the CPU worker processes of parallel.py
+(`write_weighted`, `flat_layout`, `flat_views` and `shard_bounds` are shared).
+
+The communicator objects give train.py five things: `shard(B)` (this rank's slice),
+`reduce_step` (the step's all-reduce), `sum` (evaluation sums), `broadcast_text` and
+`check_same`. `SingleProcess` is the trivial one: no copies, results bit for bit those of
+the code without it. `from_environment()` picks MPI when a launcher started more than
+one rank; mpi4py is imported only then.
+
+Stopping: every reduction carries a stop flag. Under MPI, Ctrl-C or SIGTERM only sets
+this rank's flag (`deferred_interrupts`); at the next reduction every rank sees it and raises
+`Interrupted` at the same step, so all ranks stop together and rank 0 reports it as one
+process would. A second Ctrl-C interrupts at once. Any other failure of one rank (an
+exception, a killed process) cannot be agreed on: that rank prints one line and calls
+MPI_Abort, which ends every rank within seconds (`abort`); a killed process is
+detected by the launcher, which ends the others.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+
+import numpy as np
+
+from . import backend
+
+# Launcher variables that say how many ranks were started: MPICH's Hydra, Intel MPI and
+# srun's PMI-2 set PMI_SIZE, Open MPI its own. Inside an srun step (any MPI plugin)
+# SLURM_STEP_NUM_TASKS counts the tasks; SLURM_NTASKS alone does not, since an sbatch
+# script that starts one process has it too.
+_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C reached some rank; every rank raises this at the same reduction."""
+
+
+# ---------------------------------------------------------------- shared with parallel.py
+
+def shard_bounds(B: int, parts: int) -> list:
+    """Bounds of `parts` contiguous slices of B examples, as even as can be:
+    slice k is [bounds[k], bounds[k+1]); some are empty when parts > B."""
+    return [round(k * B / parts) for k in range(parts + 1)]
+
+
+def flat_layout(shapes: dict):
+    """name -> shape (in the dict's order) -> ({name: (offset, shape)}, P), the places of
+    every parameter in one flat (P,) vector."""
+    layout, offset = {}, 0
+    for name, shape in shapes.items():
+        shape = tuple(int(s) for s in shape)
+        layout[name] = (offset, shape)
+        offset += int(np.prod(shape))
+    return layout, offset
+
+
+def flat_views(flat, layout: dict) -> dict:
+    """flat: (>= P,) -> {name: view of its place, shaped like the parameter}."""
+    return {name: flat[off:off + int(np.prod(shape))].reshape(shape)
+            for name, (off, shape) in layout.items()}
+
+
+def write_weighted(grads: dict, share: float, views: dict) -> None:
+    """views[name] <- share * grads[name] for every name: one part of the global
+    gradient, Bk/B times the batch-mean gradient of Bk examples. grads, views: {name: (P,)}."""
+    for name, view in views.items():
+        xp = backend.get_array_module(view)
+        xp.multiply(grads[name], view.dtype.type(share), out=view)
+
+
+# ---------------------------------------------------------------- one process
+
+class SingleProcess:
+    """The communicator of a run in one process: every method is the identity."""
+
+    rank, size, local_rank = 0, 1, 0
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, B: int):
+        """-> (lo, hi): this rank's examples of a global batch of B."""
+        bounds = shard_bounds(B, self.size)
+        return bounds[self.rank], bounds[self.rank + 1]
+
+    def for_device(self, device: str):
+        """The communicator to use with parameters on `device` ('cpu' or 'gpu')."""
+        return self
+
+    def reduce_step(self, params, T, result, share):
+        """The step's all-reduce. result: (loss, grads, stats) of this rank's examples
+        from model.loss_and_grads, or None when it has none; share: Bk / B.
+        -> (loss, grads, stats) of the global batch. Here: result itself."""
+        return result
+
+    def sum(self, values):
+        """Evaluation sums: values (K,) float64 -> their sum over ranks (K,)."""
+        return np.asarray(values, dtype=np.float64)
+
+    def broadcast_text(self, text: str) -> str:
+        """Rank 0's text, on every rank."""
+        return text
+
+    def check_same(self, value: float, what: str) -> None:
+        """RuntimeError unless every rank holds the same `value`."""
+
+    def deferred_interrupts(self):
+        """A context in which Ctrl-C stops every rank at the next reduction."""
+        return contextlib.nullcontext()
+
+    def abort(self, message: str):
+        """Print `message` and end every rank (not reached in one process: raises)."""
+        raise RuntimeError(message)
+
+    def describe(self) -> str:
+        return ""
+
+
+# ---------------------------------------------------------------- MPI
+
+class StepBuffer:
+    """The one flat buffer of a step's all-reduce, on the parameters' device:
+    [gradients (P,) | loss, L^x, stop, KL (T,)], in the parameters' dtype.
+
+    params: {name: array of any shape} (NumPy or CuPy), fixing the layout and device.
+    The statistics ride in the same dtype: float32 rounds a loss of ~100 nats to ~1e-5.
+    """
+
+    def __init__(self, params: dict, T: int):
+        first = next(iter(params.values()))
+        xp = backend.get_array_module(first)
+        self.layout, self.P = flat_layout({name: p.shape for name, p in params.items()})
+        self.T = T
+        self.flat = xp.zeros(self.P + 3 + T, dtype=first.dtype)
+        self.grads = flat_views(self.flat, self.layout)
+
+    def pack(self, result, share: float, stop: bool) -> None:
+        """This rank's part: share * (gradients, loss, L^x, KL) and its stop flag."""
+        tail = np.zeros(3 + self.T, dtype=np.float64)
+        if result is None:                       # no examples on this rank
+            self.flat[:self.P] = 0
+        else:
+            loss, grads, stats = result
+            write_weighted(grads, share, self.grads)
+            tail[0], tail[1] = share * loss, share * stats["recon"]
+            tail[3:] = share * np.asarray(stats["kl"], dtype=np.float64)
+        tail[2] = float(stop)
+        xp = backend.get_array_module(self.flat)
+        self.flat[self.P:] = xp.asarray(tail.astype(self.flat.dtype))  # S values to a GPU
+
+    def unpack(self):
+        """-> (loss, grads (views into the buffer, valid until the next pack), stats, stop)."""
+        tail = backend.to_numpy(self.flat[self.P:]).astype(np.float64)  # one transfer
+        loss, recon, stop, kl = float(tail[0]), float(tail[1]), tail[2] > 0, tail[3:]
+        stats = {"loss": loss, "recon": recon, "kl": kl, "kl_total": float(kl.sum())}
+        return loss, self.grads, stats, stop
+
+
+class MPIRanks(SingleProcess):
+    """Ranks of an MPI communicator (mpi4py's COMM_WORLD, or a stand-in with its
+    Get_rank, Get_size, Allreduce, Bcast and Abort); `mpi` is the module holding
+    IN_PLACE, SUM and MAX."""
+
+    def __init__(self, comm, mpi, local_rank: int = 0):
+        self.comm, self._mpi = comm, mpi
+        self.rank, self.size = int(comm.Get_rank()), int(comm.Get_size())
+        self.local_rank = local_rank
+        self._buffer = None
+        self._stop_requested = False
+
+    def describe(self) -> str:
+        return f"{self.size} MPI ranks"
+
+    def for_device(self, device: str):
+        if device != "gpu":
+            return self
+        return NCCLRanks(self.comm, self._mpi, self.local_rank)
+
+    # -- the step
+
+    def _allreduce_flat(self, flat) -> None:
+        self.comm.Allreduce(self._mpi.IN_PLACE, flat, op=self._mpi.SUM)
+
+    def reduce_step(self, params, T, result, share):
+        if self._buffer is None:
+            self._buffer = StepBuffer(params, T)
+        self._buffer.pack(result, share, self._stop_requested)
+        self._allreduce_flat(self._buffer.flat)
+        loss, grads, stats, stop = self._buffer.unpack()
+        if stop:
+            raise Interrupted
+        return loss, grads, stats
+
+    # -- small host-side collectives
+
+    def sum(self, values):
+        values = np.asarray(values, dtype=np.float64)
+        buffer = np.append(values, float(self._stop_requested))
+        self.comm.Allreduce(self._mpi.IN_PLACE, buffer, op=self._mpi.SUM)
+        if buffer[-1] > 0:
+            raise Interrupted
+        return buffer[:-1]
+
+    def broadcast_text(self, text: str) -> str:
+        data = np.frombuffer(text.encode(), dtype=np.uint8) if self.is_root else None
+        length = np.array([0 if data is None else data.size], dtype=np.int64)
+        self.comm.Bcast(length, root=0)
+        if data is None:
+            data = np.empty(int(length[0]), dtype=np.uint8)
+        else:
+            data = data.copy()
+        self.comm.Bcast(data, root=0)
+        return data.tobytes().decode()
+
+    def check_same(self, value: float, what: str) -> None:
+        extremes = np.array([value, -value], dtype=np.float64)
+        self.comm.Allreduce(self._mpi.IN_PLACE, extremes, op=self._mpi.MAX)
+        if not extremes[0] == -extremes[1]:
+            raise RuntimeError(f"the ranks disagree on {what}: from {-extremes[1]!r} to "
+                               f"{extremes[0]!r}; their parameters have drifted apart")
+
+    # -- stopping
+
+    @contextlib.contextmanager
+    def deferred_interrupts(self):
+        def request_stop(signum, frame):
+            if self._stop_requested:              # the second Ctrl-C: now
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        # SIGTERM too: schedulers send it to every rank (see docs/TRAINING.md, Stopping)
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT,
+                                                                      signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def abort(self, message: str):
+        sys.stderr.write(f"Error: rank {self.rank} of {self.size}: {message}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        self.comm.Abort(1)
+        os._exit(1)                               # not reached with a real MPI
+
+
+class NCCLRanks(MPIRanks):
+    """MPI ranks with one GPU each, chosen by the rank's place on its machine; the
+    step's all-reduce runs over NCCL on the device buffer (no host copy of gradients),
+    bootstrapped by broadcasting NCCL's unique id over MPI. Evaluation sums and the
+    other small collectives stay on MPI."""
+
+    def __init__(self, comm, mpi, local_rank: int):
+        super().__init__(comm, mpi, local_rank)
+        count = backend.gpu_count()
+        if local_rank >= count:
+            raise ValueError(f"rank {self.rank} is number {local_rank + 1} on its machine, "
+                             f"which has {count} GPU(s): start one rank per GPU")
+        backend.use_gpu(local_rank)
+        unique_id = np.zeros(backend.NCCL_UNIQUE_ID_BYTES, dtype=np.int8)
+        if self.is_root:
+            unique_id[:] = backend.nccl_unique_id()
+        comm.Bcast(unique_id, root=0)
+        self._nccl = backend.nccl_communicator(self.size, unique_id, self.rank)
+
+    def describe(self) -> str:
+        return f"{self.size} MPI ranks, one GPU each, NCCL"
+
+    def _allreduce_flat(self, flat) -> None:
+        backend.nccl_allreduce_sum(self._nccl, flat)
+
+
+def launched_ranks(environ=None) -> int:
+    """How many ranks the launcher (mpiexec, mpirun, srun) says it started; 1 without one."""
+    environ = os.environ if environ is None else environ
+    for name in _SIZE_VARIABLES:
+        value = environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    if environ.get("SLURM_STEP_ID", "").isdigit() and \
+            environ.get("SLURM_STEP_NUM_TASKS", "").isdigit():
+        return int(environ["SLURM_STEP_NUM_TASKS"])
+    return 1
+
+
+def from_environment():
+    """SingleProcess, or MPIRanks over COMM_WORLD when a launcher started more than one
+    rank (mpi4py is imported only then; ValueError when it is missing)."""
+    if launched_ranks() <= 1:
+        return SingleProcess()
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise ValueError(f"started as {launched_ranks()} MPI ranks, but mpi4py cannot be "
+                         f"imported ({err}); install it with: pip install -e \".[mpi]\"") from None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() == 1:
+        return SingleProcess()
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank()).Get_rank()
+    return MPIRanks(comm, MPI, local_rank)

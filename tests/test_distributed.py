@@ -1,0 +1,550 @@
+"""Data-parallel ranks (npdraw.distributed): the communicators in-process on a stand-in
+MPI group of threads, the NCCL path on stand-in CuPy/NCCL objects, and real MPI runs
+under `mpiexec -n 2` and `-n 3` (more ranks than CI's two cores).
+
+The MPI runs need mpi4py and the mpiexec that the mpich wheel installs next to this
+Python (`pip install -e ".[mpi]"`); they are skipped only where mpi4py is absent.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npdraw import backend, distributed, model
+from npdraw import checkpoint as ckpt_lib
+from npdraw import train as train_lib
+from npdraw.config import DrawConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+ATT = DrawConfig(height=6, width=7, T=3, read_n=2, write_n=3, enc_dim=8, dec_dim=9, z_dim=4)
+
+
+def _batch(cfg, B, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.random((B, cfg.D)) < 0.4).astype(dtype)
+    eps = rng.standard_normal((cfg.T, B, cfg.z_dim)).astype(dtype)
+    return x, eps
+
+
+# ---------------------------------------------------------------- a stand-in MPI group
+
+class _FakeMPI:
+    """The constants MPIRanks takes from mpi4py's MPI module."""
+    IN_PLACE, SUM, MAX = "IN_PLACE", "SUM", "MAX"
+
+
+class _Group:
+    """`size` ranks as threads: collectives meet at a barrier; sums run in rank order."""
+
+    def __init__(self, size):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=30)
+        self.slots = [None] * size
+        self.aborted = []
+
+    def comm(self, rank):
+        return _FakeComm(self, rank)
+
+
+class _FakeComm:
+    def __init__(self, group, rank):
+        self.group, self.rank = group, rank
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.group.size
+
+    def _exchange(self, buffer):
+        self.group.slots[self.rank] = np.array(buffer)
+        self.group.barrier.wait()
+        parts = list(self.group.slots)
+        self.group.barrier.wait()            # nobody overwrites a slot still being read
+        return parts
+
+    def Allreduce(self, sendbuf, recvbuf, op):
+        assert sendbuf is _FakeMPI.IN_PLACE
+        parts = self._exchange(recvbuf)
+        result = parts[0].copy()
+        for part in parts[1:]:
+            result = result + part if op == _FakeMPI.SUM else np.maximum(result, part)
+        recvbuf[...] = result
+
+    def Bcast(self, buffer, root=0):
+        buffer[...] = self._exchange(buffer)[root]
+
+    def Abort(self, code):
+        self.group.aborted.append((self.rank, code))
+
+
+def _run_ranks(size, work, make=None):
+    """work(comm, rank) on `size` threads, each with its communicator -> results by rank."""
+    group = _Group(size)
+    make = make or (lambda comm, rank: distributed.MPIRanks(comm, _FakeMPI))
+    results, errors = [None] * size, []
+
+    def run(rank):
+        try:
+            results[rank] = work(make(group.comm(rank), rank), rank)
+        except BaseException as error:       # noqa: BLE001 - reported below
+            errors.append((rank, error))
+            group.barrier.abort()
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if errors:
+        raise errors[0][1]
+    return results
+
+
+def _sharded_step(comm, params, cfg, x, eps):
+    """What train does with one batch on one rank."""
+    lo, hi = comm.shard(x.shape[0])
+    mine = (model.loss_and_grads(params, cfg, x[lo:hi], np.ascontiguousarray(eps[:, lo:hi]))
+            if hi > lo else None)
+    loss, grads, stats = comm.reduce_step(params, cfg.T, mine, (hi - lo) / x.shape[0])
+    return loss, {k: np.array(v) for k, v in grads.items()}, stats
+
+
+def _assert_same_step(got, want, rtol):
+    loss, grads, stats = want
+    loss_r, grads_r, stats_r = got
+    assert loss_r == pytest.approx(loss, rel=rtol)
+    assert stats_r["recon"] == pytest.approx(stats["recon"], rel=rtol)
+    # a glimpse's KL nearly cancels at initialisation: its rounding is absolute (Z eps)
+    np.testing.assert_allclose(stats_r["kl"], stats["kl"], rtol=rtol, atol=1e-14)
+    assert set(grads_r) == set(grads)
+    for name in grads:
+        assert grads_r[name].shape == grads[name].shape
+        scale = max(1e-8, float(np.abs(grads[name]).max()))
+        assert float(np.abs(grads_r[name] - grads[name]).max()) / scale < rtol, name
+
+
+# The tolerance: a gradient entry is a sum over the B examples (and T glimpses); split
+# over ranks, the per-rank sums are scaled by Bk/B and added in another order. Each
+# regrouping costs a few float64 eps (1.1e-16) relative to the sum of magnitudes,
+# which stays within a few times max|g| here: 1e-12 is a bound with room, not a fit.
+RTOL64 = 1e-12
+
+
+@pytest.mark.parametrize("B,ranks", [(7, 3), (2, 3), (5, 2)],
+                         ids=["uneven", "a-rank-without-examples", "two-ranks"])
+def test_ranks_sum_to_the_one_process_step_in_float64(B, ranks):
+    params = model.init_params(ATT, seed=1, dtype="float64")
+    x, eps = _batch(ATT, B, np.float64)
+    want = model.loss_and_grads(params, ATT, x, eps)
+    for got in _run_ranks(ranks, lambda comm, rank: _sharded_step(comm, params, ATT, x, eps)):
+        _assert_same_step(got, want, RTOL64)
+
+
+def test_the_single_process_communicator_changes_nothing():
+    params = model.init_params(ATT, seed=1, dtype="float32")
+    x, eps = _batch(ATT, 4, np.float32)
+    result = model.loss_and_grads(params, ATT, x, eps)
+    comm = distributed.SingleProcess()
+    assert comm.reduce_step(params, ATT.T, result, 1.0) is result
+    assert comm.shard(4) == (0, 4) and comm.is_root
+    assert comm.sum([1.5, 2.0]).tolist() == [1.5, 2.0]
+
+
+def test_evaluation_is_sharded_to_the_same_figures():
+    params = model.init_params(ATT, seed=1, dtype="float64")
+    x = (np.random.default_rng(7).random((11, ATT.D)) < 0.4).astype(np.float64)
+    plain_bound = train_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3))
+    plain_iwae = train_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4,
+                                                   np.random.default_rng(2))
+
+    def work(comm, rank):
+        return (train_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3),
+                                         comm=comm),
+                train_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4,
+                                                  np.random.default_rng(2), comm=comm))
+    for bound, iwae in _run_ranks(3, work):            # batches of 4 over 3 ranks: 1, 2, 1
+        assert bound == pytest.approx(plain_bound, rel=RTOL64)
+        assert iwae == pytest.approx(plain_iwae, rel=RTOL64)
+
+
+def test_a_stop_request_of_one_rank_stops_every_rank_at_the_same_reduction():
+    params = model.init_params(ATT, seed=0, dtype="float64")
+    x, eps = _batch(ATT, 4, np.float64)
+
+    def work(comm, rank):
+        _sharded_step(comm, params, ATT, x, eps)       # a normal step first
+        if rank == 1:
+            comm._stop_requested = True                 # what its Ctrl-C handler sets
+        with pytest.raises(distributed.Interrupted):
+            _sharded_step(comm, params, ATT, x, eps)
+        with pytest.raises(distributed.Interrupted):
+            comm.sum([1.0])
+        return True
+    assert _run_ranks(2, work) == [True, True]
+
+
+def test_a_nan_on_one_rank_reaches_every_rank():
+    """Every rank then stops at the same step, as one process does on a NaN loss."""
+    params = model.init_params(ATT, seed=0, dtype="float32")
+    x, eps = _batch(ATT, 4, np.float32)
+
+    def work(comm, rank):
+        lo, hi = comm.shard(4)
+        loss, grads, stats = model.loss_and_grads(params, ATT, x[lo:hi],
+                                                  np.ascontiguousarray(eps[:, lo:hi]))
+        if rank == 1:
+            grads = {**grads, "c0": grads["c0"] * np.float32("nan")}
+            loss = float("nan")
+        loss, grads, _ = comm.reduce_step(params, ATT.T, (loss, grads, stats), 0.5)
+        return np.isnan(loss), bool(np.isnan(grads["c0"]).all())
+    assert _run_ranks(2, work) == [(True, True), (True, True)]
+
+
+def test_the_environment_decides_between_one_process_and_mpi(monkeypatch):
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert type(distributed.from_environment()) is distributed.SingleProcess
+    monkeypatch.setenv("PMI_SIZE", "1")                    # mpiexec -n 1: no MPI needed
+    assert type(distributed.from_environment()) is distributed.SingleProcess
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)       # as if it were not installed
+    with pytest.raises(ValueError, match=r"started as 2 MPI ranks, but mpi4py cannot be "
+                                         r"imported.*pip install -e \"\.\[mpi\]\""):
+        distributed.from_environment()
+
+
+def test_ctrl_c_under_mpi_only_requests_a_stop_and_a_second_one_interrupts():
+    comm = distributed.MPIRanks(_Group(1).comm(0), _FakeMPI)
+    previous = signal.getsignal(signal.SIGINT)
+    with comm.deferred_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert comm._stop_requested                      # no KeyboardInterrupt yet
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_small_collectives():
+    def work(comm, rank):
+        text = comm.broadcast_text("runs/draw-2" if rank == 0 else "")
+        comm.check_same(2.5, "a figure")
+        with pytest.raises(RuntimeError, match="the ranks disagree on the norm"):
+            comm.check_same(float(rank), "the norm")
+        return text, comm.sum([rank, 1.0]).tolist()
+    assert _run_ranks(3, work) == [("runs/draw-2", [3.0, 3.0])] * 3
+
+
+def test_abort_prints_one_line_and_calls_mpi_abort(capsys, monkeypatch):
+    group = _Group(2)
+    comm = distributed.MPIRanks(group.comm(1), _FakeMPI)
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: None)
+    comm.abort("RuntimeError: boom")
+    assert capsys.readouterr().err == "Error: rank 1 of 2: RuntimeError: boom\n"
+    assert group.aborted == [(1, 1)]
+
+
+def test_shards_and_the_launchers_rank_count():
+    assert distributed.shard_bounds(7, 3) == [0, 2, 5, 7]
+    assert distributed.shard_bounds(2, 3) == [0, 1, 1, 2]
+    assert distributed.launched_ranks({}) == 1
+    assert distributed.launched_ranks({"PMI_SIZE": "4"}) == 4
+    assert distributed.launched_ranks({"OMPI_COMM_WORLD_SIZE": "3"}) == 3
+    assert distributed.launched_ranks({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8"}) == 8
+    assert distributed.launched_ranks({"SLURM_NTASKS": "8"}) == 1      # an sbatch script
+
+
+def test_workers_are_refused_under_mpi(tmp_path):
+    comm = distributed.MPIRanks(_Group(2).comm(0), _FakeMPI)
+    tcfg = TrainConfig(epochs=1, device="cpu", workers=2, out=str(tmp_path))
+    with pytest.raises(ValueError, match="under MPI each of the 2 ranks is one process"):
+        train_lib.train(ATT, tcfg, log=lambda *a: None, comm=comm,
+                        data=types.SimpleNamespace(shape=(1, 6, 7)))
+
+
+# ---------------------------------------------------------------- the NCCL path, on stand-ins
+
+class _FakeNccl:
+    NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = 7, 8, 0
+
+    def __init__(self):
+        self.made = []
+
+    def get_unique_id(self):
+        return tuple(range(-64, 64))
+
+    def NcclCommunicator(self, size, unique_id, rank):
+        self.made.append((size, unique_id, rank))
+        return ("nccl", rank)
+
+
+def test_nccl_ranks_bootstrap_over_mpi_and_sum_on_the_device_buffer(monkeypatch):
+    """One GPU per rank by local rank, NCCL's id from rank 0, the flat buffer summed by
+    NCCL (here a stand-in that sums the ranks' buffers) and equal to one process."""
+    fake = _FakeNccl()
+    used, group = [], {}
+    monkeypatch.setattr(backend, "gpu_count", lambda: 2)
+    monkeypatch.setattr(backend, "use_gpu", used.append)
+    monkeypatch.setattr(backend, "_nccl", lambda: fake)
+
+    def nccl_sum(communicator, flat):                   # the device all-reduce, on threads
+        group["comms"][communicator[1]].Allreduce(_FakeMPI.IN_PLACE, flat, op=_FakeMPI.SUM)
+        group["reduced"] = flat.size
+    monkeypatch.setattr(backend, "nccl_allreduce_sum", nccl_sum)
+
+    def make(comm, rank):
+        group.setdefault("comms", {})[rank] = _FakeComm(comm.group, rank)
+        return distributed.MPIRanks(comm, _FakeMPI, local_rank=rank).for_device("gpu")
+
+    params = model.init_params(ATT, seed=1, dtype="float64")
+    x, eps = _batch(ATT, 5, np.float64)
+    want = model.loss_and_grads(params, ATT, x, eps)
+    results = _run_ranks(2, lambda comm, rank: (type(comm).__name__,
+                                                _sharded_step(comm, params, ATT, x, eps)),
+                         make)
+    for name, got in results:
+        assert name == "NCCLRanks"
+        _assert_same_step(got, want, RTOL64)
+    assert sorted(used) == [0, 1]
+    assert sorted(fake.made) == [(2, tuple(range(-64, 64)), 0), (2, tuple(range(-64, 64)), 1)]
+    P = sum(v.size for v in params.values())
+    assert group["reduced"] == P + 3 + ATT.T           # one buffer: gradients and statistics
+
+
+def test_a_rank_without_its_own_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(backend, "gpu_count", lambda: 1)
+    with pytest.raises(ValueError, match="start one rank per GPU"):
+        distributed.NCCLRanks(_Group(2).comm(1), _FakeMPI, local_rank=1)
+
+
+def test_nccl_allreduce_sum_calls_nccl_in_place_on_the_current_stream(monkeypatch):
+    calls = []
+    fake = _FakeNccl()
+    stream = types.SimpleNamespace(ptr=1234)
+    monkeypatch.setattr(backend, "_nccl", lambda: fake)
+    monkeypatch.setattr(backend, "_cupy", types.SimpleNamespace(
+        cuda=types.SimpleNamespace(get_current_stream=lambda: stream)))
+
+    class DeviceArray:          # what the call reads of a CuPy array
+        def __init__(self, dtype, contiguous=True):
+            self.dtype, self.size = np.dtype(dtype), 10
+            self.flags = types.SimpleNamespace(c_contiguous=contiguous)
+            self.data = types.SimpleNamespace(ptr=99)
+    communicator = types.SimpleNamespace(allReduce=lambda *args: calls.append(args))
+    backend.nccl_allreduce_sum(communicator, DeviceArray("float32"))
+    backend.nccl_allreduce_sum(communicator, DeviceArray("float64"))
+    assert calls == [(99, 99, 10, 7, 0, 1234), (99, 99, 10, 8, 0, 1234)]
+    with pytest.raises(ValueError, match="contiguous float32/float64"):
+        backend.nccl_allreduce_sum(communicator, DeviceArray("float16"))
+    with pytest.raises(ValueError, match="contiguous float32/float64"):
+        backend.nccl_allreduce_sum(communicator, DeviceArray("float32", contiguous=False))
+
+
+# ---------------------------------------------------------------- real MPI: mpiexec -n N
+
+def _mpiexec():
+    """The mpiexec of the mpich wheel, next to this Python (not whatever PATH finds)."""
+    pytest.importorskip("mpi4py", reason="the MPI tests need pip install -e \".[mpi]\"")
+    path = Path(sys.executable).parent / "mpiexec"
+    if not path.is_file():
+        pytest.fail(f"mpi4py is installed but there is no mpiexec next to {sys.executable}; "
+                    "install the mpich wheel: pip install -e \".[mpi]\"")
+    return str(path)
+
+
+def _run_mpi(ranks, args, timeout=180):
+    """`mpiexec -n ranks python args...` from the repository root, one BLAS thread per
+    rank. The timeout only keeps a hang from stalling the suite; a hang fails."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    return subprocess.run([_mpiexec(), "-n", str(ranks), sys.executable, *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+_STEP_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from npdraw import distributed, model, train as train_lib
+from npdraw.config import DrawConfig
+cfg, inputs, out = DrawConfig.from_dict(json.loads(sys.argv[2])), np.load(sys.argv[3]), sys.argv[4]
+params = {k[2:]: inputs[k] for k in inputs.files if k.startswith("p:")}
+x, eps = inputs["x"], inputs["eps"]
+comm = distributed.from_environment()
+lo, hi = comm.shard(x.shape[0])
+mine = model.loss_and_grads(params, cfg, x[lo:hi], np.ascontiguousarray(eps[:, lo:hi]))
+loss, grads, stats = comm.reduce_step(params, cfg.T, mine, (hi - lo) / x.shape[0])
+bound = train_lib.evaluate_bound(params, cfg, x, 4, np.random.default_rng(3), comm=comm)
+iwae = train_lib.evaluate_iwae_and_bound(params, cfg, x, 3, 4, np.random.default_rng(2), comm=comm)
+if comm.rank == 0:
+    np.savez(out, loss=loss, recon=stats["recon"], kl=stats["kl"], bound=bound, iwae=iwae,
+             size=comm.size, **{"g:" + k: v for k, v in grads.items()})
+"""
+
+
+def test_mpiexec_ranks_give_the_one_process_loss_gradients_and_bounds(tmp_path):
+    """Three ranks (more than CI's two cores) over a batch of 7, in float64."""
+    params = model.init_params(ATT, seed=1, dtype="float64")
+    x, eps = _batch(ATT, 7, np.float64)
+    np.savez(tmp_path / "inputs.npz", x=x, eps=eps, **{"p:" + k: v for k, v in params.items()})
+    result = _run_mpi(3, ["-c", _STEP_SCRIPT, REPO, json.dumps(ATT.to_dict()),
+                          tmp_path / "inputs.npz", tmp_path / "out.npz"])
+    assert result.returncode == 0, result.stderr
+    got = np.load(tmp_path / "out.npz")
+    assert int(got["size"]) == 3
+    grads = {k[2:]: got[k] for k in got.files if k.startswith("g:")}
+    _assert_same_step((float(got["loss"]), grads, {"recon": float(got["recon"]), "kl": got["kl"]}),
+                      model.loss_and_grads(params, ATT, x, eps), RTOL64)
+    assert float(got["bound"]) == pytest.approx(
+        train_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3)), rel=RTOL64)
+    np.testing.assert_allclose(got["iwae"], train_lib.evaluate_iwae_and_bound(
+        params, ATT, x, 3, 4, np.random.default_rng(2)), rtol=RTOL64)
+
+
+# The paper's attention layout (read 2x2, write 5x5) at toy sizes; 200 images in batches
+# of 45 (the last one 20), so shards are uneven: 22 and 23 examples.
+TINY = DrawConfig(T=3, read_n=2, write_n=5, enc_dim=16, dec_dim=16, z_dim=4)
+TRAIN_ARGS = ["--niter", 3, "--attention", "2,5", "--enc-dim", 16, "--dec-dim", 16,
+              "--z-dim", 4, "--bs", 45, "--subset", 200, "--eval-subset", 200, "--seed", 3,
+              "--device", "cpu", "--no-progress"]
+
+# A CLI run whose rank 1 misbehaves at its n-th model call (1-based), as a failing rank
+# would: "raise" an exception, "kill" itself, or receive Ctrl-C ("interrupt").
+_FAULTY_RANK = """
+import os, runpy, signal, sys
+sys.path.insert(0, sys.argv[1])
+from npdraw import model
+how, at = sys.argv[2], int(sys.argv[3])
+if os.environ.get("PMI_RANK") == "1":
+    real, calls = model.loss_and_grads, [0]
+    def faulty(*args):
+        calls[0] += 1
+        if calls[0] == at:
+            if how == "raise":
+                raise RuntimeError("injected failure")
+            os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGINT)
+        return real(*args)
+    model.loss_and_grads = faulty
+sys.argv = [os.path.join(sys.argv[1], "cli.py")] + sys.argv[4:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+STEPS_PER_EPOCH = 5                       # 200 images in batches of 45
+
+
+def _train_args(data_args, out, name, epochs):
+    return ["train", *TRAIN_ARGS, *data_args, "--out", out, "--name", name, "--epochs", epochs]
+
+
+@pytest.fixture
+def data_args(bmnist_data_dir, bmnist_mirror):
+    return ["--data-dir", bmnist_data_dir, "--mirror", bmnist_mirror]
+
+
+@pytest.fixture(scope="module")
+def mpi_run(bmnist_data_dir, bmnist_mirror, tmp_path_factory):
+    """Two epochs through `mpiexec -n 2 python cli.py train --attention 2,5 ...`."""
+    out = tmp_path_factory.mktemp("mpi")
+    args = _train_args(["--data-dir", bmnist_data_dir, "--mirror", bmnist_mirror], out,
+                       "straight", 2)
+    result = _run_mpi(2, [REPO / "cli.py", *args])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out / "straight", result.stdout
+
+
+def test_two_ranks_train_the_one_process_model(mpi_run, bmnist, tmp_path):
+    run, stdout = mpi_run
+    assert "(2 MPI ranks)" in stdout
+    assert stdout.count("run dir:") == 1 and stdout.count("done:") == 1   # rank 0 alone
+    one = train_lib.train(TINY, TrainConfig(epochs=2, batch_size=45, subset=200,
+                                            eval_subset=200, seed=3, device="cpu",
+                                            workers=1, out=str(tmp_path), name="one"),
+                          log=lambda *a: None, data=bmnist, progress=False)
+    rows, rows_one = train_lib.read_log(run), train_lib.read_log(one)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    # float32 sums regrouped (a few eps, 6e-8, per step), then carried through 10 Adam
+    # steps of a recurrent model: the same tolerance as the worker processes' test
+    for row, row_one in zip(rows, rows_one):
+        assert row["step"] == row_one["step"] == row["epoch"] * STEPS_PER_EPOCH
+        for key in ("train_bound", "train_recon", "valid_bound", "test_bound", "grad_norm",
+                    "step_norm"):
+            assert row[key] == pytest.approx(row_one[key], rel=1e-4), key
+        np.testing.assert_allclose(row["kl"], row_one["kl"], rtol=1e-3, atol=1e-4)
+    a = ckpt_lib.load_checkpoint(run / "checkpoint.h5")
+    b = ckpt_lib.load_checkpoint(one / "checkpoint.h5")
+    assert a.rng_state == b.rng_state          # the same draws: order and noise
+    for name in a.params:
+        np.testing.assert_allclose(a.params[name], b.params[name], rtol=1e-3, atol=1e-4,
+                                   err_msg=name)
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+@pytest.fixture(scope="module")
+def bmnist(bmnist_data_dir, bmnist_mirror):
+    from npdraw.data import load_splits
+    return load_splits("bmnist", data_dir=str(bmnist_data_dir), mirror=str(bmnist_mirror),
+                       progress=False)
+
+
+def test_ctrl_c_on_one_rank_stops_all_and_the_resume_under_mpi_is_exact(mpi_run, data_args,
+                                                                         tmp_path):
+    straight, _ = mpi_run
+    at = STEPS_PER_EPOCH + 2                                # epoch 2, step 2
+    stopped = _run_mpi(2, ["-c", _FAULTY_RANK, REPO, "interrupt", at,
+                           *_train_args(data_args, tmp_path, "stopped", 2)])
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert "interrupted in epoch 2" in stopped.stdout and "--resume" in stopped.stdout
+    run = tmp_path / "stopped"
+    assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 1
+    resumed = _run_mpi(2, [REPO / "cli.py", "train", "--resume", run, "--epochs", 2,
+                           "--no-progress", *data_args])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    a = ckpt_lib.load_checkpoint(straight / "checkpoint.h5")
+    b = ckpt_lib.load_checkpoint(run / "checkpoint.h5")
+    assert a.epoch == b.epoch == 2 and a.rng_state == b.rng_state
+    for name in a.params:
+        assert np.array_equal(a.params[name], b.params[name]), name
+        assert np.array_equal(a.opt_state["m"][name], b.opt_state["m"][name]), name
+        assert np.array_equal(a.opt_state["v"][name], b.opt_state["v"][name]), name
+    for ra, rb in zip(train_lib.read_log(straight), train_lib.read_log(run)):
+        for key in ("train_bound", "valid_bound", "test_bound", "kl", "grad_norm", "step_norm"):
+            assert ra[key] == rb[key], key
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_failing_rank_stops_every_rank_and_keeps_the_last_checkpoint(how, data_args,
+                                                                       tmp_path):
+    result = _run_mpi(2, ["-c", _FAULTY_RANK, REPO, how, STEPS_PER_EPOCH + 2,
+                          *_train_args(data_args, tmp_path, "run", 3)], timeout=120)
+    assert result.returncode != 0
+    if how == "raise":
+        line = next(l for l in result.stderr.splitlines() if l.startswith("Error: rank 1 of 2"))
+        assert "RuntimeError: injected failure (in epoch 2); stopping every rank." in line
+        assert "holds the last completed epoch (epoch 1)" in line and "--resume" in line
+    assert "epoch 2/3" not in result.stdout and "done:" not in result.stdout
+    assert ckpt_lib.load_checkpoint(tmp_path / "run" / "checkpoint.h5").epoch == 1
+    assert len(train_lib.read_log(tmp_path / "run")) == 1
+
+
+def test_evaluate_under_mpiexec_gives_the_one_process_figures(mpi_run, data_args):
+    run, _ = mpi_run
+    args = ["evaluate", run / "checkpoint.h5", "--k", 3, "--subset", 90, "--bs", 40,
+            "--json", *data_args]
+    shared = _run_mpi(2, [REPO / "cli.py", *args])
+    assert shared.returncode == 0, shared.stdout + shared.stderr
+    lines = shared.stdout.strip().splitlines()
+    assert len(lines) == 1                                 # rank 0 alone prints
+    one = subprocess.run([sys.executable, REPO / "cli.py", *map(str, args)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    got, want = json.loads(lines[0]), json.loads(one.stdout.strip().splitlines()[-1])
+    # float32 forwards of sub-batches (GEMMs of other widths round otherwise, a few eps of
+    # 6e-8 per glimpse), float64 sums
+    for key in ("nll_bound", "nll_iwae"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert got["n"] == want["n"] == 90

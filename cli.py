@@ -535,7 +535,7 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
 @click.option("--valid-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Labelled training digits held out for validation.")
 @click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True,
-              help="Adam learning rate.")
+              help="Adam learning rate (with --resume: the one to continue with).")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
               help="Total epochs (with --resume: the new total).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
@@ -567,17 +567,20 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
     """Train the attentive classifier on cluttered MNIST (paper table 1); writes a run dir."""
     from npdraw import train as train_lib
 
+    overrides = ()
     if resume:
+        given = [p for p in ctx.params
+                 if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
         ignored = [p for p in ("glimpses", "read_n", "hidden", "size", "distractors", "crop",
-                               "valid_size", "lr", "batch_size", "clip", "seed", "subset",
-                               "eval_subset", "name", "out", "dtype")
-                   if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+                               "valid_size", "batch_size", "clip", "seed", "subset",
+                               "eval_subset", "name", "out", "dtype") if p in given]
         if ignored:
             click.echo("note: --resume takes the model and training settings from the "
                        f"checkpoint; ignoring {', '.join(ignored)}", err=True)
+        overrides = ("lr",) if "lr" in given else ()
         cfg = None
         ccfg = ClassifyConfig(epochs=epochs, device=device, data_dir=data_dir, mirror=mirror,
-                              resume=str(resume))
+                              resume=str(resume), lr=lr)
     else:
         cfg = ClassifierConfig(height=size, width=size, glimpses=glimpses, read_n=read_n,
                                hidden=hidden)
@@ -587,11 +590,12 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
                               eval_subset=eval_subset, device=device, dtype=dtype, name=name,
                               out=out)
     try:
-        train_lib.train_classifier(cfg, ccfg, log=click.echo, progress=not no_progress)
+        train_lib.train_classifier(cfg, ccfg, log=click.echo, progress=not no_progress,
+                                   resume_overrides=overrides)
     except train_lib.TrainingInterrupted:
         click.echo("training interrupted", err=True)
         ctx.exit(130)
-    except train_lib.NonFiniteLossError as err:
+    except (train_lib.NonFiniteLossError, train_lib.WriteFailed) as err:
         raise click.ClickException(str(err)) from None
 
 

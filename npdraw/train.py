@@ -1097,18 +1097,25 @@ def cluttered_eval_sets(ccfg: ClassifyConfig, cfg: ClassifierConfig, digits):
     return synthetic.cluttered_splits(digits, cfg.height, ccfg.distractors, ccfg.crop)
 
 
-def _resumed_classify_config(ccfg: ClassifyConfig, saved: ClassifyConfig) -> ClassifyConfig:
-    """The saved run's settings, with the new epochs and device, and data_dir and mirror
+def _resumed_classify_config(ccfg: ClassifyConfig, saved: ClassifyConfig,
+                             overrides=()) -> ClassifyConfig:
+    """The saved run's settings, with the new epochs and device, the fields named in
+    ``overrides`` (only "lr": a lower rate for the next phase), and data_dir and mirror
     where the new ones differ from the defaults."""
+    if set(overrides) - {"lr"}:
+        raise ValueError(f"a resumed classifier run keeps its "
+                         f"{', '.join(sorted(set(overrides) - {'lr'}))}; only lr can change")
     defaults = ClassifyConfig()
     where = {k: (getattr(ccfg, k) if getattr(ccfg, k) != getattr(defaults, k)
                  else getattr(saved, k)) for k in ("data_dir", "mirror")}
     return ClassifyConfig.from_dict({**saved.to_dict(), **where, "epochs": ccfg.epochs,
-                                     "device": ccfg.device, "resume": str(ccfg.resume)})
+                                     "device": ccfg.device, "resume": str(ccfg.resume),
+                                     **{k: getattr(ccfg, k) for k in overrides}})
 
 
 def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=print, *,
-                     digits=None, progress: bool = True, eval_batch: int = EVAL_BATCH) -> Path:
+                     digits=None, progress: bool = True, eval_batch: int = EVAL_BATCH,
+                     resume_overrides=()) -> Path:
     """Train the attentive classifier on cluttered MNIST; returns the run directory.
 
     The run dir holds config.json, log.jsonl (one record per epoch: train/valid/test
@@ -1118,15 +1125,17 @@ def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=pri
     sees the same images); validation and test sets are fixed (synthetic.py's seeds).
     digits: a synthetic.LabelledDigits to use instead of loading the labelled MNIST files.
     With ``ccfg.resume`` the model and settings come from RUN/checkpoint.h5 (cfg may be
-    None), as for ``train``. Raises NonFiniteLossError, TrainingInterrupted (Ctrl-C or
+    None), as for ``train``, but for ``resume_overrides`` (("lr",) or ()). Raises NonFiniteLossError, TrainingInterrupted (Ctrl-C or
     SIGTERM, between steps) and WriteFailed like ``train``, and locks the run folder as
     it does (one process, no MPI).
     """
     with guards.StopSignals() as stop, guards.RunLock() as lock:
-        return _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, stop, lock)
+        return _train_classifier(cfg, ccfg, log, digits, progress, eval_batch,
+                                 resume_overrides, stop, lock)
 
 
-def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, stop, lock) -> Path:
+def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overrides, stop,
+                      lock) -> Path:
     """train_classifier()'s body; ``stop``: a guards.StopSignals, ``lock``: a guards.RunLock."""
     from . import classifier as clf
     from . import synthetic
@@ -1143,7 +1152,9 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, stop, lock) 
             raise ValueError(f"cannot resume: {ckpt_path} is not a classifier run")
         if cfg is not None and cfg != resume_ckpt.cfg:
             log("note: resuming with the checkpoint's model config; the one given is ignored")
-        cfg, ccfg = resume_ckpt.cfg, _resumed_classify_config(ccfg, saved)
+        if "lr" in resume_overrides and ccfg.lr != saved.lr:
+            log(f"note: resuming with lr {ccfg.lr!r} (was {saved.lr!r})")
+        cfg, ccfg = resume_ckpt.cfg, _resumed_classify_config(ccfg, saved, resume_overrides)
     elif cfg is None:
         raise ValueError("train_classifier needs a model config unless it resumes a run")
     if cfg.height != cfg.width:

@@ -75,10 +75,13 @@ def test_resume_through_the_cli(classified, tmp_path, labelled_mnist_mirror):
     copy.mkdir()
     for name in ("checkpoint.h5", "log.jsonl"):
         (copy / name).write_bytes((run / name).read_bytes())
-    result = invoke(["classify", "--resume", copy, "--epochs", 3, "--lr", 0.5, "--device", "cpu",
-                     "--mirror", labelled_mnist_mirror, "--no-progress"])
+    result = invoke(["classify", "--resume", copy, "--epochs", 3, "--lr", 2e-4, "--seed", 5,
+                     "--device", "cpu", "--mirror", labelled_mnist_mirror, "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "ignoring lr" in result.output and "resuming after epoch 2" in result.output
+    assert "ignoring seed" in result.output and "resuming after epoch 2" in result.output
+    assert "resuming with lr 0.0002 (was 0.001)" in result.output
+    log = [json.loads(line) for line in (copy / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == [1e-3, 1e-3, 2e-4]
     assert ckpt_lib.load_checkpoint(copy / "checkpoint.h5").epoch == 3
 
 

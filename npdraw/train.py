@@ -957,10 +957,7 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                 f"{record['wall_s']:.1f}s  {record['examples_per_s']:.0f} ex/s"
                 + ("  *best*" if is_best else ""))
     except KeyboardInterrupt as interrupt:
-        signum = getattr(interrupt, "signum", signal.SIGINT)
-        how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-        msg = (f"interrupted{how} in epoch {epoch}; {ckpt_path} holds the last completed epoch "
-               f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir}")
+        msg, signum = _interrupted_message(interrupt, epoch, ckpt_path, run_dir)
         if comm.size > 1 and not isinstance(interrupt, distributed.Interrupted):
             comm.abort(msg + " (a second Ctrl-C: every rank was stopped at once)")
         log(msg)
@@ -969,9 +966,7 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         log(str(err))
         raise
     except (WriteFailed, OSError) as err:    # rank 0's files: a save, the log line, pictures
-        msg = str(err) if isinstance(err, WriteFailed) else (
-            guards.os_error_sentence(err, f"write the files of epoch {epoch}")
-            + f"; {ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)})")
+        msg = _write_failed_message(err, epoch, ckpt_path)
         if comm.size > 1:                    # the other ranks cannot know: stop them all
             comm.abort(msg)
         log(msg)
@@ -1058,6 +1053,22 @@ def is_eval_epoch(epoch: int, tcfg: TrainConfig) -> bool:
     """Whether the valid and test splits are evaluated after ``epoch``: every
     ``eval_every`` epochs, and always after the run's last epoch."""
     return epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
+
+
+def _interrupted_message(interrupt, epoch: int, ckpt_path: Path, run_dir: Path):
+    """-> (the message that a run stopped by SIGINT/SIGTERM prints, the signal number)."""
+    signum = getattr(interrupt, "signum", signal.SIGINT)
+    how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    return (f"interrupted{how} in epoch {epoch}; {ckpt_path} holds the last completed epoch "
+            f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir}"), signum
+
+
+def _write_failed_message(err, epoch: int, ckpt_path: Path) -> str:
+    """The message of a failed save (WriteFailed) or log or picture write (OSError)."""
+    if isinstance(err, WriteFailed):
+        return str(err)
+    return (guards.os_error_sentence(err, f"write the files of epoch {epoch}")
+            + f"; {ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)})")
 
 
 def _saved_epoch(path: Path):
@@ -1286,19 +1297,14 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
                 f"|g| {record['grad_norm']:.2f}  {record['wall_s']:.1f}s"
                 + ("  *best*" if is_best else ""))
     except KeyboardInterrupt as interrupt:
-        signum = getattr(interrupt, "signum", signal.SIGINT)
-        how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-        msg = (f"interrupted{how} in epoch {epoch}; {ckpt_path} holds the last completed epoch "
-               f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir}")
+        msg, signum = _interrupted_message(interrupt, epoch, ckpt_path, run_dir)
         log(msg)
         raise TrainingInterrupted(msg, run_dir, signum) from None
     except NonFiniteLossError as err:
         log(str(err))
         raise
     except (WriteFailed, OSError) as err:    # a save or the log line
-        msg = str(err) if isinstance(err, WriteFailed) else (
-            guards.os_error_sentence(err, f"write the files of epoch {epoch}")
-            + f"; {ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)})")
+        msg = _write_failed_message(err, epoch, ckpt_path)
         log(msg)
         raise WriteFailed(msg, run_dir) from None
     log(f"done: {ccfg.epochs} epochs; best valid error {100 * best_error:.2f}% (epoch "

@@ -635,7 +635,8 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
     cfg = ckpt.cfg
     saved = train_lib.classify_config_of(ckpt) or ClassifyConfig()
     ccfg = ClassifyConfig.from_dict({**saved.to_dict(), "eval_subset": subset, "resume": "",
-                                     "data_dir": data_dir if data_dir is not None else saved.data_dir,
+                                     "data_dir": (data_dir if data_dir is not None
+                                                  else saved.data_dir),
                                      "mirror": mirror if mirror is not None else saved.mirror})
     digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size)
     valid, test = train_lib.cluttered_eval_sets(ccfg, cfg, digits)

@@ -430,7 +430,8 @@ def render_glimpse_frames(images, windows, shape, rows: int, cols: int, scale: i
                              float(windows["stride"][t, i]), _window_n(windows["N"], t, i),
                              h, w, scale)
             if box is not None:
-                tiles[i] = images_lib.draw_box(tiles[i], *box, color=tuple(int(v) for v in colors[t]))
+                tiles[i] = images_lib.draw_box(tiles[i], *box,
+                                               color=tuple(int(v) for v in colors[t]))
         grid_in = np.stack(tiles).transpose(0, 3, 1, 2)
         frames.append(images_lib.image_grid(grid_in, (3, h * scale, w * scale), rows, cols))
     return frames
@@ -1136,9 +1137,9 @@ def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=pri
     sees the same images); validation and test sets are fixed (synthetic.py's seeds).
     digits: a synthetic.LabelledDigits to use instead of loading the labelled MNIST files.
     With ``ccfg.resume`` the model and settings come from RUN/checkpoint.h5 (cfg may be
-    None), as for ``train``, but for ``resume_overrides`` (("lr",) or ()). Raises NonFiniteLossError, TrainingInterrupted (Ctrl-C or
-    SIGTERM, between steps) and WriteFailed like ``train``, and locks the run folder as
-    it does (one process, no MPI).
+    None), as for ``train``, but for ``resume_overrides`` (("lr",) or ()). Raises
+    NonFiniteLossError, TrainingInterrupted (Ctrl-C or SIGTERM, between steps) and
+    WriteFailed like ``train``, and locks the run folder as it does (one process, no MPI).
     """
     with guards.StopSignals() as stop, guards.RunLock() as lock:
         return _train_classifier(cfg, ccfg, log, digits, progress, eval_batch,

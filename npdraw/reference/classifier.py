@@ -16,7 +16,8 @@ and a softmax layer on the last state, logits = h_T out_W + out_b, trained with
 cross-entropy. h_0 = c_0 = 0, so the first window is set by att_b alone.
 
 Parameters (name: shape)
-    att_W  (Hd, 5)          att_b  (5,)      read window (g~X, g~Y, log sigma^2, log delta~, log gamma)
+    att_W  (Hd, 5)          att_b  (5,)      read window: g~X, g~Y, log sigma^2, log delta~,
+                                             log gamma
     lstm_W (N*N + Hd, 4Hd)  lstm_b (4Hd,)    input rows [r_t, h_{t-1}], gate blocks [i, f, o, g]
     out_W  (Hd, K)          out_b  (K,)
 

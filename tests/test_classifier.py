@@ -245,3 +245,31 @@ def test_glimpse_pictures_show_every_window_in_its_colour():
     assert set(colours) <= present
     first = {tuple(int(v) for v in px) for px in frames[0][1:61, 1:61].reshape(-1, 3)}
     assert colours[0] in first and colours[2] not in first
+
+
+def test_ctrl_c_keeps_the_last_completed_epoch_and_resumes_exactly(tmp_path, monkeypatch):
+    digits = _easy_digits()
+    straight = train_lib.train_classifier(EASY, _ccfg(tmp_path, name="a"), log=lambda s: None,
+                                          digits=digits, progress=False)
+    real, calls = clf.loss_and_grads, []
+
+    def interrupted_in_epoch_2(*args):
+        calls.append(1)
+        if len(calls) == 8:                  # epoch 2 (6 batches an epoch), second step
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(clf, "loss_and_grads", interrupted_in_epoch_2)
+    lines = []
+    with pytest.raises(train_lib.TrainingInterrupted) as stopped:
+        train_lib.train_classifier(EASY, _ccfg(tmp_path, name="b"), log=lines.append,
+                                   digits=digits, progress=False)
+    run = stopped.value.run_dir
+    assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 1
+    assert "Continue with: --resume" in lines[-1]
+    monkeypatch.setattr(clf, "loss_and_grads", real)
+    train_lib.train_classifier(None, ClassifyConfig(epochs=3, resume=str(run), device="cpu"),
+                               log=lambda s: None, digits=digits, progress=False)
+    a = ckpt_lib.load_checkpoint(straight / "checkpoint.h5")
+    b = ckpt_lib.load_checkpoint(run / "checkpoint.h5")
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])

@@ -35,6 +35,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 
@@ -134,6 +135,8 @@ class SingleProcess:
 
 
 # ---------------------------------------------------------------- MPI
+
+ABORT_GRACE_S = 0.5
 
 class StepBuffer:
     """The one flat buffer of a step's all-reduce, on the parameters' device:
@@ -258,6 +261,9 @@ class MPIRanks(SingleProcess):
         sys.stderr.write(f"Error: rank {self.rank} of {self.size}: {message}\n")
         sys.stderr.flush()
         sys.stdout.flush()
+        # mpiexec relays output through its proxies, which the abort tears down: give the
+        # line time to reach the user first (a lost message was seen on a loaded machine).
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(1)
         os._exit(1)                               # not reached with a real MPI
 

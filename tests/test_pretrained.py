@@ -1,0 +1,40 @@
+"""The shipped model: pretrained/bmnist_r2w5_t64.h5 must still give the bound that it and
+docs/RESULTS.md state, so the file and the claim cannot drift apart."""
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from npdraw import checkpoint as ckpt_lib
+from npdraw import train as train_lib
+from npdraw.config import DrawConfig
+from npdraw.data import load_splits
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "pretrained" / "bmnist_r2w5_t64.h5"
+PAPER_MODEL = DrawConfig(T=64, read_n=2, write_n=5, enc_dim=256, dec_dim=256, z_dim=100)
+
+
+def test_the_shipped_model_gives_the_bound_stated_beside_it(bmnist_data_dir, bmnist_mirror):
+    model = ckpt_lib.load_checkpoint(SHIPPED)
+    assert model.cfg == PAPER_MODEL
+    assert model.opt_state is None                      # parameters only
+    assert all(v.dtype == np.float32 for v in model.params.values())
+    check = model.extra["check"]
+    assert (check["split"], check["dtype"]) == ("test", "float64")
+
+    data = load_splits("bmnist", data_dir=str(bmnist_data_dir), mirror=str(bmnist_mirror),
+                       progress=False)
+    bound = train_lib.fixed_noise_bound(model.params, model.cfg, data.test[:check["n"]],
+                                        check["seed"])
+    # float64 throughout: a different BLAS kernel or summation order moves the mean of
+    # ~100 * (784 + 64) terms of size <= ~10 nats by far less than 1e-9 relative.
+    assert math.isclose(bound, check["bound"], rel_tol=1e-9), (bound, check["bound"])
+
+    results = (REPO / "docs" / "RESULTS.md").read_text()
+    stated = re.search(r"check bound: ([0-9.]+) nats", results)
+    assert stated, "docs/RESULTS.md states no check bound for the shipped model"
+    assert abs(float(stated.group(1)) - bound) < 0.005     # stated to 2 decimals
+    test_bound = re.search(r"shipped model's test bound: ([0-9.]+) nats", results)
+    assert test_bound and abs(float(test_bound.group(1)) - model.extra["test_bound"]) < 0.005

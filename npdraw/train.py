@@ -792,7 +792,6 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
 
     log_path = run_dir / "log.jsonl"
     ckpt_path = run_dir / "checkpoint.h5"
-    best_path = run_dir / "best.h5"
 
     if comm.is_root:
         try:
@@ -945,12 +944,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             record["wall_s"] = time.perf_counter() - t0
             record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
             if comm.is_root:
-                # The log line first: should the saves below not happen, a resume from the
-                # previous checkpoint drops this line again.
-                _append_log(log_path, record)
-                if is_best:
-                    _save(best_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
-                _save(ckpt_path, cfg, params, opt_state, epoch, rng, tcfg, extra_now())
+                _commit_epoch(run_dir, record, is_best, cfg, params, opt_state, epoch, rng,
+                              tcfg, extra_now())
             log(f"epoch {epoch}/{tcfg.epochs}  train {train_bound:.2f}  valid "
                 f"{_fmt(record['valid_bound'])}  test {_fmt(record['test_bound'])}  "
                 f"(recon {record['train_recon']:.2f} + KL {record['train_kl']:.2f})  "
@@ -1025,12 +1020,11 @@ def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
     info = {"epoch": int(ckpt.epoch), "source": ckpt_path.name}
     log_path = ckpt_path.parent / "log.jsonl"
     if log_path.is_file():
-        rows = [r for r in _read_log(log_path) if int(r.get("epoch", -1)) == int(ckpt.epoch)]
-        if rows:
+        rows = [r for r in _read_log(log_path) if int(r.get("epoch", 0)) <= int(ckpt.epoch)]
+        if rows and int(rows[-1]["epoch"]) == int(ckpt.epoch):
             for key in ("train_bound", "valid_bound", "test_bound", "step", "lr"):
                 info[key] = rows[-1].get(key)
-            info["hours"] = sum(float(r.get("wall_s", 0.0)) for r in _read_log(log_path)
-                                if int(r.get("epoch", 0)) <= int(ckpt.epoch)) / 3600.0
+            info["hours"] = sum(float(r.get("wall_s", 0.0)) for r in rows) / 3600.0
     if test_x is not None:
         x = np.asarray(test_x[:check_n])
         info["check"] = {"split": "test", "n": int(x.shape[0]), "seed": int(check_seed),
@@ -1070,6 +1064,17 @@ def _write_failed_message(err, epoch: int, ckpt_path: Path) -> str:
         return str(err)
     return (guards.os_error_sentence(err, f"write the files of epoch {epoch}")
             + f"; {ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)})")
+
+
+def _commit_epoch(run_dir: Path, record: dict, is_best: bool, cfg, params, opt_state,
+                  epoch, rng, tcfg, extra) -> None:
+    """An epoch's record into RUN/log.jsonl, then its state into best.h5 (when best) and
+    checkpoint.h5. The log line comes first: should the saves not happen, a resume from
+    the previous checkpoint drops this line again."""
+    _append_log(run_dir / "log.jsonl", record)
+    if is_best:
+        _save(run_dir / "best.h5", cfg, params, opt_state, epoch, rng, tcfg, extra)
+    _save(run_dir / "checkpoint.h5", cfg, params, opt_state, epoch, rng, tcfg, extra)
 
 
 def _saved_epoch(path: Path):
@@ -1205,8 +1210,7 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
         run_dir = _unique_run_dir(Path(ccfg.out), run_name)
         lock.acquire(run_dir)
     _remove_stale_temps(run_dir)
-    log_path, ckpt_path, best_path = (run_dir / n for n in ("log.jsonl", "checkpoint.h5",
-                                                             "best.h5"))
+    log_path, ckpt_path = run_dir / "log.jsonl", run_dir / "checkpoint.h5"
     (run_dir / "config.json").write_text(json.dumps(
         {"model": cfg.to_dict(), "classify": ccfg.to_dict()}, indent=2) + "\n")
     n_params = sum(int(np.prod(np.shape(p))) for p in params.values())
@@ -1288,10 +1292,8 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
                 "best": bool(is_best), "wall_s": time.perf_counter() - t0,
                 "time": _dt.datetime.now().isoformat(timespec="seconds"),
             }
-            _append_log(log_path, record)            # first: see train()
-            if is_best:
-                _save(best_path, cfg, params, opt_state, epoch, rng, ccfg, extra_now())
-            _save(ckpt_path, cfg, params, opt_state, epoch, rng, ccfg, extra_now())
+            _commit_epoch(run_dir, record, is_best, cfg, params, opt_state, epoch, rng, ccfg,
+                          extra_now())
             log(f"epoch {epoch}/{ccfg.epochs}  train {record['train_loss']:.4f} "
                 f"({100 * record['train_error']:.2f}% wrong)  valid {valid_loss:.4f} "
                 f"({100 * valid_error:.2f}%)  test {test_loss:.4f} ({100 * test_error:.2f}%)  "

@@ -40,6 +40,14 @@ def bmnist_data_dir(bmnist_mirror, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def bmnist(bmnist_data_dir, bmnist_mirror):
+    """The binarized MNIST splits (DataSplits), loaded once per session."""
+    from npdraw.data import load_splits
+    return load_splits("bmnist", data_dir=str(bmnist_data_dir), mirror=str(bmnist_mirror),
+                       progress=False)
+
+
 @pytest.fixture
 def as_if_on_gpu(monkeypatch):
     """Make npdraw take its GPU branches on NumPy arrays: every module's

@@ -484,13 +484,6 @@ def test_two_ranks_train_the_one_process_model(mpi_run, bmnist, tmp_path):
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in one.iterdir())
 
 
-@pytest.fixture(scope="module")
-def bmnist(bmnist_data_dir, bmnist_mirror):
-    from npdraw.data import load_splits
-    return load_splits("bmnist", data_dir=str(bmnist_data_dir), mirror=str(bmnist_mirror),
-                       progress=False)
-
-
 def test_ctrl_c_on_one_rank_stops_all_and_the_resume_under_mpi_is_exact(mpi_run, data_args,
                                                                          tmp_path):
     straight, _ = mpi_run

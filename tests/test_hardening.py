@@ -42,12 +42,6 @@ def invoke(args, **kw):
     return CliRunner().invoke(cli_mod.cli, [str(a) for a in args], **kw)
 
 
-@pytest.fixture(scope="module")
-def bmnist(bmnist_data_dir, bmnist_mirror):
-    return load_splits("bmnist", data_dir=str(bmnist_data_dir), mirror=str(bmnist_mirror),
-                       progress=False)
-
-
 @pytest.fixture
 def data_args(bmnist_data_dir, bmnist_mirror):
     return ["--data-dir", bmnist_data_dir, "--mirror", bmnist_mirror]

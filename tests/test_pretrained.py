@@ -9,14 +9,13 @@ import numpy as np
 from npdraw import checkpoint as ckpt_lib
 from npdraw import train as train_lib
 from npdraw.config import DrawConfig
-from npdraw.data import load_splits
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "pretrained" / "bmnist_r2w5_t64.h5"
 PAPER_MODEL = DrawConfig(T=64, read_n=2, write_n=5, enc_dim=256, dec_dim=256, z_dim=100)
 
 
-def test_the_shipped_model_gives_the_bound_stated_beside_it(bmnist_data_dir, bmnist_mirror):
+def test_the_shipped_model_gives_the_bound_stated_beside_it(bmnist):
     model = ckpt_lib.load_checkpoint(SHIPPED)
     assert model.cfg == PAPER_MODEL
     assert model.opt_state is None                      # parameters only
@@ -24,9 +23,7 @@ def test_the_shipped_model_gives_the_bound_stated_beside_it(bmnist_data_dir, bmn
     check = model.extra["check"]
     assert (check["split"], check["dtype"]) == ("test", "float64")
 
-    data = load_splits("bmnist", data_dir=str(bmnist_data_dir), mirror=str(bmnist_mirror),
-                       progress=False)
-    bound = train_lib.fixed_noise_bound(model.params, model.cfg, data.test[:check["n"]],
+    bound = train_lib.fixed_noise_bound(model.params, model.cfg, bmnist.test[:check["n"]],
                                         check["seed"])
     # float64 throughout: a different BLAS kernel or summation order moves the mean of
     # ~100 * (784 + 64) terms of size <= ~10 nats by far less than 1e-9 relative.

@@ -10,15 +10,8 @@ from npdraw import model as model_lib
 from npdraw import optim
 from npdraw import train as train_lib
 from npdraw.config import DrawConfig, TrainConfig
-from npdraw.data import load_splits
 
 TINY = DrawConfig(T=3, read_n=2, write_n=3, enc_dim=16, dec_dim=16, z_dim=4)
-
-
-@pytest.fixture(scope="module")
-def bmnist(bmnist_data_dir, bmnist_mirror):
-    return load_splits("bmnist", data_dir=str(bmnist_data_dir), mirror=str(bmnist_mirror),
-                       progress=False)
 
 
 def _tcfg(tmp_path, **kw):

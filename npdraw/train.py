@@ -754,13 +754,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
 
     # ---- parameters, optimizer, RNG
     if resume_ckpt is not None:
-        params = arrays_to_device(resume_ckpt.params, device)
-        if resume_ckpt.opt_state is None:
-            raise ValueError(f"cannot resume: {run_dir / 'checkpoint.h5'} holds no optimizer state")
-        opt_state = _opt_state_to(resume_ckpt.opt_state, device)
-        rng = _rng_from_state(resume_ckpt.rng_state)
-        start_epoch = int(resume_ckpt.epoch)
-        extra = dict(resume_ckpt.extra or {})
+        params, opt_state, rng, start_epoch, extra = _resumed_state(resume_ckpt, run_dir,
+                                                                    device)
         best_valid = float(extra.get("best_valid", float("inf")))
         best_epoch = int(extra.get("best_epoch", 0))
     else:
@@ -1066,6 +1061,14 @@ def _write_failed_message(err, epoch: int, ckpt_path: Path) -> str:
             + f"; {ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)})")
 
 
+def _resumed_state(ckpt, run_dir: Path, device: str):
+    """(params, opt_state, rng, epoch, extra) of a checkpoint being resumed, on ``device``."""
+    if ckpt.opt_state is None:
+        raise ValueError(f"cannot resume: {run_dir / 'checkpoint.h5'} holds no optimizer state")
+    return (arrays_to_device(ckpt.params, device), _opt_state_to(ckpt.opt_state, device),
+            _rng_from_state(ckpt.rng_state), int(ckpt.epoch), dict(ckpt.extra or {}))
+
+
 def _commit_epoch(run_dir: Path, record: dict, is_best: bool, cfg, params, opt_state,
                   epoch, rng, tcfg, extra) -> None:
     """An epoch's record into RUN/log.jsonl, then its state into best.h5 (when best) and
@@ -1191,14 +1194,9 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
         raise ValueError("the training split is empty")
 
     if resume_ckpt is not None:
-        params = arrays_to_device(resume_ckpt.params, device)
+        params, opt_state, rng, start_epoch, extra = _resumed_state(resume_ckpt, run_dir,
+                                                                    device)
         clf.check_params(params, cfg)
-        if resume_ckpt.opt_state is None:
-            raise ValueError(f"cannot resume: {run_dir / 'checkpoint.h5'} holds no optimizer state")
-        opt_state = _opt_state_to(resume_ckpt.opt_state, device)
-        rng = _rng_from_state(resume_ckpt.rng_state)
-        start_epoch = int(resume_ckpt.epoch)
-        extra = dict(resume_ckpt.extra or {})
         best_error = float(extra.get("best_valid_error", float("inf")))
         best_epoch = int(extra.get("best_epoch", 0))
     else:

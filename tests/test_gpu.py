@@ -9,7 +9,11 @@ import npdraw
 from npdraw import backend
 from npdraw.optim import adam_init, adam_step
 
-pytestmark = pytest.mark.skipif(not backend.gpu_available(), reason="needs CuPy and a CUDA GPU")
+pytestmark = [
+    pytest.mark.skipif(not backend.gpu_available(), reason="needs CuPy and a CUDA GPU"),
+    # backend.fuse falls back to the unfused body with a warning; on a GPU that is a failure
+    pytest.mark.filterwarnings("error:cupy.fuse failed"),
+]
 
 CONFIGS = [
     npdraw.DrawConfig(height=5, width=6, channels=1, T=3, read_n=2, write_n=3, enc_dim=6,
@@ -78,13 +82,17 @@ def test_adam_step_agrees():
 
 
 def test_fused_kernels_match_their_numpy_form():
-    """Each backend.fuse kernel compiled by CuPy equals its plain NumPy body."""
-    from npdraw import engine, layers
+    """Each backend.fuse kernel is compiled by CuPy (no fallback to the unfused body)
+    and equals its plain NumPy body."""
+    from npdraw import engine, engine_attention, layers
     rng = np.random.default_rng(1)
     kernels = [(layers._lstm_cell_kernel, 5), (layers._lstm_cell_backward_kernel, 8),
                (layers._reparam_kernel, 3), (layers._kl_terms_kernel, 2),
                (layers._bce_kernel, 2), (layers._bce_backward_kernel, 3),
-               (engine._glimpse_error, 2), (engine._glimpse_error_backward, 3)]
+               (engine._glimpse_error, 2), (engine._glimpse_error_backward, 3),
+               (engine_attention._window_params_kernel, 4),
+               (engine_attention._window_params_kernel_backward, 4),
+               (engine_attention._gaussian_exp, 3), (engine_attention._dlogits_times_steps, 4)]
     for kernel, n_args in kernels:
         args = [rng.uniform(0.05, 0.95, (4, 6)) for _ in range(n_args)]
         expected = kernel(*args)
@@ -93,6 +101,8 @@ def test_fused_kernels_match_their_numpy_form():
         got = got if isinstance(got, tuple) else (got,)
         for e, g in zip(expected, got):
             np.testing.assert_allclose(backend.to_numpy(g), e, rtol=1e-12, err_msg=kernel.__name__)
+        assert backend._FUSED[kernel.unfused] is not kernel.unfused, \
+            f"cupy.fuse fell back to the unfused body of {kernel.__name__}"
 
 
 def test_device_resolution():

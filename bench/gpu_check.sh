@@ -7,7 +7,8 @@
 #   4. one epoch at a large batch, and the README's table rows.
 # Each step has its own time limit, so one slow step cannot take the others' time. The
 # data must be converted already (data/binarized_mnist.h5). Results go to $OUT (default:
-# bench-gpu/). PYTHON picks the interpreter (default: python3, else python).
+# bench-gpu/). PYTHON picks the interpreter (default: python3, else python); EPOCH_BATCHES
+# the batch sizes of the timed epochs (default: "100 2000").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench-gpu}"
@@ -35,14 +36,15 @@ step 60 "versions" "$py" -c "import sys, numpy, cupy; print(sys.version.split()[
 numpy.__version__, 'cupy', cupy.__version__, cupy.cuda.runtime.getDeviceProperties(0)['name'])"
 step 150 "tests/test_gpu.py" "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
     2>&1 | tee "$out/test_gpu.txt"
-epoch 90 100
+batches="${EPOCH_BATCHES:-100 2000}"
+[[ " $batches " == *" 100 "* ]] && epoch 90 100
 step 90 "benchmark, batch 100, with PyTorch" "$py" bench/run.py --device gpu --json \
     > "$out/gpu-b0100.json"
 for batch in 500 2000; do
     step 40 "benchmark, batch $batch" "$py" bench/run.py --device gpu --no-torch \
         --model attention --batch "$batch" --steps 5 --json > "$out/gpu-b$(printf %04d "$batch").json"
 done
-epoch 45 2000
+for batch in $batches; do [ "$batch" != 100 ] && epoch 45 "$batch"; done
 mapfile -t results < <(find "$out" -name 'gpu-b*.json' -size +0 | sort)
 [ "${#results[@]}" -gt 0 ] && "$py" bench/table.py "${results[@]}" | tee "$out/table.md"
 "$py" - "$out" <<'PY'

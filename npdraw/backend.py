@@ -8,6 +8,7 @@ allocator setting that the training entry points ask for (retain_freed_memory).
 from __future__ import annotations
 
 import ctypes
+import types
 
 import numpy as np
 
@@ -80,18 +81,19 @@ _FUSED = {}
 def fuse(fn):
     """Run an elementwise function as one fused GPU kernel when given CuPy arrays.
 
-    The function must use only NumPy ufuncs and arithmetic. On NumPy arrays it runs
+    The function must use only `np.` ufuncs and arithmetic. On NumPy arrays it runs
     as plain NumPy code, which is what the tests check; on CuPy arrays cupy.fuse
-    compiles that same code into a single kernel (NumPy ufuncs dispatch to CuPy's
-    inside it). Should compilation fail, the plain function still runs on CuPy,
-    just unfused, with a one-time warning.
+    compiles that same code into a single kernel, with `np` bound to CuPy
+    (`with_namespace`): inside cupy.fuse NumPy's own ufuncs do not dispatch to CuPy's
+    (CuPy 14, NumPy 2). Should compilation fail, the plain function still runs on
+    CuPy, just unfused, with a one-time warning.
     """
     def dispatch(*args):
         if _cupy is None or not any(isinstance(a, _cupy.ndarray) for a in args):
             return fn(*args)
         kernel = _FUSED.get(fn)
         if kernel is None:
-            kernel = _FUSED[fn] = _cupy.fuse(kernel_name=fn.__name__)(fn)
+            kernel = _FUSED[fn] = _cupy.fuse(kernel_name=fn.__name__)(with_namespace(fn, _cupy))
         if kernel is fn:
             return fn(*args)
         try:
@@ -106,6 +108,18 @@ def fuse(fn):
     dispatch.__doc__ = fn.__doc__
     dispatch.unfused = fn
     return dispatch
+
+
+def with_namespace(fn, module):
+    """A copy of `fn` whose global name `np` means `module` (CuPy, for cupy.fuse), and so
+    do the plain functions of fn's module that it calls (such as a shared `_sigmoid`)."""
+    names = dict(fn.__globals__)
+    names["np"] = module
+    for name, value in fn.__globals__.items():
+        if isinstance(value, types.FunctionType) and value.__globals__ is fn.__globals__:
+            names[name] = types.FunctionType(value.__code__, names, value.__name__,
+                                             value.__defaults__, value.__closure__)
+    return types.FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 # glibc mallopt parameters (malloc.h)
@@ -164,15 +178,21 @@ def _nccl():
 
 
 def nccl_unique_id():
-    """NCCL's unique id of a new communicator: NCCL_UNIQUE_ID_BYTES signed chars, made on
-    one rank and broadcast to the others."""
-    return tuple(int(v) for v in _nccl().get_unique_id())
+    """NCCL's unique id of a new communicator as NCCL_UNIQUE_ID_BYTES signed chars (ints
+    in [-128, 127], for an int8 broadcast), made on one rank and sent to the others.
+    CuPy 14 gives the id as bytes (0..255), older CuPy as a tuple of signed chars."""
+    return tuple((int(v) + 128) % 256 - 128 for v in _nccl().get_unique_id())
 
 
 def nccl_communicator(size: int, unique_id, rank: int):
     """This rank's NCCL communicator of `size` ranks; unique_id: the broadcast id
-    (NCCL_UNIQUE_ID_BYTES integers in [-128, 127])."""
-    return _nccl().NcclCommunicator(int(size), tuple(int(v) for v in unique_id), int(rank))
+    (NCCL_UNIQUE_ID_BYTES integers in [-128, 127], as nccl_unique_id gives it)."""
+    nccl = _nccl()
+    signed = [int(v) for v in unique_id]
+    try:                            # CuPy 14 takes the id as bytes
+        return nccl.NcclCommunicator(int(size), bytes(v % 256 for v in signed), int(rank))
+    except TypeError:               # older CuPy: a tuple of signed chars
+        return nccl.NcclCommunicator(int(size), tuple(signed), int(rank))
 
 
 def nccl_allreduce_sum(communicator, array) -> None:

@@ -68,3 +68,26 @@ def test_retain_freed_memory_reuses_pages():
         return
     assert took == "True"
     assert int(faults) < 100          # fresh pages: about 500 faults here (huge pages), 5000 without
+
+
+def test_fused_bodies_run_on_the_namespace_given_helpers_included():
+    """backend.fuse hands cupy.fuse each kernel with `np` bound to CuPy (NumPy's ufuncs do
+    not dispatch inside cupy.fuse); the module's helpers it calls (_sigmoid) follow."""
+    import types
+
+    from npdraw import layers
+    calls = []
+
+    def counted(name):
+        def ufunc(*args):
+            calls.append(name)
+            return getattr(np, name)(*args)
+        return ufunc
+    namespace = types.SimpleNamespace(tanh=counted("tanh"), exp=counted("exp"))
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((3, 4)) for _ in range(5)]
+    kernel = backend.with_namespace(layers._lstm_cell_kernel.unfused, namespace)
+    for got, want in zip(kernel(*args), layers._lstm_cell_kernel(*args)):
+        np.testing.assert_array_equal(got, want)
+    assert calls == ["tanh"] * 5          # three gates through _sigmoid, g and tanh(c)
+    assert layers._lstm_cell_kernel.unfused.__globals__["np"] is np   # the original is untouched

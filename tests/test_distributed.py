@@ -271,17 +271,34 @@ def test_workers_are_refused_under_mpi(tmp_path):
 # ---------------------------------------------------------------- the NCCL path, on stand-ins
 
 class _FakeNccl:
+    """cupy.cuda.nccl as CuPy 14 has it (the id as 128 bytes), or as older CuPy (a tuple of
+    signed chars); each refuses the other's form with a TypeError, as CuPy does."""
     NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = 7, 8, 0
+    ID = bytes(range(64, 192))                          # crosses 127: signed and unsigned differ
 
-    def __init__(self):
+    def __init__(self, takes_bytes=True):
+        self.takes_bytes = takes_bytes
         self.made = []
 
     def get_unique_id(self):
-        return tuple(range(-64, 64))
+        return self.ID if self.takes_bytes else tuple(b - 256 if b > 127 else b for b in self.ID)
 
     def NcclCommunicator(self, size, unique_id, rank):
-        self.made.append((size, unique_id, rank))
+        if not isinstance(unique_id, bytes if self.takes_bytes else tuple):
+            raise TypeError("Argument 'commId' has incorrect type")
+        self.made.append((size, bytes(v % 256 for v in unique_id), rank))
         return ("nccl", rank)
+
+
+@pytest.mark.parametrize("takes_bytes", [True, False])
+def test_nccl_id_travels_as_signed_chars_and_reaches_either_cupy_form(monkeypatch, takes_bytes):
+    """The id crosses MPI as int8 (any value of either form fits) and reaches NCCL intact."""
+    fake = _FakeNccl(takes_bytes)
+    monkeypatch.setattr(backend, "_nccl", lambda: fake)
+    sent = np.zeros(backend.NCCL_UNIQUE_ID_BYTES, dtype=np.int8)
+    sent[:] = backend.nccl_unique_id()
+    backend.nccl_communicator(2, sent, 1)
+    assert fake.made == [(2, _FakeNccl.ID, 1)]
 
 
 def test_nccl_ranks_bootstrap_over_mpi_and_sum_on_the_device_buffer(monkeypatch):
@@ -312,7 +329,7 @@ def test_nccl_ranks_bootstrap_over_mpi_and_sum_on_the_device_buffer(monkeypatch)
         assert name == "NCCLRanks"
         _assert_same_step(got, want, RTOL64)
     assert sorted(used) == [0, 1]
-    assert sorted(fake.made) == [(2, tuple(range(-64, 64)), 0), (2, tuple(range(-64, 64)), 1)]
+    assert sorted(fake.made) == [(2, _FakeNccl.ID, 0), (2, _FakeNccl.ID, 1)]
     P = sum(v.size for v in params.values())
     assert group["reduced"] == P + 3 + ATT.T           # one buffer: gradients and statistics
 

@@ -15,6 +15,8 @@ HEADER = ("| date | device | BLAS kernel | npdraw processes | model | npdraw ms/
 
 
 def _blas_kernel(result: dict) -> str:
+    if result["device"].get("kind") == "gpu":
+        return f"CuPy {result['device'].get('cupy', '?')}"
     for lib in result.get("blas") or []:
         if lib.get("user_api") == "blas":
             return f"{lib.get('internal_api')} {lib.get('architecture')}"

@@ -867,7 +867,7 @@ if (HERE / "bench" / "run.py").is_file():
         if str(HERE) not in sys.path:
             sys.path.insert(0, str(HERE))
         runner = importlib.import_module("bench.run")
-        ctx.exit(int(runner.main(list(ctx.args)) or 0))
+        ctx.exit(int(runner.main(list(ctx.args), launch=__name__ == "__main__") or 0))
 
 
 if __name__ == "__main__":

@@ -362,11 +362,17 @@ def test_the_launch_plan(monkeypatch):
                      {distributed.LAUNCHED_VARIABLE: "4"}):
         assert distributed.launch_plan(0, "cpu", 128, launched) == (1, None, None), launched
 
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
     argv, environ = distributed.launch_command(3, "/opt/mpich/bin/mpiexec", "cli.py",
                                                ["train", "--bs", "96"])
     assert argv == ["/opt/mpich/bin/mpiexec", "-launcher", "fork", "-n", "3", sys.executable,
                     os.path.abspath("cli.py"), "train", "--bs", "96"]
     assert environ[distributed.LAUNCHED_VARIABLE] == "3"
+    assert environ["OMP_NUM_THREADS"] == "1"                    # 4 cores over 3 ranks
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert distributed.launch_command(2, "mpiexec", "cli.py", [])[1]["OPENBLAS_NUM_THREADS"] \
+        == "2"                                                  # the user's choice stands
     assert distributed.under_launcher(environ)                  # the ranks never launch again
 
     monkeypatch.setattr(distributed, "mpi_available", lambda: False)

@@ -23,8 +23,8 @@ one rank; mpi4py is imported only then.
 Stopping: every reduction carries a stop code. Under MPI, Ctrl-C or SIGTERM only sets
 this rank's code (`deferred_interrupts`); at the next reduction every rank sees it and raises
 `Interrupted` with the signal's number at the same step, so all ranks stop together and
-rank 0 reports it as one process would (exit status 130 or 143). A second Ctrl-C interrupts
-at once. Any other failure of one rank (an exception, a killed process) cannot be agreed
+rank 0 reports it as one process would (exit status 130 or 143). A second Ctrl-C, more
+than a second after the first, interrupts at once. Any other failure of one rank (an exception, a killed process) cannot be agreed
 on: that rank prints one line and calls MPI_Abort, which ends every rank within seconds
 (`abort`); a killed process is detected by the launcher, which ends the others.
 
@@ -175,6 +175,11 @@ class SingleProcess:
 # ---------------------------------------------------------------- MPI
 
 ABORT_GRACE_S = 0.5
+# A second signal this soon after the first is the same request delivered twice: by
+# mpiexec, which forwards it, and by a kill aimed at every process of the run (pkill -f).
+# A person's second Ctrl-C goes to mpiexec, which then ends the ranks itself.
+SAME_REQUEST_S = 1.0
+
 
 class StepBuffer:
     """The one flat buffer of a step's all-reduce, on the parameters' device:
@@ -288,13 +293,16 @@ class MPIRanks(SingleProcess):
         # A signal that the run's StopSignals noted before (while the run folder and the
         # first checkpoint were prepared) is carried into the first reduction.
         pending = stop.take() if stop is not None else None
+        first = time.monotonic()
         if pending:
             self._stop_signum = pending
 
         def request_stop(signum, frame):
-            if self._stop_signum:                 # the second Ctrl-C: now
+            nonlocal first
+            if not self._stop_signum:
+                self._stop_signum, first = signum, time.monotonic()
+            elif time.monotonic() - first > SAME_REQUEST_S:   # the second Ctrl-C: now
                 raise KeyboardInterrupt
-            self._stop_signum = signum
 
         # SIGTERM too: schedulers send it to every rank (see docs/TRAINING.md, Stopping)
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT,

@@ -265,12 +265,18 @@ def test_the_environment_decides_between_one_process_and_mpi(monkeypatch):
         distributed.from_environment()
 
 
-def test_ctrl_c_under_mpi_only_requests_a_stop_and_a_second_one_interrupts():
+def test_ctrl_c_under_mpi_only_requests_a_stop_and_a_second_one_interrupts(monkeypatch):
     comm = distributed.MPIRanks(_Group(1).comm(0), _FakeMPI)
     previous = signal.getsignal(signal.SIGINT)
+    now = [100.0]
+    monkeypatch.setattr(distributed.time, "monotonic", lambda: now[0])
     with comm.deferred_interrupts():
         os.kill(os.getpid(), signal.SIGTERM)
         assert comm._stop_signum == signal.SIGTERM       # no KeyboardInterrupt yet
+        now[0] += distributed.SAME_REQUEST_S / 2
+        os.kill(os.getpid(), signal.SIGTERM)             # the same request, delivered twice
+        assert comm._stop_signum == signal.SIGTERM
+        now[0] += distributed.SAME_REQUEST_S
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is previous

@@ -137,7 +137,7 @@ def library_errors(fn):
 def _run_as_ranks(ranks: int, device: str, batch_size, what: str) -> None:
     """Start this command as MPI ranks on this machine when that is what --ranks asks for
     (0: one per core on a CPU): this process becomes `mpiexec -n R python cli.py <the
-    same arguments>` (os.execv, so its pid stays the one the user sees; MPICH's mpiexec
+    same arguments>` (os.execve, so its pid stays the one the user sees; MPICH's mpiexec
     passes SIGINT and SIGTERM on to every rank and exits with their status). Without MPI
     it prints one line saying how to install it and returns: one process. Only when
     cli.py runs as a script: called from Python (click's test runner) it returns.

@@ -21,19 +21,20 @@ the code without it. `from_environment()` picks MPI when a launcher started more
 one rank; mpi4py is imported only then.
 
 Stopping: every reduction carries a stop code. Under MPI, Ctrl-C or SIGTERM only sets
-this rank's code (`deferred_interrupts`); at the next reduction every rank sees it and raises
-`Interrupted` with the signal's number at the same step, so all ranks stop together and
-rank 0 reports it as one process would (exit status 130 or 143). A second Ctrl-C, more
-than a second after the first, interrupts at once. Any other failure of one rank (an exception, a killed process) cannot be agreed
-on: that rank prints one line and calls MPI_Abort, which ends every rank within seconds
-(`abort`); a killed process is detected by the launcher, which ends the others.
+this rank's code (`deferred_interrupts`); at the next reduction every rank sees it and
+raises `Interrupted` with the signal's number at the same step, so all ranks stop
+together and rank 0 reports it as one process would (exit status 130 or 143). A second
+Ctrl-C, more than a second after the first, interrupts at once. Any other failure of one
+rank (an exception, a killed process) cannot be agreed on: that rank prints one line and
+calls MPI_Abort, which ends every rank within seconds (`abort`); a killed process is
+detected by the launcher, which ends the others.
 
 On one machine, `python cli.py train` starts its ranks itself: `launch_command` is the
 `mpiexec -n R` command line that runs the same script again as R ranks, one per core
 (`resolve_ranks`). MPICH's launcher (Hydra, the `mpiexec` of the `mpich` wheel) forwards
 SIGINT and SIGTERM to every rank and exits with the ranks' status, so the process the
-user started, replaced by mpiexec with `os.execv`, stops like one process (docs/DESIGN.md,
-item 15, has the measurements).
+user started, replaced by mpiexec with `os.execve`, stops like one process
+(docs/DESIGN.md, item 15, has the measurements).
 """
 from __future__ import annotations
 

@@ -145,10 +145,7 @@ def _run_as_ranks(ranks: int, device: str, batch_size, what: str) -> None:
     from npdraw import backend, distributed
     if distributed.under_launcher() or ranks == 1:
         return
-    try:
-        resolved = backend.resolve_device(device)
-    except ValueError:
-        return                  # the command itself reports the device
+    resolved = backend.resolve_device(device)   # ValueError: --device gpu without one
     count, mpiexec, note = distributed.launch_plan(ranks, resolved,
                                                    batch_size() if not ranks else 0)
     if note:
@@ -159,6 +156,18 @@ def _run_as_ranks(ranks: int, device: str, batch_size, what: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, environ)
+
+
+def _check_rank_count(ranks: int, comm) -> None:
+    """--ranks must fit the ranks running: a usage error that every rank finds alike, so
+    rank 0 says it and all exit with status 1 (no MPI_Abort needed)."""
+    from npdraw import distributed
+    try:
+        distributed.check_rank_count(ranks, comm)
+    except ValueError as err:
+        if not comm.is_root:
+            raise click.exceptions.Exit(1) from None
+        raise click.ClickException(str(err)) from None
 
 
 def _resumed_batch_size(run_dir) -> int:
@@ -333,8 +342,8 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
                            ranks=ranks, dtype=dtype, name=name, out=out,
                            oldmodel=oldmodel or "", **schedule)
 
+    _check_rank_count(ranks, comm)                  # before the data set is loaded
     try:
-        distributed.check_rank_count(ranks, comm)   # before the data set is loaded
         data = None
         if not resume:  # the model config needs the data set's image shape
             data = _load_data_on_ranks(train_lib, tcfg, not no_progress, comm)
@@ -456,9 +465,10 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
     from npdraw import train as train_lib
 
     comm = distributed.from_environment()
+    _check_rank_count(ranks, comm)
     try:
         _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder,
-                  subset, batch_size, seed, device, ranks, as_json)
+                  subset, batch_size, seed, device, as_json)
     except Exception as err:           # noqa: BLE001 - one rank's failure ends them all
         if comm.size == 1:
             raise
@@ -467,12 +477,7 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
 
 
 def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder, subset,
-              batch_size, seed, device, ranks, as_json):
-    try:
-        from npdraw.distributed import check_rank_count
-        check_rank_count(ranks, comm)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="'--ranks'") from None
+              batch_size, seed, device, as_json):
     ckpt_path = _ckpt_file(checkpoint)
     ckpt = _load_ckpt(ckpt_path)
     cfg = _draw_cfg(ckpt, ckpt_path)

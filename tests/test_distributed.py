@@ -647,6 +647,14 @@ def test_a_failing_rank_stops_every_rank_and_keeps_the_last_checkpoint(how, data
     assert len(train_lib.read_log(tmp_path / "run")) == 1
 
 
+def test_a_rank_count_that_is_not_the_launchers_is_one_error_line(tmp_path):
+    result = _run_mpi(2, [REPO / "cli.py", "train", "--ranks", 3, "--out", tmp_path])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "Error: ranks = 3, but the launcher started 2: give 0 (take the launcher's count) or 2"]
+    assert list(tmp_path.iterdir()) == []                  # before anything was written
+
+
 def _cli(args, timeout=180, **kw):
     """`python cli.py args...` as a user runs it: on a multi-core CPU (or with --ranks N)
     it starts itself as MPI ranks."""

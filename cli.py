@@ -27,8 +27,8 @@ from pathlib import Path
 
 def _share_cores_between_ranks(environ=os.environ) -> None:
     """Under mpiexec or srun the ranks on one machine share its cores: each rank's BLAS
-    gets its share, one thread on two cores with two ranks (as parallel.py gives its
-    workers), unless the user set the thread count. It must be set before NumPy loads."""
+    gets its share, one thread on two cores with two ranks, unless the user set the
+    thread count. It must be set before NumPy loads."""
     if environ.get("SLURM_CPUS_PER_TASK", "").isdigit() and "SLURM_STEP_ID" in environ:
         threads = int(environ["SLURM_CPUS_PER_TASK"])
     else:
@@ -110,14 +110,15 @@ MIN_FPS = 0.002
 
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]),
                              default="auto", show_default=True)
-WORKERS_OPTION = click.option(
-    "--workers", type=click.IntRange(min=0), default=0, show_default=True,
-    help="CPU processes that share each batch (0: one per core, 1 on a GPU).")
+RANKS_OPTION = click.option(
+    "--ranks", type=click.IntRange(min=0), default=0, show_default=True,
+    help="MPI ranks that share each batch (0: one per core on a CPU, 1 on a GPU; under "
+         "mpiexec: its count).")
 
 
 def library_errors(fn):
-    """Turn the library's ValueErrors and worker failures into click errors (message, exit
-    code 1, no traceback)."""
+    """Turn the library's ValueErrors into click errors (message, exit code 1, no
+    traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -130,12 +131,55 @@ def library_errors(fn):
             target = f"use {err.filename}" if getattr(err, "filename", None) else "finish"
             from npdraw.guards import os_error_sentence
             raise click.ClickException(os_error_sentence(err, target)) from None
-        except RuntimeError as err:  # a data-parallel worker failed (parallel.WorkerError)
-            from npdraw.parallel import WorkerError
-            if isinstance(err, WorkerError):
-                raise click.ClickException(str(err)) from None
-            raise
     return wrapper
+
+
+def _run_as_ranks(ranks: int, device: str, batch_size, what: str) -> None:
+    """Start this command as MPI ranks on this machine when that is what --ranks asks for
+    (0: one per core on a CPU): this process becomes `mpiexec -n R python cli.py <the
+    same arguments>` (os.execve, so its pid stays the one the user sees; MPICH's mpiexec
+    passes SIGINT and SIGTERM on to every rank and exits with their status). Without MPI
+    it prints one line saying how to install it and returns: one process. Only when
+    cli.py runs as a script: called from Python (click's test runner) it returns.
+    batch_size: a function giving the batch size that the automatic count depends on."""
+    from npdraw import backend, distributed
+    if distributed.under_launcher() or ranks == 1:
+        return
+    resolved = backend.resolve_device(device)   # ValueError: --device gpu without one
+    count, mpiexec, note = distributed.launch_plan(ranks, resolved,
+                                                   batch_size() if not ranks else 0)
+    if note:
+        click.echo(note.replace("one process", f"{what} in one process", 1), err=True)
+    if mpiexec is None or __name__ != "__main__":
+        return
+    argv, environ = distributed.launch_command(count, mpiexec, __file__, sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, environ)
+
+
+def _check_rank_count(ranks: int, comm) -> None:
+    """--ranks must fit the ranks running: a usage error that every rank finds alike, so
+    rank 0 says it and all exit with status 1 (no MPI_Abort needed)."""
+    from npdraw import distributed
+    try:
+        distributed.check_rank_count(ranks, comm)
+    except ValueError as err:
+        if not comm.is_root:
+            raise click.exceptions.Exit(1) from None
+        raise click.ClickException(str(err)) from None
+
+
+def _resumed_batch_size(run_dir) -> int:
+    """The batch size recorded in RUN/checkpoint.h5 (for the rank count); 0 when it
+    cannot be read (then the command runs in one process and reports why)."""
+    from npdraw import train as train_lib
+    try:
+        saved = train_lib.train_config_of(train_lib.load_checkpoint(Path(run_dir) /
+                                                                     "checkpoint.h5"))
+    except (ValueError, TypeError, OSError):
+        return 0
+    return saved.batch_size if saved is not None else 0
 
 
 @contextlib.contextmanager
@@ -240,7 +284,7 @@ def cli():
               help="Continue the run in this run dir from its checkpoint.h5.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @DEVICE_OPTION
-@WORKERS_OPTION
+@RANKS_OPTION
 @click.option("--data-dir", envvar="NPDRAW_DATA", default="data", show_default=True,
               help="Where converted data sets live [env NPDRAW_DATA].")
 @click.option("--mirror", envvar="NPDRAW_MIRROR", default="",
@@ -260,12 +304,15 @@ def cli():
 @library_errors
 def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma,
           lr_decay_epochs, eval_every, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
-          oldmodel, resume, seed, device, workers, data_dir, mirror, folder, subset, eval_subset, clip, out,
-          dtype, no_progress):
+          oldmodel, resume, seed, device, ranks, data_dir, mirror, folder, subset, eval_subset,
+          clip, out, dtype, no_progress):
     """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
 
-    Under `mpiexec -n N` (or srun) the N ranks train one model together, each on its
-    slice of every batch (docs/TRAINING.md, "Running on a cluster")."""
+    On a CPU with several cores it starts itself as one MPI rank per core, which train
+    one model together, each on its slice of every batch; under `mpiexec -n N` (or srun)
+    the N ranks do (docs/TRAINING.md, "Ranks")."""
+    _run_as_ranks(ranks, device, (lambda: _resumed_batch_size(resume)) if resume
+                  else (lambda: batch_size), "training")
     from npdraw import distributed
     from npdraw import train as train_lib
 
@@ -284,7 +331,7 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
             click.echo("note: --resume takes the model and training settings from the "
                        f"checkpoint; ignoring {', '.join(ignored)}", err=True)
         overrides = tuple(p for p in schedule if p in given)
-        tcfg = TrainConfig(epochs=epochs, device=device, workers=workers, data_dir=data_dir,
+        tcfg = TrainConfig(epochs=epochs, device=device, ranks=ranks, data_dir=data_dir,
                            mirror=mirror, folder=folder, resume=str(resume),
                            **{p: schedule[p] for p in overrides})
         cfg = None
@@ -292,9 +339,10 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
         tcfg = TrainConfig(dataset=dataset, data_dir=data_dir, mirror=mirror, folder=folder,
                            epochs=epochs, batch_size=batch_size, clip=clip, seed=seed,
                            subset=subset, eval_subset=eval_subset, device=device,
-                           workers=workers, dtype=dtype, name=name, out=out,
+                           ranks=ranks, dtype=dtype, name=name, out=out,
                            oldmodel=oldmodel or "", **schedule)
 
+    _check_rank_count(ranks, comm)                  # before the data set is loaded
     try:
         data = None
         if not resume:  # the model config needs the data set's image shape
@@ -310,7 +358,7 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
         if comm.is_root:
             click.echo("training interrupted", err=True)
         ctx.exit(128 + err.signum)              # 130 for Ctrl-C, 143 for SIGTERM
-    except train_lib.TrainingStopped as err:    # non-finite loss, a worker, a failed write
+    except train_lib.TrainingStopped as err:    # a non-finite loss, a failed write
         if not comm.is_root:               # every rank stopped alike; rank 0 says why
             ctx.exit(1)
         raise click.ClickException(str(err)) from None
@@ -403,21 +451,24 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
               show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @DEVICE_OPTION
-@WORKERS_OPTION
+@RANKS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @library_errors
 def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, batch_size, seed,
-             device, workers, as_json):
+             device, ranks, as_json):
     """Negative log-likelihood bound (nats per image) on a split, by default the test set.
 
-    Under `mpiexec -n N` the N ranks share every batch; rank 0 prints."""
+    On a CPU with several cores it starts itself as one MPI rank per core (as train), and
+    under `mpiexec -n N` the N ranks share every batch; rank 0 prints."""
+    _run_as_ranks(ranks, device, lambda: batch_size, "evaluating")
     from npdraw import distributed
     from npdraw import train as train_lib
 
     comm = distributed.from_environment()
+    _check_rank_count(ranks, comm)
     try:
         _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder,
-                  subset, batch_size, seed, device, workers, as_json)
+                  subset, batch_size, seed, device, as_json)
     except Exception as err:           # noqa: BLE001 - one rank's failure ends them all
         if comm.size == 1:
             raise
@@ -426,7 +477,7 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
 
 
 def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder, subset,
-              batch_size, seed, device, workers, as_json):
+              batch_size, seed, device, as_json):
     ckpt_path = _ckpt_file(checkpoint)
     ckpt = _load_ckpt(ckpt_path)
     cfg = _draw_cfg(ckpt, ckpt_path)
@@ -448,28 +499,16 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
                                        training=False) + 8 * K * batch,     # + log w (K, B)
                  f"evaluating this model (T={cfg.T}) with --k {K} in batches of {batch}")
     from npdraw import backend
-    from npdraw.parallel import DataParallel, resolve_workers
-    if comm.size > 1:
-        if workers > 1:
-            raise click.UsageError(f"--workers {workers} splits batches over processes of one "
-                                   "rank; under MPI each rank is one process: use 0 or 1")
-        workers = 1
-        comm = comm.for_device(backend.resolve_device(device))   # one GPU per rank
+    comm = comm.for_device(backend.resolve_device(device))   # on GPUs: one per rank
     params = _params_on(ckpt, device)
     rng = np.random.default_rng(seed)
-    workers = resolve_workers(workers, backend.resolve_device(device), batch_size)
-    engine = DataParallel(cfg, workers, params["c0"].dtype) if workers > 1 else None
-    try:
-        iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size,
-                                                        rng, engine, comm,
-                                                        progress=not as_json and comm.is_root)
-    finally:
-        if engine is not None:
-            engine.close()
+    iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size,
+                                                    rng, comm,
+                                                    progress=not as_json and comm.is_root)
     if not comm.is_root:
         return
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "dataset": tcfg.dataset,
-              "split": split, "n": int(len(x)), "k": K, "seed": seed,
+              "split": split, "n": int(len(x)), "k": K, "seed": seed, "ranks": comm.size,
               "nll_bound": bound, "nll_iwae": iwae}
     if as_json:
         click.echo(json.dumps(result))
@@ -833,7 +872,7 @@ if (HERE / "bench" / "run.py").is_file():
         if str(HERE) not in sys.path:
             sys.path.insert(0, str(HERE))
         runner = importlib.import_module("bench.run")
-        ctx.exit(int(runner.main(list(ctx.args)) or 0))
+        ctx.exit(int(runner.main(list(ctx.args), launch=__name__ == "__main__") or 0))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@ batch and fixed noise, after warm-up; the figure is the median over ``--steps``
 steps. npdraw and the PyTorch peer (bench/torch_draw.py) take turns step by step
 (A B B A A B ...), so that noise from other work on the machine falls on both.
 
+On a CPU with several cores npdraw is timed the way `train` runs it: as MPI ranks, one
+per core (``--ranks``, as in train), each taking its slice of the batch, one all-reduce
+of the gradients, then clipping and Adam on every rank. ``python bench/run.py`` starts
+the ranks itself (``mpiexec -n R``, as ``cli.py train`` does); rank 0 times, runs the
+PyTorch peer and prints, while the other ranks follow its npdraw steps and sleep
+between them, so that the peer's turns have the machine to themselves.
+
 Before any ratio is printed, the peer is loaded with npdraw's parameters and must
 give npdraw's loss on the same batch and noise (float32, relative difference
 < 1e-4) and, in float64 on a smaller batch, the same loss and gradients (relative
@@ -19,6 +26,7 @@ Run from the repository root:
     python bench/run.py                    # paper's MNIST config, both models
     python bench/run.py --T 8 --steps 3    # quicker
     python bench/run.py --json             # the same figures as JSON
+    python bench/run.py --ranks 1          # npdraw in one process
 
 Exit status: 0 done, 1 the peer disagreed with npdraw, 2 bad usage or no such device.
 """
@@ -41,7 +49,8 @@ if str(_REPO_ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first, 
 
 import numpy as np  # noqa: E402
 
-from npdraw.parallel import usable_cores  # noqa: E402
+from npdraw import distributed  # noqa: E402
+from npdraw.distributed import usable_cores  # noqa: E402
 
 LOSS_RTOL_F32 = 1e-4
 RTOL_F64 = 1e-6
@@ -264,30 +273,52 @@ def make_inputs(cfg, B: int, seed: int, dtype: str):
 
 # ------------------------------------------------------------------ npdraw side
 
-class NpdrawRunner:
-    """Holds npdraw's parameters and Adam state on a device; ``step()`` is one training step."""
+# Commands from rank 0 to the other ranks (one int, broadcast before each call).
+STEP, LOSS_AND_GRADS, DONE = 1, 2, 0
+# How often a waiting rank looks for rank 0's next command: it sleeps in between, so that
+# rank 0's own turns (the peer, the GEMM probes) have the cores; at most this late.
+POLL_S = 0.0005
 
-    def __init__(self, npdraw, cfg, params, x, eps, device: str, workers: int = 1):
+
+class NpdrawRunner:
+    """Holds npdraw's parameters and Adam state on a device; ``step()`` is one training step.
+
+    comm: the ranks (npdraw.distributed) that share each batch as in `train`; with more
+    than one, rank 0 drives (``step``, ``loss_and_grads``, ``close``) and every other rank
+    calls ``follow()``, which does the same calls as rank 0 asks for them. Every rank holds
+    the same parameters, batch and noise (the same seeds)."""
+
+    def __init__(self, npdraw, cfg, params, x, eps, device: str, comm=None):
         from npdraw import backend, optim
-        from npdraw.parallel import DataParallel
-        self.cfg, self.device = cfg, device
-        self.engine = None
-        if workers > 1:  # the batch split over worker processes, as `train` does on a CPU
-            self.engine = DataParallel(cfg, workers, params["c0"].dtype)
-            self._lag = lambda p, _cfg, xb, e: self.engine.loss_and_grads(p, xb, e)
-        else:
-            self._lag = npdraw.loss_and_grads
+        self.cfg, self.device, self._npdraw = cfg, device, npdraw
+        self.comm = distributed.SingleProcess() if comm is None else comm
         self._optim = optim
         self.xp = backend.xp_for(device)
         self._sync = backend.synchronize
         self.params = {k: backend.to_device(v, device) for k, v in params.items()}
-        self.x = backend.to_device(x, device)
-        self.eps = backend.to_device(eps, device)
+        B = x.shape[0]
+        lo, hi = self.comm.shard(B)          # this rank's examples, sliced once
+        self.share = (hi - lo) / B
+        self.x = backend.to_device(np.array(x[lo:hi]), device)         # owned copies
+        self.eps = backend.to_device(np.array(eps[:, lo:hi]), device)
         self.state = optim.adam_init(self.params)
         self.last_loss = None
+        self._command = np.zeros(1, dtype=np.int64)
 
-    def step(self) -> float:
-        loss, grads, _stats = self._lag(self.params, self.cfg, self.x, self.eps)
+    def _tell(self, command: int) -> None:
+        """Rank 0: send the other ranks their next call."""
+        if self.comm.size > 1:
+            self._command[0] = command
+            self.comm.comm.Ibcast(self._command, root=0).Wait()
+
+    def _global(self):
+        """(loss, grads, stats) of the whole batch: this rank's part, summed over ranks."""
+        mine = (self._npdraw.loss_and_grads(self.params, self.cfg, self.x, self.eps)
+                if self.x.shape[0] else None)
+        return mine, self.comm.reduce_step(self.params, self.cfg.T, mine, self.share)
+
+    def _step(self) -> float:
+        _mine, (loss, grads, _stats) = self._global()
         norm = self._optim.global_norm(grads)            # clipping as train does it
         self.params, self.state, _ = self._optim.adam_step(
             self.params, grads, self.state, LR, BETA1, BETA2, ADAM_EPS,
@@ -296,12 +327,35 @@ class NpdrawRunner:
         self.last_loss = float(loss)
         return self.last_loss
 
+    def _loss_and_grads(self):
+        mine, (loss, grads, stats) = self._global()
+        activation = 0 if mine is None else mine[2]["activation_bytes"]
+        stats = dict(stats, activation_bytes=int(self.comm.sum([activation])[0]))
+        return loss, grads, stats
+
+    def step(self) -> float:
+        self._tell(STEP)
+        return self._step()
+
     def loss_and_grads(self):
-        return self._lag(self.params, self.cfg, self.x, self.eps)
+        """(loss, grads, stats) of the whole batch; stats["activation_bytes"]: all ranks'."""
+        self._tell(LOSS_AND_GRADS)
+        return self._loss_and_grads()
+
+    def follow(self) -> None:
+        """Ranks other than 0: do what rank 0 asks until it is done with this model,
+        sleeping while they wait."""
+        calls = {STEP: self._step, LOSS_AND_GRADS: self._loss_and_grads}
+        while True:
+            request = self.comm.comm.Ibcast(self._command, root=0)
+            while not request.Test():
+                time.sleep(POLL_S)
+            if int(self._command[0]) == DONE:
+                return
+            calls[int(self._command[0])]()
 
     def close(self):
-        if self.engine is not None:
-            self.engine.close()
+        self._tell(DONE)
 
 
 # ------------------------------------------------------------------ torch side
@@ -405,9 +459,9 @@ def parse_args(argv):
                    help="gpu: npdraw on CuPy, torch on CUDA")
     p.add_argument("--threads", type=int, default=0,
                    help="set BLAS and torch thread counts (0: leave as they are)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="npdraw processes sharing each batch on the CPU, as in train "
-                        "(0: one per core; 1: the in-process model)")
+    p.add_argument("--ranks", type=int, default=0,
+                   help="npdraw's MPI ranks sharing each batch, as in train (0: one per core "
+                        "on a CPU, 1 on a GPU; 1: one process)")
     p.add_argument("--no-torch", action="store_true", help="time npdraw alone")
     p.add_argument("--gemm-n", type=int, default=2048, help="size of the matmul that measures peak")
     p.add_argument("--gemm-reps", type=int, default=5,
@@ -423,8 +477,8 @@ def parse_args(argv):
     for name in ("steps", "batch", "T", "gemm_n", "gemm_reps", "check_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0 or args.threads < 0 or args.profile < 0 or args.workers < 0:
-        p.error("--warmup, --threads, --workers and --profile must not be negative")
+    if args.warmup < 0 or args.threads < 0 or args.profile < 0 or args.ranks < 0:
+        p.error("--warmup, --threads, --ranks and --profile must not be negative")
     return args
 
 
@@ -456,30 +510,66 @@ def _impl_figures(seconds: list, B: int, flops: int) -> dict:
             "peak_fraction": None}
 
 
-def run(args) -> dict:
+def run(args, comm=None) -> dict:
     """Everything but printing; returns the JSON-able result (``result["ok"]`` False on disagreement).
 
-    With ``args.threads`` the thread counts are set for the run and put back afterwards.
+    comm: npdraw's ranks (npdraw.distributed; one process by default). Rank 0 runs this;
+    the other ranks run ``follow``. With ``args.threads`` the thread counts are set for
+    the run and put back afterwards.
     """
+    comm = distributed.SingleProcess() if comm is None else comm
     restore = None
     if args.threads:
         if not args.no_torch:
             _import_torch(args.device)  # so that torch's count is set (and restored) too
         restore = set_threads(args.threads)
+    elif comm.size > 1 and not args.no_torch:
+        # The ranks' BLAS have one core's share each (as in train); the peer, which runs
+        # while they wait, gets all the cores, as it would alone.
+        torch, _ = _import_torch(args.device)
+        if torch is not None:
+            before = torch.get_num_threads()
+            torch.set_num_threads(usable_cores())
+            restore = lambda: torch.set_num_threads(before)  # noqa: E731
     try:
-        return _run(args)
+        return _run(args, comm)
     finally:
         if restore is not None:
             restore()
 
 
-def _run(args) -> dict:
+def _models(args, npdraw):
+    """(name, cfg, params on the host, x, eps) of each model to time, the same on every rank."""
+    from npdraw import backend
+    for name in (list(MODELS) if args.model == "both" else [args.model]):
+        cfg = npdraw.DrawConfig(T=args.T, attention=MODELS[name])
+        params = npdraw.init_params(cfg, args.seed, dtype=args.dtype)
+        params = {k: backend.to_numpy(v) for k, v in params.items()}
+        x, eps = make_inputs(cfg, args.batch, args.seed, args.dtype)
+        yield name, cfg, params, x, eps
+
+
+def follow(args, comm) -> None:
+    """The ranks other than 0: rank 0's npdraw calls, model by model."""
+    import npdraw
+    from npdraw import backend
+    device = backend.resolve_device(args.device)
+    comm = comm.for_device(device)
+    restore = set_threads(args.threads, torch_too=False) if args.threads else None
+    try:
+        for _name, cfg, params, x, eps in _models(args, npdraw):
+            NpdrawRunner(npdraw, cfg, params, x, eps, device, comm).follow()
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _run(args, comm) -> dict:
     import npdraw
     from npdraw import backend
 
-    from npdraw.parallel import resolve_workers
     device = backend.resolve_device(args.device)  # ValueError when 'gpu' has no GPU (main checks)
-    workers = resolve_workers(args.workers, device, args.batch)
+    comm = comm.for_device(device)
     xp = backend.xp_for(device)
     torch, torch_missing = (None, "--no-torch") if args.no_torch else _import_torch(device)
 
@@ -497,7 +587,7 @@ def _run(args) -> dict:
         "env": {k: v for k, v in env.items() if v is not None},
         "settings": {"batch": args.batch, "T": args.T, "dtype": args.dtype, "steps": args.steps,
                      "warmup": args.warmup, "settle": args.settle, "clip": CLIP, "lr": LR,
-                     "seed": args.seed, "workers": workers, "freed_memory_retained": retained},
+                     "seed": args.seed, "ranks": comm.size, "freed_memory_retained": retained},
     }
     if result["blas"]:
         result["threads"]["blas"] = result["blas"][0].get("num_threads")
@@ -521,23 +611,18 @@ def _run(args) -> dict:
     gemm_secs = {k: gemm_times(probe, reps) for k, probe in probes.items()}
     # On a CPU, also one core's rate times the cores: on some BLAS kernels one
     # multi-threaded matmul falls short of what the cores do side by side (npdraw's
-    # worker processes each run a one-thread BLAS), and a peak must bound both.
+    # ranks each run a one-thread BLAS), and a peak must bound both.
     core_secs = _single_core_gemm_secs(probes["npdraw_blas"], reps) if device == "cpu" else []
 
     ok = True
     result["models"] = {}
-    names = list(MODELS) if args.model == "both" else [args.model]
-    for name in names:
-        cfg = npdraw.DrawConfig(T=args.T, attention=MODELS[name])
+    for name, cfg, params, x, eps in _models(args, npdraw):
         B = args.batch
         flops = count_flops(cfg, B)
-        params = npdraw.init_params(cfg, args.seed, dtype=args.dtype)
-        params = {k: backend.to_numpy(v) for k, v in params.items()}
-        x, eps = make_inputs(cfg, B, args.seed, args.dtype)
         entry = {"config": cfg.to_dict(), "flops_per_step": flops,
                  "flop_terms_forward": flop_terms(cfg, B)}
 
-        runner = NpdrawRunner(npdraw, cfg, params, x, eps, device, workers)
+        runner = NpdrawRunner(npdraw, cfg, params, x, eps, device, comm)
         try:
             ok = _time_model(args, npdraw, cfg, params, x, eps, device, torch, runner, probes,
                              gemm_secs, entry, flops) and ok
@@ -578,7 +663,7 @@ def _time_model(args, npdraw, cfg, params, x, eps, device, torch, runner, probes
     ok = True
     B = args.batch
     steppers = {"npdraw": runner}
-    # With workers, the timed step must compute what the in-process model computes.
+    # Over ranks, the timed step must compute what the in-process model computes.
     loss_timed, _g, stats = runner.loss_and_grads()
     if torch is not None:
         check = check_peer(npdraw, cfg, params, x, eps, args.seed, device, args.check_batch)
@@ -667,9 +752,9 @@ def format_report(r: dict) -> str:
                  + f"; peak = {g['peak_gflops']:.1f}")
     lines.append(f"step = loss_and_grads + clip({s['clip']}) + Adam; batch {s['batch']}, T {s['T']}, "
                  f"{s['dtype']}, median of {s['steps']} after {s['warmup']} warm-up, A/B interleaved")
-    if s.get("workers", 1) > 1:
-        lines.append(f"npdraw splits each batch over {s['workers']} worker processes with one BLAS "
-                     "thread each, as `train` does (--workers 1: the in-process model)")
+    if s.get("ranks", 1) > 1:
+        lines.append(f"npdraw splits each batch over {s['ranks']} MPI ranks with their share of "
+                     "the cores for BLAS each, as `train` does (--ranks 1: one process)")
     if s.get("freed_memory_retained"):
         lines.append("malloc keeps freed memory for reuse, as `train` sets it, for both sides "
                      "(npdraw.backend.retain_freed_memory)")
@@ -723,15 +808,36 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, launch: bool = False) -> int:
+    """The benchmark; launch: start npdraw's ranks (this process becomes `mpiexec -n R
+    python bench/run.py argv`, as `cli.py train` does), else time in this process."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from npdraw import backend
     try:
-        backend.resolve_device(args.device)
-    except ValueError as exc:  # --device gpu on a machine without CuPy or a GPU
+        device = backend.resolve_device(args.device)
+        count, mpiexec, note = distributed.launch_plan(args.ranks, device, args.batch)
+        comm = distributed.from_environment()
+        if not launch or mpiexec is None:
+            distributed.check_rank_count(args.ranks, comm)
+    except ValueError as exc:  # --device gpu without a GPU, --ranks that cannot be had
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = run(args)
+    if note:
+        print(note.replace("one process", "npdraw in one process", 1), file=sys.stderr)
+    if launch and mpiexec is not None:
+        command, environ = distributed.launch_command(count, mpiexec, __file__, argv)
+        sys.stdout.flush()
+        os.execve(command[0], command, environ)
+    if not comm.is_root:
+        follow(args, comm)
+        return 0
+    try:
+        result = run(args, comm)
+    except BaseException as exc:  # the other ranks wait for rank 0: stop them too
+        if comm.size == 1:
+            raise
+        comm.abort(f"{type(exc).__name__}: {exc}")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -740,4 +846,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(launch=True))

@@ -36,7 +36,8 @@ def rows(result: dict) -> list[str]:
         ratio = figures.get("ratio_npdraw_over_torch")
         lines.append("| " + " | ".join([
             result["date"][:10], where, _blas_kernel(result),
-            str(result["settings"].get("workers", 1)), model,
+            # results of earlier versions name their worker processes "workers"
+            str(result["settings"].get("ranks", result["settings"].get("workers", 1))), model,
             f"{ours['ms_per_step']:.0f}", f"{ours['examples_per_s']:.0f}",
             f"{peer['ms_per_step']:.0f}" if peer else "-",
             f"{ratio:.2f}x" if ratio else "-",

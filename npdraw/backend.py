@@ -136,8 +136,8 @@ def retain_freed_memory() -> bool:
     to 32 MiB (glibc's upper limit) then come from the heap, and up to 1 GiB of free
     heap is kept.
 
-    Called by `train`, the data-parallel workers and the benchmark (for both of its
-    sides), never on import. -> True where the allocator took the settings (glibc),
+    Called by `train` (on every rank) and the benchmark (for both of its sides),
+    never on import. -> True where the allocator took the settings (glibc),
     False elsewhere, where nothing changes.
     """
     try:

@@ -81,8 +81,12 @@ DATASETS = ("bmnist", "mnist", "fashion-mnist", "cifar10", "svhn", "folder", "tw
 LR_SCHEDULES = ("constant", "exponential", "cosine")
 # The TrainConfig fields that a resumed run may change (a new phase of a long campaign);
 # every other field is the checkpoint's, so that the run stays what it was.
-RESUME_OVERRIDES = ("epochs", "device", "workers", "lr", "lr_schedule", "lr_min", "lr_hold",
+RESUME_OVERRIDES = ("epochs", "device", "ranks", "lr", "lr_schedule", "lr_min", "lr_hold",
                     "lr_gamma", "lr_decay_epochs", "eval_every")
+# Fields that runs of earlier versions saved and that no longer exist: dropped when a saved
+# config is read. workers: the CPU processes of the retired parallel.py, whose place the
+# MPI ranks took (docs/DESIGN.md, item 15); the rank count is never taken from a checkpoint.
+RETIRED_TRAIN_FIELDS = ("workers",)
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ class TrainConfig:
     subset: int = 0               # train on the first N training images; 0: all of them
     eval_subset: int = 0          # evaluate on the first N of valid/test; 0: the whole splits
     device: str = "auto"
-    workers: int = 0              # CPU processes sharing each batch; 0: one per core (see parallel.py)
+    ranks: int = 0                # MPI ranks sharing each batch; 0: one per core on a CPU, 1 on a GPU
     dtype: str = "float32"
     name: str = ""
     out: str = "runs"
@@ -138,8 +142,9 @@ class TrainConfig:
             raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
         if not self.clip > 0:
             raise ValueError(f"clip must be positive, got {self.clip}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be 0 (one per core) or positive, got {self.workers}")
+        if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 0:
+            raise ValueError(f"ranks must be 0 (automatic) or a positive integer, "
+                             f"got {self.ranks!r}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"device must be auto, cpu or gpu, got {self.device!r}")
         if self.dtype not in ("float32", "float64"):
@@ -156,12 +161,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(values) - set(names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        kwargs = {k: type(names[k].default)(v) for k, v in values.items()}
-        return cls(**kwargs)
+        """As saved by to_dict, also by earlier versions (RETIRED_TRAIN_FIELDS are dropped)."""
+        return _typed_from_dict(cls, {k: v for k, v in values.items()
+                                      if k not in RETIRED_TRAIN_FIELDS})
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ gradients with one all-reduce on one flat, preallocated buffer (P + S values): M
 (mpi4py) between CPU processes, NCCL between GPUs (bootstrapped over MPI, ChainerMN's
 design). The loss is a batch mean, so the global gradient is the sum over ranks of
 (Bk / B) times each rank's batch-mean gradient: what one process computes, up to float
-rounding. The same Bk/B weighting is used by the CPU worker processes of parallel.py
-(`write_weighted`, `flat_layout`, `flat_views` and `shard_bounds` are shared).
+rounding.
 
 The communicator objects give train.py five things: `shard(B)` (this rank's slice),
 `reduce_step` (the step's all-reduce), `sum` (evaluation sums), `broadcast_text` and
@@ -21,19 +20,30 @@ The communicator objects give train.py five things: `shard(B)` (this rank's slic
 the code without it. `from_environment()` picks MPI when a launcher started more than
 one rank; mpi4py is imported only then.
 
-Stopping: every reduction carries a stop flag. Under MPI, Ctrl-C or SIGTERM only sets
-this rank's flag (`deferred_interrupts`); at the next reduction every rank sees it and raises
-`Interrupted` at the same step, so all ranks stop together and rank 0 reports it as one
-process would. A second Ctrl-C interrupts at once. Any other failure of one rank (an
-exception, a killed process) cannot be agreed on: that rank prints one line and calls
-MPI_Abort, which ends every rank within seconds (`abort`); a killed process is
+Stopping: every reduction carries a stop code. Under MPI, Ctrl-C or SIGTERM only sets
+this rank's code (`deferred_interrupts`); at the next reduction every rank sees it and
+raises `Interrupted` with the signal's number at the same step, so all ranks stop
+together and rank 0 reports it as one process would (exit status 130 or 143). A second
+Ctrl-C, more than a second after the first, interrupts at once. Any other failure of one
+rank (an exception, a killed process) cannot be agreed on: that rank prints one line and
+calls MPI_Abort, which ends every rank within seconds (`abort`); a killed process is
 detected by the launcher, which ends the others.
+
+On one machine, `python cli.py train` starts its ranks itself: `launch_command` is the
+`mpiexec -n R` command line that runs the same script again as R ranks, one per core
+(`resolve_ranks`). MPICH's launcher (Hydra, the `mpiexec` of the `mpich` wheel) forwards
+SIGINT and SIGTERM to every rank and exits with the ranks' status, so the process the
+user started, replaced by mpiexec with `os.execve`, stops like one process
+(docs/DESIGN.md, item 15, has the measurements).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -46,13 +56,40 @@ from . import backend
 # SLURM_STEP_NUM_TASKS counts the tasks; SLURM_NTASKS alone does not, since an sbatch
 # script that starts one process has it too.
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+# Set in the ranks that `launch_command` starts: they never launch again.
+LAUNCHED_VARIABLE = "NPDRAW_LAUNCHED_RANKS"
+# The automatic rank count gives every rank at least this many examples of a batch: below
+# it a rank's GEMMs are too narrow to pay for the step's all-reduce and its own Adam.
+MIN_SHARE = 32
+MPI_HINT = 'pip install -e ".[mpi]"'
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C reached some rank; every rank raises this at the same reduction."""
+    """SIGINT or SIGTERM (``signum``) reached some rank; every rank raises this at the
+    same reduction."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
-# ---------------------------------------------------------------- shared with parallel.py
+def stop_code(signum, size: int) -> float:
+    """The value a rank adds to a reduction's stop slot: 0 (go on), 1 for SIGINT, size + 1
+    for SIGTERM, so that the sum over `size` ranks still says whether any rank got SIGTERM
+    (the stronger request: a scheduler's)."""
+    if not signum:
+        return 0.0
+    return float(size + 1) if signum == signal.SIGTERM else 1.0
+
+
+def stop_signal(total: float, size: int):
+    """The sum of the ranks' stop codes -> None (go on), SIGTERM or SIGINT."""
+    if total <= 0:
+        return None
+    return signal.SIGTERM if total >= size + 1 else signal.SIGINT
+
+
+# ---------------------------------------------------------------- the flat buffer and the split
 
 def shard_bounds(B: int, parts: int) -> list:
     """Bounds of `parts` contiguous slices of B examples, as even as can be:
@@ -122,8 +159,10 @@ class SingleProcess:
     def check_same(self, value: float, what: str) -> None:
         """RuntimeError unless every rank holds the same `value`."""
 
-    def deferred_interrupts(self):
-        """A context in which Ctrl-C stops every rank at the next reduction."""
+    def deferred_interrupts(self, stop=None):
+        """A context in which Ctrl-C stops every rank at the next reduction. stop: the
+        guards.StopSignals of the run, whose noted signal it takes over. In one process the
+        StopSignals alone stop the run: nothing to do."""
         return contextlib.nullcontext()
 
     def abort(self, message: str):
@@ -137,6 +176,11 @@ class SingleProcess:
 # ---------------------------------------------------------------- MPI
 
 ABORT_GRACE_S = 0.5
+# A second signal this soon after the first is the same request delivered twice: by
+# mpiexec, which forwards it, and by a kill aimed at every process of the run (pkill -f).
+# A person's second Ctrl-C goes to mpiexec, which then ends the ranks itself.
+SAME_REQUEST_S = 1.0
+
 
 class StepBuffer:
     """The one flat buffer of a step's all-reduce, on the parameters' device:
@@ -154,8 +198,8 @@ class StepBuffer:
         self.flat = xp.zeros(self.P + 3 + T, dtype=first.dtype)
         self.grads = flat_views(self.flat, self.layout)
 
-    def pack(self, result, share: float, stop: bool) -> None:
-        """This rank's part: share * (gradients, loss, L^x, KL) and its stop flag."""
+    def pack(self, result, share: float, stop: float) -> None:
+        """This rank's part: share * (gradients, loss, L^x, KL) and its stop code."""
         tail = np.zeros(3 + self.T, dtype=np.float64)
         if result is None:                       # no examples on this rank
             self.flat[:self.P] = 0
@@ -164,14 +208,15 @@ class StepBuffer:
             write_weighted(grads, share, self.grads)
             tail[0], tail[1] = share * loss, share * stats["recon"]
             tail[3:] = share * np.asarray(stats["kl"], dtype=np.float64)
-        tail[2] = float(stop)
+        tail[2] = stop
         xp = backend.get_array_module(self.flat)
         self.flat[self.P:] = xp.asarray(tail.astype(self.flat.dtype))  # S values to a GPU
 
     def unpack(self):
-        """-> (loss, grads (views into the buffer, valid until the next pack), stats, stop)."""
+        """-> (loss, grads (views into the buffer, valid until the next pack), stats, the
+        sum of the stop codes)."""
         tail = backend.to_numpy(self.flat[self.P:]).astype(np.float64)  # one transfer
-        loss, recon, stop, kl = float(tail[0]), float(tail[1]), tail[2] > 0, tail[3:]
+        loss, recon, stop, kl = float(tail[0]), float(tail[1]), float(tail[2]), tail[3:]
         stats = {"loss": loss, "recon": recon, "kl": kl, "kl_total": float(kl.sum())}
         return loss, self.grads, stats, stop
 
@@ -186,7 +231,7 @@ class MPIRanks(SingleProcess):
         self.rank, self.size = int(comm.Get_rank()), int(comm.Get_size())
         self.local_rank = local_rank
         self._buffer = None
-        self._stop_requested = False
+        self._stop_signum = 0                     # the signal this rank got, 0 for none
 
     def describe(self) -> str:
         return f"{self.size} MPI ranks"
@@ -204,21 +249,24 @@ class MPIRanks(SingleProcess):
     def reduce_step(self, params, T, result, share):
         if self._buffer is None:
             self._buffer = StepBuffer(params, T)
-        self._buffer.pack(result, share, self._stop_requested)
+        self._buffer.pack(result, share, stop_code(self._stop_signum, self.size))
         self._allreduce_flat(self._buffer.flat)
         loss, grads, stats, stop = self._buffer.unpack()
-        if stop:
-            raise Interrupted
+        self._raise_if_stopped(stop)
         return loss, grads, stats
+
+    def _raise_if_stopped(self, total: float) -> None:
+        signum = stop_signal(total, self.size)
+        if signum is not None:
+            raise Interrupted(signum)
 
     # -- small host-side collectives
 
     def sum(self, values):
         values = np.asarray(values, dtype=np.float64)
-        buffer = np.append(values, float(self._stop_requested))
+        buffer = np.append(values, stop_code(self._stop_signum, self.size))
         self.comm.Allreduce(self._mpi.IN_PLACE, buffer, op=self._mpi.SUM)
-        if buffer[-1] > 0:
-            raise Interrupted
+        self._raise_if_stopped(float(buffer[-1]))
         return buffer[:-1]
 
     def broadcast_text(self, text: str) -> str:
@@ -242,11 +290,20 @@ class MPIRanks(SingleProcess):
     # -- stopping
 
     @contextlib.contextmanager
-    def deferred_interrupts(self):
+    def deferred_interrupts(self, stop=None):
+        # A signal that the run's StopSignals noted before (while the run folder and the
+        # first checkpoint were prepared) is carried into the first reduction.
+        pending = stop.take() if stop is not None else None
+        first = time.monotonic()
+        if pending:
+            self._stop_signum = pending
+
         def request_stop(signum, frame):
-            if self._stop_requested:              # the second Ctrl-C: now
+            nonlocal first
+            if not self._stop_signum:
+                self._stop_signum, first = signum, time.monotonic()
+            elif time.monotonic() - first > SAME_REQUEST_S:   # the second Ctrl-C: now
                 raise KeyboardInterrupt
-            self._stop_requested = True
 
         # SIGTERM too: schedulers send it to every rank (see docs/TRAINING.md, Stopping)
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT,
@@ -319,6 +376,118 @@ def from_environment():
                          f"imported ({err}); install it with: pip install -e \".[mpi]\"") from None
     comm = MPI.COMM_WORLD
     if comm.Get_size() == 1:
-        return SingleProcess()
+        raise ValueError(f"the launcher started {launched_ranks()} ranks, but MPI sees one: "
+                         "mpi4py is built for another MPI than this mpiexec (use the mpiexec "
+                         f"that came with mpi4py's MPI, e.g. {MPI_HINT} and the mpiexec next "
+                         "to python)")
     local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank()).Get_rank()
     return MPIRanks(comm, MPI, local_rank)
+
+
+# ---------------------------------------------------------------- ranks on one machine
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_ranks(batch_size: int, cores: int | None = None) -> int:
+    """The rank count of ranks = 0 on a CPU: one per usable core, each with at least
+    MIN_SHARE examples of a batch of `batch_size`."""
+    cores = usable_cores() if cores is None else cores
+    return max(1, min(cores, batch_size // MIN_SHARE))
+
+
+def resolve_ranks(ranks: int, device: str, batch_size: int) -> int:
+    """TrainConfig.ranks -> the number of ranks to start: 0 is auto_ranks on the CPU and
+    1 on a GPU (one rank per GPU: more need that many GPUs and an explicit count)."""
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 0:
+        raise ValueError(f"ranks must be 0 (automatic) or a positive integer, got {ranks!r}")
+    if ranks:
+        return ranks
+    return 1 if device == "gpu" else auto_ranks(batch_size)
+
+
+def check_rank_count(ranks: int, comm) -> None:
+    """ValueError unless `ranks` (0: automatic) fits the `comm.size` ranks that run."""
+    if ranks in (0, comm.size):
+        return
+    if comm.size == 1:
+        raise ValueError(f"ranks = {ranks} needs {ranks} MPI ranks, and this is one process: "
+                         f"run `python cli.py`, which starts them, or `mpiexec -n {ranks} "
+                         "python cli.py ...`")
+    raise ValueError(f"ranks = {ranks}, but the launcher started {comm.size}: give 0 "
+                     f"(take the launcher's count) or {comm.size}")
+
+
+def under_launcher(environ=None) -> bool:
+    """True when mpiexec, mpirun, srun or `launch_command` started this process (even as
+    one rank): the count is then the launcher's, and nothing launches again."""
+    environ = os.environ if environ is None else environ
+    return any(name in environ for name in (*_SIZE_VARIABLES, LAUNCHED_VARIABLE,
+                                           "SLURM_STEP_ID"))
+
+
+def _is_hydra(path: str) -> bool:
+    try:
+        result = subprocess.run([path, "--version"], capture_output=True, text=True,
+                                timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0 and "HYDRA" in result.stdout
+
+
+def find_mpiexec():
+    """MPICH's mpiexec (Hydra): the one next to this Python (where the `mpich` wheel puts
+    it), else the first on PATH; None when neither is Hydra. Other launchers are not
+    used: Open MPI's turns Ctrl-C into SIGTERM and then SIGKILL (start them by hand)."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    for path in (here, shutil.which("mpiexec")):
+        if path and os.path.isfile(path) and os.access(path, os.X_OK) and _is_hydra(path):
+            return path
+    return None
+
+
+def mpi_available() -> bool:
+    """mpi4py is importable (checked without importing it: importing MPI initialises it)."""
+    return importlib.util.find_spec("mpi4py") is not None
+
+
+def launch_command(ranks: int, mpiexec: str, script: str, args) -> tuple:
+    """-> (argv, environ) that run `python script args...` as `ranks` MPI ranks on this
+    machine (Hydra's fork launcher: never on other hosts, even inside a SLURM job). Each
+    rank's BLAS gets its share of the cores (one thread each with one rank per core),
+    unless the user set the thread count: it must be known before NumPy loads."""
+    argv = [mpiexec, "-launcher", "fork", "-n", str(ranks), sys.executable,
+            os.path.abspath(script), *args]
+    threads = str(max(1, usable_cores() // ranks))
+    blas = {name: os.environ.get(name, threads)
+            for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return argv, {**os.environ, **blas, LAUNCHED_VARIABLE: str(ranks)}
+
+
+def launch_plan(ranks: int, device: str, batch_size: int, environ=None):
+    """How a command on this machine runs: -> (count, mpiexec or None, note or None).
+
+    count: the ranks to start (1: this process alone); mpiexec: the launcher to start
+    them with, None when the count is 1 or this process already is a rank; note: one line
+    for the user when MPI is missing and the ranks cannot be started. ValueError when an
+    explicit count above 1 cannot be started."""
+    if under_launcher(environ):
+        return 1, None, None
+    count = resolve_ranks(ranks, device, batch_size)
+    if count == 1:
+        return 1, None, None
+    mpiexec = find_mpiexec() if mpi_available() else None
+    if mpiexec is not None:
+        return count, mpiexec, None
+    missing = ("mpi4py and MPICH's mpiexec" if not mpi_available()
+               else "MPICH's mpiexec (next to python or on PATH)")
+    if ranks:
+        raise ValueError(f"ranks = {ranks} needs {missing}; install them with: {MPI_HINT} "
+                         "(or use --ranks 1)")
+    return 1, None, (f"note: one process on {usable_cores()} cores; for one MPI rank per "
+                     f"core install {missing}: {MPI_HINT}")

@@ -15,8 +15,8 @@ Dimension legend
     He, Hd  encoder and decoder LSTM sizes     Z  latent size
 
 Entry points take inputs that model.check_inputs has checked: loss_and_grads, loss_only
-(npdraw.model's public functions and the data-parallel workers call them), and the
-forward/backward pair they are made of.
+(npdraw.model's public functions call them), and the forward/backward pair they are
+made of.
 """
 from __future__ import annotations
 

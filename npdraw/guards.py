@@ -129,6 +129,12 @@ class StopSignals:
         if self.signum is not None:
             raise StopRequested(self.signum)
 
+    def take(self):
+        """The noted signal (None if none), forgotten here: MPI ranks carry it into their
+        next reduction instead (distributed.MPIRanks.deferred_interrupts)."""
+        signum, self.signum = self.signum, None
+        return signum
+
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:

@@ -47,7 +47,7 @@ def _sq_sum(a):
     for start in range(0, flat.size, _CHUNK):
         chunk = flat[start:start + _CHUNK].astype(np.float64)
         # einsum, not dot: a BLAS call would wake BLAS threads that then spin
-        # while data-parallel workers want the cores
+        # on cores that the other ranks of the machine want
         total += float(np.einsum("i,i->", chunk, chunk))
     return total
 

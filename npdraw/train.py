@@ -50,7 +50,6 @@ from . import images as images_lib
 from . import model as model_lib
 from . import optim
 from .config import RESUME_OVERRIDES, ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
-from .parallel import DataParallel, WorkerError, resolve_workers
 from .progress import Progress
 
 # c0 = logit(clip(mean training image, C0_CLIP, 1 - C0_CLIP)); see init_model.
@@ -85,10 +84,6 @@ class TrainingInterrupted(TrainingStopped):
 class WriteFailed(TrainingStopped):
     """A file of the run could not be written (a full disk, permissions); the last
     checkpoint stands."""
-
-
-class WorkerFailed(TrainingStopped):
-    """A worker process of the data-parallel engine failed; the last checkpoint stands."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -221,23 +216,14 @@ def sample_bytes(cfg: DrawConfig, rows: int, cols: int, scale: int) -> int:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _loss_only_fn(cfg, engine):
-    """model.loss_only for cfg, or the same computed by a DataParallel engine."""
-    if engine is not None:
-        return engine.loss_only
-    return lambda params, xb, eps, return_terms=False: model_lib.loss_only(
-        params, cfg, xb, eps, return_terms=return_terms)
-
-
 def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int,
-                   rng: np.random.Generator, engine=None, comm=None) -> float:
+                   rng: np.random.Generator, comm=None) -> float:
     """Mean negative variational bound (L^x + L^z, nats per example) over all of ``x``.
 
     x: (N, D) host array in [0, 1]; one fresh noise draw per example from ``rng``.
-    Returns NaN for an empty ``x``. engine: an optional parallel.DataParallel that
-    splits each batch over worker processes; comm: a distributed communicator whose
-    ranks each take their slice of every batch (both give the same figures, up to
-    rounding; every rank gets the result).
+    Returns NaN for an empty ``x``. comm: a distributed communicator whose ranks each
+    take their slice of every batch (the same figures as one process, up to rounding;
+    every rank gets the result).
     """
     n = int(x.shape[0])
     if n == 0:
@@ -245,7 +231,6 @@ def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device, dtype = _device_of(params), _params_dtype(params)
-    loss_only = _loss_only_fn(cfg, engine)
     comm = distributed.SingleProcess() if comm is None else comm
     total = 0.0
     for start in range(0, n, batch_size):
@@ -253,8 +238,9 @@ def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int
         eps = _host_noise(rng, cfg, batch.shape[0], dtype)      # the whole batch's, on every rank
         lo, hi = comm.shard(batch.shape[0])
         if hi > lo:
-            per_example, _ = loss_only(params, backend.to_device(batch[lo:hi], device),
-                                       backend.to_device(_examples(eps, lo, hi), device))
+            per_example, _ = model_lib.loss_only(
+                params, cfg, backend.to_device(batch[lo:hi], device),
+                backend.to_device(_examples(eps, lo, hi), device))
             total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
     return float(comm.sum([total])[0]) / n
 
@@ -266,7 +252,7 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
 
 
 def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int,
-                            batch_size: int, rng: np.random.Generator, engine=None, comm=None,
+                            batch_size: int, rng: np.random.Generator, comm=None,
                             progress: bool = False):
     """Both estimates from one pass of K noise draws per example.
 
@@ -276,7 +262,7 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
       bound_nll = mean over n and k of the model's per-example loss L^x + L^z.
     With K = 1 the IWAE estimate is a (noisier) single-sample bound; as K grows it
     tightens towards -log p(x), so iwae_nll <= bound_nll in expectation.
-    engine, comm: as in evaluate_bound. progress: a bar on stderr over the K passes of
+    comm: as in evaluate_bound. progress: a bar on stderr over the K passes of
     all batches, with the running bound (of this rank's examples).
     """
     n = int(x.shape[0])
@@ -287,7 +273,6 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
     if n == 0:
         return float("nan"), float("nan")
     device, dtype = _device_of(params), _params_dtype(params)
-    loss_only = _loss_only_fn(cfg, engine)
     comm = distributed.SingleProcess() if comm is None else comm
     iwae_total, bound_total = 0.0, 0.0
     n_batches = (n + batch_size - 1) // batch_size
@@ -304,8 +289,8 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
                 bar.update(i * K + k + 1, f"bound {bound_total / max(seen, 1):.2f}")
                 if hi == lo:
                     continue
-                per_example, stats = loss_only(
-                    params, xb, backend.to_device(_examples(eps, lo, hi), device),
+                per_example, stats = model_lib.loss_only(
+                    params, cfg, xb, backend.to_device(_examples(eps, lo, hi), device),
                     return_terms=True)
                 log_w[k] = backend.to_numpy(stats["log_weight"]).astype(np.float64)
                 bound_total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
@@ -318,9 +303,9 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
 
 
 def evaluate_iwae(params: dict, cfg: DrawConfig, x: np.ndarray, K: int, batch_size: int,
-                  rng: np.random.Generator, engine=None, comm=None) -> float:
+                  rng: np.random.Generator, comm=None) -> float:
     """Importance-weighted estimate of -log p(x) (nats per example) with K samples."""
-    return evaluate_iwae_and_bound(params, cfg, x, K, batch_size, rng, engine, comm)[0]
+    return evaluate_iwae_and_bound(params, cfg, x, K, batch_size, rng, comm)[0]
 
 
 # ----------------------------------------------------------------------------- samples
@@ -659,15 +644,16 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
 
     cfg: the model (height/width/channels must match the data). With ``tcfg.resume`` set
     to a run dir, the model and training settings come from RUN/checkpoint.h5 and
-    ``cfg`` may be None; of ``tcfg`` only epochs (the new total), device and workers are
+    ``cfg`` may be None; of ``tcfg`` only epochs (the new total), device and ranks are
     taken, the fields named in ``resume_overrides`` (a subset of
     config.RESUME_OVERRIDES: the learning-rate schedule and eval_every, for the next
     phase of a long run), and data_dir, mirror and folder where they differ from
     TrainConfig's defaults (else the recorded ones). ``data``: a DataSplits to use
     instead of loading ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr.
     ``comm``: the ranks that train together (distributed.py); by default MPI's when the
-    process was started by mpiexec or srun with more than one rank, else one process.
-    Every rank calls train() alike; only rank 0 logs and writes the run dir.
+    process was started by mpiexec or srun with more than one rank, else one process;
+    ``tcfg.ranks`` must be 0 or their number. Every rank calls train() alike; only rank 0
+    logs and writes the run dir.
 
     Raises NonFiniteLossError on a NaN/inf loss, TrainingInterrupted on Ctrl-C or
     SIGTERM and WriteFailed when a file cannot be written (all TrainingStopped, with
@@ -717,7 +703,7 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         if unknown:
             raise ValueError(f"a resumed run keeps its {', '.join(sorted(unknown))}; only "
                              f"{', '.join(RESUME_OVERRIDES)} can change")
-        changed = {k: getattr(tcfg, k) for k in ("epochs", "device", "workers",
+        changed = {k: getattr(tcfg, k) for k in ("epochs", "device", "ranks",
                                                    *resume_overrides)}
         for k in resume_overrides:
             if changed[k] != getattr(saved_tcfg, k):
@@ -728,14 +714,7 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         raise ValueError("train needs a model config unless it resumes a run")
 
     device = backend.resolve_device(tcfg.device)
-    if comm.size > 1:
-        if tcfg.workers > 1:
-            raise ValueError(f"workers = {tcfg.workers} splits batches over processes of one "
-                             f"rank; under MPI each of the {comm.size} ranks is one process: "
-                             "use --workers 0 or 1")
-        workers = 1
-    else:
-        workers = resolve_workers(tcfg.workers, device, tcfg.batch_size)
+    distributed.check_rank_count(tcfg.ranks, comm)
     comm = comm.for_device(device)           # on GPUs: one per rank, NCCL between them
     dtype = np.dtype(tcfg.dtype)
     guards.check_memory(model_bytes(cfg, tcfg.batch_size, dtype.itemsize, training=True),
@@ -799,8 +778,7 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     log(f"run dir: {run_dir}")
     log("model config: " + json.dumps(cfg.to_dict()))
     log("train config: " + json.dumps(tcfg.to_dict()))
-    log(f"device {device}" + (f" ({workers} worker processes)" if workers > 1 else "")
-        + (f" ({comm.describe()})" if comm.size > 1 else "")
+    log(f"device {device}" + (f" ({comm.describe()})" if comm.size > 1 else "")
         + f", dtype {dtype.name}, {n_params:,} parameters; data "
         f"{tcfg.dataset}: {n_train} train, {valid_x.shape[0]} valid, {test_x.shape[0]} test")
 
@@ -832,11 +810,10 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         """The error that stops the run; nothing from the bad epoch has been saved."""
         return NonFiniteLossError(f"{what}; training stopped. {ckpt_path} still holds epoch "
                                   f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
-    engine = DataParallel(cfg, workers, dtype) if workers > 1 else None
     noise_thread = ThreadPoolExecutor(max_workers=1)
     scope = contextlib.ExitStack()
     try:
-        scope.enter_context(comm.deferred_interrupts())  # MPI: Ctrl-C stops all ranks at one step
+        scope.enter_context(comm.deferred_interrupts(stop))  # MPI: all ranks stop at one step
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t0 = time.perf_counter()
             if data.fresh_train is not None:     # data made on the fly: new every epoch
@@ -858,10 +835,7 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                     if hi > lo:
                         xb = backend.to_device(train_x[idx[lo:hi]], device)
                         eps = backend.to_device(_examples(batch_eps, lo, hi), device)
-                        if engine is not None:
-                            mine = engine.loss_and_grads(params, xb, eps)
-                        else:
-                            mine = model_lib.loss_and_grads(params, cfg, xb, eps)
+                        mine = model_lib.loss_and_grads(params, cfg, xb, eps)
                     loss, grads, stats = comm.reduce_step(params, cfg.T, mine,
                                                           (hi - lo) / idx.shape[0])
                     # The next step's noise is drawn while this one's clipping and Adam run,
@@ -900,9 +874,9 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             valid_bound = test_bound = float("nan")
             if evaluated:
                 valid_bound = evaluate_bound(params, cfg, valid_x, eval_batch,
-                                             _derived_rng(tcfg.seed, 1, epoch, 0), engine, comm)
+                                             _derived_rng(tcfg.seed, 1, epoch, 0), comm)
                 test_bound = evaluate_bound(params, cfg, test_x, eval_batch,
-                                            _derived_rng(tcfg.seed, 1, epoch, 1), engine, comm)
+                                            _derived_rng(tcfg.seed, 1, epoch, 1), comm)
             eval_time = time.perf_counter() - t1
             train_bound = loss_sum / n_iter
             if evaluated and not math.isfinite(valid_bound) and valid_x.shape[0] > 0:
@@ -962,12 +936,6 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             comm.abort(msg)
         log(msg)
         raise WriteFailed(msg, run_dir) from None
-    except WorkerError as err:
-        msg = (f"{err}\nin epoch {epoch}; {ckpt_path} holds the last completed epoch "
-               f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir} "
-               "(add --workers 1 to train in one process)")
-        log(msg)
-        raise WorkerFailed(msg, run_dir) from None
     except Exception as error:               # noqa: BLE001 - under MPI: stop every rank
         if comm.size == 1:
             raise
@@ -977,8 +945,6 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     finally:
         scope.close()
         noise_thread.shutdown(wait=True)
-        if engine is not None:
-            engine.close()
     log(f"done: {tcfg.epochs} epochs; best valid bound {best_valid:.2f} (epoch {best_epoch}); "
         f"run dir {run_dir}")
     return run_dir

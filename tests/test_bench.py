@@ -5,6 +5,7 @@ peer tests need torch, from the `bench` extra that the README's install command
 brings; the benchmark itself repeats the agreement check before printing any ratio.
 """
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -120,17 +121,37 @@ def test_bench_runs_end_to_end_json(capsys):
     assert "| attention |" in rows[0] and "| no-attention |" in rows[1]
 
 
-def test_bench_with_worker_processes(capsys):
-    """--workers 2 times the split batch, after checking it against the in-process loss."""
-    rc, r = _run_json(capsys, TINY + ["--workers", "2", "--model", "attention"])
-    assert rc == 0 and r["ok"] is True
-    assert r["settings"]["workers"] == 2
+def test_bench_times_npdraw_as_ranks_like_train():
+    """`python bench/run.py --ranks 2` starts two MPI ranks (as `cli.py train` does) and
+    times the sharded step, after checking that it computes the in-process loss."""
+    pytest.importorskip("mpi4py", reason="the ranks need pip install -e \".[mpi]\"")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "run.py"), *TINY,
+                             "--ranks", "2", "--model", "attention", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)                  # rank 0 alone prints
+    assert r["ok"] is True and r["settings"]["ranks"] == 2
     e = r["models"]["attention"]
     assert np.isfinite(e["npdraw"]["final_loss"]) and e["npdraw"]["activation_bytes_per_example"] > 0
     if r["torch"] is not None:
         assert e["check"]["loss_timed_rel_f32"] < bench_run.LOSS_RTOL_F32
+    assert "npdraw splits each batch over 2 MPI ranks" in bench_run.format_report(r)
     from bench import table
     assert "| 2 | attention |" in table.rows(r)[0]
+
+
+def test_bench_ranks_in_one_process_agree_with_the_model():
+    """The runner's sharded step with the one-process communicator is the model's step."""
+    cfg = _cfg(True)
+    params = npdraw.init_params(cfg, 0, dtype="float64")
+    x, eps = bench_run.make_inputs(cfg, 5, 0, "float64")
+    runner = bench_run.NpdrawRunner(npdraw, cfg, params, x, eps, "cpu")
+    loss, grads, stats = runner.loss_and_grads()
+    want_loss, want_grads, want_stats = npdraw.loss_and_grads(params, cfg, x, eps)
+    assert loss == want_loss and stats["activation_bytes"] == want_stats["activation_bytes"]
+    for name in want_grads:
+        assert np.array_equal(grads[name], want_grads[name]), name
+    runner.close()                                 # nothing to tell in one process
 
 
 def test_bench_text_report_npdraw_alone(capsys):

@@ -327,6 +327,34 @@ def test_ranks_on_one_machine_share_its_cores_between_their_blas_threads():
     assert env == {}
 
 
+@pytest.fixture
+def without_mpi(monkeypatch):
+    """A four-core machine where the MPI extra is not installed."""
+    from npdraw import distributed
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_ID",
+                 distributed.LAUNCHED_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "usable_cores", lambda: 4)
+    monkeypatch.setattr(distributed, "mpi_available", lambda: False)
+
+
+def test_without_mpi_train_says_once_how_to_use_every_core(without_mpi, capsys):
+    cli_mod._run_as_ranks(0, "cpu", lambda: 128, "training")      # returns: one process
+    assert capsys.readouterr().err == (
+        "note: training in one process on 4 cores; for one MPI rank per core install mpi4py "
+        "and MPICH's mpiexec: pip install -e \".[mpi]\"\n")
+    cli_mod._run_as_ranks(0, "cpu", lambda: 50, "training")       # one rank is all it wants
+    cli_mod._run_as_ranks(1, "cpu", lambda: 128, "training")
+    assert capsys.readouterr().err == ""
+
+
+def test_ranks_that_cannot_be_started_are_one_error_line(without_mpi, tmp_path):
+    result = invoke(["train", "--ranks", 2, "--device", "cpu", "--out", tmp_path])
+    assert result.exit_code == 1
+    assert result.output == ("Error: ranks = 2 needs mpi4py and MPICH's mpiexec; install them "
+                             "with: pip install -e \".[mpi]\" (or use --ranks 1)\n")
+
+
 def test_export_writes_a_params_only_model_that_sample_and_evaluate_read(trained, data_args,
                                                                          tmp_path):
     run, _ = trained

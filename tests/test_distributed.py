@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npdraw import backend, distributed, model
+from npdraw import backend, distributed, guards, model
 from npdraw import checkpoint as ckpt_lib
 from npdraw import train as train_lib
 from npdraw.config import DrawConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ATT = DrawConfig(height=6, width=7, T=3, read_n=2, write_n=3, enc_dim=8, dec_dim=9, z_dim=4)
+NOATT = DrawConfig(height=5, width=4, T=3, enc_dim=6, dec_dim=7, z_dim=3, attention=False)
 
 
 def _batch(cfg, B, dtype, seed=0):
@@ -137,14 +138,50 @@ def _assert_same_step(got, want, rtol):
 RTOL64 = 1e-12
 
 
+@pytest.mark.parametrize("cfg", [ATT, NOATT], ids=["attention", "no-attention"])
 @pytest.mark.parametrize("B,ranks", [(7, 3), (2, 3), (5, 2)],
                          ids=["uneven", "a-rank-without-examples", "two-ranks"])
-def test_ranks_sum_to_the_one_process_step_in_float64(B, ranks):
-    params = model.init_params(ATT, seed=1, dtype="float64")
-    x, eps = _batch(ATT, B, np.float64)
-    want = model.loss_and_grads(params, ATT, x, eps)
-    for got in _run_ranks(ranks, lambda comm, rank: _sharded_step(comm, params, ATT, x, eps)):
+def test_ranks_sum_to_the_one_process_step_in_float64(B, ranks, cfg):
+    params = model.init_params(cfg, seed=1, dtype="float64")
+    x, eps = _batch(cfg, B, np.float64)
+    want = model.loss_and_grads(params, cfg, x, eps)
+    for got in _run_ranks(ranks, lambda comm, rank: _sharded_step(comm, params, cfg, x, eps)):
         _assert_same_step(got, want, RTOL64)
+
+
+def test_one_buffer_serves_batches_of_any_size_and_new_parameters():
+    """The step buffer is made once per run: growing, shrinking and smaller-than-ranks
+    batches with new parameters each step still sum to the one-process step."""
+    cases = [(2, 0), (9, 1), (1, 2), (4, 3)]
+
+    def work(comm, rank):
+        results = []
+        for B, seed in cases:
+            params = model.init_params(ATT, seed=seed, dtype="float64")
+            x, eps = _batch(ATT, B, np.float64, seed)
+            results.append(_sharded_step(comm, params, ATT, x, eps))
+        return results
+    for per_rank in _run_ranks(3, work):
+        for got, (B, seed) in zip(per_rank, cases):
+            params = model.init_params(ATT, seed=seed, dtype="float64")
+            x, eps = _batch(ATT, B, np.float64, seed)
+            _assert_same_step(got, model.loss_and_grads(params, ATT, x, eps), RTOL64)
+
+
+def test_float32_ranks_agree_to_float32_precision():
+    """The buffer keeps the parameters' dtype: gradients summed in float32 (a few eps of
+    6e-8 per regrouped sum), statistics too (a loss of ~30 nats to ~1e-5 relative)."""
+    params = model.init_params(ATT, seed=2, dtype="float32")
+    x, eps = _batch(ATT, 6, np.float32)
+    loss, grads, stats = model.loss_and_grads(params, ATT, x, eps)
+    for loss_r, grads_r, stats_r in _run_ranks(
+            2, lambda comm, rank: _sharded_step(comm, params, ATT, x, eps)):
+        assert loss_r == pytest.approx(loss, rel=1e-5)
+        assert stats_r["recon"] == pytest.approx(stats["recon"], rel=1e-5)
+        for name in grads:
+            assert grads_r[name].dtype == np.float32
+            np.testing.assert_allclose(grads_r[name], grads[name], rtol=1e-3,
+                                       atol=1e-5 * float(np.abs(grads[name]).max()))
 
 
 def test_the_single_process_communicator_changes_nothing():
@@ -174,20 +211,28 @@ def test_evaluation_is_sharded_to_the_same_figures():
         assert iwae == pytest.approx(plain_iwae, rel=RTOL64)
 
 
-def test_a_stop_request_of_one_rank_stops_every_rank_at_the_same_reduction():
+@pytest.mark.parametrize("signals,want", [({1: signal.SIGINT}, signal.SIGINT),
+                                          ({2: signal.SIGTERM}, signal.SIGTERM),
+                                          ({0: signal.SIGINT, 1: signal.SIGINT,
+                                            2: signal.SIGINT}, signal.SIGINT),
+                                          ({0: signal.SIGINT, 2: signal.SIGTERM},
+                                           signal.SIGTERM)],
+                         ids=["sigint-on-one", "sigterm-on-one", "sigint-on-all", "mixed"])
+def test_a_stop_request_of_one_rank_stops_every_rank_at_the_same_reduction(signals, want):
+    """Every rank raises Interrupted with the signal one process would report (SIGTERM,
+    a scheduler's, wins over SIGINT): the exit status is 130 or 143 as in one process."""
     params = model.init_params(ATT, seed=0, dtype="float64")
     x, eps = _batch(ATT, 4, np.float64)
 
     def work(comm, rank):
         _sharded_step(comm, params, ATT, x, eps)       # a normal step first
-        if rank == 1:
-            comm._stop_requested = True                 # what its Ctrl-C handler sets
-        with pytest.raises(distributed.Interrupted):
+        comm._stop_signum = signals.get(rank, 0)        # what its signal handler sets
+        with pytest.raises(distributed.Interrupted) as step:
             _sharded_step(comm, params, ATT, x, eps)
-        with pytest.raises(distributed.Interrupted):
+        with pytest.raises(distributed.Interrupted) as evaluation:
             comm.sum([1.0])
-        return True
-    assert _run_ranks(2, work) == [True, True]
+        return step.value.signum, evaluation.value.signum
+    assert _run_ranks(3, work) == [(want, want)] * 3
 
 
 def test_a_nan_on_one_rank_reaches_every_rank():
@@ -220,15 +265,34 @@ def test_the_environment_decides_between_one_process_and_mpi(monkeypatch):
         distributed.from_environment()
 
 
-def test_ctrl_c_under_mpi_only_requests_a_stop_and_a_second_one_interrupts():
+def test_ctrl_c_under_mpi_only_requests_a_stop_and_a_second_one_interrupts(monkeypatch):
     comm = distributed.MPIRanks(_Group(1).comm(0), _FakeMPI)
     previous = signal.getsignal(signal.SIGINT)
+    now = [100.0]
+    monkeypatch.setattr(distributed.time, "monotonic", lambda: now[0])
     with comm.deferred_interrupts():
-        os.kill(os.getpid(), signal.SIGINT)
-        assert comm._stop_requested                      # no KeyboardInterrupt yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert comm._stop_signum == signal.SIGTERM       # no KeyboardInterrupt yet
+        now[0] += distributed.SAME_REQUEST_S / 2
+        os.kill(os.getpid(), signal.SIGTERM)             # the same request, delivered twice
+        assert comm._stop_signum == signal.SIGTERM
+        now[0] += distributed.SAME_REQUEST_S
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_signal_noted_before_the_loop_is_carried_into_the_first_reduction():
+    """While the run folder is prepared the run's StopSignals note a signal; under MPI
+    it must reach every rank through a reduction, not stop this rank alone."""
+    comm = distributed.MPIRanks(_Group(1).comm(0), _FakeMPI)
+    with guards.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with comm.deferred_interrupts(stop):
+            stop.check()                                  # taken over: nothing raised here
+            with pytest.raises(distributed.Interrupted) as info:
+                comm.sum([0.0])
+    assert info.value.signum == signal.SIGTERM
 
 
 def test_small_collectives():
@@ -260,12 +324,71 @@ def test_shards_and_the_launchers_rank_count():
     assert distributed.launched_ranks({"SLURM_NTASKS": "8"}) == 1      # an sbatch script
 
 
-def test_workers_are_refused_under_mpi(tmp_path):
+def test_the_rank_count_must_be_the_launchers(tmp_path):
     comm = distributed.MPIRanks(_Group(2).comm(0), _FakeMPI)
-    tcfg = TrainConfig(epochs=1, device="cpu", workers=2, out=str(tmp_path))
-    with pytest.raises(ValueError, match="under MPI each of the 2 ranks is one process"):
+    tcfg = TrainConfig(epochs=1, device="cpu", ranks=3, out=str(tmp_path))
+    with pytest.raises(ValueError, match=r"ranks = 3, but the launcher started 2: give 0 "):
         train_lib.train(ATT, tcfg, log=lambda *a: None, comm=comm,
                         data=types.SimpleNamespace(shape=(1, 6, 7)))
+    with pytest.raises(ValueError, match=r"ranks = 2 needs 2 MPI ranks, and this is one "
+                                         r"process.*mpiexec -n 2"):
+        distributed.check_rank_count(2, distributed.SingleProcess())
+    for ranks, comm_ in ((0, comm), (2, comm), (0, distributed.SingleProcess()),
+                         (1, distributed.SingleProcess())):
+        distributed.check_rank_count(ranks, comm_)       # these fit
+    with pytest.raises(ValueError, match="ranks must be 0"):
+        TrainConfig(ranks=-1)
+
+
+# ---------------------------------------------------------------- starting ranks on one machine
+
+def test_the_automatic_rank_count():
+    assert distributed.auto_ranks(100, cores=2) == 2
+    assert distributed.auto_ranks(100, cores=8) == 3            # at least 32 examples each
+    assert distributed.auto_ranks(40, cores=8) == 1
+    assert distributed.auto_ranks(10 ** 6, cores=8) == 8
+    assert distributed.auto_ranks(1, cores=4) == 1
+    assert distributed.auto_ranks(10 ** 6) == distributed.usable_cores()
+    assert distributed.resolve_ranks(0, "gpu", 10 ** 6) == 1     # one rank per GPU
+    assert distributed.resolve_ranks(3, "cpu", 10) == 3          # an explicit count stands
+    with pytest.raises(ValueError, match="ranks must be 0"):
+        distributed.resolve_ranks(-1, "cpu", 100)
+
+
+def test_the_launch_plan(monkeypatch):
+    monkeypatch.setattr(distributed, "usable_cores", lambda: 4)
+    monkeypatch.setattr(distributed, "mpi_available", lambda: True)
+    monkeypatch.setattr(distributed, "find_mpiexec", lambda: "/opt/mpich/bin/mpiexec")
+    assert distributed.launch_plan(0, "cpu", 128, {}) == (4, "/opt/mpich/bin/mpiexec", None)
+    assert distributed.launch_plan(0, "cpu", 50, {}) == (1, None, None)
+    assert distributed.launch_plan(1, "cpu", 128, {}) == (1, None, None)
+    assert distributed.launch_plan(0, "gpu", 128, {}) == (1, None, None)
+    assert distributed.launch_plan(2, "gpu", 128, {}) == (2, "/opt/mpich/bin/mpiexec", None)
+    for launched in ({"PMI_SIZE": "1"}, {"OMPI_COMM_WORLD_SIZE": "2"}, {"SLURM_STEP_ID": "0"},
+                     {distributed.LAUNCHED_VARIABLE: "4"}):
+        assert distributed.launch_plan(0, "cpu", 128, launched) == (1, None, None), launched
+
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    argv, environ = distributed.launch_command(3, "/opt/mpich/bin/mpiexec", "cli.py",
+                                               ["train", "--bs", "96"])
+    assert argv == ["/opt/mpich/bin/mpiexec", "-launcher", "fork", "-n", "3", sys.executable,
+                    os.path.abspath("cli.py"), "train", "--bs", "96"]
+    assert environ[distributed.LAUNCHED_VARIABLE] == "3"
+    assert environ["OMP_NUM_THREADS"] == "1"                    # 4 cores over 3 ranks
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert distributed.launch_command(2, "mpiexec", "cli.py", [])[1]["OPENBLAS_NUM_THREADS"] \
+        == "2"                                                  # the user's choice stands
+    assert distributed.under_launcher(environ)                  # the ranks never launch again
+
+    monkeypatch.setattr(distributed, "mpi_available", lambda: False)
+    count, mpiexec, note = distributed.launch_plan(0, "cpu", 128, {})
+    assert (count, mpiexec) == (1, None)
+    assert note == ("note: one process on 4 cores; for one MPI rank per core install mpi4py "
+                    "and MPICH's mpiexec: pip install -e \".[mpi]\"")
+    with pytest.raises(ValueError, match=r"ranks = 2 needs mpi4py and MPICH's mpiexec; "
+                                         r"install them with: pip install -e \"\.\[mpi\]\""):
+        distributed.launch_plan(2, "cpu", 128, {})
 
 
 # ---------------------------------------------------------------- the NCCL path, on stand-ins
@@ -480,12 +603,12 @@ def test_two_ranks_train_the_one_process_model(mpi_run, bmnist, tmp_path):
     assert stdout.count("run dir:") == 1 and stdout.count("done:") == 1   # rank 0 alone
     one = train_lib.train(TINY, TrainConfig(epochs=2, batch_size=45, subset=200,
                                             eval_subset=200, seed=3, device="cpu",
-                                            workers=1, out=str(tmp_path), name="one"),
+                                            out=str(tmp_path), name="one"),
                           log=lambda *a: None, data=bmnist, progress=False)
     rows, rows_one = train_lib.read_log(run), train_lib.read_log(one)
     assert [r["epoch"] for r in rows] == [1, 2]
     # float32 sums regrouped (a few eps, 6e-8, per step), then carried through 10 Adam
-    # steps of a recurrent model: the same tolerance as the worker processes' test
+    # steps of a recurrent model
     for row, row_one in zip(rows, rows_one):
         assert row["step"] == row_one["step"] == row["epoch"] * STEPS_PER_EPOCH
         for key in ("train_bound", "train_recon", "valid_bound", "test_bound", "grad_norm",
@@ -541,20 +664,91 @@ def test_a_failing_rank_stops_every_rank_and_keeps_the_last_checkpoint(how, data
     assert len(train_lib.read_log(tmp_path / "run")) == 1
 
 
-def test_evaluate_under_mpiexec_gives_the_one_process_figures(mpi_run, data_args):
+def test_a_rank_count_that_is_not_the_launchers_is_one_error_line(tmp_path):
+    result = _run_mpi(2, [REPO / "cli.py", "train", "--ranks", 3, "--out", tmp_path])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "Error: ranks = 3, but the launcher started 2: give 0 (take the launcher's count) or 2"]
+    assert list(tmp_path.iterdir()) == []                  # before anything was written
+
+
+def _cli(args, timeout=180, **kw):
+    """`python cli.py args...` as a user runs it: on a multi-core CPU (or with --ranks N)
+    it starts itself as MPI ranks."""
+    _mpiexec()                                    # the MPI extra must be there
+    return subprocess.run([sys.executable, REPO / "cli.py", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_evaluate_starts_its_ranks_and_gives_the_one_process_figures(mpi_run, data_args):
     run, _ = mpi_run
     args = ["evaluate", run / "checkpoint.h5", "--k", 3, "--subset", 90, "--bs", 40,
             "--json", *data_args]
-    shared = _run_mpi(2, [REPO / "cli.py", *args])
+    shared = _cli([*args, "--ranks", 2])                  # starts mpiexec -n 2 itself
     assert shared.returncode == 0, shared.stdout + shared.stderr
     lines = shared.stdout.strip().splitlines()
     assert len(lines) == 1                                 # rank 0 alone prints
-    one = subprocess.run([sys.executable, REPO / "cli.py", *map(str, args)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    one = _cli([*args, "--ranks", 1])
     assert one.returncode == 0, one.stderr
     got, want = json.loads(lines[0]), json.loads(one.stdout.strip().splitlines()[-1])
+    assert (got["ranks"], want["ranks"]) == (2, 1)
     # float32 forwards of sub-batches (GEMMs of other widths round otherwise, a few eps of
     # 6e-8 per glimpse), float64 sums
     for key in ("nll_bound", "nll_iwae"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
     assert got["n"] == want["n"] == 90
+
+
+# ---------------------------------------------------------------- stopping a self-started run
+
+def _start_training(args, **kw):
+    """`python cli.py train args...` in the background; -> (process, lines read up to
+    the end of epoch 2)."""
+    _mpiexec()
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 2/"):
+            break
+    return proc, lines
+
+
+def _stopped(proc, lines, send):
+    """send(proc) a signal, -> (exit status, the whole output)."""
+    try:
+        send(proc)
+        lines += proc.stdout.readlines()
+        return proc.wait(timeout=120), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("how", ["sigint-to-the-pid", "sigterm-to-the-group"])
+def test_a_signal_to_the_self_started_training_stops_it_as_one_process(how, data_args, bmnist,
+                                                                       tmp_path):
+    """`python cli.py train` became `mpiexec -n 2 ...` under the same pid; Ctrl-C (SIGINT
+    to that pid, as a campaign sends it) and SIGTERM (to the whole group, as schedulers
+    send it) reach every rank through mpiexec: the run stops at one step, exits 130 or
+    143, keeps the checkpoint and log of its last completed epoch, and resumes."""
+    sigint = how.startswith("sigint")
+    proc, lines = _start_training([*_train_args(data_args, tmp_path, "run", 1000),
+                                   "--ranks", 2], start_new_session=True)
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    if cmdline.exists():                                   # Linux: the same pid is mpiexec now
+        assert "mpiexec" in cmdline.read_bytes().split(b"\0")[0].decode()
+    code, output = _stopped(proc, lines, (lambda p: os.kill(p.pid, signal.SIGINT)) if sigint
+                            else (lambda p: os.killpg(p.pid, signal.SIGTERM)))
+    assert code == (130 if sigint else 143), output
+    assert "(2 MPI ranks)" in output and output.count("run dir:") == 1
+    assert ("interrupted in epoch" if sigint else "interrupted by SIGTERM in epoch") in output
+    assert "Traceback" not in output and "--resume" in output
+    run = tmp_path / "run"
+    epoch = ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch
+    assert epoch >= 2 and [r["epoch"] for r in train_lib.read_log(run)] == list(range(1, epoch + 1))
+    train_lib.train(None, TrainConfig(epochs=epoch + 1, device="cpu", resume=str(run)),
+                    log=lambda *a: None, data=bmnist, progress=False)
+    assert [r["epoch"] for r in train_lib.read_log(run)] == list(range(1, epoch + 2))

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = DrawConfig(T=3, read_n=2, write_n=3, enc_dim=16, dec_dim=16, z_dim=4)
 TINY_ARGS = ["--niter", "3", "--attention", "2,3", "--enc-dim", "16", "--dec-dim", "16",
              "--z-dim", "4", "--bs", "50", "--subset", "200", "--eval-subset", "200",
-             "--device", "cpu", "--no-progress", "--workers", "1"]
+             "--device", "cpu", "--no-progress", "--ranks", "1"]
 
 _spec = importlib.util.spec_from_file_location("npdraw_cli_hardening", REPO / "cli.py")
 cli_mod = importlib.util.module_from_spec(_spec)
@@ -49,7 +49,7 @@ def data_args(bmnist_data_dir, bmnist_mirror):
 
 def _tcfg(tmp_path, **kw):
     base = dict(epochs=1, batch_size=50, subset=200, eval_subset=200, seed=3, device="cpu",
-                out=str(tmp_path), name="run", workers=1)
+                out=str(tmp_path), name="run")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -100,7 +100,7 @@ def test_full_disk_stops_with_a_sentence_and_keeps_the_previous_checkpoint(
     monkeypatch.undo()
     (run / ".checkpoint.h5.tmp-999999").write_bytes(b"left by a kill -9")
     # The log line of epoch 2 came before the failed save; a resume drops it and goes on.
-    train_lib.train(None, TrainConfig(epochs=2, device="cpu", workers=1, resume=str(run)),
+    train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(run)),
                     log=[].append, data=bmnist, progress=False)
     assert [r["epoch"] for r in train_lib.read_log(run)] == [1, 2]
     assert _temps(run) == []                   # the stale temporary file was removed
@@ -214,7 +214,7 @@ def test_a_second_writer_stops_at_once_naming_the_folder_and_the_process(
     try:
         assert holder.stdout.readline().strip() == "locked"
         result = invoke(["train", "--resume", run, "--epochs", 3, "--no-progress",
-                         "--device", "cpu", "--workers", 1, *data_args])
+                         "--device", "cpu", "--ranks", 1, *data_args])
         assert result.exit_code == 1, result.output
         assert f"Error: the run folder {run} is in use by another training process " \
                f"(pid {holder.pid})" in result.output
@@ -224,7 +224,7 @@ def test_a_second_writer_stops_at_once_naming_the_folder_and_the_process(
         holder.wait(timeout=60)
     # The lock went with the process that held it.
     result = invoke(["train", "--resume", run, "--epochs", 2, "--no-progress", "--device",
-                     "cpu", "--workers", 1, *data_args])
+                     "cpu", "--ranks", 1, *data_args])
     assert result.exit_code == 0, result.output
     assert [r["epoch"] for r in train_lib.read_log(run)] == [1, 2]
 
@@ -291,40 +291,6 @@ def test_a_second_signal_stops_at_once():
             for _ in range(1000):                             # the handler runs here
                 pass
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-
-
-def test_sigterm_stops_cleanly_with_workers(bmnist_data_dir, bmnist_mirror, tmp_path):
-    """SIGTERM to the whole process group (as schedulers send it): the trainer stops
-    between steps, closes its workers, leaves no temporary file and exits 143."""
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, str(REPO / "cli.py"), "train",
-            *[a for a in TINY_ARGS if a not in ("--workers", "1")], "--workers", "2",
-            "--epochs", "1000", "--name", "term", "--out", str(tmp_path),
-            "--data-dir", str(bmnist_data_dir), "--mirror", str(bmnist_mirror)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
-    lines = []
-    try:
-        for line in proc.stdout:            # wait for a completed epoch
-            lines.append(line)
-            if line.startswith("epoch 2/1000"):
-                break
-        os.killpg(proc.pid, signal.SIGTERM)
-        lines += proc.stdout.readlines()
-        assert proc.wait(timeout=120) == 143, "".join(lines)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    output = "".join(lines)
-    assert "(2 worker processes)" in output
-    assert "interrupted by SIGTERM in epoch" in output and "--resume" in output
-    run = tmp_path / "term"
-    assert _temps(run) == []
-    epoch = ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch
-    assert epoch >= 2 and [r["epoch"] for r in train_lib.read_log(run)][-1] >= epoch
-    with pytest.raises(ProcessLookupError):            # the workers are gone too
-        os.killpg(proc.pid, 0)
 
 
 # ----------------------------------------------------------------------------- 4. file system
@@ -513,7 +479,7 @@ def test_memory_estimates_bound_the_measured_peaks(cfg):
 
 def test_long_evaluations_show_progress(tiny_run, data_args):
     result = invoke(["evaluate", tiny_run, "--k", 3, "--subset", 20, "--bs", 10,
-                     "--device", "cpu", "--workers", 1, *data_args])
+                     "--device", "cpu", "--ranks", 1, *data_args])
     assert result.exit_code == 0, result.output
     assert "evaluating 20 images, K=3" in result.output and "6/6" in result.output
 

@@ -35,3 +35,22 @@ def test_the_shipped_model_gives_the_bound_stated_beside_it(bmnist):
     assert abs(float(stated.group(1)) - bound) < 0.005     # stated to 2 decimals
     test_bound = re.search(r"shipped model's test bound: ([0-9.]+) nats", results)
     assert test_bound and abs(float(test_bound.group(1)) - model.extra["test_bound"]) < 0.005
+
+
+def test_the_campaign_state_and_the_shipped_model_load_and_resume(bmnist, tmp_path):
+    """Both were saved with `"workers": 0`, a field of the retired worker processes: their
+    training configs still load (without it) and the run folder resumes."""
+    import shutil
+
+    from npdraw.config import TrainConfig
+    run = tmp_path / "campaign"
+    shutil.copytree(REPO / "pretrained" / "bmnist_r2w5_t64.run", run)
+    for path in (SHIPPED, run / "checkpoint.h5"):
+        saved = train_lib.train_config_of(ckpt_lib.load_checkpoint(path))
+        assert saved.batch_size == 100 and saved.ranks == 0, path
+    epochs = ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch
+    lines = []
+    train_lib.train(None, TrainConfig(epochs=epochs, device="cpu", resume=str(run)),
+                    log=lines.append, data=bmnist, progress=False)
+    assert f"nothing to do: the run already has {epochs} epochs" in lines
+    assert len(train_lib.read_log(run)) == epochs              # the log is kept whole

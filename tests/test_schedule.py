@@ -16,7 +16,7 @@ TINY = DrawConfig(T=3, read_n=2, write_n=3, enc_dim=16, dec_dim=16, z_dim=4)
 
 def _tcfg(tmp_path, **kw):
     base = dict(epochs=1, batch_size=50, subset=200, eval_subset=100, seed=3, device="cpu",
-                workers=1, out=str(tmp_path), name="run")
+                out=str(tmp_path), name="run")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -122,7 +122,7 @@ def test_a_resumed_schedule_continues_bit_for_bit(bmnist, tmp_path):
     kw = dict(lr=2e-3, lr_schedule="cosine", lr_min=1e-4, lr_decay_epochs=3.0)
     straight = _train(TINY, _tcfg(tmp_path, epochs=3, name="straight", **kw), bmnist)
     split = _train(TINY, _tcfg(tmp_path, epochs=1, name="split", **kw), bmnist)
-    _train(None, TrainConfig(epochs=3, device="cpu", workers=1, resume=str(split)), bmnist)
+    _train(None, TrainConfig(epochs=3, device="cpu", resume=str(split)), bmnist)
     a = ckpt_lib.load_checkpoint(straight / "checkpoint.h5")
     b = ckpt_lib.load_checkpoint(split / "checkpoint.h5")
     for name in a.params:
@@ -134,7 +134,7 @@ def test_a_resumed_schedule_continues_bit_for_bit(bmnist, tmp_path):
 def test_resume_can_start_a_new_phase_of_the_schedule(bmnist, tmp_path):
     run = _train(TINY, _tcfg(tmp_path, epochs=1, lr=1e-3), bmnist)
     notes = []
-    train_lib.train(None, TrainConfig(epochs=2, device="cpu", workers=1, resume=str(run),
+    train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(run),
                                       lr=2e-4, eval_every=3),
                     log=notes.append, data=bmnist, progress=False,
                     resume_overrides=("lr", "eval_every"))

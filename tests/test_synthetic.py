@@ -129,7 +129,7 @@ def test_a_tiny_model_learns_two_digit_mnist(small_two_digit, tmp_path, monkeypa
     monkeypatch.setattr(small_two_digit, "fresh_train",
                         lambda rng, n: draws.append(n) or fresh(rng, n))
     tcfg = TrainConfig(dataset="two-digit-mnist", epochs=4, batch_size=50, subset=500,
-                       eval_subset=200, seed=0, device="cpu", workers=1, out=str(tmp_path),
+                       eval_subset=200, seed=0, device="cpu", out=str(tmp_path),
                        name="two", lr=1e-2)
     run = train_lib.train(cfg, tcfg, log=lambda s: None, data=small_two_digit, progress=False)
     log = train_lib.read_log(run)

@@ -6,7 +6,6 @@ tiny models so the whole file takes well under a minute on two cores.
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -160,22 +159,6 @@ def test_run_dir_layout_config_and_log(bmnist, tmp_path):
     assert (run / "log.jsonl").read_text().count("\n") == 2
 
 
-def test_worker_processes_train_the_same_model(bmnist, tmp_path):
-    """Two worker processes per batch give the single-process run, up to float32 sums."""
-    lines = []
-    split = train_lib.train(TINY, _tcfg(tmp_path, epochs=2, name="split", workers=2),
-                            log=lines.append, data=bmnist, progress=False)
-    whole = train_lib.train(TINY, _tcfg(tmp_path, epochs=2, name="whole", workers=1),
-                            log=_quiet([]), data=bmnist, progress=False)
-    assert any("(2 worker processes)" in line for line in lines)
-    a, b = _params(split / "checkpoint.h5"), _params(whole / "checkpoint.h5")
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-4, err_msg=name)
-    rows_a, rows_b = train_lib.read_log(split), train_lib.read_log(whole)
-    for ra, rb in zip(rows_a, rows_b):
-        assert ra["train_bound"] == pytest.approx(rb["train_bound"], rel=1e-4)
-
-
 def test_noise_drawn_ahead_is_the_inline_sequence(bmnist, tmp_path, monkeypatch):
     """Each step's noise, drawn on a thread while the previous step's Adam runs, is what
     drawing it inline from the run's generator gives: the permutation, then eps per step."""
@@ -187,7 +170,7 @@ def test_noise_drawn_ahead_is_the_inline_sequence(bmnist, tmp_path, monkeypatch)
         return real(params, cfg, x, eps)
 
     monkeypatch.setattr(train_lib.model_lib, "loss_and_grads", recording)
-    tcfg = _tcfg(tmp_path, epochs=2, subset=130, batch_size=50, workers=1)   # 50, 50, 30
+    tcfg = _tcfg(tmp_path, epochs=2, subset=130, batch_size=50)   # 50, 50, 30
     train_lib.train(TINY, tcfg, log=_quiet([]), data=bmnist, progress=False)
     rng = train_lib._new_rng(tcfg.seed)
     expected = []
@@ -198,28 +181,6 @@ def test_noise_drawn_ahead_is_the_inline_sequence(bmnist, tmp_path, monkeypatch)
     assert len(seen) == len(expected) == 6
     for got, want in zip(seen, expected):
         np.testing.assert_array_equal(got, want)
-
-
-def test_a_worker_that_dies_stops_training_clearly_and_keeps_the_checkpoint(
-        bmnist, tmp_path, monkeypatch):
-    class Dying(train_lib.DataParallel):
-        calls = 0
-
-        def loss_and_grads(self, params, x, eps):
-            Dying.calls += 1
-            if Dying.calls == 200 // 50 + 2:          # in epoch 2
-                os.kill(self._procs[0].pid, signal.SIGKILL)
-                self._procs[0].wait()
-            return super().loss_and_grads(params, x, eps)
-
-    monkeypatch.setattr(train_lib, "DataParallel", Dying)
-    lines = []
-    with pytest.raises(train_lib.WorkerFailed) as info:
-        train_lib.train(TINY, _tcfg(tmp_path, epochs=2, workers=2), log=lines.append,
-                        data=bmnist, progress=False)
-    assert "parallel worker 0 exited unexpectedly" in lines[-1]
-    assert "in epoch 2" in lines[-1] and "--resume" in lines[-1] and "--workers 1" in lines[-1]
-    assert ckpt_lib.load_checkpoint(info.value.run_dir / "checkpoint.h5").epoch == 1
 
 
 # ----------------------------------------------------------------------------- resume
@@ -260,6 +221,30 @@ def test_resume_is_bitwise_identical_to_a_straight_run(bmnist, tmp_path):
     train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(split)),
                     log=_quiet([]), data=bmnist, progress=False)
     assert (split / "checkpoint.h5").read_bytes() == before
+
+
+def test_a_run_folder_saved_with_the_retired_workers_field_resumes(bmnist, tmp_path):
+    """Runs and models of earlier versions saved `"workers": 0` (the worker processes that
+    the MPI ranks replaced): their configs still load, the field dropped, and they resume."""
+    import h5py
+    run = train_lib.train(TINY, _tcfg(tmp_path, epochs=1), log=_quiet([]), data=bmnist,
+                          progress=False)
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k != "ranks"}
+    old.update(workers=0, epochs=1, batch_size=50, subset=200, eval_subset=200, seed=3,
+               device="cpu", out=str(tmp_path), name="run")
+    with h5py.File(run / "checkpoint.h5", "r+") as f:           # as an earlier version wrote it
+        f.attrs["train_config"] = json.dumps(old)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "train": old}))
+
+    saved = train_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5"))
+    assert saved == TrainConfig.from_dict({**old, "workers": 2}) and saved.ranks == 0
+    with pytest.raises(ValueError, match="unknown TrainConfig fields: .'threads'."):
+        TrainConfig.from_dict({**old, "threads": 2})           # only retired names are dropped
+    train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(run)),
+                    log=_quiet([]), data=bmnist, progress=False)
+    assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 2
+    assert "workers" not in json.loads((run / "config.json").read_text())["train"]
 
 
 # ----------------------------------------------------------------------------- guards

@@ -198,6 +198,14 @@ class StepBuffer:
         self.flat = xp.zeros(self.P + 3 + T, dtype=first.dtype)
         self.grads = flat_views(self.flat, self.layout)
 
+    def fits(self, params: dict, T: int) -> bool:
+        """Whether these parameters (names, shapes, dtype, device) and T use this buffer."""
+        first = next(iter(params.values()))
+        return (T == self.T and first.dtype == self.flat.dtype
+                and backend.get_array_module(first) is backend.get_array_module(self.flat)
+                and list(params) == list(self.layout)
+                and all(p.shape == self.grads[name].shape for name, p in params.items()))
+
     def pack(self, result, share: float, stop: float) -> None:
         """This rank's part: share * (gradients, loss, L^x, KL) and its stop code."""
         tail = np.zeros(3 + self.T, dtype=np.float64)
@@ -247,7 +255,7 @@ class MPIRanks(SingleProcess):
         self.comm.Allreduce(self._mpi.IN_PLACE, flat, op=self._mpi.SUM)
 
     def reduce_step(self, params, T, result, share):
-        if self._buffer is None:
+        if self._buffer is None or not self._buffer.fits(params, T):   # once per model
             self._buffer = StepBuffer(params, T)
         self._buffer.pack(result, share, stop_code(self._stop_signum, self.size))
         self._allreduce_flat(self._buffer.flat)

@@ -151,21 +151,26 @@ def test_ranks_sum_to_the_one_process_step_in_float64(B, ranks, cfg):
 
 def test_one_buffer_serves_batches_of_any_size_and_new_parameters():
     """The step buffer is made once per run: growing, shrinking and smaller-than-ranks
-    batches with new parameters each step still sum to the one-process step."""
-    cases = [(2, 0), (9, 1), (1, 2), (4, 3)]
+    batches with new parameters each step still sum to the one-process step. A model of
+    other shapes or dtype on the same communicator (the benchmark times two models in
+    one run) gets a buffer of its own."""
+    cases = [(ATT, 2, 0, "float64"), (ATT, 9, 1, "float64"), (ATT, 1, 2, "float64"),
+             (NOATT, 4, 3, "float64"), (NOATT, 5, 4, "float32"), (ATT, 4, 5, "float64")]
 
     def work(comm, rank):
         results = []
-        for B, seed in cases:
-            params = model.init_params(ATT, seed=seed, dtype="float64")
-            x, eps = _batch(ATT, B, np.float64, seed)
-            results.append(_sharded_step(comm, params, ATT, x, eps))
+        for cfg, B, seed, dtype in cases:
+            params = model.init_params(cfg, seed=seed, dtype=dtype)
+            x, eps = _batch(cfg, B, np.dtype(dtype), seed)
+            results.append(_sharded_step(comm, params, cfg, x, eps))
         return results
     for per_rank in _run_ranks(3, work):
-        for got, (B, seed) in zip(per_rank, cases):
-            params = model.init_params(ATT, seed=seed, dtype="float64")
-            x, eps = _batch(ATT, B, np.float64, seed)
-            _assert_same_step(got, model.loss_and_grads(params, ATT, x, eps), RTOL64)
+        for got, (cfg, B, seed, dtype) in zip(per_rank, cases):
+            params = model.init_params(cfg, seed=seed, dtype=dtype)
+            x, eps = _batch(cfg, B, np.dtype(dtype), seed)
+            assert all(g.dtype == np.dtype(dtype) for g in got[1].values())
+            _assert_same_step(got, model.loss_and_grads(params, cfg, x, eps),
+                              RTOL64 if dtype == "float64" else 1e-3)
 
 
 def test_float32_ranks_agree_to_float32_precision():

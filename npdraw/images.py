@@ -161,12 +161,27 @@ def _check_picture(a: np.ndarray, what: str) -> np.ndarray:
     return a
 
 
+def _write_atomically(path: str, data: bytes) -> None:
+    """Write data to path through a temporary file beside it and os.replace: a picture
+    that was there stays whole until the new one is complete (a training run rewrites
+    its samples every epoch, and may be stopped or run out of disk at any moment)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_png(path, array_uint8) -> None:
     """Write a uint8 (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA picture as PNG."""
     path = os.fspath(path)
     a = _check_picture(to_numpy(array_uint8), "picture")
     _check_parent(path)
-    iio.imwrite(path, np.ascontiguousarray(a), extension=".png")
+    _write_atomically(path, iio.imwrite("<bytes>", np.ascontiguousarray(a), extension=".png"))
 
 
 def _sub_blocks_end(data: bytes, pos: int) -> int:
@@ -318,8 +333,7 @@ def save_gif(path, frames, duration=0.1, loop=0) -> None:
         bits = (len(table) // 3).bit_length() - 2          # table holds 2**(bits+1) entries
         out.append(desc[:9] + bytes([0x80 | (desc[9] & 0x40) | bits]) + table + lzw)
     out.append(b"\x3b")
-    with open(path, "wb") as fh:
-        fh.write(b"".join(out))
+    _write_atomically(path, b"".join(out))
 
 
 def load_image(path) -> np.ndarray:

@@ -227,3 +227,36 @@ def test_plot_lines_many_series(tmp_path):
     img = iio.imread(path)
     assert img.shape == (260, 400, 3)
     assert _colour_present(img, (68, 1, 84)) and _colour_present(img, (235, 165, 0))  # ramp ends
+
+
+@pytest.mark.parametrize("suffix", ["png", "gif"])
+def test_a_picture_that_fails_to_write_leaves_the_old_one_whole(tmp_path, monkeypatch, suffix):
+    """A full disk in the middle of writing (simulated: half the bytes, then ENOSPC)
+    keeps the picture that was there, and leaves no temporary file behind."""
+    import errno
+
+    from npdraw import images
+    save = save_png if suffix == "png" else (lambda p, a: save_gif(p, [a, 255 - a]))
+    path = tmp_path / f"samples.{suffix}"
+    old = np.zeros((6, 5), np.uint8)
+    save(path, old)
+    before = path.read_bytes()
+
+    class HalfWrite:
+        def __init__(self, name, mode):
+            self.fh = open(name, mode)
+
+        def write(self, data):
+            self.fh.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+    monkeypatch.setattr(images, "open", HalfWrite, raising=False)
+    with pytest.raises(OSError, match="No space"):
+        save(path, np.full((6, 5), 200, np.uint8))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -116,6 +116,25 @@ RANKS_OPTION = click.option(
          "mpiexec: its count).")
 
 
+def data_options(recorded: bool):
+    """--data-dir and --mirror: for a new run (converted data under data/, downloads from
+    the canonical URLs) or, recorded=True, for a saved model or run (default: the data
+    set's place and mirror that it recorded)."""
+    if recorded:
+        data_dir = dict(default=None, help="Default: the checkpoint's [env NPDRAW_DATA].")
+        mirror = dict(default=None, help="Default: the checkpoint's [env NPDRAW_MIRROR].")
+    else:
+        data_dir = dict(default="data", show_default=True,
+                        help="Where converted data sets live [env NPDRAW_DATA].")
+        mirror = dict(default="", help="Folder or URL to download raw data from "
+                                       "[env NPDRAW_MIRROR].")
+
+    def decorate(fn):
+        fn = click.option("--mirror", envvar="NPDRAW_MIRROR", **mirror)(fn)
+        return click.option("--data-dir", envvar="NPDRAW_DATA", **data_dir)(fn)
+    return decorate
+
+
 def library_errors(fn):
     """Turn the library's ValueErrors into click errors (message, exit code 1, no
     traceback)."""
@@ -285,10 +304,7 @@ def cli():
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @DEVICE_OPTION
 @RANKS_OPTION
-@click.option("--data-dir", envvar="NPDRAW_DATA", default="data", show_default=True,
-              help="Where converted data sets live [env NPDRAW_DATA].")
-@click.option("--mirror", envvar="NPDRAW_MIRROR", default="",
-              help="Folder or URL to download raw data from [env NPDRAW_MIRROR].")
+@data_options(recorded=False)
 @click.option("--folder", default="", help="Image folder for --dataset folder.")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train on the first N training images only (0: all).")
@@ -440,10 +456,7 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
               show_default=True)
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="Default: the data set the checkpoint was trained on.")
-@click.option("--data-dir", envvar="NPDRAW_DATA", default=None,
-              help="Default: the checkpoint's [env NPDRAW_DATA].")
-@click.option("--mirror", envvar="NPDRAW_MIRROR", default=None,
-              help="Default: the checkpoint's [env NPDRAW_MIRROR].")
+@data_options(recorded=True)
 @click.option("--folder", default=None, help="Default: the checkpoint's.")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Evaluate only the first N images (0: the whole split).")
@@ -529,10 +542,7 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
               help="Record the float64 bound of the first N test images (0: none).")
 @click.option("--check-seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Noise seed of that bound.")
-@click.option("--data-dir", envvar="NPDRAW_DATA", default=None,
-              help="Where converted data sets live (default: the recorded one).")
-@click.option("--mirror", envvar="NPDRAW_MIRROR", default=None,
-              help="Folder or URL to download raw data from.")
+@data_options(recorded=True)
 @library_errors
 def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
     """Write CHECKPOINT's parameters (float32, no optimizer state) to OUT, the file to
@@ -591,10 +601,7 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue the run in this run dir from its checkpoint.h5.")
 @DEVICE_OPTION
-@click.option("--data-dir", envvar="NPDRAW_DATA", default="data", show_default=True,
-              help="Where data sets live [env NPDRAW_DATA].")
-@click.option("--mirror", envvar="NPDRAW_MIRROR", default="",
-              help="Folder or URL holding the labelled MNIST files [env NPDRAW_MIRROR].")
+@data_options(recorded=False)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
@@ -643,10 +650,7 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Evaluate only the first N digits of the split (0: all).")
-@click.option("--data-dir", envvar="NPDRAW_DATA", default=None,
-              help="Default: the checkpoint's [env NPDRAW_DATA].")
-@click.option("--mirror", envvar="NPDRAW_MIRROR", default=None,
-              help="Default: the checkpoint's [env NPDRAW_MIRROR].")
+@data_options(recorded=True)
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=500,
               show_default=True)
 @click.option("--pictures", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -65,6 +65,21 @@ def test_loss_and_grads_agree(index, dtype, rtol):
 
 
 @pytest.mark.parametrize("index", range(len(CONFIGS)))
+def test_loss_only_and_importance_weights_agree(index):
+    """The forward-only path of evaluate and the IWAE estimate (float64)."""
+    cfg = CONFIGS[index]
+    params, x, eps = _point(cfg, "float64")
+    per_example, stats = npdraw.loss_only(params, cfg, x, eps, return_terms=True)
+    gper_example, gstats = npdraw.loss_only(_gpu(params), cfg, backend.to_device(x, "gpu"),
+                                            backend.to_device(eps, "gpu"), return_terms=True)
+    assert backend.is_gpu_array(gper_example)
+    np.testing.assert_allclose(backend.to_numpy(gper_example), per_example, rtol=1e-10)
+    np.testing.assert_allclose(backend.to_numpy(gstats["log_weight"]), stats["log_weight"],
+                               rtol=1e-10)
+    assert gstats["loss"] == pytest.approx(stats["loss"], rel=1e-10)
+
+
+@pytest.mark.parametrize("index", range(len(CONFIGS)))
 def test_generate_agrees(index):
     cfg = CONFIGS[index]
     params, _, eps = _point(cfg, "float64")

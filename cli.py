@@ -171,10 +171,7 @@ def _run_as_ranks(ranks: int, device: str, batch_size, what: str) -> None:
         click.echo(note.replace("one process", f"{what} in one process", 1), err=True)
     if mpiexec is None or __name__ != "__main__":
         return
-    argv, environ = distributed.launch_command(count, mpiexec, __file__, sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(argv[0], argv, environ)
+    distributed.exec_as_ranks(count, mpiexec, __file__, sys.argv[1:])
 
 
 def _check_rank_count(ranks: int, comm) -> None:

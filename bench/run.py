@@ -826,9 +826,7 @@ def main(argv: list[str] | None = None, launch: bool = False) -> int:
     if note:
         print(note.replace("one process", "npdraw in one process", 1), file=sys.stderr)
     if launch and mpiexec is not None:
-        command, environ = distributed.launch_command(count, mpiexec, __file__, argv)
-        sys.stdout.flush()
-        os.execve(command[0], command, environ)
+        distributed.exec_as_ranks(count, mpiexec, __file__, argv)
     if not comm.is_root:
         follow(args, comm)
         return 0

@@ -477,6 +477,15 @@ def launch_command(ranks: int, mpiexec: str, script: str, args) -> tuple:
     return argv, {**os.environ, **blas, LAUNCHED_VARIABLE: str(ranks)}
 
 
+def exec_as_ranks(ranks: int, mpiexec: str, script: str, args) -> None:
+    """Replace this process by `launch_command`'s mpiexec (os.execve: the pid the user
+    sees stays, and signals to it reach every rank); what was printed is flushed first."""
+    argv, environ = launch_command(ranks, mpiexec, script, args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, environ)
+
+
 def launch_plan(ranks: int, device: str, batch_size: int, environ=None):
     """How a command on this machine runs: -> (count, mpiexec or None, note or None).
 

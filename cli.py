@@ -234,9 +234,12 @@ def _train_cfg_or_none(ckpt):
 
 
 def _params_on(ckpt, device, dtype=None):
+    """The checkpoint's model on ``device``: its moving average of the parameters when it
+    holds one (train.model_params), else its parameters."""
     from npdraw import backend
     from npdraw import train as train_lib
-    return train_lib.arrays_to_device(ckpt.params, backend.resolve_device(device), dtype)
+    return train_lib.arrays_to_device(train_lib.model_params(ckpt)[0],
+                                      backend.resolve_device(device), dtype)
 
 
 def _draw_cfg(ckpt, ckpt_path):
@@ -286,6 +289,11 @@ def cli():
               help="cosine: epochs from --lr to --lr-min (0: until --epochs).")
 @click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Evaluate valid and test every K epochs (and after the last).")
+@click.option("--ema-decay", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0,
+              show_default=True,
+              help="Evaluate, select and export an exponential moving average of the "
+                   "parameters with this decay per step (0: off; 0.999 averages about the "
+                   "last 1000 steps).")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Total epochs (with --resume: the new total).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
@@ -316,7 +324,7 @@ def cli():
 @click.pass_context
 @library_errors
 def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma,
-          lr_decay_epochs, eval_every, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
+          lr_decay_epochs, eval_every, ema_decay, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
           oldmodel, resume, seed, device, ranks, data_dir, mirror, folder, subset, eval_subset,
           clip, out, dtype, no_progress):
     """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
@@ -331,8 +339,10 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
 
     comm = distributed.from_environment()
 
+    # The settings that a resumed run may change when given (config.RESUME_OVERRIDES).
     schedule = dict(lr=lr, lr_schedule=lr_schedule, lr_min=lr_min, lr_hold=lr_hold,
-                    lr_gamma=lr_gamma, lr_decay_epochs=lr_decay_epochs, eval_every=eval_every)
+                    lr_gamma=lr_gamma, lr_decay_epochs=lr_decay_epochs, eval_every=eval_every,
+                    ema_decay=ema_decay)
     overrides = ()
     if resume:
         given = [p for p in ctx.params
@@ -517,13 +527,16 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
                                                     progress=not as_json and comm.is_root)
     if not comm.is_root:
         return
+    ema = train_lib.model_params(ckpt)[1]
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "dataset": tcfg.dataset,
               "split": split, "n": int(len(x)), "k": K, "seed": seed, "ranks": comm.size,
-              "nll_bound": bound, "nll_iwae": iwae}
+              "ema": ema, "nll_bound": bound, "nll_iwae": iwae}
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"{ckpt_path} (epoch {ckpt.epoch}) on {tcfg.dataset} {split}, {len(x)} images:")
+    click.echo(f"{ckpt_path} (epoch {ckpt.epoch}"
+               + (", the moving average of its parameters" if ema else "")
+               + f") on {tcfg.dataset} {split}, {len(x)} images:")
     click.echo(f"  NLL bound (L^x + L^z, mean over {K} draw{'s' if K > 1 else ''}): "
                f"{bound:.2f} nats")
     label = "single-sample bound, log-weight form" if K == 1 else f"IWAE, K={K}"
@@ -542,8 +555,9 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
 @data_options(recorded=True)
 @library_errors
 def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
-    """Write CHECKPOINT's parameters (float32, no optimizer state) to OUT, the file to
-    ship, with its epoch, its bounds from the run's log and a bound a test can check."""
+    """Write CHECKPOINT's parameters (their moving average when it holds one; float32,
+    no optimizer state) to OUT, the file to ship, with its epoch, its bounds from the
+    run's log and a bound a test can check."""
     from npdraw import train as train_lib
 
     ckpt_path = _ckpt_file(checkpoint)

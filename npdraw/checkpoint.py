@@ -1,4 +1,5 @@
-"""HDF5 checkpoints: model config, parameters, Adam state, epoch, RNG state. No pickle.
+"""HDF5 checkpoints: model config, parameters, Adam state, the parameters' moving
+average, epoch, RNG state. No pickle.
 
 Legend of dimension letters:
     P   the shape of one parameter (any shape; each name has its own)
@@ -10,6 +11,7 @@ File layout (format_version 1; see docs/CHECKPOINT.md):
                       root attr model = "classifier" (the cluttered-MNIST classifier)
     /params/<name>    one dataset (P,) per parameter, dtype as given
     /optimizer        optional; attr step; subgroups m/<name>, v/<name> of shape (P,)
+    /ema/<name>       optional; the exponential moving average of each parameter (P,)
 
 Writes are atomic: the HDF5 file is built in memory, the free space is checked, then
 the bytes are written next to the target under a temporary name, fsync'ed and renamed
@@ -61,6 +63,7 @@ class Checkpoint:
     cfg: DrawConfig                      # or a ClassifierConfig
     params: dict                         # {name: np.ndarray (P,)}
     opt_state: Optional[dict] = None     # {"m": {name: (P,)}, "v": {name: (P,)}, "step": int}
+    ema: Optional[dict] = None           # {name: (P,)}: the parameters' moving average
     epoch: int = 0
     rng_state: Optional[dict] = None     # e.g. np.random.Generator().bit_generator.state
     train_cfg: Optional[dict] = None     # TrainConfig.to_dict()
@@ -124,6 +127,18 @@ def _host_arrays(arrays: dict, what: str) -> dict:
     return out
 
 
+def _check_same_arrays(arrays: dict, params: dict, what: str) -> None:
+    """CheckpointError unless ``arrays`` {name: (P,)} has params' names and shapes."""
+    if set(arrays) != set(params):
+        raise CheckpointError(f"{what} does not match the parameters: missing "
+                              f"{sorted(set(params) - set(arrays))}, not parameters "
+                              f"{sorted(set(arrays) - set(params))}")
+    for name, a in arrays.items():
+        if tuple(a.shape) != tuple(params[name].shape):
+            raise CheckpointError(f"{what}[{name!r}] has shape {tuple(a.shape)}, the "
+                                  f"parameter {tuple(params[name].shape)}")
+
+
 def _write_arrays(group, arrays: dict) -> None:
     for name, a in arrays.items():
         # Fletcher-32 needs chunked storage, which HDF5 has for non-empty arrays only.
@@ -172,11 +187,13 @@ def _fsync_path(path, directory: bool = False) -> None:
 
 def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dict] = None,
                     epoch: int = 0, rng_state: Optional[dict] = None,
-                    train_cfg: Optional[dict] = None, extra: Optional[dict] = None) -> None:
+                    train_cfg: Optional[dict] = None, extra: Optional[dict] = None,
+                    ema: Optional[dict] = None) -> None:
     """Write a checkpoint atomically to ``path`` (an existing file there is replaced).
 
     cfg: DrawConfig (or its dict); params: {name: (P,)}; opt_state: adam_init-style
-    {"m", "v", "step"} or None; rng_state, train_cfg (dict or TrainConfig), extra:
+    {"m", "v", "step"} or None; ema: {name: (P,)} with params' names and shapes, or
+    None (no /ema group); rng_state, train_cfg (dict or TrainConfig), extra:
     JSON-serializable (NumPy scalars/arrays allowed; tuples come back as lists).
     On any failure the temporary file is removed and ``path`` is left as it was.
     """
@@ -200,6 +217,10 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
         host_opt = {"m": _host_arrays(opt_state["m"], "opt_state['m']"),
                     "v": _host_arrays(opt_state["v"], "opt_state['v']"),
                     "step": int(opt_state["step"])}
+    host_ema = None
+    if ema is not None:
+        host_ema = _host_arrays(ema, "ema")
+        _check_same_arrays(host_ema, host_params, "ema")
     if train_cfg is not None and hasattr(train_cfg, "to_dict"):
         train_cfg = train_cfg.to_dict()
     json_attrs = {}
@@ -230,6 +251,8 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
             g.attrs["step"] = host_opt["step"]
             _write_arrays(g.create_group("m", track_order=True), host_opt["m"])
             _write_arrays(g.create_group("v", track_order=True), host_opt["v"])
+        if host_ema is not None:
+            _write_arrays(f.create_group("ema", track_order=True), host_ema)
     data = buffer.getbuffer()
     free = free_bytes(directory)
     if free is not None and free < len(data) + SPACE_MARGIN:
@@ -318,10 +341,14 @@ def _read(f, path) -> Checkpoint:
         opt_state = {"m": _read_arrays(_need_group(g, "m", path), "optimizer/m", path),
                      "v": _read_arrays(_need_group(g, "v", path), "optimizer/v", path),
                      "step": int(g.attrs["step"])}
+    ema = None
+    if "ema" in f:
+        ema = _read_arrays(_need_group(f, "ema", path), "ema", path)
+        _check_same_arrays(ema, params, f"checkpoint {path}: ema")
 
     json_values = {key: (_from_json(f.attrs[key], key, path) if key in f.attrs else None)
                    for key in ("rng_state", "train_config", "extra")}
-    return Checkpoint(cfg=cfg, params=params, opt_state=opt_state,
+    return Checkpoint(cfg=cfg, params=params, opt_state=opt_state, ema=ema,
                       epoch=int(f.attrs.get("epoch", 0)),
                       rng_state=json_values["rng_state"],
                       train_cfg=json_values["train_config"],

@@ -82,7 +82,7 @@ LR_SCHEDULES = ("constant", "exponential", "cosine")
 # The TrainConfig fields that a resumed run may change (a new phase of a long campaign);
 # every other field is the checkpoint's, so that the run stays what it was.
 RESUME_OVERRIDES = ("epochs", "device", "ranks", "lr", "lr_schedule", "lr_min", "lr_hold",
-                    "lr_gamma", "lr_decay_epochs", "eval_every")
+                    "lr_gamma", "lr_decay_epochs", "eval_every", "ema_decay")
 # Fields that runs of earlier versions saved and that no longer exist: dropped when a saved
 # config is read. workers: the CPU processes of the retired parallel.py, whose place the
 # MPI ranks took (docs/DESIGN.md, item 15); the rank count is never taken from a checkpoint.
@@ -105,6 +105,7 @@ class TrainConfig:
     lr_gamma: float = 1.0         # exponential: the factor per epoch after lr_hold
     lr_decay_epochs: float = 0.0  # cosine: epochs from lr to lr_min after lr_hold; 0: until `epochs`
     eval_every: int = 1           # evaluate valid/test every K epochs, and at the last one
+    ema_decay: float = 0.0        # evaluate, select and export an EMA of the params; 0: off
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -140,6 +141,9 @@ class TrainConfig:
                                  f"got {getattr(self, name)}")
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no moving average of the "
+                             f"parameters), got {self.ema_decay}")
         if not self.clip > 0:
             raise ValueError(f"clip must be positive, got {self.clip}")
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 0:

@@ -1,4 +1,5 @@
-"""Adam (Kingma & Ba 2015) with global-norm gradient clipping over name-keyed dicts.
+"""Adam (Kingma & Ba 2015) with global-norm gradient clipping over name-keyed dicts,
+and an exponential moving average of the parameters (Polyak averaging).
 
 Parameters, gradients and the moment estimates are dicts ``name -> array`` that
 share one set of keys; each entry may have any shape and lives on NumPy or CuPy.
@@ -8,6 +9,7 @@ Legend of dimension letters:
 
 State layout (``adam_init``):
     {"m": {name: (P,)}, "v": {name: (P,)}, "step": int}
+EMA layout (``ema_init``): {name: (P,)}, the parameters' names, shapes and dtypes.
 
 Only the two norms are synchronised with the host (python floats), once per step.
 """
@@ -154,6 +156,35 @@ def adam_step(params: dict, grads: dict, state: dict, lr: float,
         update_sq_sums.append(_sq_sum(scratch))
     state["step"] = t
     return new_params, state, math.sqrt(float(sum(update_sq_sums, 0.0)))
+
+
+def ema_init(params: dict) -> dict:
+    """The moving average's own arrays, started at a copy of ``params`` {name: (P,)}."""
+    return {name: get_array_module(p).array(p, copy=True) for name, p in params.items()}
+
+
+def ema_update(ema: dict, params: dict, decay: float) -> dict:
+    """One step of the exponential moving average of the parameters (Polyak averaging):
+
+    ema <- decay ema + (1 - decay) params,  computed as ema + (1 - decay) (params - ema)
+
+    which keeps an average of unchanging parameters exactly where it is. ema, params:
+    {name: (P,)} with the same keys; ema's arrays (from ``ema_init``) are updated in
+    place, in their dtype, and returned; params are only read. 0 <= decay < 1; no
+    device sync.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"the EMA decay must be in [0, 1), got {decay}")
+    _check_keys(params, ema, "the EMA")
+    for name, p in params.items():
+        average = ema[name]
+        if average.shape != p.shape:
+            raise ValueError(f"EMA {name!r} has shape {average.shape}, parameter has {p.shape}")
+        xp = get_array_module(average)
+        gap = xp.subtract(p, average)                    # scratch: params - ema
+        gap *= average.dtype.type(1.0 - decay)
+        average += gap
+    return ema
 
 
 def scheduled_lr(schedule: str, lr: float, epochs_done: float, *, lr_min: float = 0.0,

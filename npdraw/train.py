@@ -7,7 +7,8 @@ cluttered MNIST, paper table 1), with the same run dir, log, checkpoints and res
 
     RUN/config.json     both configs (DrawConfig and TrainConfig) as resolved
     RUN/log.jsonl       one JSON object per completed epoch (see docs/TRAINING.md)
-    RUN/checkpoint.h5   the latest completed state (params, Adam, epoch, RNG state)
+    RUN/checkpoint.h5   the latest completed state (params, Adam, epoch, RNG state, and
+                        the params' moving average when tcfg.ema_decay > 0)
     RUN/best.h5         the state with the best validation bound so far
     RUN/samples.png     a grid of generated images (final canvases)
     RUN/samples.gif     the same grid, animated over the T glimpses
@@ -17,6 +18,12 @@ batch order and the training noise eps on the host; its state is saved with ever
 checkpoint, so a resumed run continues bit for bit (on NumPy). Evaluation and sample
 noise come from separate generators derived from (seed, epoch), so they never disturb
 the training stream.
+
+Moving average (``tcfg.ema_decay`` d > 0): after every Adam step the run updates
+ema <- d ema + (1 - d) params (optim.ema_update; Polyak averaging). The EMA is the
+run's model: it is what the valid and test splits score, what selects best.h5, what
+the samples show and what ``export_model`` ships; the training bound stays that of
+the params that take the steps.
 
 Data parallelism over MPI ranks (``mpiexec -n N``; see distributed.py): every rank runs
 this same loop with the same generators, so each draws the same batch order and the
@@ -194,11 +201,13 @@ def _per_example_floats(cfg: DrawConfig, training: bool) -> int:
     return stacked + (T if training else 2) * per_glimpse + 4 * D
 
 
-def model_bytes(cfg: DrawConfig, batch: int, itemsize: int, training: bool) -> int:
+def model_bytes(cfg: DrawConfig, batch: int, itemsize: int, training: bool,
+                ema: bool = False) -> int:
     """Estimated peak bytes of one batch: training (forward, backward, gradients and Adam
-    state) or a forward pass (evaluation, sampling); ``itemsize``: 4 or 8."""
+    state, and the parameters' moving average with ``ema``) or a forward pass
+    (evaluation, sampling); ``itemsize``: 4 or 8."""
     n_params = sum(int(np.prod(shape)) for shape in model_lib.param_shapes(cfg).values())
-    param_copies = 4 if training else 2          # params, grads, Adam m and v
+    param_copies = (4 if training else 2) + int(ema)   # params, grads, Adam m and v, EMA
     return itemsize * (int(batch) * _per_example_floats(cfg, training) + param_copies * n_params)
 
 
@@ -603,12 +612,21 @@ def load_checkpoint(path):
         raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
 
 
-def _save(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra) -> None:
-    """save_checkpoint; a failure is a WriteFailed that says what is still intact."""
+def model_params(ckpt) -> tuple:
+    """(the parameters that a checkpoint's model is, whether they are its moving average):
+    its EMA {name: (P,)} when it holds one (a run with ema_decay > 0), else its params."""
+    ema = getattr(ckpt, "ema", None)
+    return (ckpt.params, False) if ema is None else (ema, True)
+
+
+def _save(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra, ema=None) -> None:
+    """save_checkpoint (ema: the parameters' moving average, or None); a failure is a
+    WriteFailed that says what is still intact."""
     try:
         ckpt_lib.save_checkpoint(path, cfg, _to_host_dict(params),
                                  opt_state=_opt_state_host(opt_state), epoch=int(epoch),
-                                 rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra)
+                                 rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra,
+                                 ema=None if ema is None else _to_host_dict(ema))
     except ckpt_lib.CheckpointError as err:
         what = "the checkpoint" if path.name == "checkpoint.h5" else path.name
         intact = (f"the checkpoint of epoch {epoch - 1} is intact" if epoch > 0
@@ -646,8 +664,8 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     to a run dir, the model and training settings come from RUN/checkpoint.h5 and
     ``cfg`` may be None; of ``tcfg`` only epochs (the new total), device and ranks are
     taken, the fields named in ``resume_overrides`` (a subset of
-    config.RESUME_OVERRIDES: the learning-rate schedule and eval_every, for the next
-    phase of a long run), and data_dir, mirror and folder where they differ from
+    config.RESUME_OVERRIDES: the learning-rate schedule, eval_every and ema_decay, for
+    the next phase of a long run), and data_dir, mirror and folder where they differ from
     TrainConfig's defaults (else the recorded ones). ``data``: a DataSplits to use
     instead of loading ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr.
     ``comm``: the ranks that train together (distributed.py); by default MPI's when the
@@ -717,7 +735,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     distributed.check_rank_count(tcfg.ranks, comm)
     comm = comm.for_device(device)           # on GPUs: one per rank, NCCL between them
     dtype = np.dtype(tcfg.dtype)
-    guards.check_memory(model_bytes(cfg, tcfg.batch_size, dtype.itemsize, training=True),
+    guards.check_memory(model_bytes(cfg, tcfg.batch_size, dtype.itemsize, training=True,
+                                    ema=tcfg.ema_decay > 0),
                         f"training this model ({_cfg_summary(cfg)}) with batches of "
                         f"{tcfg.batch_size}")
 
@@ -799,9 +818,10 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         if start_epoch >= tcfg.epochs:
             log(f"nothing to do: the run already has {start_epoch} epochs")
             return run_dir
-    elif comm.is_root:
+    ema = _start_ema(tcfg, params, resume_ckpt, device, log)
+    if resume_ckpt is None and comm.is_root:
         # The epoch-0 state on disk at once: an interrupted first epoch can be resumed.
-        _save(ckpt_path, cfg, params, opt_state, 0, rng, tcfg, extra_now())
+        _save(ckpt_path, cfg, params, opt_state, 0, rng, tcfg, extra_now(), ema)
 
     n_iter = (n_train + tcfg.batch_size - 1) // tcfg.batch_size
     epoch, it = start_epoch, 0
@@ -854,6 +874,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                     params, opt_state, snorm = optim.adam_step(     # clipping folded in
                         params, grads, opt_state, lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps,
                         grad_scale=optim.clip_scale(gnorm, tcfg.clip))
+                    if ema is not None:
+                        optim.ema_update(ema, params, tcfg.ema_decay)
                     loss_sum += loss
                     recon_sum += stats["recon"]
                     kl_sum += stats["kl"]
@@ -866,16 +888,23 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             if not math.isfinite(params_norm):
                 raise non_finite(f"parameters became non-finite in epoch {epoch}")
             comm.check_same(params_norm, "the parameters' norm")
+            if ema is not None:
+                ema_norm = optim.global_norm(ema)
+                if not math.isfinite(ema_norm):
+                    raise non_finite(f"the parameters' moving average became non-finite in "
+                                     f"epoch {epoch}")
+                comm.check_same(ema_norm, "the norm of the parameters' moving average")
             backend.synchronize(backend.get_array_module(*params.values()))
+            model = params if ema is None else ema        # what is evaluated and shown
             train_time = time.perf_counter() - t0
 
             t1 = time.perf_counter()
             evaluated = is_eval_epoch(epoch, tcfg)
             valid_bound = test_bound = float("nan")
             if evaluated:
-                valid_bound = evaluate_bound(params, cfg, valid_x, eval_batch,
+                valid_bound = evaluate_bound(model, cfg, valid_x, eval_batch,
                                              _derived_rng(tcfg.seed, 1, epoch, 0), comm)
-                test_bound = evaluate_bound(params, cfg, test_x, eval_batch,
+                test_bound = evaluate_bound(model, cfg, test_x, eval_batch,
                                             _derived_rng(tcfg.seed, 1, epoch, 1), comm)
             eval_time = time.perf_counter() - t1
             train_bound = loss_sum / n_iter
@@ -903,19 +932,21 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                 "step_norm": snorm_sum / n_iter,
                 "lr": lr,
                 "evaluated": bool(evaluated),
+                "ema": ema is not None,      # valid/test/best are the moving average's
                 "train_time_s": train_time,
                 "eval_time_s": eval_time,
                 "examples_per_s": n_train / max(train_time, 1e-9),
                 "best": bool(is_best),
             }
             if comm.is_root:
-                _write_run_samples(run_dir, params, cfg, tcfg.seed)
+                _write_run_samples(run_dir, model, cfg, tcfg.seed)
             record["wall_s"] = time.perf_counter() - t0
             record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
             if comm.is_root:
                 _commit_epoch(run_dir, record, is_best, cfg, params, opt_state, epoch, rng,
-                              tcfg, extra_now())
-            log(f"epoch {epoch}/{tcfg.epochs}  train {train_bound:.2f}  valid "
+                              tcfg, extra_now(), ema)
+            log(f"epoch {epoch}/{tcfg.epochs}  train {train_bound:.2f}  "
+                + ("EMA " if ema is not None else "") + "valid "
                 f"{_fmt(record['valid_bound'])}  test {_fmt(record['test_bound'])}  "
                 f"(recon {record['train_recon']:.2f} + KL {record['train_kl']:.2f})  "
                 f"|g| {record['grad_norm']:.2f}  |step| {record['step_norm']:.4f}  "
@@ -950,6 +981,25 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     return run_dir
 
 
+def _start_ema(tcfg: TrainConfig, params: dict, resume_ckpt, device: str, log):
+    """The parameters' moving average of a run, {name: (P,)} on ``device``, or None when
+    tcfg.ema_decay is 0: the resumed checkpoint's, else a copy of ``params`` (P,)."""
+    saved = None if resume_ckpt is None else resume_ckpt.ema
+    if not tcfg.ema_decay > 0:
+        if saved is not None:
+            log("note: ema_decay is 0: the checkpoint's moving average of the parameters is "
+                "dropped; the parameters themselves are evaluated and saved from now on")
+        return None
+    about = f"decay {tcfg.ema_decay!r}, about the last {1 / (1 - tcfg.ema_decay):.0f} steps"
+    if saved is not None:
+        log(f"moving average of the parameters ({about}): continued from the checkpoint")
+        return arrays_to_device(saved, device)
+    where = ("the checkpoint holds none: started from its parameters"
+             if resume_ckpt is not None else "started from the initial parameters")
+    log(f"moving average of the parameters ({about}): {where}")
+    return optim.ema_init(params)
+
+
 def fixed_noise_bound(params: dict, cfg: DrawConfig, x: np.ndarray, seed: int) -> float:
     """The mean bound over ``x`` in float64 with noise from ``default_rng(seed)``.
 
@@ -968,7 +1018,9 @@ def fixed_noise_bound(params: dict, cfg: DrawConfig, x: np.ndarray, seed: int) -
 def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
                  check_n: int = 100, check_seed: int = 0) -> dict:
     """Write the parameters of a checkpoint, float32 and nothing else that trains, to
-    ``out_path``: the model to ship.
+    ``out_path``: the model to ship. They are the checkpoint's moving average of its
+    parameters when it holds one (``model_params``; then ``"ema": true`` and the
+    decay are recorded), else its parameters.
 
     The file records the model config, the epoch and, from RUN/log.jsonl beside the
     checkpoint, that epoch's valid and test bounds. With ``test_x`` (N, D) it also
@@ -977,8 +1029,12 @@ def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
     """
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
-    params = {k: np.asarray(v, dtype=np.float32) for k, v in ckpt.params.items()}
+    source, is_ema = model_params(ckpt)
+    params = {k: np.asarray(v, dtype=np.float32) for k, v in source.items()}
     info = {"epoch": int(ckpt.epoch), "source": ckpt_path.name}
+    if is_ema:
+        saved = train_config_of(ckpt)
+        info.update(ema=True, ema_decay=None if saved is None else saved.ema_decay)
     log_path = ckpt_path.parent / "log.jsonl"
     if log_path.is_file():
         rows = [r for r in _read_log(log_path) if int(r.get("epoch", 0)) <= int(ckpt.epoch)]
@@ -1036,14 +1092,15 @@ def _resumed_state(ckpt, run_dir: Path, device: str):
 
 
 def _commit_epoch(run_dir: Path, record: dict, is_best: bool, cfg, params, opt_state,
-                  epoch, rng, tcfg, extra) -> None:
-    """An epoch's record into RUN/log.jsonl, then its state into best.h5 (when best) and
-    checkpoint.h5. The log line comes first: should the saves not happen, a resume from
-    the previous checkpoint drops this line again."""
+                  epoch, rng, tcfg, extra, ema=None) -> None:
+    """An epoch's record into RUN/log.jsonl, then its state (with the EMA ``ema`` when
+    not None) into best.h5 (when best) and checkpoint.h5. The log line comes first:
+    should the saves not happen, a resume from the previous checkpoint drops this line
+    again."""
     _append_log(run_dir / "log.jsonl", record)
     if is_best:
-        _save(run_dir / "best.h5", cfg, params, opt_state, epoch, rng, tcfg, extra)
-    _save(run_dir / "checkpoint.h5", cfg, params, opt_state, epoch, rng, tcfg, extra)
+        _save(run_dir / "best.h5", cfg, params, opt_state, epoch, rng, tcfg, extra, ema)
+    _save(run_dir / "checkpoint.h5", cfg, params, opt_state, epoch, rng, tcfg, extra, ema)
 
 
 def _saved_epoch(path: Path):

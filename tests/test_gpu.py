@@ -7,7 +7,7 @@ import pytest
 
 import npdraw
 from npdraw import backend
-from npdraw.optim import adam_init, adam_step
+from npdraw.optim import adam_init, adam_step, ema_init, ema_update
 
 pytestmark = [
     pytest.mark.skipif(not backend.gpu_available(), reason="needs CuPy and a CUDA GPU"),
@@ -100,6 +100,25 @@ def test_adam_step_agrees():
     assert gnorm == pytest.approx(norm, rel=1e-10)
     for name in new:
         np.testing.assert_allclose(backend.to_numpy(gnew[name]), new[name], rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_ema_update_agrees_in_place_on_the_device(dtype):
+    """The same arithmetic elementwise on both devices: equal bit for bit; the average
+    stays a CuPy array of its dtype, updated in place."""
+    cfg = CONFIGS[0]
+    start, _, _ = _point(cfg, dtype)
+    steps = [{k: v + np.asarray(0.1 * (i + 1), dtype=dtype) for k, v in start.items()}
+             for i in range(3)]
+    ema, gema = ema_init(start), ema_init(_gpu(start))
+    arrays = dict(gema)
+    for p in steps:
+        ema_update(ema, p, 0.9)
+        ema_update(gema, _gpu(p), 0.9)
+    for name in ema:
+        assert gema[name] is arrays[name] and backend.is_gpu_array(gema[name])
+        assert gema[name].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(backend.to_numpy(gema[name]), ema[name])
 
 
 def test_fused_kernels_match_their_numpy_form():

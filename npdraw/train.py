@@ -613,10 +613,13 @@ def load_checkpoint(path):
 
 
 def model_params(ckpt) -> tuple:
-    """(the parameters that a checkpoint's model is, whether they are its moving average):
-    its EMA {name: (P,)} when it holds one (a run with ema_decay > 0), else its params."""
+    """(the parameters that a checkpoint's model is, whether they are a moving average):
+    its EMA {name: (P,)} when it holds one (a run with ema_decay > 0), else its params,
+    which an exported model (``export_model``) says are an average in its extra."""
     ema = getattr(ckpt, "ema", None)
-    return (ckpt.params, False) if ema is None else (ema, True)
+    if ema is not None:
+        return ema, True
+    return ckpt.params, bool((getattr(ckpt, "extra", None) or {}).get("ema", False))
 
 
 def _save(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra, ema=None) -> None:

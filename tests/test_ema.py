@@ -310,6 +310,15 @@ def test_export_and_evaluate_use_the_average(ema_run, bmnist, bmnist_data_dir, b
                                     500, np.random.default_rng(0))
     assert got["nll_bound"] == pytest.approx(want, rel=1e-6)
 
+    # ... and so does `evaluate` of the shipped file, whose parameters are that average.
+    result = invoke(["evaluate", out, "--subset", 20, "--json", "--ranks", 1,
+                     "--device", "cpu", "--data-dir", bmnist_data_dir, "--mirror",
+                     bmnist_mirror])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output.splitlines()[-1])
+    assert got["ema"] is True
+    assert got["nll_bound"] == pytest.approx(want, rel=1e-6)
+
 
 # ----------------------------------------------------------------------------- MPI
 

@@ -299,25 +299,18 @@ def test_export_and_evaluate_use_the_average(ema_run, bmnist, bmnist_data_dir, b
     row = train_lib.read_log(ema_run)[source.epoch - 1]
     assert shipped.extra["valid_bound"] == row["valid_bound"]
 
-    # `evaluate` of the run scores the same model (best.h5's EMA) and says so.
-    result = invoke(["evaluate", ema_run, "--subset", 20, "--json", "--ranks", 1,
-                     "--device", "cpu", "--data-dir", bmnist_data_dir, "--mirror",
-                     bmnist_mirror])
-    assert result.exit_code == 0, result.output
-    got = json.loads(result.output.splitlines()[-1])
-    assert got["ema"] is True
+    # `evaluate` of the run scores the same model (best.h5's EMA) and says so, and so
+    # does `evaluate` of the shipped file, whose parameters are that average.
     want = train_lib.evaluate_bound(source.ema, TINY, np.asarray(bmnist.test[:20], np.float32),
                                     500, np.random.default_rng(0))
-    assert got["nll_bound"] == pytest.approx(want, rel=1e-6)
-
-    # ... and so does `evaluate` of the shipped file, whose parameters are that average.
-    result = invoke(["evaluate", out, "--subset", 20, "--json", "--ranks", 1,
-                     "--device", "cpu", "--data-dir", bmnist_data_dir, "--mirror",
-                     bmnist_mirror])
-    assert result.exit_code == 0, result.output
-    got = json.loads(result.output.splitlines()[-1])
-    assert got["ema"] is True
-    assert got["nll_bound"] == pytest.approx(want, rel=1e-6)
+    for model in (ema_run, out):
+        result = invoke(["evaluate", model, "--subset", 20, "--json", "--ranks", 1,
+                         "--device", "cpu", "--data-dir", bmnist_data_dir, "--mirror",
+                         bmnist_mirror])
+        assert result.exit_code == 0, result.output
+        got = json.loads(result.output.splitlines()[-1])
+        assert got["ema"] is True, model
+        assert got["nll_bound"] == pytest.approx(want, rel=1e-6), model
 
 
 # ----------------------------------------------------------------------------- MPI

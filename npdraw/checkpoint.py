@@ -127,18 +127,6 @@ def _host_arrays(arrays: dict, what: str) -> dict:
     return out
 
 
-def _check_same_arrays(arrays: dict, params: dict, what: str) -> None:
-    """CheckpointError unless ``arrays`` {name: (P,)} has params' names and shapes."""
-    if set(arrays) != set(params):
-        raise CheckpointError(f"{what} does not match the parameters: missing "
-                              f"{sorted(set(params) - set(arrays))}, not parameters "
-                              f"{sorted(set(arrays) - set(params))}")
-    for name, a in arrays.items():
-        if tuple(a.shape) != tuple(params[name].shape):
-            raise CheckpointError(f"{what}[{name!r}] has shape {tuple(a.shape)}, the "
-                                  f"parameter {tuple(params[name].shape)}")
-
-
 def _write_arrays(group, arrays: dict) -> None:
     for name, a in arrays.items():
         # Fletcher-32 needs chunked storage, which HDF5 has for non-empty arrays only.
@@ -220,7 +208,7 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
     host_ema = None
     if ema is not None:
         host_ema = _host_arrays(ema, "ema")
-        _check_same_arrays(host_ema, host_params, "ema")
+        check_compatible(host_ema, host_params, "the moving average (ema)")
     if train_cfg is not None and hasattr(train_cfg, "to_dict"):
         train_cfg = train_cfg.to_dict()
     json_attrs = {}
@@ -344,7 +332,7 @@ def _read(f, path) -> Checkpoint:
     ema = None
     if "ema" in f:
         ema = _read_arrays(_need_group(f, "ema", path), "ema", path)
-        _check_same_arrays(ema, params, f"checkpoint {path}: ema")
+        check_compatible(ema, params, f"the moving average (ema) of checkpoint {path}")
 
     json_values = {key: (_from_json(f.attrs[key], key, path) if key in f.attrs else None)
                    for key in ("rng_state", "train_config", "extra")}
@@ -382,21 +370,22 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} is damaged or truncated ({e})") from None
 
 
-def check_compatible(ckpt_params: dict, params: dict) -> None:
+def check_compatible(ckpt_params: dict, params: dict, what: str = "the checkpoint") -> None:
     """Raise CheckpointError unless both dicts have the same names and shapes.
 
-    ckpt_params, params: {name: (P,)} (NumPy or CuPy). The message names the first
-    mismatch, taking the model's names in order and then any extra checkpoint names.
+    ckpt_params, params: {name: (P,)} (NumPy or CuPy); ``what`` names ckpt_params in the
+    message (a checkpoint's parameters, or its moving average of them). The message
+    names the first mismatch, taking the model's names in order and then any extra names.
     """
     for name, p in params.items():
         if name not in ckpt_params:
-            raise CheckpointError(f"checkpoint lacks parameter {name!r} "
+            raise CheckpointError(f"{what} lacks parameter {name!r} "
                                   f"(model shape {tuple(p.shape)})")
         a = ckpt_params[name]
         if tuple(a.shape) != tuple(p.shape):
-            raise CheckpointError(f"parameter {name!r} has shape {tuple(a.shape)} in the "
-                                  f"checkpoint but {tuple(p.shape)} in the model")
+            raise CheckpointError(f"parameter {name!r} has shape {tuple(a.shape)} in "
+                                  f"{what} but {tuple(p.shape)} in the model")
     for name, a in ckpt_params.items():
         if name not in params:
-            raise CheckpointError(f"checkpoint has parameter {name!r} (shape {tuple(a.shape)}) "
+            raise CheckpointError(f"{what} has parameter {name!r} (shape {tuple(a.shape)}) "
                                   "that the model does not have")

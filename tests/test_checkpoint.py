@@ -182,6 +182,22 @@ def test_missing_group(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_moving_average_that_does_not_match_the_parameters(tmp_path):
+    params = {"w": np.zeros((2, 3)), "b": np.zeros(3)}
+    path = tmp_path / "e.h5"
+    with pytest.raises(CheckpointError, match=r"moving average \(ema\) lacks parameter 'b'"):
+        save_checkpoint(path, DrawConfig(), params, ema={"w": np.zeros((2, 3))})
+    with pytest.raises(CheckpointError, match=r"'w' has shape \(3, 2\) in the moving"):
+        save_checkpoint(path, DrawConfig(), params, ema={"w": np.zeros((3, 2)), "b": params["b"]})
+    assert not path.exists()
+    save_checkpoint(path, DrawConfig(), params, ema=params)
+    assert load_checkpoint(path).ema.keys() == params.keys()
+    with h5py.File(path, "a") as f:                   # a file whose average has an extra array
+        f["ema"].create_dataset("c", data=np.zeros(1))
+    with pytest.raises(CheckpointError, match=r"e\.h5 has parameter 'c'.*model does not have"):
+        load_checkpoint(path)
+
+
 def test_newer_version_rejected(tmp_path):
     path = tmp_path / "v.h5"
     save_checkpoint(path, DrawConfig(), {"w": np.zeros(2)})

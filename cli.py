@@ -303,7 +303,8 @@ def cli():
 @click.option("--z-dim", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--name", default="", help="Run name (default: draw-<date>-<time>).")
 @click.option("--oldmodel", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Initialise the parameters from this checkpoint (same shapes).")
+              help="Initialise the parameters from this checkpoint's model (same shapes; "
+                   "its moving average when it keeps one).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue the run in this run dir from its checkpoint.h5.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)

@@ -166,12 +166,12 @@ def ema_init(params: dict) -> dict:
 def ema_update(ema: dict, params: dict, decay: float) -> dict:
     """One step of the exponential moving average of the parameters (Polyak averaging):
 
-    ema <- decay ema + (1 - decay) params,  computed as ema + (1 - decay) (params - ema)
+    ema <- decay ema + (1 - decay) params,  computed as decay (ema - params) + params
 
-    which keeps an average of unchanging parameters exactly where it is. ema, params:
-    {name: (P,)} with the same keys; ema's arrays (from ``ema_init``) are updated in
-    place, in their dtype, and returned; params are only read. 0 <= decay < 1; no
-    device sync.
+    which keeps an average of unchanging parameters exactly where it is, and needs no
+    scratch array: three in-place passes over ema. ema, params: {name: (P,)} with the
+    same keys; ema's arrays (from ``ema_init``) are updated in place, in their dtype, and
+    returned; params are only read. 0 <= decay < 1; no device sync.
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"the EMA decay must be in [0, 1), got {decay}")
@@ -180,10 +180,9 @@ def ema_update(ema: dict, params: dict, decay: float) -> dict:
         average = ema[name]
         if average.shape != p.shape:
             raise ValueError(f"EMA {name!r} has shape {average.shape}, parameter has {p.shape}")
-        xp = get_array_module(average)
-        gap = xp.subtract(p, average)                    # scratch: params - ema
-        gap *= average.dtype.type(1.0 - decay)
-        average += gap
+        average -= p
+        average *= average.dtype.type(decay)
+        average += p
     return ema
 
 

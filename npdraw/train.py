@@ -763,8 +763,11 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         params = init_model(cfg, tcfg.seed, train_x, dtype=tcfg.dtype)
         if tcfg.oldmodel:
             old = load_checkpoint(tcfg.oldmodel)
+            # the checkpoint's model: its moving average when it keeps one, as for
+            # evaluate, sample and export
+            old_params, old_is_average = model_params(old)
             try:
-                ckpt_lib.check_compatible(old.params, params)
+                ckpt_lib.check_compatible(old_params, params)
             except ValueError as err:
                 raise ValueError(f"--oldmodel {tcfg.oldmodel} does not fit this model "
                                  f"({_cfg_summary(cfg)}; the checkpoint is "
@@ -772,7 +775,10 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             if old.cfg is not None and old.cfg != cfg:
                 log(f"note: --oldmodel was trained with {_cfg_summary(old.cfg)}; "
                     f"its parameters fit and are used for {_cfg_summary(cfg)}")
-            params = {name: np.asarray(old.params[name]).astype(dtype) for name in params}
+            if old_is_average:
+                log(f"note: --oldmodel {tcfg.oldmodel}: starting from the moving average "
+                    f"of its parameters (its model)")
+            params = {name: np.asarray(old_params[name]).astype(dtype) for name in params}
         params = arrays_to_device(params, device, dtype)
         opt_state = optim.adam_init(params)
         rng = _new_rng(tcfg.seed)

@@ -45,9 +45,9 @@ def _closed_form(start, steps, decay):
 
 
 def _ema_tolerance(steps, eps):
-    """Each update rounds about 4 times (p - e, the factor 1 - d, the product, the sum),
-    each by at most eps times the largest value; the average shrinks earlier errors by
-    d < 1, and the closed form rounds about as often: 8 n eps max|p| over n steps."""
+    """Each update rounds 3 times (e - p, the product by d, the sum), each by at most eps
+    times twice the largest value; the average shrinks earlier errors by d < 1, and the
+    closed form rounds about as often: 8 n eps max|p| over n steps."""
     biggest = max(float(np.max(np.abs(a))) for p in steps for a in p.values())
     return 8 * len(steps) * eps * biggest
 
@@ -275,6 +275,31 @@ def test_resuming_with_decay_0_drops_the_average(ema_run, bmnist, tmp_path):
     assert any("moving average of the parameters is dropped" in line for line in lines)
     assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").ema is None
     assert [r["ema"] for r in train_lib.read_log(run)] == [True, True, False]
+
+
+def test_oldmodel_starts_from_the_average_of_a_run_that_kept_one(ema_run, bmnist, tmp_path,
+                                                                  monkeypatch):
+    """--oldmodel takes the checkpoint's model, which for an EMA run is the average (what
+    it evaluated and exported), and says so; the new run starts without an average of its
+    own unless asked."""
+    old = ckpt_lib.load_checkpoint(ema_run / "checkpoint.h5")
+    assert any(not np.array_equal(old.ema[k], old.params[k]) for k in old.params)
+    first = {}
+    real = train_lib.model_lib.loss_and_grads
+
+    def capture(params, cfg, x, eps):
+        if not first:
+            first.update({k: np.array(v) for k, v in params.items()})
+        return real(params, cfg, x, eps)
+
+    monkeypatch.setattr(train_lib.model_lib, "loss_and_grads", capture)
+    lines = []
+    run = _train(TINY, _tcfg(tmp_path, name="from-old", oldmodel=str(ema_run / "checkpoint.h5")),
+                 bmnist, lines)
+    assert any("--oldmodel" in line and "moving average" in line for line in lines)
+    for name in old.params:
+        assert np.array_equal(first[name], old.ema[name]), name
+    assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").ema is None
 
 
 # ----------------------------------------------------------------------------- export

@@ -171,7 +171,8 @@ def ema_update(ema: dict, params: dict, decay: float) -> dict:
     which keeps an average of unchanging parameters exactly where it is, and needs no
     scratch array: three in-place passes over ema. ema, params: {name: (P,)} with the
     same keys; ema's arrays (from ``ema_init``) are updated in place, in their dtype, and
-    returned; params are only read. 0 <= decay < 1; no device sync.
+    returned; params are only read, and must not be ema's own arrays (ema_init copies).
+    0 <= decay < 1; no device sync.
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"the EMA decay must be in [0, 1), got {decay}")

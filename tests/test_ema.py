@@ -16,6 +16,7 @@ from npdraw import train as train_lib
 from npdraw.config import DrawConfig, TrainConfig
 from test_cli import invoke
 from test_distributed import REPO, TRAIN_ARGS, _run_mpi
+from test_train import _patched_loss
 
 TINY = DrawConfig(T=3, read_n=2, write_n=3, enc_dim=16, dec_dim=16, z_dim=4)
 DECAY = 0.9              # 4 steps an epoch: an average that differs clearly from the params
@@ -285,14 +286,12 @@ def test_oldmodel_starts_from_the_average_of_a_run_that_kept_one(ema_run, bmnist
     old = ckpt_lib.load_checkpoint(ema_run / "checkpoint.h5")
     assert any(not np.array_equal(old.ema[k], old.params[k]) for k in old.params)
     first = {}
-    real = train_lib.model_lib.loss_and_grads
 
-    def capture(params, cfg, x, eps):
-        if not first:
-            first.update({k: np.array(v) for k, v in params.items()})
+    def capture(real, params, cfg, x, eps):
+        first.update({k: np.array(v) for k, v in params.items()})
         return real(params, cfg, x, eps)
 
-    monkeypatch.setattr(train_lib.model_lib, "loss_and_grads", capture)
+    _patched_loss(monkeypatch, 1, capture)                # the first step's parameters
     lines = []
     run = _train(TINY, _tcfg(tmp_path, name="from-old", oldmodel=str(ema_run / "checkpoint.h5")),
                  bmnist, lines)

@@ -731,8 +731,10 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: the run dir).")
+@click.option("--from-epoch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Plot the epochs from this one on (the late, flat end of a long run).")
 @library_errors
-def plot(run_dir, out):
+def plot(run_dir, out, from_epoch):
     """learning_curves.png (per epoch), learning_curves_hours.png (per hour) and
     kl_per_glimpse.png from RUN_DIR/log.jsonl (a classifier run: error_curves.png)."""
     from npdraw import images as images_lib
@@ -742,6 +744,17 @@ def plot(run_dir, out):
         rows = train_lib.read_log(run_dir, warn=lambda message: click.echo(message, err=True))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'RUN_DIR'") from None
+    # The hours count from the run's start, whichever epochs are drawn.
+    hours, total = {}, 0.0
+    for r in rows:
+        total += float(r.get("wall_s") or 0.0)
+        hours[int(r["epoch"])] = total / 3600.0
+    shown = [r for r in rows if int(r["epoch"]) >= from_epoch]
+    if not shown:
+        raise click.BadParameter(f"the log's last epoch is {int(rows[-1]['epoch'])}: there is "
+                                 f"nothing from epoch {from_epoch} on to plot",
+                                 param_hint="'--from-epoch'")
+    rows = shown
     out = _output_folder(Path(out) if out is not None else Path(run_dir), "the plots")
     epochs = [int(r["epoch"]) for r in rows]
     if "valid_error" in rows[0]:           # a classifier run (cli.py classify)
@@ -764,10 +777,6 @@ def plot(run_dir, out):
         images_lib.plot_lines(curves_path, curves, title="NLL bound per epoch", xlabel="epoch",
                               ylabel="nats per image")
     # The same curves against the hours of training and evaluation so far.
-    hours, total = {}, 0.0
-    for e, r in zip(epochs, rows):
-        total += float(r.get("wall_s") or 0.0)
-        hours[e] = total / 3600.0
     curves_h = {label: ([hours[e] for e in xs], ys) for label, (xs, ys) in curves.items()}
     hours_path = out / "learning_curves_hours.png"
     with _writing(f"write {hours_path}"):
@@ -783,7 +792,8 @@ def plot(run_dir, out):
     with _writing(f"write {kl_path}"):
         images_lib.plot_lines(kl_path, kl_series, title="KL of each glimpse", xlabel="epoch",
                               ylabel="nats")
-    click.echo(f"wrote {curves_path}, {hours_path} and {kl_path} ({len(rows)} epochs)")
+    first = f" from epoch {epochs[0]}" if from_epoch > 1 else ""
+    click.echo(f"wrote {curves_path}, {hours_path} and {kl_path} ({len(rows)} epochs{first})")
 
 
 # ----------------------------------------------------------------------------- attention-demo

@@ -243,6 +243,36 @@ def test_plot_writes_the_three_figures(trained, tmp_path):
     assert result.exit_code == 2 and "no training log" in result.output
 
 
+def test_plot_from_epoch_draws_only_the_late_epochs(trained, tmp_path, monkeypatch):
+    """--from-epoch keeps the epochs from N on; their hours still count from the start."""
+    import json
+
+    from npdraw import images as images_lib
+    run, _ = trained
+    row = json.loads((Path(run) / "log.jsonl").read_text().splitlines()[0])
+    long_run = tmp_path / "long"
+    long_run.mkdir()
+    with open(long_run / "log.jsonl", "w") as f:
+        for epoch, bound in ((1, 200.0), (2, 90.0), (3, 89.0), (4, 88.5)):
+            f.write(json.dumps({**row, "epoch": epoch, "wall_s": 360.0, "train_bound": bound,
+                                "valid_bound": bound + 0.5, "test_bound": bound + 0.2}) + "\n")
+    drawn = {}
+    plot_lines = images_lib.plot_lines
+    def recording_plot_lines(path, series, **kw):
+        drawn[Path(path).name] = series
+        return plot_lines(path, series, **kw)
+    monkeypatch.setattr(images_lib, "plot_lines", recording_plot_lines)
+    result = invoke(["plot", long_run, "--out", tmp_path / "late", "--from-epoch", 2])
+    assert result.exit_code == 0, result.output
+    assert "(3 epochs from epoch 2)" in result.output
+    assert drawn["learning_curves.png"]["valid"] == ([2, 3, 4], [90.5, 89.5, 89.0])
+    assert drawn["learning_curves_hours.png"]["valid"][0] == [0.2, 0.3, 0.4]  # 360 s an epoch
+    assert drawn["kl_per_glimpse.png"]["t=1"][0] == [2, 3, 4]
+    assert iio.imread(tmp_path / "late" / "learning_curves.png").ndim == 3
+    result = invoke(["plot", long_run, "--out", tmp_path / "late", "--from-epoch", 5])
+    assert result.exit_code == 2 and "last epoch is 4" in result.output
+
+
 # ----------------------------------------------------------------------------- attention-demo
 
 @pytest.mark.parametrize("kind", ["grey", "colour"])

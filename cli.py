@@ -48,8 +48,8 @@ _share_cores_between_ranks()
 import click  # noqa: E402 - after the BLAS thread count is settled
 import numpy as np  # noqa: E402
 
-from npdraw.config import (DATASETS, LR_SCHEDULES, ClassifierConfig, ClassifyConfig,  # noqa: E402
-                           DrawConfig, TrainConfig)
+from npdraw.config import (DATASETS, EVAL_NOISE, LR_SCHEDULES, ClassifierConfig,  # noqa: E402
+                           ClassifyConfig, DrawConfig, TrainConfig)
 
 HERE = Path(__file__).resolve().parent
 
@@ -294,6 +294,9 @@ def cli():
               help="Evaluate, select and export an exponential moving average of the "
                    "parameters with this decay per step (0: off; 0.999 averages about the "
                    "last 1000 steps).")
+@click.option("--eval-noise", type=click.Choice(EVAL_NOISE), default="epoch", show_default=True,
+              help="The noise of the valid/test evaluations: drawn afresh each epoch, or "
+                   "fixed, the same every epoch, so that epochs compare as paired figures.")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Total epochs (with --resume: the new total).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
@@ -325,7 +328,7 @@ def cli():
 @click.pass_context
 @library_errors
 def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma,
-          lr_decay_epochs, eval_every, ema_decay, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
+          lr_decay_epochs, eval_every, ema_decay, eval_noise, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
           oldmodel, resume, seed, device, ranks, data_dir, mirror, folder, subset, eval_subset,
           clip, out, dtype, no_progress):
     """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
@@ -343,7 +346,7 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
     # The settings that a resumed run may change when given (config.RESUME_OVERRIDES).
     schedule = dict(lr=lr, lr_schedule=lr_schedule, lr_min=lr_min, lr_hold=lr_hold,
                     lr_gamma=lr_gamma, lr_decay_epochs=lr_decay_epochs, eval_every=eval_every,
-                    ema_decay=ema_decay)
+                    ema_decay=ema_decay, eval_noise=eval_noise)
     overrides = ()
     if resume:
         given = [p for p in ctx.params

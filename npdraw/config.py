@@ -79,10 +79,14 @@ class DrawConfig:
 
 DATASETS = ("bmnist", "mnist", "fashion-mnist", "cifar10", "svhn", "folder", "two-digit-mnist")
 LR_SCHEDULES = ("constant", "exponential", "cosine")
+# The noise of the valid/test evaluations: drawn afresh for each epoch (the behaviour of
+# every run before the field existed), or the same at every epoch, so that the bounds of
+# two epochs differ only by the model (docs/RESULTS.md, "The end").
+EVAL_NOISE = ("epoch", "fixed")
 # The TrainConfig fields that a resumed run may change (a new phase of a long campaign);
 # every other field is the checkpoint's, so that the run stays what it was.
 RESUME_OVERRIDES = ("epochs", "device", "ranks", "lr", "lr_schedule", "lr_min", "lr_hold",
-                    "lr_gamma", "lr_decay_epochs", "eval_every", "ema_decay")
+                    "lr_gamma", "lr_decay_epochs", "eval_every", "ema_decay", "eval_noise")
 # Fields that runs of earlier versions saved and that no longer exist: dropped when a saved
 # config is read. workers: the CPU processes of the retired parallel.py, whose place the
 # MPI ranks took (docs/DESIGN.md, item 15); the rank count is never taken from a checkpoint.
@@ -106,6 +110,7 @@ class TrainConfig:
     lr_decay_epochs: float = 0.0  # cosine: epochs from lr to lr_min after lr_hold; 0: until `epochs`
     eval_every: int = 1           # evaluate valid/test every K epochs, and at the last one
     ema_decay: float = 0.0        # evaluate, select and export an EMA of the params; 0: off
+    eval_noise: str = "epoch"     # epoch | fixed: the evaluations' noise (EVAL_NOISE)
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -144,6 +149,9 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no moving average of the "
                              f"parameters), got {self.ema_decay}")
+        if self.eval_noise not in EVAL_NOISE:
+            raise ValueError(f"eval_noise must be one of {', '.join(EVAL_NOISE)}, "
+                             f"got {self.eval_noise!r}")
         if not self.clip > 0:
             raise ValueError(f"clip must be positive, got {self.clip}")
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 0:

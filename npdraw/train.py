@@ -225,6 +225,15 @@ def sample_bytes(cfg: DrawConfig, rows: int, cols: int, scale: int) -> int:
 
 # ----------------------------------------------------------------------------- evaluation
 
+def eval_noise_rng(tcfg: TrainConfig, epoch: int, split: int) -> np.random.Generator:
+    """The generator of the noise that scores ``split`` (0 valid, 1 test) after ``epoch``:
+    its own for each epoch (tcfg.eval_noise "epoch"), or the same at every epoch ("fixed"),
+    which makes the bounds of two epochs a paired comparison of their models."""
+    if tcfg.eval_noise == "fixed":
+        return _derived_rng(tcfg.seed, 4, split)
+    return _derived_rng(tcfg.seed, 1, epoch, split)
+
+
 def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int,
                    rng: np.random.Generator, comm=None) -> float:
     """Mean negative variational bound (L^x + L^z, nats per example) over all of ``x``.
@@ -667,7 +676,8 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     to a run dir, the model and training settings come from RUN/checkpoint.h5 and
     ``cfg`` may be None; of ``tcfg`` only epochs (the new total), device and ranks are
     taken, the fields named in ``resume_overrides`` (a subset of
-    config.RESUME_OVERRIDES: the learning-rate schedule, eval_every and ema_decay, for
+    config.RESUME_OVERRIDES: the learning-rate schedule, eval_every, ema_decay and
+    eval_noise, for
     the next phase of a long run), and data_dir, mirror and folder where they differ from
     TrainConfig's defaults (else the recorded ones). ``data``: a DataSplits to use
     instead of loading ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr.
@@ -912,9 +922,9 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             valid_bound = test_bound = float("nan")
             if evaluated:
                 valid_bound = evaluate_bound(model, cfg, valid_x, eval_batch,
-                                             _derived_rng(tcfg.seed, 1, epoch, 0), comm)
+                                             eval_noise_rng(tcfg, epoch, 0), comm)
                 test_bound = evaluate_bound(model, cfg, test_x, eval_batch,
-                                            _derived_rng(tcfg.seed, 1, epoch, 1), comm)
+                                            eval_noise_rng(tcfg, epoch, 1), comm)
             eval_time = time.perf_counter() - t1
             train_bound = loss_sum / n_iter
             if evaluated and not math.isfinite(valid_bound) and valid_x.shape[0] > 0:

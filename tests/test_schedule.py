@@ -68,6 +68,7 @@ def test_cosine_without_decay_epochs_runs_until_the_last_epoch():
     ("lr_hold", -1.0, "lr_hold must be a finite number"),
     ("lr_decay_epochs", float("inf"), "lr_decay_epochs must be a finite number"),
     ("eval_every", 0, "eval_every must be at least 1"),
+    ("eval_noise", "same", "eval_noise must be one of epoch, fixed"),
 ])
 def test_bad_schedule_settings_are_named(field, value, text):
     with pytest.raises(ValueError, match=text.replace("(", r"\(").replace("]", r"\]")):
@@ -114,6 +115,54 @@ def test_eval_every_evaluates_every_k_epochs_and_the_last(bmnist, tmp_path, monk
         assert not (r["best"] and not r["evaluated"])         # only evaluated epochs compete
     best = ckpt_lib.load_checkpoint(run / "best.h5")
     assert rows[best.epoch - 1]["evaluated"]
+
+
+# ----------------------------------------------------------------------------- eval_noise
+
+@pytest.mark.parametrize("eval_noise", ["epoch", "fixed"])
+def test_eval_noise_fixed_scores_every_epoch_with_the_same_noise(bmnist, tmp_path, monkeypatch,
+                                                                  eval_noise):
+    """"fixed": each split's noise is the same at every epoch (and differs between the
+    splits); "epoch": each epoch draws its own, the streams of every run before the field."""
+    streams = []
+    real = train_lib.evaluate_bound
+
+    def recording(params, cfg, x, batch_size, rng, *args, **kw):
+        streams.append(rng.bit_generator.state["state"]["state"])
+        return real(params, cfg, x, batch_size, rng, *args, **kw)
+
+    monkeypatch.setattr(train_lib, "evaluate_bound", recording)
+    tcfg = _tcfg(tmp_path, epochs=2, eval_noise=eval_noise)
+    run = _train(TINY, tcfg, bmnist)
+    valid1, test1, valid2, test2 = streams
+    assert valid1 != test1
+    if eval_noise == "fixed":
+        assert (valid1, test1) == (valid2, test2)
+    else:
+        assert valid1 != valid2 and test1 != test2
+        old = [train_lib._derived_rng(tcfg.seed, 1, epoch, split).bit_generator.state["state"]["state"]
+               for epoch in (1, 2) for split in (0, 1)]
+        assert streams == old
+    saved = train_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5"))
+    assert saved.eval_noise == eval_noise
+
+
+def test_an_old_config_loads_as_noise_of_each_epoch_and_a_resume_may_switch_to_fixed(bmnist, tmp_path):
+    """Old configs lack the field: they load as "epoch", so they resume as they ran; a
+    resumed run may switch to "fixed" for its next phase."""
+    run = _train(TINY, _tcfg(tmp_path, epochs=1), bmnist)
+    import json
+    saved = json.loads((run / "config.json").read_text())
+    del saved["train"]["eval_noise"]
+    assert TrainConfig.from_dict(saved["train"]).eval_noise == "epoch"
+    notes = []
+    train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(run),
+                                      eval_noise="fixed"),
+                    log=notes.append, data=bmnist, progress=False,
+                    resume_overrides=("eval_noise",))
+    assert "note: resuming with eval_noise 'fixed' (was 'epoch')" in notes
+    assert train_lib.train_config_of(
+        ckpt_lib.load_checkpoint(run / "checkpoint.h5")).eval_noise == "fixed"
 
 
 # ----------------------------------------------------------------------------- resume

@@ -328,9 +328,9 @@ def cli():
 @click.pass_context
 @library_errors
 def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma,
-          lr_decay_epochs, eval_every, ema_decay, eval_noise, epochs, batch_size, enc_dim, dec_dim, z_dim, name,
-          oldmodel, resume, seed, device, ranks, data_dir, mirror, folder, subset, eval_subset,
-          clip, out, dtype, no_progress):
+          lr_decay_epochs, eval_every, ema_decay, eval_noise, epochs, batch_size, enc_dim,
+          dec_dim, z_dim, name, oldmodel, resume, seed, device, ranks, data_dir, mirror, folder,
+          subset, eval_subset, clip, out, dtype, no_progress):
     """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
 
     On a CPU with several cores it starts itself as one MPI rank per core, which train

@@ -16,7 +16,8 @@ cluttered MNIST, paper table 1), with the same run dir, log, checkpoints and res
 Randomness: one ``np.random.Generator`` (PCG64, seeded with ``tcfg.seed``) draws the
 batch order and the training noise eps on the host; its state is saved with every
 checkpoint, so a resumed run continues bit for bit (on NumPy). Evaluation and sample
-noise come from separate generators derived from (seed, epoch), so they never disturb
+noise come from separate generators derived from the seed (and, for evaluations, the
+epoch unless ``tcfg.eval_noise`` is "fixed": ``eval_noise_rng``), so they never disturb
 the training stream.
 
 Moving average (``tcfg.ema_decay`` d > 0): after every Adam step the run updates

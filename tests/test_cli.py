@@ -245,8 +245,6 @@ def test_plot_writes_the_three_figures(trained, tmp_path):
 
 def test_plot_from_epoch_draws_only_the_late_epochs(trained, tmp_path, monkeypatch):
     """--from-epoch keeps the epochs from N on; their hours still count from the start."""
-    import json
-
     from npdraw import images as images_lib
     run, _ = trained
     row = json.loads((Path(run) / "log.jsonl").read_text().splitlines()[0])

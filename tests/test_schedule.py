@@ -1,5 +1,6 @@
 """Learning-rate schedules, evaluation every K epochs, resuming into a new phase, and the
 export of a model to ship (issue: reproducing the paper's binarized-MNIST result)."""
+import json
 import math
 
 import numpy as np
@@ -140,18 +141,18 @@ def test_eval_noise_fixed_scores_every_epoch_with_the_same_noise(bmnist, tmp_pat
         assert (valid1, test1) == (valid2, test2)
     else:
         assert valid1 != valid2 and test1 != test2
-        old = [train_lib._derived_rng(tcfg.seed, 1, epoch, split).bit_generator.state["state"]["state"]
-               for epoch in (1, 2) for split in (0, 1)]
+        old = [train_lib._derived_rng(tcfg.seed, 1, epoch, split)
+               .bit_generator.state["state"]["state"] for epoch in (1, 2) for split in (0, 1)]
         assert streams == old
     saved = train_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5"))
     assert saved.eval_noise == eval_noise
 
 
-def test_an_old_config_loads_as_noise_of_each_epoch_and_a_resume_may_switch_to_fixed(bmnist, tmp_path):
+def test_an_old_config_loads_as_noise_of_each_epoch_and_a_resume_may_switch_to_fixed(bmnist,
+                                                                                     tmp_path):
     """Old configs lack the field: they load as "epoch", so they resume as they ran; a
     resumed run may switch to "fixed" for its next phase."""
     run = _train(TINY, _tcfg(tmp_path, epochs=1), bmnist)
-    import json
     saved = json.loads((run / "config.json").read_text())
     del saved["train"]["eval_noise"]
     assert TrainConfig.from_dict(saved["train"]).eval_noise == "epoch"

@@ -300,7 +300,7 @@ def cli():
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Total epochs (with --resume: the new total).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
-              show_default=True, help="Minibatch size.")
+              show_default=True, help="Minibatch size (with --resume: a new phase's).")
 @click.option("--enc-dim", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--dec-dim", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--z-dim", type=click.IntRange(min=1), default=100, show_default=True)
@@ -336,7 +336,10 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
     On a CPU with several cores it starts itself as one MPI rank per core, which train
     one model together, each on its slice of every batch; under `mpiexec -n N` (or srun)
     the N ranks do (docs/TRAINING.md, "Ranks")."""
-    _run_as_ranks(ranks, device, (lambda: _resumed_batch_size(resume)) if resume
+    batch_given = (ctx.get_parameter_source("batch_size")
+                   == click.core.ParameterSource.COMMANDLINE)
+    _run_as_ranks(ranks, device,
+                  (lambda: _resumed_batch_size(resume)) if resume and not batch_given
                   else (lambda: batch_size), "training")
     from npdraw import distributed
     from npdraw import train as train_lib
@@ -346,12 +349,12 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
     # The settings that a resumed run may change when given (config.RESUME_OVERRIDES).
     schedule = dict(lr=lr, lr_schedule=lr_schedule, lr_min=lr_min, lr_hold=lr_hold,
                     lr_gamma=lr_gamma, lr_decay_epochs=lr_decay_epochs, eval_every=eval_every,
-                    ema_decay=ema_decay, eval_noise=eval_noise)
+                    ema_decay=ema_decay, eval_noise=eval_noise, batch_size=batch_size)
     overrides = ()
     if resume:
         given = [p for p in ctx.params
                  if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
-        ignored = [p for p in ("dataset", "attention", "T", "batch_size", "enc_dim",
+        ignored = [p for p in ("dataset", "attention", "T", "enc_dim",
                                "dec_dim", "z_dim", "name", "oldmodel", "seed", "subset",
                                "eval_subset", "clip", "out", "dtype") if p in given]
         if ignored and comm.is_root:
@@ -364,7 +367,7 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
         cfg = None
     else:
         tcfg = TrainConfig(dataset=dataset, data_dir=data_dir, mirror=mirror, folder=folder,
-                           epochs=epochs, batch_size=batch_size, clip=clip, seed=seed,
+                           epochs=epochs, clip=clip, seed=seed,
                            subset=subset, eval_subset=eval_subset, device=device,
                            ranks=ranks, dtype=dtype, name=name, out=out,
                            oldmodel=oldmodel or "", **schedule)

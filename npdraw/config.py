@@ -86,7 +86,8 @@ EVAL_NOISE = ("epoch", "fixed")
 # The TrainConfig fields that a resumed run may change (a new phase of a long campaign);
 # every other field is the checkpoint's, so that the run stays what it was.
 RESUME_OVERRIDES = ("epochs", "device", "ranks", "lr", "lr_schedule", "lr_min", "lr_hold",
-                    "lr_gamma", "lr_decay_epochs", "eval_every", "ema_decay", "eval_noise")
+                    "lr_gamma", "lr_decay_epochs", "eval_every", "ema_decay", "eval_noise",
+                    "batch_size")
 # Fields that runs of earlier versions saved and that no longer exist: dropped when a saved
 # config is read. workers: the CPU processes of the retired parallel.py, whose place the
 # MPI ranks took (docs/DESIGN.md, item 15); the rank count is never taken from a checkpoint.

@@ -198,6 +198,20 @@ def test_resume_can_start_a_new_phase_of_the_schedule(bmnist, tmp_path):
                         resume_overrides=("seed",))
 
 
+def test_resume_can_change_the_batch_size_for_a_new_phase(bmnist, tmp_path):
+    """A larger batch late in training (issue 21's arm c): the note, the record in the
+    checkpoint's config, and the steps of the new epoch (200 images / 100 = 2, not 4)."""
+    run = _train(TINY, _tcfg(tmp_path, epochs=1, batch_size=50), bmnist)
+    notes = []
+    train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(run), batch_size=100),
+                    log=notes.append, data=bmnist, progress=False,
+                    resume_overrides=("batch_size",))
+    assert "note: resuming with batch_size 100 (was 50)" in notes
+    assert [r["step"] for r in train_lib.read_log(run)] == [4, 6]
+    assert train_lib.train_config_of(
+        ckpt_lib.load_checkpoint(run / "checkpoint.h5")).batch_size == 100
+
+
 # ----------------------------------------------------------------------------- export
 
 def test_export_keeps_the_parameters_and_a_checkable_bound(bmnist, tmp_path):

@@ -6,12 +6,30 @@ Public API:
     loss_and_grads(params, cfg, x, eps) -> (loss, grads, stats)
     loss_only(params, cfg, x, eps, return_terms=False) -> (loss_per_example, stats)
     generate(params, cfg, eps)     -> (canvases (T, B, D), windows)
+    load(path)                     -> (cfg, params) of a checkpoint or an exported model
 Arrays may be NumPy or CuPy; the array module is taken from the inputs.
 npdraw.reference holds the same model written plainly, to be read (start there).
 """
-from .config import DrawConfig, TrainConfig
-from .model import generate, init_params, loss_and_grads, loss_only, param_shapes
+from .threads import share_cores_between_ranks
+
+share_cores_between_ranks()   # under mpiexec or srun: before NumPy loads (npdraw/threads.py)
+
+from .config import DrawConfig, TrainConfig  # noqa: E402
+from .model import generate, init_params, loss_and_grads, loss_only, param_shapes  # noqa: E402
 
 __all__ = ["DrawConfig", "TrainConfig", "init_params", "loss_and_grads", "loss_only", "generate",
-           "param_shapes"]
+           "param_shapes", "load"]
 __version__ = "0.1.0"
+
+
+def load(path):
+    """A checkpoint's or an exported model's (cfg, params): path is an .h5 file or a run
+    dir (its best.h5, else its checkpoint.h5); params are NumPy arrays {name: array}, the
+    moving average of the parameters when the checkpoint keeps one (train.model_params).
+    ValueError, naming the file, when it cannot be read or is a classifier's."""
+    from . import train
+    ckpt = train.load_checkpoint(path)
+    if not isinstance(ckpt.cfg, DrawConfig):
+        raise ValueError(f"{train.checkpoint_file(path)} is a classifier checkpoint, not a "
+                         "DRAW model")
+    return ckpt.cfg, train.arrays_to_device(train.model_params(ckpt)[0], "cpu")

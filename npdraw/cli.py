@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """npdraw command line: train, sample, evaluate, plot, attention-demo, classify,
-classify-eval (and bench).
+classify-eval (and bench, in a checkout). Installed it is `npdraw ...` (or
+`python -m npdraw ...`); in a checkout also `python cli.py ...`:
 
     python cli.py --help
     python cli.py train --epochs 20 --name mnist-att
@@ -25,33 +26,23 @@ import sys
 from pathlib import Path
 
 
-def _share_cores_between_ranks(environ=os.environ) -> None:
-    """Under mpiexec or srun the ranks on one machine share its cores: each rank's BLAS
-    gets its share, one thread on two cores with two ranks, unless the user set the
-    thread count. It must be set before NumPy loads."""
-    if environ.get("SLURM_CPUS_PER_TASK", "").isdigit() and "SLURM_STEP_ID" in environ:
-        threads = int(environ["SLURM_CPUS_PER_TASK"])
-    else:
-        local = next((environ[v] for v in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
-                      if environ.get(v, "").isdigit()), None)
-        if local is None or int(local) <= 1:
-            return
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else (os.cpu_count() or 1)
-        threads = max(1, cores // int(local))
-    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        environ.setdefault(variable, str(threads))
+from npdraw.threads import share_cores_between_ranks as _share_cores_between_ranks
 
-
-_share_cores_between_ranks()
+_share_cores_between_ranks()   # npdraw/__init__.py does it too; NumPy must not be loaded yet
 
 import click  # noqa: E402 - after the BLAS thread count is settled
 import numpy as np  # noqa: E402
 
+from npdraw import __version__  # noqa: E402
 from npdraw.config import (DATASETS, EVAL_NOISE, LR_SCHEDULES, ClassifierConfig,  # noqa: E402
                            ClassifyConfig, DrawConfig, TrainConfig)
 
-HERE = Path(__file__).resolve().parent
+# The repository root when npdraw runs from a checkout (bench/ is there; not in a wheel).
+HERE = Path(__file__).resolve().parents[1]
+# How this process was started, so that --ranks can start it again as MPI ranks: the
+# arguments to python before the command's own (set by main(); None when called from
+# Python, as click's test runner does, which then runs in one process).
+_PROGRAM = None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -156,10 +147,11 @@ def library_errors(fn):
 def _run_as_ranks(ranks: int, device: str, batch_size, what: str) -> None:
     """Start this command as MPI ranks on this machine when that is what --ranks asks for
     (0: one per core on a CPU): this process becomes `mpiexec -n R python cli.py <the
-    same arguments>` (os.execve, so its pid stays the one the user sees; MPICH's mpiexec
-    passes SIGINT and SIGTERM on to every rank and exits with their status). Without MPI
-    it prints one line saying how to install it and returns: one process. Only when
-    cli.py runs as a script: called from Python (click's test runner) it returns.
+    same arguments>` (or `... python -m npdraw ...`, or the npdraw script: the way it was
+    started; os.execve, so its pid stays the one the user sees; MPICH's mpiexec passes
+    SIGINT and SIGTERM on to every rank and exits with their status). Without MPI it
+    prints one line saying how to install it and returns: one process. Only when started
+    through main(): called from Python (click's test runner) it returns.
     batch_size: a function giving the batch size that the automatic count depends on."""
     from npdraw import backend, distributed
     if distributed.under_launcher() or ranks == 1:
@@ -169,9 +161,9 @@ def _run_as_ranks(ranks: int, device: str, batch_size, what: str) -> None:
                                                    batch_size() if not ranks else 0)
     if note:
         click.echo(note.replace("one process", f"{what} in one process", 1), err=True)
-    if mpiexec is None or __name__ != "__main__":
+    if mpiexec is None or _PROGRAM is None:
         return
-    distributed.exec_as_ranks(count, mpiexec, __file__, sys.argv[1:])
+    distributed.exec_as_ranks(count, mpiexec, _PROGRAM, sys.argv[1:])
 
 
 def _check_rank_count(ranks: int, comm) -> None:
@@ -262,6 +254,7 @@ def _ckpt_file(path: Path) -> Path:
 # ----------------------------------------------------------------------------- group
 
 @click.group(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.version_option(__version__, "--version", prog_name="npdraw")
 def cli():
     """DRAW (Gregor et al. 2015) on NumPy/CuPy: train, sample, evaluate, plot."""
 
@@ -904,8 +897,28 @@ if (HERE / "bench" / "run.py").is_file():
         if str(HERE) not in sys.path:
             sys.path.insert(0, str(HERE))
         runner = importlib.import_module("bench.run")
-        ctx.exit(int(runner.main(list(ctx.args), launch=__name__ == "__main__") or 0))
+        ctx.exit(int(runner.main(list(ctx.args), launch=_PROGRAM is not None) or 0))
+
+
+# ----------------------------------------------------------------------------- entry
+
+def _own_program() -> list:
+    """The arguments to python that start this command again: ['-m', 'npdraw'] under
+    `python -m npdraw`, else the script that python ran (cli.py, or the npdraw console
+    script, a Python file)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name in ("npdraw.__main__", "npdraw.cli"):
+        return ["-m", spec.name.removesuffix(".__main__")]
+    return [os.path.abspath(sys.argv[0])]
+
+
+def main(args=None) -> None:
+    """The command line's entry point: the npdraw console script, `python -m npdraw` and
+    `python cli.py` (exits with the command's status)."""
+    global _PROGRAM
+    _PROGRAM = _own_program()
+    cli(args=args)
 
 
 if __name__ == "__main__":
-    cli()
+    main()

@@ -466,11 +466,13 @@ def mpi_available() -> bool:
 
 def launch_command(ranks: int, mpiexec: str, script: str, args) -> tuple:
     """-> (argv, environ) that run `python script args...` as `ranks` MPI ranks on this
-    machine (Hydra's fork launcher: never on other hosts, even inside a SLURM job). Each
-    rank's BLAS gets its share of the cores (one thread each with one rank per core),
-    unless the user set the thread count: it must be known before NumPy loads."""
-    argv = [mpiexec, "-launcher", "fork", "-n", str(ranks), sys.executable,
-            os.path.abspath(script), *args]
+    machine (Hydra's fork launcher: never on other hosts, even inside a SLURM job); script
+    may also be a list of python's arguments, such as ['-m', 'npdraw']. Each rank's BLAS
+    gets its share of the cores (one thread each with one rank per core), unless the user
+    set the thread count: it must be known before NumPy loads."""
+    program = [os.path.abspath(script)] if isinstance(script, (str, os.PathLike)) \
+        else [str(part) for part in script]
+    argv = [mpiexec, "-launcher", "fork", "-n", str(ranks), sys.executable, *program, *args]
     threads = str(max(1, usable_cores() // ranks))
     blas = {name: os.environ.get(name, threads)
             for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}

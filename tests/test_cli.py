@@ -1,5 +1,4 @@
-"""cli.py: every command on real binarized MNIST with a tiny model, and its errors."""
-import importlib.util
+"""npdraw/cli.py (and the cli.py shim): every command on real binarized MNIST with a tiny model, and its errors."""
 import json
 import os
 import subprocess
@@ -11,14 +10,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import npdraw
 from npdraw import checkpoint as ckpt_lib
+from npdraw import cli as cli_mod
 from npdraw import model as model_lib
 from npdraw.config import DrawConfig
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("npdraw_cli", REPO / "cli.py")
-cli_mod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli_mod)
 cli = cli_mod.cli
 
 T = 3
@@ -316,6 +314,50 @@ def test_attention_demo_bad_images_are_usage_errors(tmp_path):
 
 def test_bench_command_exists_exactly_when_bench_run_does():
     assert ("bench" in cli.commands) == (REPO / "bench" / "run.py").is_file()
+
+
+def test_the_shim_and_python_m_npdraw_are_the_package_cli(tmp_path):
+    """`python cli.py` and `python -m npdraw` run npdraw/cli.py: the same commands,
+    version, usage errors and exit codes; each starts itself again as MPI ranks."""
+    assert cli_mod.__file__ == str(REPO / "npdraw" / "cli.py")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for program in ([str(REPO / "cli.py")], ["-m", "npdraw"]):
+        version = subprocess.run([sys.executable, *program, "--version"], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert version.returncode == 0
+        assert version.stdout == f"npdraw, version {npdraw.__version__}\n"
+        missing = subprocess.run([sys.executable, *program, "evaluate", "missing.h5"],
+                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 2 and "Invalid value for 'CHECKPOINT'" in missing.stderr
+    script = ("import sys; from npdraw import cli; sys.argv[0] = 'x/cli.py'; "
+              "print(cli._own_program())")
+    ran = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert ran.stdout.strip() == repr([os.path.abspath(os.path.join(REPO, "x/cli.py"))])
+    assert cli_mod._PROGRAM is None          # called from Python: --ranks never re-executes
+
+
+def test_version_option():
+    result = invoke(["--version"])
+    assert result.exit_code == 0 and result.output == f"npdraw, version {npdraw.__version__}\n"
+
+
+def test_load_gives_the_model_that_sample_and_evaluate_use(trained):
+    """npdraw.load: a run dir (its best.h5), a checkpoint and the shipped model."""
+    run, _ = trained
+    cfg, params = npdraw.load(run / "checkpoint.h5")
+    ckpt = ckpt_lib.load_checkpoint(run / "checkpoint.h5")
+    assert cfg == ckpt.cfg and sorted(params) == sorted(ckpt.params)
+    assert all(isinstance(v, np.ndarray) for v in params.values())
+    np.testing.assert_array_equal(params["c0"], ckpt.params["c0"])
+    assert npdraw.load(run)[0] == cfg
+    cfg, params = npdraw.load(REPO / "pretrained" / "bmnist_r2w5_t64.h5")
+    assert (cfg.T, cfg.read_n, cfg.write_n) == (64, 2, 5)
+    eps = np.random.default_rng(0).standard_normal((cfg.T, 2, cfg.z_dim)).astype(np.float32)
+    canvases, _ = npdraw.generate(params, cfg, eps)
+    assert canvases.shape == (cfg.T, 2, cfg.height * cfg.width)
+    with pytest.raises(ValueError, match="does not exist"):
+        npdraw.load(run / "missing.h5")
 
 
 def test_cli_script_help_runs_from_elsewhere(tmp_path):

@@ -1,7 +1,6 @@
-"""cli.py classify and classify-eval on the real labelled MNIST with a tiny classifier,
+"""npdraw/cli.py classify and classify-eval on the real labelled MNIST with a tiny classifier,
 the glimpse pictures, plot of a classifier run, and the errors between the two kinds of
 checkpoint."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,12 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from npdraw import checkpoint as ckpt_lib
+from npdraw import cli as cli_mod
 from npdraw.config import ClassifierConfig
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("npdraw_cli_classify", REPO / "cli.py")
-cli_mod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli_mod)
 cli = cli_mod.cli
 
 TINY = ["--glimpses", 2, "--read", 4, "--hidden", 8, "--size", 40, "--distractors", 3,

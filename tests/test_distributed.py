@@ -384,6 +384,8 @@ def test_the_launch_plan(monkeypatch):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
     assert distributed.launch_command(2, "mpiexec", "cli.py", [])[1]["OPENBLAS_NUM_THREADS"] \
         == "2"                                                  # the user's choice stands
+    assert distributed.launch_command(2, "mpiexec", ["-m", "npdraw"], ["train"])[0][4:] == \
+        ["2", sys.executable, "-m", "npdraw", "train"]          # python -m npdraw starts again
     assert distributed.under_launcher(environ)                  # the ranks never launch again
 
     monkeypatch.setattr(distributed, "mpi_available", lambda: False)

@@ -2,7 +2,6 @@
 errors, damaged weights, absurd sizes, and the two checks the suite lacked (clipping,
 evaluate_bound's mean). Tiny models on real binarized MNIST; seconds in all."""
 import errno
-import importlib.util
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from npdraw import checkpoint as ckpt_lib
+from npdraw import cli as cli_mod
 from npdraw import guards
 from npdraw import images as images_lib
 from npdraw import model as model_lib
@@ -33,9 +33,6 @@ TINY_ARGS = ["--niter", "3", "--attention", "2,3", "--enc-dim", "16", "--dec-dim
              "--z-dim", "4", "--bs", "50", "--subset", "200", "--eval-subset", "200",
              "--device", "cpu", "--no-progress", "--ranks", "1"]
 
-_spec = importlib.util.spec_from_file_location("npdraw_cli_hardening", REPO / "cli.py")
-cli_mod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli_mod)
 
 
 def invoke(args, **kw):

@@ -78,3 +78,17 @@ def test_every_equation_row_names_both_implementations():
 def test_a_wrong_name_is_caught(token):
     with pytest.raises((AttributeError, ImportError)):
         _resolve(token)
+
+
+def test_the_readme_python_example_runs(monkeypatch, capsys):
+    """README's "From Python": npdraw.load, then sample, score and reconstruct."""
+    import numpy as np
+    text = (REPO_ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks and "npdraw.load(" in blocks[0]
+    monkeypatch.chdir(REPO_ROOT)
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert scope["images"].shape == (16, 28, 28)
+    assert np.abs(scope["reconstruction"] - scope["x"]).mean() < 0.1
+    assert np.isfinite(scope["loss"]).all() and capsys.readouterr().out

@@ -680,11 +680,13 @@ def test_a_rank_count_that_is_not_the_launchers_is_one_error_line(tmp_path):
     assert list(tmp_path.iterdir()) == []                  # before anything was written
 
 
-def _cli(args, timeout=180, **kw):
-    """`python cli.py args...` as a user runs it: on a multi-core CPU (or with --ranks N)
-    it starts itself as MPI ranks."""
+def _cli(args, timeout=180, program=("cli.py",), **kw):
+    """`python cli.py args...` (or `python -m npdraw args...`: program ("-m", "npdraw")) as
+    a user runs it: on a multi-core CPU (or with --ranks N) it starts itself as MPI ranks,
+    the way it was started."""
     _mpiexec()                                    # the MPI extra must be there
-    return subprocess.run([sys.executable, REPO / "cli.py", *map(str, args)], cwd=REPO,
+    program = [REPO / "cli.py"] if program == ("cli.py",) else list(program)
+    return subprocess.run([sys.executable, *program, *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
@@ -705,6 +707,9 @@ def test_evaluate_starts_its_ranks_and_gives_the_one_process_figures(mpi_run, da
     for key in ("nll_bound", "nll_iwae"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
     assert got["n"] == want["n"] == 90
+    module = _cli([*args, "--ranks", 2], program=("-m", "npdraw"))   # python -m npdraw: alike
+    assert module.returncode == 0, module.stdout + module.stderr
+    assert json.loads(module.stdout.strip().splitlines()[-1]) == got
 
 
 # ---------------------------------------------------------------- stopping a self-started run

@@ -1,4 +1,5 @@
-"""npdraw/cli.py (and the cli.py shim): every command on real binarized MNIST with a tiny model, and its errors."""
+"""npdraw/cli.py (and the cli.py shim): every command on real binarized MNIST with a tiny
+model, and its errors."""
 import json
 import os
 import subprocess

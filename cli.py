@@ -48,8 +48,8 @@ _share_cores_between_ranks()
 import click  # noqa: E402 - after the BLAS thread count is settled
 import numpy as np  # noqa: E402
 
-from npdraw.config import (DATASETS, EVAL_NOISE, LR_SCHEDULES, ClassifierConfig,  # noqa: E402
-                           ClassifyConfig, DrawConfig, TrainConfig)
+from npdraw.config import (DATASETS, EVAL_NOISE, LR_SCHEDULES, TRAIN_SETS,  # noqa: E402
+                           ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig)
 
 HERE = Path(__file__).resolve().parent
 
@@ -601,6 +601,10 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
               help="Side of each clutter piece.")
 @click.option("--valid-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Labelled training digits held out for validation.")
+@click.option("--train-set", type=click.Choice(TRAIN_SETS), default="npm10k", show_default=True,
+              help="Training digits: the project's npm10k files (10,000) or mnist, MNIST's "
+                   "standard train-*-ubyte files (60,000, the paper's), from the data folder "
+                   "or the mirror.")
 @click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True,
               help="Adam learning rate (with --resume: the one to continue with).")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
@@ -625,9 +629,9 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.pass_context
 @library_errors
-def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size, lr, epochs,
-             batch_size, clip, seed, subset, eval_subset, name, out, resume, device, data_dir,
-             mirror, dtype, no_progress):
+def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size, train_set, lr,
+             epochs, batch_size, clip, seed, subset, eval_subset, name, out, resume, device,
+             data_dir, mirror, dtype, no_progress):
     """Train the attentive classifier on cluttered MNIST (paper table 1); writes a run dir."""
     from npdraw import train as train_lib
 
@@ -636,7 +640,7 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
         given = [p for p in ctx.params
                  if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
         ignored = [p for p in ("glimpses", "read_n", "hidden", "size", "distractors", "crop",
-                               "valid_size", "batch_size", "clip", "seed", "subset",
+                               "valid_size", "train_set", "batch_size", "clip", "seed", "subset",
                                "eval_subset", "name", "out", "dtype") if p in given]
         if ignored:
             click.echo("note: --resume takes the model and training settings from the "
@@ -649,10 +653,10 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
         cfg = ClassifierConfig(height=size, width=size, glimpses=glimpses, read_n=read_n,
                                hidden=hidden)
         ccfg = ClassifyConfig(data_dir=data_dir, mirror=mirror, valid_size=valid_size,
-                              distractors=distractors, crop=crop, epochs=epochs,
-                              batch_size=batch_size, lr=lr, clip=clip, seed=seed, subset=subset,
-                              eval_subset=eval_subset, device=device, dtype=dtype, name=name,
-                              out=out)
+                              train_set=train_set, distractors=distractors, crop=crop,
+                              epochs=epochs, batch_size=batch_size, lr=lr, clip=clip,
+                              seed=seed, subset=subset, eval_subset=eval_subset, device=device,
+                              dtype=dtype, name=name, out=out)
     try:
         train_lib.train_classifier(cfg, ccfg, log=click.echo, progress=not no_progress,
                                    resume_overrides=overrides)
@@ -699,7 +703,8 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
                                      "data_dir": (data_dir if data_dir is not None
                                                   else saved.data_dir),
                                      "mirror": mirror if mirror is not None else saved.mirror})
-    digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size)
+    digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size,
+                                           ccfg.train_set)
     valid, test = train_lib.cluttered_eval_sets(ccfg, cfg, digits)
     x, y = test if split == "test" else valid
     params = _params_on(ckpt, device)

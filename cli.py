@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 
 from npdraw.config import (DATASETS, EVAL_NOISE, LR_SCHEDULES, TRAIN_SETS,  # noqa: E402
                            ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig)
+from npdraw.helpsections import SectionedGroup  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -109,7 +110,8 @@ MIN_FPS = 0.002
 
 
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]),
-                             default="auto", show_default=True)
+                             default="auto", show_default=True,
+                             help="Where to compute: auto takes the GPU when CuPy finds one.")
 RANKS_OPTION = click.option(
     "--ranks", type=click.IntRange(min=0), default=0, show_default=True,
     help="MPI ranks that share each batch (0: one per core on a CPU, 1 on a GPU; under "
@@ -261,7 +263,7 @@ def _ckpt_file(path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- group
 
-@click.group(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.group(cls=SectionedGroup, context_settings=dict(help_option_names=["-h", "--help"]))
 def cli():
     """DRAW (Gregor et al. 2015) on NumPy/CuPy: train, sample, evaluate, plot."""
 
@@ -273,8 +275,9 @@ def cli():
               help="Data set; the image size comes from it.")
 @click.option("--attention", type=ATTENTION, default="2,5", show_default=True,
               help="Read,write window sizes; '' for the attention-free model.")
-@click.option("--niter", "T", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Glimpses T.")
+@click.option("--glimpses", "--niter", "T", type=click.IntRange(min=1), default=64,
+              show_default=True, help="Glimpses T: the steps of reading and writing per image "
+              "(--niter is the old name).")
 @click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True,
               help="Adam learning rate.")
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="constant",
@@ -301,16 +304,20 @@ def cli():
               help="Total epochs (with --resume: the new total).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
               show_default=True, help="Minibatch size (with --resume: a new phase's).")
-@click.option("--enc-dim", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--dec-dim", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--z-dim", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--enc-dim", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Encoder LSTM units.")
+@click.option("--dec-dim", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Decoder LSTM units.")
+@click.option("--z-dim", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Latent variables per glimpse.")
 @click.option("--name", default="", help="Run name (default: draw-<date>-<time>).")
 @click.option("--oldmodel", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Initialise the parameters from this checkpoint's model (same shapes; "
                    "its moving average when it keeps one).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue the run in this run dir from its checkpoint.h5.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the initial parameters, the batch order and the noise.")
 @DEVICE_OPTION
 @RANKS_OPTION
 @data_options(recorded=False)
@@ -323,7 +330,7 @@ def cli():
               help="Global gradient-norm clipping threshold.")
 @click.option("--out", default="runs", show_default=True, help="Parent folder of run dirs.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              show_default=True)
+              show_default=True, help="Floating-point precision of the computation.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.pass_context
 @library_errors
@@ -410,8 +417,10 @@ def _load_data_on_ranks(train_lib, tcfg, progress, comm):
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.option("--rows", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--cols", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--rows", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Rows of samples in each picture.")
+@click.option("--cols", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Columns of samples in each picture.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Prior noise seed.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -467,7 +476,7 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 @click.option("--k", "K", type=click.IntRange(min=1), default=1, show_default=True,
               help="Importance samples per image (K > 1 adds the IWAE estimate).")
 @click.option("--split", type=click.Choice(["test", "valid", "train"]), default="test",
-              show_default=True)
+              show_default=True, help="The split to score.")
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="Default: the data set the checkpoint was trained on.")
 @data_options(recorded=True)
@@ -475,8 +484,9 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Evaluate only the first N images (0: the whole split).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=500,
-              show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+              show_default=True, help="Images per evaluation batch (memory, not the result).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the posterior noise (the same seed gives the same figures).")
 @DEVICE_OPTION
 @RANKS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -613,7 +623,8 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
               show_default=True, help="Minibatch size.")
 @click.option("--clip", type=POSITIVE_FLOAT, default=10.0, show_default=True,
               help="Global gradient-norm clipping threshold.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the initial parameters, the batch order and the clutter.")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train on the first N training digits only (0: all).")
 @click.option("--eval-subset", type=click.IntRange(min=0), default=0, show_default=True,
@@ -625,7 +636,7 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
 @DEVICE_OPTION
 @data_options(recorded=False)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              show_default=True)
+              show_default=True, help="Floating-point precision of the computation.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.pass_context
 @library_errors
@@ -669,18 +680,22 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
 
 @cli.command("classify-eval")
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True,
+              help="The fixed cluttered set to score.")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Evaluate only the first N digits of the split (0: all).")
 @data_options(recorded=True)
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=500,
-              show_default=True)
+              show_default=True, help="Images per evaluation batch (memory, not the result).")
 @click.option("--pictures", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also draw the glimpse windows over the split's first images into this "
                    "folder: glimpses.png and glimpses.gif.")
-@click.option("--rows", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--cols", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--scale", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--rows", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Rows of images in the --pictures.")
+@click.option("--cols", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Columns of images in the --pictures.")
+@click.option("--scale", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Enlarge the --pictures this many times.")
 @DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @library_errors
@@ -823,7 +838,7 @@ def plot(run_dir, out, from_epoch):
 @click.option("--sigma", type=POSITIVE_FINITE_FLOAT, default=None,
               help="Filter standard deviation (default: stride/2).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True)
+              show_default=True, help="Folder for the original, read and write pictures.")
 @library_errors
 def attention_demo(img, N, cx, cy, stride, sigma, out):
     """Read an N x N glimpse from IMG with the attention filterbank, write it back."""

@@ -727,7 +727,8 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
     n_train = int(digits.train_x.shape[0])
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "split": split,
               "n": int(len(x)), "glimpses": cfg.glimpses, "read_n": cfg.read_n,
-              "cross_entropy": loss, "error": error, "train_digits": n_train}
+              "cross_entropy": loss, "error": error, "train_digits": n_train,
+              "train_set": ccfg.train_set}
     if pictures is not None:
         count = rows * cols
         if count > len(x):
@@ -746,7 +747,7 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
     click.echo(f"{ckpt_path} (epoch {ckpt.epoch}, {cfg.glimpses} glimpses of {cfg.read_n}x"
                f"{cfg.read_n}) on cluttered MNIST {split}, {len(x)} images:")
     click.echo(f"  error {100 * error:.2f}%  cross-entropy {loss:.4f}  "
-               f"(trained on {n_train} digits; the paper had 60,000)")
+               f"(trained on {n_train} digits of {ccfg.train_set}; the paper had 60,000)")
     if pictures is not None:
         click.echo(f"  wrote {pictures / 'glimpses.png'} and {pictures / 'glimpses.gif'}")
 

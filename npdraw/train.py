@@ -1260,7 +1260,8 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
     log("model config: " + json.dumps(cfg.to_dict()))
     log("classify config: " + json.dumps(ccfg.to_dict()))
     log(f"device {device}, dtype {dtype.name}, {n_params:,} parameters; cluttered MNIST: "
-        f"{n_train} train digits (the paper had 60,000), {valid_x.shape[0]} valid, "
+        f"{n_train} train digits ({ccfg.train_set}; the paper had 60,000), "
+        f"{valid_x.shape[0]} valid, "
         f"{test_x.shape[0]} test")
 
     def extra_now():

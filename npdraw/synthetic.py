@@ -12,8 +12,10 @@ IDX files: the 10,000 canonical test digits (t10k) and 10,000 other MNIST digits
 disjoint from t10k, stored ordered by class). The files come from the data folder's
 ``labelled-mnist`` subfolder, else a mirror folder or URL (like every data set, see
 docs/DATA.md); t10k also from MNIST's canonical URL. Every file's uncompressed SHA-256 is
-checked. npm10k is the training set and t10k the test set: 10,000 training digits where
-the paper had 60,000.
+checked. npm10k is the default training set and t10k the test set: 10,000 training digits
+where the paper had 60,000. ``train_set="mnist"`` trains on MNIST's standard 60,000 instead
+(train-images/train-labels IDX files, the same places, plus MNIST's canonical URL; checked by
+their structure).
 """
 from __future__ import annotations
 

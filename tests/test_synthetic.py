@@ -239,26 +239,3 @@ def test_paste_matches_a_plain_loop():
         np.clip(region, 0.0, 1.0, out=region)
     synthetic._paste(canvas, pieces, top, left, clip_low=True)
     np.testing.assert_array_equal(canvas, expected)
-
-
-# Debian's package dataset-fashion-mnist installs real 60,000-image IDX files under the
-# standard names; the classifier's reader takes them as it takes MNIST's (same layout).
-FASHION_MIRROR = os.environ.get("NPDRAW_TEST_FASHION_MIRROR",
-                                "/usr/share/datasets/fashion-mnist")
-
-
-@pytest.mark.skipif(not Path(FASHION_MIRROR, "train-labels-idx1-ubyte.gz").is_file(),
-                    reason="no full-size IDX training files (apt install dataset-fashion-mnist)")
-def test_full_size_standard_training_files(labelled_mnist_mirror, tmp_path):
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
-    for stem in synthetic.MNIST_TRAIN_STEMS:
-        (mirror / f"{stem}.gz").symlink_to(Path(FASHION_MIRROR, f"{stem}.gz").resolve())
-    for path in labelled_mnist_mirror.glob("t10k-*.gz"):
-        (mirror / path.name).symlink_to(path.resolve())
-    digits = synthetic.load_labelled_mnist(str(tmp_path / "data"), str(mirror),
-                                           train_set="mnist")
-    assert digits.train_x.shape == (59000, 28, 28) and digits.valid_x.shape == (1000, 28, 28)
-    both = np.bincount(np.concatenate([digits.train_y, digits.valid_y]), minlength=10)
-    assert both.tolist() == [6000] * 10        # Fashion-MNIST: 6,000 of each class
-    assert 0.0 <= digits.train_x.min() and digits.train_x.max() == 1.0

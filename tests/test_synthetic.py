@@ -1,9 +1,7 @@
 """npdraw.synthetic: the labelled MNIST files, cluttered MNIST and two-digit MNIST, and
 two-digit MNIST as a training data set (a fresh training set every epoch)."""
 import gzip
-import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

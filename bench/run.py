@@ -444,39 +444,60 @@ def check_peer(npdraw, cfg, params32, x32, eps32, seed: int, device: str, check_
 
 # ------------------------------------------------------------------ the run
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the benchmark, its options in sections as cli.py's."""
     p = argparse.ArgumentParser(
         prog="python bench/run.py",
         description="Time one DRAW training step (loss_and_grads + clip + Adam) in npdraw "
                     "and in a plain PyTorch peer, side by side.")
-    p.add_argument("--steps", type=int, default=7, help="timed steps per implementation (median taken)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--batch", type=int, default=100, help="batch size (paper: 100)")
-    p.add_argument("--T", type=int, default=64, help="glimpses (paper's MNIST model: 64)")
-    p.add_argument("--model", choices=["both", "attention", "no-attention"], default="both")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
-                   help="gpu: npdraw on CuPy, torch on CUDA")
-    p.add_argument("--threads", type=int, default=0,
-                   help="set BLAS and torch thread counts (0: leave as they are)")
-    p.add_argument("--ranks", type=int, default=0,
-                   help="npdraw's MPI ranks sharing each batch, as in train (0: one per core "
-                        "on a CPU, 1 on a GPU; 1: one process)")
-    p.add_argument("--no-torch", action="store_true", help="time npdraw alone")
-    p.add_argument("--gemm-n", type=int, default=2048, help="size of the matmul that measures peak")
-    p.add_argument("--gemm-reps", type=int, default=5,
-                   help="peak-measuring matmuls before and after the models")
-    p.add_argument("--check-batch", type=int, default=8, help="batch of the float64 agreement check")
-    p.add_argument("--settle", type=float, default=0.5,
-                   help="seconds of pause before each turn of timed steps (0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after timing, profile N npdraw steps (cProfile, top functions by own time)")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    # --help in the sections of cli.py's commands (npdraw/helpsections.py)
+    model = p.add_argument_group("model options")
+    run = p.add_argument_group("training and running options")
+    data = p.add_argument_group("data options")
+    output = p.add_argument_group("output options")
+    model.add_argument("--glimpses", "--T", dest="T", type=int, default=64,
+                       help="glimpses T (paper's MNIST model: 64; --T is the old name)")
+    model.add_argument("--model", choices=["both", "attention", "no-attention"], default="both",
+                       help="which models to time: the attentive one, the attention-free one "
+                            "or both")
+    run.add_argument("--steps", type=int, default=7,
+                     help="timed steps per implementation (median taken)")
+    run.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    run.add_argument("--batch", type=int, default=100, help="batch size (paper: 100)")
+    run.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                     help="floating-point precision of the timed steps")
+    run.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                     help="gpu: npdraw on CuPy, torch on CUDA")
+    run.add_argument("--threads", type=int, default=0,
+                     help="set BLAS and torch thread counts (0: leave as they are)")
+    run.add_argument("--ranks", type=int, default=0,
+                     help="npdraw's MPI ranks sharing each batch, as in train (0: one per core "
+                          "on a CPU, 1 on a GPU; 1: one process)")
+    run.add_argument("--no-torch", action="store_true", help="time npdraw alone")
+    run.add_argument("--gemm-n", type=int, default=2048,
+                     help="size of the matmul that measures peak")
+    run.add_argument("--gemm-reps", type=int, default=5,
+                     help="peak-measuring matmuls before and after the models")
+    data.add_argument("--check-batch", type=int, default=8,
+                      help="batch of the float64 agreement check")
+    run.add_argument("--settle", type=float, default=0.5,
+                     help="seconds of pause before each turn of timed steps (0: none)")
+    data.add_argument("--seed", type=int, default=0,
+                      help="seed of the random batch, parameters and noise")
+    output.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile N npdraw steps (cProfile, top functions by "
+                             "own time)")
+    output.add_argument("--json", action="store_true", help="print the figures as JSON")
+    return p
+
+
+def parse_args(argv):
+    p = build_parser()
     args = p.parse_args(argv)
     for name in ("steps", "batch", "T", "gemm_n", "gemm_reps", "check_batch"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+            flag = "glimpses" if name == "T" else name.replace("_", "-")
+            p.error(f"--{flag} must be at least 1")
     if args.warmup < 0 or args.threads < 0 or args.profile < 0 or args.ranks < 0:
         p.error("--warmup, --threads, --ranks and --profile must not be negative")
     return args

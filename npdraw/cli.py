@@ -34,8 +34,9 @@ import click  # noqa: E402 - after the BLAS thread count is settled
 import numpy as np  # noqa: E402
 
 from npdraw import __version__  # noqa: E402
-from npdraw.config import (DATASETS, EVAL_NOISE, LR_SCHEDULES, ClassifierConfig,  # noqa: E402
-                           ClassifyConfig, DrawConfig, TrainConfig)
+from npdraw.config import (DATASETS, EVAL_NOISE, LR_SCHEDULES, TRAIN_SETS,  # noqa: E402
+                           ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig)
+from npdraw.helpsections import SectionedGroup  # noqa: E402
 
 # The repository root when npdraw runs from a checkout (bench/ is there; not in a wheel).
 HERE = Path(__file__).resolve().parents[1]
@@ -100,7 +101,8 @@ MIN_FPS = 0.002
 
 
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]),
-                             default="auto", show_default=True)
+                             default="auto", show_default=True,
+                             help="Where to compute: auto takes the GPU when CuPy finds one.")
 RANKS_OPTION = click.option(
     "--ranks", type=click.IntRange(min=0), default=0, show_default=True,
     help="MPI ranks that share each batch (0: one per core on a CPU, 1 on a GPU; under "
@@ -253,7 +255,7 @@ def _ckpt_file(path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- group
 
-@click.group(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.group(cls=SectionedGroup, context_settings=dict(help_option_names=["-h", "--help"]))
 @click.version_option(__version__, "--version", prog_name="npdraw")
 def cli():
     """DRAW (Gregor et al. 2015) on NumPy/CuPy: train, sample, evaluate, plot."""
@@ -266,8 +268,9 @@ def cli():
               help="Data set; the image size comes from it.")
 @click.option("--attention", type=ATTENTION, default="2,5", show_default=True,
               help="Read,write window sizes; '' for the attention-free model.")
-@click.option("--niter", "T", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Glimpses T.")
+@click.option("--glimpses", "--niter", "T", type=click.IntRange(min=1), default=64,
+              show_default=True, help="Glimpses T: the steps of reading and writing per image "
+              "(--niter is the old name).")
 @click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True,
               help="Adam learning rate.")
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="constant",
@@ -294,16 +297,20 @@ def cli():
               help="Total epochs (with --resume: the new total).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
               show_default=True, help="Minibatch size (with --resume: a new phase's).")
-@click.option("--enc-dim", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--dec-dim", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--z-dim", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--enc-dim", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Encoder LSTM units.")
+@click.option("--dec-dim", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Decoder LSTM units.")
+@click.option("--z-dim", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Latent variables per glimpse.")
 @click.option("--name", default="", help="Run name (default: draw-<date>-<time>).")
 @click.option("--oldmodel", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Initialise the parameters from this checkpoint's model (same shapes; "
                    "its moving average when it keeps one).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue the run in this run dir from its checkpoint.h5.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the initial parameters, the batch order and the noise.")
 @DEVICE_OPTION
 @RANKS_OPTION
 @data_options(recorded=False)
@@ -316,7 +323,7 @@ def cli():
               help="Global gradient-norm clipping threshold.")
 @click.option("--out", default="runs", show_default=True, help="Parent folder of run dirs.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              show_default=True)
+              show_default=True, help="Floating-point precision of the computation.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.pass_context
 @library_errors
@@ -403,8 +410,10 @@ def _load_data_on_ranks(train_lib, tcfg, progress, comm):
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.option("--rows", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--cols", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--rows", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Rows of samples in each picture.")
+@click.option("--cols", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Columns of samples in each picture.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Prior noise seed.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -460,7 +469,7 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 @click.option("--k", "K", type=click.IntRange(min=1), default=1, show_default=True,
               help="Importance samples per image (K > 1 adds the IWAE estimate).")
 @click.option("--split", type=click.Choice(["test", "valid", "train"]), default="test",
-              show_default=True)
+              show_default=True, help="The split to score.")
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="Default: the data set the checkpoint was trained on.")
 @data_options(recorded=True)
@@ -468,8 +477,9 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Evaluate only the first N images (0: the whole split).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=500,
-              show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+              show_default=True, help="Images per evaluation batch (memory, not the result).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the posterior noise (the same seed gives the same figures).")
 @DEVICE_OPTION
 @RANKS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -594,6 +604,10 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
               help="Side of each clutter piece.")
 @click.option("--valid-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Labelled training digits held out for validation.")
+@click.option("--train-set", type=click.Choice(TRAIN_SETS), default="npm10k", show_default=True,
+              help="Training digits: the project's npm10k files (10,000) or mnist, MNIST's "
+                   "standard train-*-ubyte files (60,000, the paper's), from the data folder "
+                   "or the mirror.")
 @click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True,
               help="Adam learning rate (with --resume: the one to continue with).")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
@@ -602,7 +616,8 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
               show_default=True, help="Minibatch size.")
 @click.option("--clip", type=POSITIVE_FLOAT, default=10.0, show_default=True,
               help="Global gradient-norm clipping threshold.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the initial parameters, the batch order and the clutter.")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train on the first N training digits only (0: all).")
 @click.option("--eval-subset", type=click.IntRange(min=0), default=0, show_default=True,
@@ -614,13 +629,13 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
 @DEVICE_OPTION
 @data_options(recorded=False)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              show_default=True)
+              show_default=True, help="Floating-point precision of the computation.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.pass_context
 @library_errors
-def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size, lr, epochs,
-             batch_size, clip, seed, subset, eval_subset, name, out, resume, device, data_dir,
-             mirror, dtype, no_progress):
+def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size, train_set, lr,
+             epochs, batch_size, clip, seed, subset, eval_subset, name, out, resume, device,
+             data_dir, mirror, dtype, no_progress):
     """Train the attentive classifier on cluttered MNIST (paper table 1); writes a run dir."""
     from npdraw import train as train_lib
 
@@ -629,7 +644,7 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
         given = [p for p in ctx.params
                  if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
         ignored = [p for p in ("glimpses", "read_n", "hidden", "size", "distractors", "crop",
-                               "valid_size", "batch_size", "clip", "seed", "subset",
+                               "valid_size", "train_set", "batch_size", "clip", "seed", "subset",
                                "eval_subset", "name", "out", "dtype") if p in given]
         if ignored:
             click.echo("note: --resume takes the model and training settings from the "
@@ -642,10 +657,10 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
         cfg = ClassifierConfig(height=size, width=size, glimpses=glimpses, read_n=read_n,
                                hidden=hidden)
         ccfg = ClassifyConfig(data_dir=data_dir, mirror=mirror, valid_size=valid_size,
-                              distractors=distractors, crop=crop, epochs=epochs,
-                              batch_size=batch_size, lr=lr, clip=clip, seed=seed, subset=subset,
-                              eval_subset=eval_subset, device=device, dtype=dtype, name=name,
-                              out=out)
+                              train_set=train_set, distractors=distractors, crop=crop,
+                              epochs=epochs, batch_size=batch_size, lr=lr, clip=clip,
+                              seed=seed, subset=subset, eval_subset=eval_subset, device=device,
+                              dtype=dtype, name=name, out=out)
     try:
         train_lib.train_classifier(cfg, ccfg, log=click.echo, progress=not no_progress,
                                    resume_overrides=overrides)
@@ -658,18 +673,22 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
 
 @cli.command("classify-eval")
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True,
+              help="The fixed cluttered set to score.")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Evaluate only the first N digits of the split (0: all).")
 @data_options(recorded=True)
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=500,
-              show_default=True)
+              show_default=True, help="Images per evaluation batch (memory, not the result).")
 @click.option("--pictures", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also draw the glimpse windows over the split's first images into this "
                    "folder: glimpses.png and glimpses.gif.")
-@click.option("--rows", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--cols", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--scale", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--rows", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Rows of images in the --pictures.")
+@click.option("--cols", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Columns of images in the --pictures.")
+@click.option("--scale", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Enlarge the --pictures this many times.")
 @DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @library_errors
@@ -692,7 +711,8 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
                                      "data_dir": (data_dir if data_dir is not None
                                                   else saved.data_dir),
                                      "mirror": mirror if mirror is not None else saved.mirror})
-    digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size)
+    digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size,
+                                           ccfg.train_set)
     valid, test = train_lib.cluttered_eval_sets(ccfg, cfg, digits)
     x, y = test if split == "test" else valid
     params = _params_on(ckpt, device)
@@ -700,7 +720,8 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
     n_train = int(digits.train_x.shape[0])
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "split": split,
               "n": int(len(x)), "glimpses": cfg.glimpses, "read_n": cfg.read_n,
-              "cross_entropy": loss, "error": error, "train_digits": n_train}
+              "cross_entropy": loss, "error": error, "train_digits": n_train,
+              "train_set": ccfg.train_set}
     if pictures is not None:
         count = rows * cols
         if count > len(x):
@@ -719,7 +740,7 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
     click.echo(f"{ckpt_path} (epoch {ckpt.epoch}, {cfg.glimpses} glimpses of {cfg.read_n}x"
                f"{cfg.read_n}) on cluttered MNIST {split}, {len(x)} images:")
     click.echo(f"  error {100 * error:.2f}%  cross-entropy {loss:.4f}  "
-               f"(trained on {n_train} digits; the paper had 60,000)")
+               f"(trained on {n_train} digits of {ccfg.train_set}; the paper had 60,000)")
     if pictures is not None:
         click.echo(f"  wrote {pictures / 'glimpses.png'} and {pictures / 'glimpses.gif'}")
 
@@ -811,7 +832,7 @@ def plot(run_dir, out, from_epoch):
 @click.option("--sigma", type=POSITIVE_FINITE_FLOAT, default=None,
               help="Filter standard deviation (default: stride/2).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True)
+              show_default=True, help="Folder for the original, read and write pictures.")
 @library_errors
 def attention_demo(img, N, cx, cy, stride, sigma, out):
     """Read an N x N glimpse from IMG with the attention filterbank, write it back."""

@@ -83,6 +83,8 @@ LR_SCHEDULES = ("constant", "exponential", "cosine")
 # every run before the field existed), or the same at every epoch, so that the bounds of
 # two epochs differ only by the model (docs/RESULTS.md, "The end").
 EVAL_NOISE = ("epoch", "fixed")
+# the classifier's training digits: the project's npm10k files, or MNIST's standard 60,000
+TRAIN_SETS = ("npm10k", "mnist")
 # The TrainConfig fields that a resumed run may change (a new phase of a long campaign);
 # every other field is the checkpoint's, so that the run stays what it was.
 RESUME_OVERRIDES = ("epochs", "device", "ranks", "lr", "lr_schedule", "lr_min", "lr_hold",
@@ -210,6 +212,7 @@ class ClassifyConfig:
     data_dir: str = "data"
     mirror: str = ""
     valid_size: int = 1000        # labelled training digits held out for validation
+    train_set: str = "npm10k"     # TRAIN_SETS: npm10k (10,000) or mnist (the standard 60,000)
     distractors: int = 8          # clutter pieces per image
     crop: int = 8                 # side of each clutter piece
     epochs: int = 100
@@ -234,6 +237,9 @@ class ClassifyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be 0 or a positive integer, got {value!r}")
+        if self.train_set not in TRAIN_SETS:
+            raise ValueError(f"train_set must be one of {', '.join(TRAIN_SETS)}, "
+                             f"got {self.train_set!r}")
         if self.crop > 28:
             raise ValueError(f"crop must be at most 28 (a digit's side), got {self.crop}")
         if not self.lr > 0:

@@ -106,6 +106,8 @@ SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 CANONICAL_MD5 = {
     MNIST_URL + "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
     MNIST_URL + "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    MNIST_URL + "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    MNIST_URL + "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
     FASHION_URL + "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
     FASHION_URL + "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
     CIFAR10_URL + "cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530",
@@ -524,7 +526,9 @@ def parse_idx(raw: bytes, label: str = "IDX data") -> np.ndarray:
         raise DataError(f"{label}: truncated IDX header ({len(raw)} of {header} bytes)")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_TYPES[code])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = dtype.itemsize
+    for d in dims:  # Python integers: declared dims cannot overflow, only fail to match
+        expected *= d
     got = len(raw) - header
     if got != expected:
         what = "truncated" if got < expected else "has trailing bytes"

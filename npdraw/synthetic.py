@@ -12,8 +12,10 @@ IDX files: the 10,000 canonical test digits (t10k) and 10,000 other MNIST digits
 disjoint from t10k, stored ordered by class). The files come from the data folder's
 ``labelled-mnist`` subfolder, else a mirror folder or URL (like every data set, see
 docs/DATA.md); t10k also from MNIST's canonical URL. Every file's uncompressed SHA-256 is
-checked. npm10k is the training set and t10k the test set: 10,000 training digits where
-the paper had 60,000.
+checked. npm10k is the default training set and t10k the test set: 10,000 training digits
+where the paper had 60,000. ``train_set="mnist"`` trains on MNIST's standard 60,000 instead
+(train-images/train-labels IDX files, the same places, plus MNIST's canonical URL; checked by
+their structure).
 """
 from __future__ import annotations
 
@@ -52,9 +54,16 @@ class LabelledDigits:
     test_y: np.ndarray
 
 
+# The standard MNIST training files (the paper's 60,000 digits): checked by their structure
+# (and by the publishers' MD5 when downloaded from the canonical URL), not by a SHA-256 here.
+MNIST_TRAIN_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+
+
 def _labelled_file(stem: str, root: Path, mirror: str) -> np.ndarray:
+    """One IDX file of labelled-mnist/ (data folder, mirror, or MNIST's canonical URL)."""
     cache = root / LABELLED_SUBDIR
-    canonical_names = [stem + ".gz"] if stem.startswith("t10k") else []
+    public = stem.startswith(("t10k", "train-"))
+    canonical_names = [stem + ".gz"] if public else []
     if not canonical_names and not mirror and not any(
             (cache / n).is_file() for n in (stem, stem + ".gz")):
         raise DataError(f"{stem} has no public download: put {stem}.gz into {cache} or give "
@@ -62,34 +71,56 @@ def _labelled_file(stem: str, root: Path, mirror: str) -> np.ndarray:
     path, _ = _locate([stem, stem + ".gz"], LABELLED_SUBDIR, cache, cache, mirror, MNIST_URL,
                       canonical_names, progress=False, keep=True)
     raw = _read_maybe_gzip(path)
-    digest = hashlib.sha256(raw).hexdigest()
-    if digest != LABELLED_SHA256[stem]:
-        raise DataError(f"{path}: SHA-256 of the uncompressed file is {digest}, expected "
-                        f"{LABELLED_SHA256[stem]} (damaged or a different file)")
-    return parse_idx(raw, str(path))
+    if stem in LABELLED_SHA256:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != LABELLED_SHA256[stem]:
+            raise DataError(f"{path}: SHA-256 of the uncompressed file is {digest}, expected "
+                            f"{LABELLED_SHA256[stem]} (damaged or a different file)")
+    array = parse_idx(raw, str(path))
+    rank = 3 if "-images-" in stem else 1
+    if array.dtype != np.uint8 or array.ndim != rank:
+        kind = "images (S, H, W)" if rank == 3 else "labels (S,)"
+        raise DataError(f"{path}: expected unsigned-byte {kind}, got {array.dtype} with dims "
+                        f"{array.shape}")
+    if rank == 1 and array.size and array.max() > 9:
+        raise DataError(f"{path}: label {int(array.max())} is not a digit 0-9")
+    return array
 
 
-def load_labelled_mnist(data_dir: str = "data", mirror: str = "",
-                        valid_size: int = 1000) -> LabelledDigits:
-    """npm10k (train, less a validation slice of ``valid_size`` digits picked by a fixed
-    permutation, since the file is ordered by class) and t10k (test)."""
+def _labelled_set(name: str, images_stem: str, labels_stem: str, root: Path, mirror: str):
+    images = _labelled_file(images_stem, root, mirror)
+    labels = _labelled_file(labels_stem, root, mirror)
+    if images.shape[1:] != (DIGIT, DIGIT) or labels.shape != images.shape[:1]:
+        raise DataError(f"{name}: expected (S, 28, 28) images with S labels, got "
+                        f"{images.shape} and {labels.shape}")
+    return images.astype(np.float32) / np.float32(255), labels.astype(np.int64)
+
+
+def load_labelled_mnist(data_dir: str = "data", mirror: str = "", valid_size: int = 1000,
+                        train_set: str = "npm10k") -> LabelledDigits:
+    """The training digits, less a validation slice of ``valid_size`` digits picked by a
+    fixed permutation (npm10k is ordered by class), and t10k (test).
+
+    train_set: "npm10k" (the project's 10,000 digits, the default) or "mnist" (MNIST's
+    standard train-images-idx3-ubyte and train-labels-idx1-ubyte, 60,000 digits: the
+    paper's setting), looked for where npm10k is."""
+    from .config import TRAIN_SETS
+    if train_set not in TRAIN_SETS:
+        raise DataError(f"unknown training set {train_set!r}; valid names: "
+                        f"{', '.join(TRAIN_SETS)}")
     root = resolve_data_dir(data_dir)
     mirror = resolve_mirror(mirror)
-    sets = {}
-    for name in ("npm10k", "t10k"):
-        images = _labelled_file(f"{name}-images-idx3-ubyte", root, mirror)
-        labels = _labelled_file(f"{name}-labels-idx1-ubyte", root, mirror)
-        if images.shape[1:] != (DIGIT, DIGIT) or labels.shape != images.shape[:1]:
-            raise DataError(f"{name}: expected (S, 28, 28) images with S labels, got "
-                            f"{images.shape} and {labels.shape}")
-        sets[name] = (images.astype(np.float32) / np.float32(255), labels.astype(np.int64))
-    train_x, train_y = sets["npm10k"]
+    stems = (MNIST_TRAIN_STEMS if train_set == "mnist"
+             else ("npm10k-images-idx3-ubyte", "npm10k-labels-idx1-ubyte"))
+    train_x, train_y = _labelled_set(train_set, *stems, root, mirror)
+    test = _labelled_set("t10k", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", root,
+                         mirror)
     if not 0 < valid_size < train_x.shape[0]:
         raise DataError(f"valid_size must lie in 1..{train_x.shape[0] - 1}, got {valid_size}")
     order = np.random.default_rng(VALID_SEED).permutation(train_x.shape[0])
     train_idx, valid_idx = order[:-valid_size], order[-valid_size:]
     return LabelledDigits(train_x[train_idx], train_y[train_idx], train_x[valid_idx],
-                          train_y[valid_idx], *sets["t10k"])
+                          train_y[valid_idx], *test)
 
 
 # ---------------------------------------------------------------- composing canvases

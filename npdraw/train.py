@@ -1229,7 +1229,8 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
     device = backend.resolve_device(ccfg.device)
     dtype = np.dtype(ccfg.dtype)
     if digits is None:
-        digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size)
+        digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size,
+                                               ccfg.train_set)
     train_digits, train_y = _cap(digits.train_x, ccfg.subset), _cap(digits.train_y, ccfg.subset)
     (valid_x, valid_y), (test_x, test_y) = cluttered_eval_sets(ccfg, cfg, digits)
     n_train = int(train_digits.shape[0])
@@ -1259,7 +1260,8 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
     log("model config: " + json.dumps(cfg.to_dict()))
     log("classify config: " + json.dumps(ccfg.to_dict()))
     log(f"device {device}, dtype {dtype.name}, {n_params:,} parameters; cluttered MNIST: "
-        f"{n_train} train digits (the paper had 60,000), {valid_x.shape[0]} valid, "
+        f"{n_train} train digits ({ccfg.train_set}; the paper had 60,000), "
+        f"{valid_x.shape[0]} valid, "
         f"{test_x.shape[0]} test")
 
     def extra_now():

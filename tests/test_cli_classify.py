@@ -35,7 +35,7 @@ def classified(labelled_mnist_mirror, tmp_path_factory):
 
 def test_classify_writes_a_run_dir(classified):
     run, output = classified
-    assert "100 train digits (the paper had 60,000)" in output
+    assert "100 train digits (npm10k; the paper had 60,000)" in output
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
     assert all(0.0 <= r["test_error"] <= 1.0 for r in log)
@@ -102,3 +102,31 @@ def test_missing_labelled_files_are_a_clear_error(tmp_path, monkeypatch):
                      "--data-dir", tmp_path / "data"])
     assert result.exit_code == 1 and "Error: npm10k-images-idx3-ubyte has no public download" \
         in result.output
+
+
+def test_classify_on_the_standard_training_files(labelled_mnist_mirror, tmp_path):
+    """--train-set mnist: train-*-ubyte files (small ones here) in the data folder's
+    labelled-mnist/, t10k from the mirror; the run records the choice, and classify-eval
+    scores it with the same digits."""
+    import gzip
+
+    import numpy as np
+    folder = tmp_path / "data" / "labelled-mnist"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for stem, array in (("train-images-idx3-ubyte",
+                         rng.integers(0, 256, (120, 28, 28), dtype=np.uint8)),
+                        ("train-labels-idx1-ubyte", (np.arange(120) % 10).astype(np.uint8))):
+        head = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+        (folder / f"{stem}.gz").write_bytes(gzip.compress(head + array.tobytes()))
+    result = invoke(["classify", *TINY, "--train-set", "mnist", "--valid-size", 20,
+                     "--epochs", 1, "--name", "std", "--out", tmp_path,
+                     "--data-dir", tmp_path / "data", "--mirror", labelled_mnist_mirror])
+    assert result.exit_code == 0, result.output
+    assert "100 train digits (mnist; the paper had 60,000), 20 valid" in result.output
+    config = json.loads((tmp_path / "std" / "config.json").read_text())
+    assert json.dumps(config).count('"train_set": "mnist"') == 1
+    scored = invoke(["classify-eval", tmp_path / "std", "--subset", 10, "--json"])
+    assert scored.exit_code == 0, scored.output
+    record = json.loads(scored.output.strip().splitlines()[-1])
+    assert record["train_set"] == "mnist" and record["train_digits"] == 100

@@ -48,6 +48,93 @@ def test_npm10k_without_a_mirror_says_where_to_put_it(tmp_path, monkeypatch):
         synthetic.load_labelled_mnist(str(tmp_path), "")
 
 
+def _idx(array: np.ndarray) -> bytes:
+    """IDX bytes of a uint8 array: 00 00 08 ndim, big-endian uint32 dims, the data."""
+    head = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    return head + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
+def _standard_train_files(folder, count=60, gz=True):
+    """Small train-images/train-labels IDX files (MNIST's names) in folder; returns them."""
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+    labels = (np.arange(count) % 10).astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
+        raw = _idx(array)
+        if gz:
+            (folder / (stem + ".gz")).write_bytes(gzip.compress(raw))
+        else:
+            (folder / stem).write_bytes(raw)
+    return images, labels
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_the_standard_mnist_training_files_are_a_training_set(labelled_mnist_mirror, tmp_path,
+                                                             gz):
+    # train-* in the data folder's labelled-mnist/, t10k from the (real) mirror
+    images, labels = _standard_train_files(tmp_path / synthetic.LABELLED_SUBDIR, 60, gz)
+    digits = synthetic.load_labelled_mnist(str(tmp_path), str(labelled_mnist_mirror),
+                                           valid_size=10, train_set="mnist")
+    assert digits.train_x.shape == (50, 28, 28) and digits.valid_x.shape == (10, 28, 28)
+    assert digits.test_x.shape == (10000, 28, 28)
+    order = np.random.default_rng(synthetic.VALID_SEED).permutation(60)
+    np.testing.assert_array_equal(digits.train_x * 255, images[order[:50]].astype(np.float32))
+    np.testing.assert_array_equal(digits.valid_y, labels[order[50:]])
+
+
+def test_the_standard_training_files_from_a_mirror_folder(labelled_mnist_mirror, tmp_path):
+    mirror = tmp_path / "mirror"
+    for path in labelled_mnist_mirror.glob("t10k-*.gz"):
+        (mirror / synthetic.LABELLED_SUBDIR).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, mirror / synthetic.LABELLED_SUBDIR / path.name)
+    _standard_train_files(mirror, 30)
+    digits = synthetic.load_labelled_mnist(str(tmp_path / "data"), str(mirror), valid_size=5,
+                                           train_set="mnist")
+    assert digits.train_x.shape[0] == 25 and np.bincount(digits.train_y).sum() == 25
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: b"\x01" + raw[1:], "bad IDX magic"),
+    (lambda raw: raw[:-5], "truncated: dims"),
+    (lambda raw: raw + b"\x00", "trailing bytes"),
+    (lambda raw: raw[:8], "truncated IDX header"),
+    (lambda raw: raw[:2], "too short for an IDX header"),
+    # dims declared far beyond the file: refused by size, nothing allocated
+    (lambda raw: raw[:4] + np.asarray([4_000_000_000] * 3, ">u4").tobytes() + raw[16:],
+     "truncated: dims"),
+])
+def test_a_bad_standard_training_file_is_a_one_sentence_error(labelled_mnist_mirror, tmp_path,
+                                                              damage, message):
+    _standard_train_files(tmp_path / synthetic.LABELLED_SUBDIR, 20, gz=False)
+    path = tmp_path / synthetic.LABELLED_SUBDIR / "train-images-idx3-ubyte"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError, match=message) as err:
+        synthetic.load_labelled_mnist(str(tmp_path), str(labelled_mnist_mirror), valid_size=5,
+                                      train_set="mnist")
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_standard_training_labels_must_be_digits_and_match_the_images(labelled_mnist_mirror,
+                                                                      tmp_path):
+    folder = tmp_path / synthetic.LABELLED_SUBDIR
+    _standard_train_files(folder, 20, gz=False)
+    (folder / "train-labels-idx1-ubyte").write_bytes(_idx(np.full(20, 12, np.uint8)))
+    with pytest.raises(DataError, match="label 12 is not a digit"):
+        synthetic.load_labelled_mnist(str(tmp_path), str(labelled_mnist_mirror), 5, "mnist")
+    (folder / "train-labels-idx1-ubyte").write_bytes(_idx(np.zeros(19, np.uint8)))
+    with pytest.raises(DataError, match=r"expected \(S, 28, 28\) images with S labels"):
+        synthetic.load_labelled_mnist(str(tmp_path), str(labelled_mnist_mirror), 5, "mnist")
+    (folder / "train-labels-idx1-ubyte").write_bytes(_idx(np.zeros((20, 1), np.uint8)))
+    with pytest.raises(DataError, match=r"expected unsigned-byte labels"):
+        synthetic.load_labelled_mnist(str(tmp_path), str(labelled_mnist_mirror), 5, "mnist")
+
+
+def test_an_unknown_training_set_is_refused(tmp_path):
+    with pytest.raises(DataError, match="unknown training set 'mnist60'"):
+        synthetic.load_labelled_mnist(str(tmp_path), "", train_set="mnist60")
+
+
 # ----------------------------------------------------------------------------- cluttered
 
 def test_clutter_places_the_digit_and_the_pieces():

@@ -236,13 +236,14 @@ def eval_noise_rng(tcfg: TrainConfig, epoch: int, split: int) -> np.random.Gener
 
 
 def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int,
-                   rng: np.random.Generator, comm=None) -> float:
+                   rng: np.random.Generator, comm=None, progress: bool = False,
+                   label: str = "evaluating") -> float:
     """Mean negative variational bound (L^x + L^z, nats per example) over all of ``x``.
 
     x: (N, D) host array in [0, 1]; one fresh noise draw per example from ``rng``.
     Returns NaN for an empty ``x``. comm: a distributed communicator whose ranks each
     take their slice of every batch (the same figures as one process, up to rounding;
-    every rank gets the result).
+    every rank gets the result). progress: a bar on stderr over the batches, named label.
     """
     n = int(x.shape[0])
     if n == 0:
@@ -252,6 +253,8 @@ def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int
     device, dtype = _device_of(params), _params_dtype(params)
     comm = distributed.SingleProcess() if comm is None else comm
     total = 0.0
+    bar = Progress(f"{label} {n} images", (n + batch_size - 1) // batch_size, progress,
+                   rate_unit="it/s")
     for start in range(0, n, batch_size):
         batch = np.asarray(x[start:start + batch_size], dtype=dtype)
         eps = _host_noise(rng, cfg, batch.shape[0], dtype)      # the whole batch's, on every rank
@@ -261,6 +264,8 @@ def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int
                 params, cfg, backend.to_device(batch[lo:hi], device),
                 backend.to_device(_examples(eps, lo, hi), device))
             total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
+        bar.update(start // batch_size + 1)
+    bar.close()
     return float(comm.sum([total])[0]) / n
 
 
@@ -922,10 +927,13 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             evaluated = is_eval_epoch(epoch, tcfg)
             valid_bound = test_bound = float("nan")
             if evaluated:
+                shown = progress and comm.is_root
                 valid_bound = evaluate_bound(model, cfg, valid_x, eval_batch,
-                                             eval_noise_rng(tcfg, epoch, 0), comm)
+                                             eval_noise_rng(tcfg, epoch, 0), comm,
+                                             progress=shown, label="valid")
                 test_bound = evaluate_bound(model, cfg, test_x, eval_batch,
-                                            eval_noise_rng(tcfg, epoch, 1), comm)
+                                            eval_noise_rng(tcfg, epoch, 1), comm,
+                                            progress=shown, label="test")
             eval_time = time.perf_counter() - t1
             train_bound = loss_sum / n_iter
             if evaluated and not math.isfinite(valid_bound) and valid_x.shape[0] > 0:

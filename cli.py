@@ -325,12 +325,15 @@ def cli():
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--tensorboard/--no-tensorboard", default=False, show_default=True,
+              help="Also write each epoch's scalars and samples to RUN/tensorboard/ "
+                   "(tensorboard --logdir runs); needs the [tensorboard] extra.")
 @click.pass_context
 @library_errors
 def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma,
           lr_decay_epochs, eval_every, ema_decay, eval_noise, epochs, batch_size, enc_dim,
           dec_dim, z_dim, name, oldmodel, resume, seed, device, ranks, data_dir, mirror, folder,
-          subset, eval_subset, clip, out, dtype, no_progress):
+          subset, eval_subset, clip, out, dtype, no_progress, tensorboard):
     """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
 
     On a CPU with several cores it starts itself as one MPI rank per core, which train
@@ -349,7 +352,8 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
     # The settings that a resumed run may change when given (config.RESUME_OVERRIDES).
     schedule = dict(lr=lr, lr_schedule=lr_schedule, lr_min=lr_min, lr_hold=lr_hold,
                     lr_gamma=lr_gamma, lr_decay_epochs=lr_decay_epochs, eval_every=eval_every,
-                    ema_decay=ema_decay, eval_noise=eval_noise, batch_size=batch_size)
+                    ema_decay=ema_decay, eval_noise=eval_noise, batch_size=batch_size,
+                    tensorboard=tensorboard)
     overrides = ()
     if resume:
         given = [p for p in ctx.params

@@ -56,6 +56,7 @@ from . import distributed
 from . import guards
 from . import images as images_lib
 from . import model as model_lib
+from . import monitor
 from . import optim
 from .config import RESUME_OVERRIDES, ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
 from .progress import Progress
@@ -458,14 +459,16 @@ def generate_samples(params: dict, cfg: DrawConfig, count: int, rng: np.random.G
     return canvases, windows
 
 
-def _write_run_samples(run_dir: Path, params: dict, cfg: DrawConfig, seed: int) -> None:
+def _write_run_samples(run_dir: Path, params: dict, cfg: DrawConfig, seed: int) -> np.ndarray:
     """RUN/samples.png (final canvases) and RUN/samples.gif (all glimpses); the same
-    prior noise every epoch, so the pictures of successive epochs compare directly."""
+    prior noise every epoch, so the pictures of successive epochs compare directly.
+    Returns samples.png's picture, uint8 (H, W, 3)."""
     canvases, _ = generate_samples(params, cfg, SAMPLE_ROWS * SAMPLE_COLS, _derived_rng(seed, 2))
     shape = (cfg.channels, cfg.height, cfg.width)
     frames = render_frames(canvases, None, shape, SAMPLE_ROWS, SAMPLE_COLS, boxes=False, scale=1)
     images_lib.save_png(run_dir / "samples.png", frames[-1])
     images_lib.save_gif(run_dir / "samples.gif", frames, duration=0.1, loop=0)
+    return frames[-1]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -751,6 +754,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         raise ValueError("train needs a model config unless it resumes a run")
 
     device = backend.resolve_device(tcfg.device)
+    if tcfg.tensorboard:
+        monitor.check_available()            # before the data are loaded
     distributed.check_rank_count(tcfg.ranks, comm)
     comm = comm.for_device(device)           # on GPUs: one per rank, NCCL between them
     dtype = np.dtype(tcfg.dtype)
@@ -857,8 +862,12 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                                   f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
     noise_thread = ThreadPoolExecutor(max_workers=1)
     scope = contextlib.ExitStack()
+    board = None
     try:
         scope.enter_context(comm.deferred_interrupts(stop))  # MPI: all ranks stop at one step
+        if tcfg.tensorboard and comm.is_root:
+            board = monitor.TensorBoardLog(run_dir, first_epoch=start_epoch + 1)
+            scope.callback(board.close)
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t0 = time.perf_counter()
             if data.fresh_train is not None:     # data made on the fly: new every epoch
@@ -966,13 +975,14 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                 "examples_per_s": n_train / max(train_time, 1e-9),
                 "best": bool(is_best),
             }
-            if comm.is_root:
-                _write_run_samples(run_dir, model, cfg, tcfg.seed)
+            samples = _write_run_samples(run_dir, model, cfg, tcfg.seed) if comm.is_root else None
             record["wall_s"] = time.perf_counter() - t0
             record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
             if comm.is_root:
                 _commit_epoch(run_dir, record, is_best, cfg, params, opt_state, epoch, rng,
                               tcfg, extra_now(), ema)
+            if board is not None:            # a view of the log line just written
+                board.epoch(record, samples)
             log(f"epoch {epoch}/{tcfg.epochs}  train {train_bound:.2f}  "
                 + ("EMA " if ema is not None else "") + "valid "
                 f"{_fmt(record['valid_bound'])}  test {_fmt(record['test_bound'])}  "

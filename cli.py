@@ -377,6 +377,9 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
                            oldmodel=oldmodel or "", **schedule)
 
     _check_rank_count(ranks, comm)                  # before the data set is loaded
+    if tcfg.tensorboard:
+        from npdraw import monitor
+        monitor.check_available()
     try:
         data = None
         if not resume:  # the model config needs the data set's image shape

@@ -112,7 +112,10 @@ def bound_curves(rows: list, xs: list, xlabel: str, dataset: str = "", title: st
         ax.set_xlabel(xlabel)
         ax.set_ylabel("negative log-likelihood bound (nats per image)")
         ax.grid(True, alpha=0.3)
-    full.legend(fontsize="small")
+    if full.get_legend_handles_labels()[0]:
+        full.legend(fontsize="small")
+    else:
+        full.text(0.5, 0.5, "no bound in the log", ha="center", transform=full.transAxes)
     fig.suptitle(title or f"NLL bound per {xlabel.rstrip('s')}")
     return fig
 

@@ -56,3 +56,18 @@ def test_off_by_default_and_one_sentence_without_tensorboardx(bmnist, tmp_path, 
         train_lib.train(TINY, _tcfg(tmp_path, name="no"), log=[].append, data=bmnist,
                         progress=False)
     assert not (tmp_path / "no").exists()
+
+
+def test_cli_option_writes_events_and_says_one_sentence_without_the_extra(
+        bmnist_data_dir, bmnist_mirror, tmp_path, monkeypatch):
+    from test_cli import TINY_ARGS, invoke
+    args = ["train", *TINY_ARGS, "--epochs", "1", "--subset", "100", "--eval-subset", "100",
+            "--out", tmp_path, "--data-dir", bmnist_data_dir, "--mirror", bmnist_mirror,
+            "--ranks", "1", "--no-progress", "--tensorboard"]
+    result = invoke([*args, "--name", "board"])
+    assert result.exit_code == 0, result.output
+    assert [e.step for e in _events(tmp_path / "board").Scalars("bound/test")] == [1]
+    monkeypatch.setattr(monitor.importlib.util, "find_spec", lambda name: None)
+    result = invoke([*args, "--name", "none"])
+    assert result.exit_code == 1 and "Error: --tensorboard needs the tensorboardX" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "none").exists()

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import images as images_lib  # noqa: E402
@@ -78,12 +79,21 @@ def select_epochs(rows: list, from_epoch: int):
     return shown, hours
 
 
+def _plain_number(value, _position) -> str:
+    """A log axis' tick as a plain number (80, 100, 200), for the mantissas 1, 1.5, 2, 3,
+    5 and 8 only, so that the labels do not collide."""
+    if not value > 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f"{value:g}" if any(abs(mantissa - m) < 1e-6 for m in (1, 1.5, 2, 3, 5, 8)) else ""
+
+
 def bound_curves(rows: list, xs: list, xlabel: str, dataset: str = "", title: str = ""):
     """The bounds per epoch (or hour): the whole range on a log axis, and beside it a
     zoom on the later half of the run with the paper's figures for binarized MNIST."""
     ema = any(r.get("ema") for r in rows)
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    zoomed = []
+    zoomed, zoom_from = [], None
     for key, label in _SPLITS:
         x, y = _finite(xs, rows, key)
         if not x:
@@ -95,13 +105,18 @@ def bound_curves(rows: list, xs: list, xlabel: str, dataset: str = "", title: st
         for ax in (full, zoom):
             ax.plot(x, y, marker="." if len(x) < 40 else None, label=label)
         zoomed += y[len(y) // 2:]
+        later = x[len(x) // 2]
+        zoom_from = later if zoom_from is None else min(zoom_from, later)
     refs = BMNIST_REFERENCES if dataset == "bmnist" else ()
     for value, label in refs:
         for ax in (full, zoom):
             ax.axhline(value, color="grey", linestyle="--" if value < 81 else ":",
                        linewidth=1, label=label)
     full.set_yscale("log")
+    full.yaxis.set_major_formatter(ticker.FuncFormatter(_plain_number))
+    full.yaxis.set_minor_formatter(ticker.FuncFormatter(_plain_number))
     if zoomed:
+        zoom.set_xlim(left=zoom_from)
         lo = min(zoomed + [v for v, _ in refs])
         hi = max(zoomed)
         pad = max(0.05 * (hi - lo), 0.25)

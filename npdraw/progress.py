@@ -13,6 +13,9 @@ import time
 from tqdm import tqdm
 
 PLAIN_EVERY_S = 30.0      # seconds between two plain lines when stderr is not a terminal
+# tqdm's line for a count with a format of its own (bytes as MB): by known total or not.
+_AMOUNT_FORMATS = {True: "{desc}  {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
+                   False: "{desc}  [{elapsed}]"}
 
 
 def _is_terminal(stream) -> bool:
@@ -45,8 +48,7 @@ class Progress:
             self._bar = tqdm(total=total, desc=label, file=self.stream, leave=True,
                              unit=rate_unit.split("/")[0] if rate_unit else "it",
                              dynamic_ncols=True, mininterval=0.1, ascii=True,
-                             bar_format=None if amount is str else
-                             "{desc}  {postfix}  [{elapsed}, {rate_fmt}]")
+                             bar_format=None if amount is str else _AMOUNT_FORMATS[bool(total)])
 
     def update(self, done: int, note: str = "") -> None:
         """Set the count done so far (and a note shown after it)."""
@@ -54,10 +56,13 @@ class Progress:
         if not self.enabled:
             return
         if self._bar is not None:
-            if self.amount is not str:
-                self._bar.set_postfix_str(self.amount(done), refresh=False)
+            desc = self.label
+            if self.amount is not str:       # the count in its own unit (MB), not tqdm's
+                desc += f"  {self.amount(done)}" + (f"/{self.amount(self.total)}"
+                                                    if self.total else "")
             if note:
-                self._bar.set_description_str(f"{self.label}  {note}", refresh=False)
+                desc += f"  {note}"
+            self._bar.set_description_str(desc, refresh=False)
             self._bar.update(step)
             return
         now = time.monotonic()

@@ -47,7 +47,13 @@ def test_unknown_total_and_a_formatted_amount():
                    terminal=True)
     bar.update(2_500_000)
     bar.close()
-    assert "2.5 MB" in stream.getvalue().split("\r")[-1]
+    assert stream.getvalue().split("\r")[-1].startswith("file.gz  2.5 MB  [00:00]")
+    stream = io.StringIO()
+    bar = Progress("file.gz", 4_000_000, True, amount=lambda n: f"{n / 1e6:.1f} MB",
+                   stream=stream, terminal=True)
+    bar.update(1_000_000)
+    bar.close()
+    assert stream.getvalue().split("\r")[-1].startswith("file.gz  1.0 MB/4.0 MB   25%|")
 
 
 def test_disabled_bar_writes_nothing_but_counts():

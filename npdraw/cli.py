@@ -325,12 +325,15 @@ def cli():
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True, help="Floating-point precision of the computation.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--tensorboard/--no-tensorboard", default=False, show_default=True,
+              help="Also write each epoch's scalars and samples to RUN/tensorboard/ "
+                   "(tensorboard --logdir runs); needs the [tensorboard] extra.")
 @click.pass_context
 @library_errors
 def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma,
           lr_decay_epochs, eval_every, ema_decay, eval_noise, epochs, batch_size, enc_dim,
           dec_dim, z_dim, name, oldmodel, resume, seed, device, ranks, data_dir, mirror, folder,
-          subset, eval_subset, clip, out, dtype, no_progress):
+          subset, eval_subset, clip, out, dtype, no_progress, tensorboard):
     """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
 
     On a CPU with several cores it starts itself as one MPI rank per core, which train
@@ -349,7 +352,8 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
     # The settings that a resumed run may change when given (config.RESUME_OVERRIDES).
     schedule = dict(lr=lr, lr_schedule=lr_schedule, lr_min=lr_min, lr_hold=lr_hold,
                     lr_gamma=lr_gamma, lr_decay_epochs=lr_decay_epochs, eval_every=eval_every,
-                    ema_decay=ema_decay, eval_noise=eval_noise, batch_size=batch_size)
+                    ema_decay=ema_decay, eval_noise=eval_noise, batch_size=batch_size,
+                    tensorboard=tensorboard)
     overrides = ()
     if resume:
         given = [p for p in ctx.params
@@ -373,6 +377,9 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
                            oldmodel=oldmodel or "", **schedule)
 
     _check_rank_count(ranks, comm)                  # before the data set is loaded
+    if tcfg.tensorboard:
+        from npdraw import monitor
+        monitor.check_available()
     try:
         data = None
         if not resume:  # the model config needs the data set's image shape
@@ -755,65 +762,27 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
               help="Plot the epochs from this one on (the late, flat end of a long run).")
 @library_errors
 def plot(run_dir, out, from_epoch):
-    """learning_curves.png (per epoch), learning_curves_hours.png (per hour) and
-    kl_per_glimpse.png from RUN_DIR/log.jsonl (a classifier run: error_curves.png)."""
-    from npdraw import images as images_lib
+    """learning_curves (per epoch), learning_curves_hours (per hour), kl_per_glimpse (a heat
+    map) and optimizer (lr, |g|, |step|) from RUN_DIR/log.jsonl, each as .png and .pdf (a
+    classifier run: error_curves)."""
+    from npdraw import pictures
     from npdraw import train as train_lib
 
     try:
         rows = train_lib.read_log(run_dir, warn=lambda message: click.echo(message, err=True))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'RUN_DIR'") from None
-    # The hours count from the run's start, whichever epochs are drawn.
-    hours, total = {}, 0.0
-    for r in rows:
-        total += float(r.get("wall_s") or 0.0)
-        hours[int(r["epoch"])] = total / 3600.0
-    shown = [r for r in rows if int(r["epoch"]) >= from_epoch]
-    if not shown:
-        raise click.BadParameter(f"the log's last epoch is {int(rows[-1]['epoch'])}: there is "
-                                 f"nothing from epoch {from_epoch} on to plot",
-                                 param_hint="'--from-epoch'")
-    rows = shown
+    try:
+        pictures.select_epochs(rows, from_epoch)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--from-epoch'") from None
     out = _output_folder(Path(out) if out is not None else Path(run_dir), "the plots")
-    epochs = [int(r["epoch"]) for r in rows]
-    if "valid_error" in rows[0]:           # a classifier run (cli.py classify)
-        curves = {label: (epochs, [100.0 * float(r[key]) for r in rows])
-                  for key, label in (("train_error", "train"), ("valid_error", "valid"),
-                                     ("test_error", "test"))}
-        path = out / "error_curves.png"
-        images_lib.plot_lines(path, curves, title="Cluttered MNIST error per epoch",
-                              xlabel="epoch", ylabel="% wrong")
-        click.echo(f"wrote {path} ({len(rows)} epochs)")
-        return
-    curves = {}
-    for key, label in (("train_bound", "train"), ("valid_bound", "valid"), ("test_bound", "test")):
-        pts = [(e, float(r[key])) for e, r in zip(epochs, rows)
-               if r.get(key) is not None and math.isfinite(float(r[key]))]
-        if pts:
-            curves[label] = ([p[0] for p in pts], [p[1] for p in pts])
-    curves_path = out / "learning_curves.png"
-    with _writing(f"write {curves_path}"):
-        images_lib.plot_lines(curves_path, curves, title="NLL bound per epoch", xlabel="epoch",
-                              ylabel="nats per image")
-    # The same curves against the hours of training and evaluation so far.
-    curves_h = {label: ([hours[e] for e in xs], ys) for label, (xs, ys) in curves.items()}
-    hours_path = out / "learning_curves_hours.png"
-    with _writing(f"write {hours_path}"):
-        images_lib.plot_lines(hours_path, curves_h, title="NLL bound against time",
-                              xlabel="hours", ylabel="nats per image")
-    kl = [r.get("kl") or [] for r in rows]
-    n_glimpses = max((len(k) for k in kl), default=0)
-    kl_series = {}
-    for t in range(n_glimpses):
-        pts = [(e, float(k[t])) for e, k in zip(epochs, kl) if len(k) > t]
-        kl_series[f"t={t + 1}"] = ([p[0] for p in pts], [p[1] for p in pts])
-    kl_path = out / "kl_per_glimpse.png"
-    with _writing(f"write {kl_path}"):
-        images_lib.plot_lines(kl_path, kl_series, title="KL of each glimpse", xlabel="epoch",
-                              ylabel="nats")
-    first = f" from epoch {epochs[0]}" if from_epoch > 1 else ""
-    click.echo(f"wrote {curves_path}, {hours_path} and {kl_path} ({len(rows)} epochs{first})")
+    with _writing(f"write the plots in {out}"):
+        written = pictures.plot_run(rows, out, from_epoch, pictures.run_dataset(run_dir))
+    n = sum(int(r["epoch"]) >= from_epoch for r in rows)
+    first = f" from epoch {from_epoch}" if from_epoch > 1 else ""
+    click.echo(f"wrote {', '.join(str(p) for p in written)} and a .pdf beside each "
+               f"({n} epochs{first})")
 
 
 # ----------------------------------------------------------------------------- attention-demo

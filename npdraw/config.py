@@ -89,7 +89,7 @@ TRAIN_SETS = ("npm10k", "mnist")
 # every other field is the checkpoint's, so that the run stays what it was.
 RESUME_OVERRIDES = ("epochs", "device", "ranks", "lr", "lr_schedule", "lr_min", "lr_hold",
                     "lr_gamma", "lr_decay_epochs", "eval_every", "ema_decay", "eval_noise",
-                    "batch_size")
+                    "batch_size", "tensorboard")
 # Fields that runs of earlier versions saved and that no longer exist: dropped when a saved
 # config is read. workers: the CPU processes of the retired parallel.py, whose place the
 # MPI ranks took (docs/DESIGN.md, item 15); the rank count is never taken from a checkpoint.
@@ -114,6 +114,7 @@ class TrainConfig:
     eval_every: int = 1           # evaluate valid/test every K epochs, and at the last one
     ema_decay: float = 0.0        # evaluate, select and export an EMA of the params; 0: off
     eval_noise: str = "epoch"     # epoch | fixed: the evaluations' noise (EVAL_NOISE)
+    tensorboard: bool = False     # also write each epoch to RUN/tensorboard/ (npdraw.monitor)
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-8

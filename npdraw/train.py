@@ -56,6 +56,7 @@ from . import distributed
 from . import guards
 from . import images as images_lib
 from . import model as model_lib
+from . import monitor
 from . import optim
 from .config import RESUME_OVERRIDES, ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
 from .progress import Progress
@@ -236,13 +237,14 @@ def eval_noise_rng(tcfg: TrainConfig, epoch: int, split: int) -> np.random.Gener
 
 
 def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int,
-                   rng: np.random.Generator, comm=None) -> float:
+                   rng: np.random.Generator, comm=None, progress: bool = False,
+                   label: str = "evaluating") -> float:
     """Mean negative variational bound (L^x + L^z, nats per example) over all of ``x``.
 
     x: (N, D) host array in [0, 1]; one fresh noise draw per example from ``rng``.
     Returns NaN for an empty ``x``. comm: a distributed communicator whose ranks each
     take their slice of every batch (the same figures as one process, up to rounding;
-    every rank gets the result).
+    every rank gets the result). progress: a bar on stderr over the batches, named label.
     """
     n = int(x.shape[0])
     if n == 0:
@@ -252,6 +254,8 @@ def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int
     device, dtype = _device_of(params), _params_dtype(params)
     comm = distributed.SingleProcess() if comm is None else comm
     total = 0.0
+    bar = Progress(f"{label} {n} images", (n + batch_size - 1) // batch_size, progress,
+                   rate_unit="it/s")
     for start in range(0, n, batch_size):
         batch = np.asarray(x[start:start + batch_size], dtype=dtype)
         eps = _host_noise(rng, cfg, batch.shape[0], dtype)      # the whole batch's, on every rank
@@ -261,6 +265,8 @@ def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int
                 params, cfg, backend.to_device(batch[lo:hi], device),
                 backend.to_device(_examples(eps, lo, hi), device))
             total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
+        bar.update(start // batch_size + 1)
+    bar.close()
     return float(comm.sum([total])[0]) / n
 
 
@@ -453,14 +459,16 @@ def generate_samples(params: dict, cfg: DrawConfig, count: int, rng: np.random.G
     return canvases, windows
 
 
-def _write_run_samples(run_dir: Path, params: dict, cfg: DrawConfig, seed: int) -> None:
+def _write_run_samples(run_dir: Path, params: dict, cfg: DrawConfig, seed: int) -> np.ndarray:
     """RUN/samples.png (final canvases) and RUN/samples.gif (all glimpses); the same
-    prior noise every epoch, so the pictures of successive epochs compare directly."""
+    prior noise every epoch, so the pictures of successive epochs compare directly.
+    Returns samples.png's picture, uint8 (H, W, 3)."""
     canvases, _ = generate_samples(params, cfg, SAMPLE_ROWS * SAMPLE_COLS, _derived_rng(seed, 2))
     shape = (cfg.channels, cfg.height, cfg.width)
     frames = render_frames(canvases, None, shape, SAMPLE_ROWS, SAMPLE_COLS, boxes=False, scale=1)
     images_lib.save_png(run_dir / "samples.png", frames[-1])
     images_lib.save_gif(run_dir / "samples.gif", frames, duration=0.1, loop=0)
+    return frames[-1]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -746,6 +754,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         raise ValueError("train needs a model config unless it resumes a run")
 
     device = backend.resolve_device(tcfg.device)
+    if tcfg.tensorboard:
+        monitor.check_available()            # before the data are loaded
     distributed.check_rank_count(tcfg.ranks, comm)
     comm = comm.for_device(device)           # on GPUs: one per rank, NCCL between them
     dtype = np.dtype(tcfg.dtype)
@@ -852,8 +862,12 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                                   f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
     noise_thread = ThreadPoolExecutor(max_workers=1)
     scope = contextlib.ExitStack()
+    board = None
     try:
         scope.enter_context(comm.deferred_interrupts(stop))  # MPI: all ranks stop at one step
+        if tcfg.tensorboard and comm.is_root:
+            board = monitor.TensorBoardLog(run_dir, first_epoch=start_epoch + 1)
+            scope.callback(board.close)
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t0 = time.perf_counter()
             if data.fresh_train is not None:     # data made on the fly: new every epoch
@@ -922,10 +936,13 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             evaluated = is_eval_epoch(epoch, tcfg)
             valid_bound = test_bound = float("nan")
             if evaluated:
+                shown = progress and comm.is_root
                 valid_bound = evaluate_bound(model, cfg, valid_x, eval_batch,
-                                             eval_noise_rng(tcfg, epoch, 0), comm)
+                                             eval_noise_rng(tcfg, epoch, 0), comm,
+                                             progress=shown, label="valid")
                 test_bound = evaluate_bound(model, cfg, test_x, eval_batch,
-                                            eval_noise_rng(tcfg, epoch, 1), comm)
+                                            eval_noise_rng(tcfg, epoch, 1), comm,
+                                            progress=shown, label="test")
             eval_time = time.perf_counter() - t1
             train_bound = loss_sum / n_iter
             if evaluated and not math.isfinite(valid_bound) and valid_x.shape[0] > 0:
@@ -958,13 +975,14 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                 "examples_per_s": n_train / max(train_time, 1e-9),
                 "best": bool(is_best),
             }
-            if comm.is_root:
-                _write_run_samples(run_dir, model, cfg, tcfg.seed)
+            samples = _write_run_samples(run_dir, model, cfg, tcfg.seed) if comm.is_root else None
             record["wall_s"] = time.perf_counter() - t0
             record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
             if comm.is_root:
                 _commit_epoch(run_dir, record, is_best, cfg, params, opt_state, epoch, rng,
                               tcfg, extra_now(), ema)
+            if board is not None:            # a view of the log line just written
+                board.epoch(record, samples)
             log(f"epoch {epoch}/{tcfg.epochs}  train {train_bound:.2f}  "
                 + ("EMA " if ema is not None else "") + "valid "
                 f"{_fmt(record['valid_bound'])}  test {_fmt(record['test_bound'])}  "

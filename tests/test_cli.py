@@ -229,13 +229,14 @@ def test_damaged_checkpoints_are_clear_errors(trained, tmp_path, command):
 
 # ----------------------------------------------------------------------------- plot
 
-def test_plot_writes_the_three_figures(trained, tmp_path):
+def test_plot_writes_the_figures_as_png_and_pdf(trained, tmp_path):
     run, _ = trained
     result = invoke(["plot", run, "--out", tmp_path])
     assert result.exit_code == 0, result.output
-    for name in ("learning_curves.png", "learning_curves_hours.png", "kl_per_glimpse.png"):
-        img = iio.imread(tmp_path / name)
-        assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50, name
+    for name in ("learning_curves", "learning_curves_hours", "kl_per_glimpse", "optimizer"):
+        img = iio.imread(tmp_path / f"{name}.png")
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200, name
+        assert (tmp_path / f"{name}.pdf").read_bytes().startswith(b"%PDF"), name
     empty = tmp_path / "empty"
     empty.mkdir()
     result = invoke(["plot", empty])
@@ -243,28 +244,45 @@ def test_plot_writes_the_three_figures(trained, tmp_path):
 
 
 def test_plot_from_epoch_draws_only_the_late_epochs(trained, tmp_path, monkeypatch):
-    """--from-epoch keeps the epochs from N on; their hours still count from the start."""
-    from npdraw import images as images_lib
+    """--from-epoch keeps the epochs from N on; their hours still count from the start;
+    the figures hold the log's values, the references for bmnist, the KL as a heat map."""
+    from npdraw import pictures
     run, _ = trained
     row = json.loads((Path(run) / "log.jsonl").read_text().splitlines()[0])
     long_run = tmp_path / "long"
     long_run.mkdir()
+    (long_run / "config.json").write_text(json.dumps({"train": {"dataset": "bmnist"}}))
     with open(long_run / "log.jsonl", "w") as f:
         for epoch, bound in ((1, 200.0), (2, 90.0), (3, 89.0), (4, 88.5)):
             f.write(json.dumps({**row, "epoch": epoch, "wall_s": 360.0, "train_bound": bound,
-                                "valid_bound": bound + 0.5, "test_bound": bound + 0.2}) + "\n")
+                                "valid_bound": bound + 0.5, "test_bound": bound + 0.2,
+                                "ema": True, "lr": 1e-3 / epoch,
+                                "kl": [epoch, 2.0 * epoch]}) + "\n")
     drawn = {}
-    plot_lines = images_lib.plot_lines
-    def recording_plot_lines(path, series, **kw):
-        drawn[Path(path).name] = series
-        return plot_lines(path, series, **kw)
-    monkeypatch.setattr(images_lib, "plot_lines", recording_plot_lines)
+    save_figure = pictures.save_figure
+    def recording_save_figure(fig, path):
+        drawn[Path(path).name] = fig
+        return save_figure(fig, path)
+    monkeypatch.setattr(pictures, "save_figure", recording_save_figure)
     result = invoke(["plot", long_run, "--out", tmp_path / "late", "--from-epoch", 2])
     assert result.exit_code == 0, result.output
     assert "(3 epochs from epoch 2)" in result.output
-    assert drawn["learning_curves.png"]["valid"] == ([2, 3, 4], [90.5, 89.5, 89.0])
-    assert drawn["learning_curves_hours.png"]["valid"][0] == [0.2, 0.3, 0.4]  # 360 s an epoch
-    assert drawn["kl_per_glimpse.png"]["t=1"][0] == [2, 3, 4]
+
+    def lines(name, panel=0):
+        return {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata()))
+                for ln in drawn[name].axes[panel].get_lines()}
+    curves = lines("learning_curves.png")
+    valid = curves["valid (moving average of the parameters)"]
+    assert valid == ([2, 3, 4], [90.5, 89.5, 89.0])
+    assert curves["DRAW paper: 80.97"][1] == [80.97, 80.97]
+    assert "best public: 81.9" in curves
+    assert drawn["learning_curves.png"].axes[0].get_yscale() == "log"
+    assert drawn["learning_curves.png"].axes[1].get_ylim()[0] < 80.97
+    hours = lines("learning_curves_hours.png")["valid (moving average of the parameters)"][0]
+    assert np.allclose(hours, [0.2, 0.3, 0.4])                       # 360 s an epoch
+    heat = drawn["kl_per_glimpse.png"].axes[0].get_images()[0].get_array()
+    assert np.array_equal(heat, [[2, 3, 4], [4, 6, 8]])              # glimpse x epoch
+    assert lines("optimizer.png")["learning rate"][1] == [1e-3 / 2, 1e-3 / 3, 1e-3 / 4]
     assert iio.imread(tmp_path / "late" / "learning_curves.png").ndim == 3
     result = invoke(["plot", long_run, "--out", tmp_path / "late", "--from-epoch", 5])
     assert result.exit_code == 2 and "last epoch is 4" in result.output

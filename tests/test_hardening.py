@@ -21,6 +21,7 @@ from npdraw import checkpoint as ckpt_lib
 from npdraw import cli as cli_mod
 from npdraw import guards
 from npdraw import images as images_lib
+from npdraw import pictures
 from npdraw import model as model_lib
 from npdraw import optim
 from npdraw import train as train_lib
@@ -336,6 +337,7 @@ def _deny_writes(monkeypatch):
 
     monkeypatch.setattr(images_lib, "save_png", denied)
     monkeypatch.setattr(images_lib, "save_gif", denied)
+    monkeypatch.setattr(pictures, "_write_bytes", denied)
 
 
 def test_read_only_outputs_of_sample_plot_and_attention_demo(tiny_run, tmp_path, monkeypatch):
@@ -345,8 +347,8 @@ def test_read_only_outputs_of_sample_plot_and_attention_demo(tiny_run, tmp_path,
     for args, wanted in (
             (["sample", tiny_run, "--out", tmp_path / "s", "--device", "cpu"],
              f"cannot write the samples into {tmp_path / 's'}: permission denied"),
-            (["plot", tiny_run], f"cannot write {tiny_run / 'learning_curves.png'}: "
-                                 "permission denied"),
+            (["plot", tiny_run], f"cannot write the plots in {tiny_run}: permission denied "
+                                 f"({tiny_run / 'learning_curves.png'})"),
             (["attention-demo", picture, "--out", tmp_path / "a"],
              f"cannot write the attention pictures into {tmp_path / 'a'}: permission denied")):
         result = invoke(args)

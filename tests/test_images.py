@@ -1,12 +1,11 @@
-"""Pictures: grids, boxes, PNG/GIF files, image loading, the bitmap font and line charts."""
+"""Pictures: grids, boxes, PNG/GIF files, image loading and the glimpses' colours."""
 import imageio.v3 as iio
 import numpy as np
 import pytest
 from PIL import Image
 
-from npdraw.images import (ImageNotFoundError, draw_box, draw_text, image_grid, load_image,
-                           plot_lines, render_text, save_gif, save_png, text_width, to_uint8,
-                           upscale)
+from npdraw.images import (ImageNotFoundError, draw_box, image_grid, load_image, save_gif,
+                           save_png, series_colors, to_uint8, upscale)
 
 
 def test_to_uint8_clips_and_rounds():
@@ -160,73 +159,6 @@ def test_load_image_errors(tmp_path):
     bad.write_bytes(b"this is not a picture at all" * 10)
     with pytest.raises(ValueError, match="bad.png is not an image"):
         load_image(bad)
-
-
-def test_font_renders():
-    m = render_text("A")
-    assert m.shape == (8, 5) and m.sum() > 5
-    assert not render_text(" ").any()
-    assert render_text("g")[7].any()                   # descender row
-    assert np.array_equal(render_text("\u00e9"), render_text("?"))   # unknown -> '?'
-    assert render_text("ab", scale=2).shape == (16, 2 * text_width("ab"))
-    assert text_width("abc") == 17
-    canvas = np.full((12, 20, 3), 255, np.uint8)
-    out = draw_text(canvas, 2, 2, "7", color=(0, 0, 255))
-    assert (out == (0, 0, 255)).all(axis=2).sum() == render_text("7").sum()
-    assert (canvas == 255).all()
-
-
-def test_font_covers_required_characters():
-    chars = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-_,:()/%+="
-    q = render_text("?")
-    masks = {ch: render_text(ch) for ch in chars}
-    for ch, m in masks.items():
-        assert m.any() and not np.array_equal(m, q), ch
-    assert len({m.tobytes() for m in masks.values()}) == len(chars)   # all glyphs distinct
-
-
-def _colour_present(img, rgb):
-    return bool((img[..., :3] == np.array(rgb, np.uint8)).all(axis=2).any())
-
-
-def test_plot_lines_learning_curves(tmp_path):
-    ep = np.arange(1, 21)
-    series = {"train": (ep, 100 + 80 * np.exp(-ep / 4.0)),
-              "valid": (ep, np.where(ep == 5, np.nan, 104 + 80 * np.exp(-ep / 4.0))),
-              "test": ([10], [110.0])}
-    path = tmp_path / "curves.png"
-    plot_lines(path, series, title="Bound", xlabel="epoch", ylabel="nats", width=500, height=300)
-    img = iio.imread(path)
-    assert img.shape == (300, 500, 3)
-    for rgb in [(31, 119, 180), (255, 127, 14), (44, 160, 44)]:
-        assert _colour_present(img, rgb)
-    assert (img[0, 0] == 255).all()                    # white background
-    assert (img == 30).all(axis=2).sum() > 500         # axes, ticks and text in ink
-
-
-def test_plot_lines_edge_cases(tmp_path):
-    path = tmp_path / "c.png"
-    plot_lines(path, {"flat": ([0, 1, 2], [3.0, 3.0, 3.0]), "one": ([5.0], [3.0]),
-                      "bad": ([0, 1], [np.inf, np.nan]), "empty": ([], [])})
-    img = iio.imread(path)
-    assert img.shape == (400, 640, 3)
-    assert _colour_present(img, (31, 119, 180)) and _colour_present(img, (255, 127, 14))
-    plot_lines(tmp_path / "e.png", {})
-    assert iio.imread(tmp_path / "e.png").shape == (400, 640, 3)
-    with pytest.raises(ValueError, match="'x'.*3 x values but 2 y"):
-        plot_lines(tmp_path / "f.png", {"x": ([1, 2, 3], [1, 2])})
-    with pytest.raises(ValueError, match="at least"):
-        plot_lines(tmp_path / "f.png", {"x": ([1], [1])}, width=50, height=50)
-
-
-def test_plot_lines_many_series(tmp_path):
-    ep = np.arange(1, 11)
-    series = {f"glimpse {t + 1}": (ep, np.exp(-ep / 5.0) * (64 - t)) for t in range(64)}
-    path = tmp_path / "kl.png"
-    plot_lines(path, series, title="KL per glimpse", width=400, height=260)
-    img = iio.imread(path)
-    assert img.shape == (260, 400, 3)
-    assert _colour_present(img, (68, 1, 84)) and _colour_present(img, (235, 165, 0))  # ramp ends
 
 
 @pytest.mark.parametrize("suffix", ["png", "gif"])

@@ -124,6 +124,9 @@ FPS_OPTION = click.option("--fps", type=FiniteRange(min=MIN_FPS, max=1e6), defau
 HOLD_OPTION = click.option("--hold", type=FiniteRange(min=0, max=600), default=2.0,
                            show_default=True,
                            help="Seconds the GIF's last frame stays before it loops.")
+EVERY_OPTION = click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
+                            help="The GIF shows every K-th glimpse and the last (a smaller "
+                                 "file); the PNGs keep every glimpse.")
 
 
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]),
@@ -440,9 +443,10 @@ def _load_data_on_ranks(train_lib, tcfg, progress, comm):
               help="Enlarge every image this many times.")
 @FPS_OPTION
 @HOLD_OPTION
+@EVERY_OPTION
 @DEVICE_OPTION
 @library_errors
-def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, hold, device):
+def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, hold, every, device):
     """Generate rows*cols images: frame_000.png... (one per glimpse), samples.gif and
     samples.png (the last frame)."""
     from npdraw import images as images_lib
@@ -464,7 +468,7 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, hold, device):
     out = _output_folder(Path(out) if out is not None else ckpt_path.parent / "samples",
                          "the samples")
     with _writing(f"write the samples into {out}"):
-        width = images_lib.save_frames(out, frames, "samples", 1.0 / fps, hold)
+        width = images_lib.save_frames(out, frames, "samples", 1.0 / fps, hold, every)
     click.echo(f"wrote {len(frames)} frames ({rows}x{cols} samples, T={cfg.T}) to {out}: "
                f"frame_{0:0{width}d}.png ... frame_{len(frames) - 1:0{width}d}.png, "
                "samples.gif and samples.png")
@@ -487,13 +491,14 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, hold, device):
               help="Enlarge every image this many times.")
 @FPS_OPTION
 @HOLD_OPTION
+@EVERY_OPTION
 @click.option("--kl", "show_kl", is_flag=True,
               help="Print the KL of each glimpse (mean over the images) and write kl.json.")
 @data_options(recorded=True)
 @DEVICE_OPTION
 @library_errors
-def reconstruct(checkpoint, count, cols, seed, out, scale, fps, hold, show_kl, data_dir, mirror,
-                device):
+def reconstruct(checkpoint, count, cols, seed, out, scale, fps, hold, every, show_kl, data_dir,
+                mirror, device):
     """Rebuild N test images glimpse by glimpse: each frame shows every image with that
     glimpse's read window beside its canvas with the write window (frame_000.png...,
     reconstruct.gif, reconstruct.png; with --kl, kl.json)."""
@@ -517,7 +522,7 @@ def reconstruct(checkpoint, count, cols, seed, out, scale, fps, hold, show_kl, d
     out = _output_folder(Path(out) if out is not None else ckpt_path.parent / "reconstruct",
                          "the reconstruction")
     with _writing(f"write the reconstruction into {out}"):
-        width = images_lib.save_frames(out, frames, "reconstruct", 1.0 / fps, hold)
+        width = images_lib.save_frames(out, frames, "reconstruct", 1.0 / fps, hold, every)
         if show_kl:
             images_lib.save_text(out / "kl.json", json.dumps(
                 {"checkpoint": str(ckpt_path), "test_indices": result["indices"].tolist(),

@@ -338,19 +338,27 @@ def save_gif(path, frames, duration=0.1, loop=0) -> None:
     _write_atomically(path, b"".join(out))
 
 
-def save_frames(folder, frames, stem: str, duration: float, hold: float = 0.0) -> int:
-    """An animation in ``folder``: frame_000.png ... (one PNG per frame), STEM.gif (each
-    frame ``duration`` seconds, the last ``hold`` seconds more, looping) and STEM.png (the
-    last frame). Removes the frame_*.png of an earlier, longer (or wider-numbered)
-    animation, which would pass for this one's. -> the digits of the frame numbers."""
+def save_frames(folder, frames, stem: str, duration: float, hold: float = 0.0,
+                every: int = 1) -> int:
+    """An animation in ``folder``: frame_000.png ... (one PNG per frame), STEM.gif (every
+    ``every``-th frame and the last, each ``duration`` seconds, the last ``hold`` seconds
+    more, looping) and STEM.png (the last frame). Removes the frame_*.png of an earlier,
+    longer (or wider-numbered) animation, which would pass for this one's.
+    -> the digits of the frame numbers."""
     folder = Path(folder)
+    every = int(every)
+    if every < 1:
+        raise ValueError(f"every must be a positive integer, got {every!r}")
     width = max(3, len(str(len(frames) - 1)))
     names = {f"frame_{t:0{width}d}.png" for t in range(len(frames))}
-    durations = [float(duration)] * len(frames)
+    shown = list(frames[every - 1::every])
+    if len(frames) % every:
+        shown.append(frames[-1])
+    durations = [float(duration)] * len(shown)
     durations[-1] = min(durations[-1] + float(hold), GIF_MAX_DURATION)
     for t, frame in enumerate(frames):
         save_png(folder / f"frame_{t:0{width}d}.png", frame)
-    save_gif(folder / f"{stem}.gif", frames, duration=durations, loop=0)
+    save_gif(folder / f"{stem}.gif", shown, duration=durations, loop=0)
     save_png(folder / f"{stem}.png", frames[-1])
     for stale in folder.glob("frame_*.png"):
         if re.fullmatch(r"frame_\d+\.png", stale.name) and stale.name not in names:

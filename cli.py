@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""npdraw command line: train, sample, evaluate, plot, attention-demo, classify,
-classify-eval (and bench).
+"""npdraw command line: train, sample, reconstruct, evaluate, plot, attention-demo,
+classify, classify-eval (and bench).
 
     python cli.py --help
     python cli.py train --epochs 20 --name mnist-att
     python cli.py sample runs/mnist-att/best.h5 --boxes --scale 3
+    python cli.py reconstruct runs/mnist-att/best.h5 --kl
     python cli.py evaluate runs/mnist-att/best.h5 --k 100
     python cli.py plot runs/mnist-att
     python cli.py attention-demo picture.png --n 12

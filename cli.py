@@ -524,14 +524,16 @@ def reconstruct(checkpoint, count, cols, seed, out, scale, fps, hold, every, sho
                          "the reconstruction")
     with _writing(f"write the reconstruction into {out}"):
         width = images_lib.save_frames(out, frames, "reconstruct", 1.0 / fps, hold, every)
+        if not show_kl and (out / "kl.json").is_file():  # an earlier run's would pass for ours
+            (out / "kl.json").unlink()
         if show_kl:
             images_lib.save_text(out / "kl.json", json.dumps(
                 {"checkpoint": str(ckpt_path), "test_indices": result["indices"].tolist(),
                  "kl_mean": kl.mean(axis=1).tolist(), "kl": kl.T.tolist()}) + "\n")
     click.echo(f"rebuilt test images {', '.join(str(i) for i in result['indices'])} over "
                f"T={cfg.T} glimpses; wrote {len(frames)} frames to {out}: frame_{0:0{width}d}"
-               f".png ... frame_{len(frames) - 1:0{width}d}.png, reconstruct.gif and "
-               "reconstruct.png" + (" and kl.json" if show_kl else ""))
+               f".png ... frame_{len(frames) - 1:0{width}d}.png, reconstruct.gif"
+               + (", reconstruct.png and kl.json" if show_kl else " and reconstruct.png"))
     if show_kl:
         click.echo("KL of each glimpse, nats (mean over the images): "
                    + " ".join(f"{v:.2f}" for v in kl.mean(axis=1))

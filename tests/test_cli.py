@@ -257,6 +257,10 @@ def test_reconstruct_draws_each_glimpse_and_ends_on_the_models_reconstruction(tr
             assert keep.mean() > 0.5
             assert np.array_equal(tile[keep], images_lib.to_uint8(want.reshape(28, 28))[keep])
     assert red.any()                                       # the windows are drawn
+    again = invoke(["reconstruct", run / "best.h5", "--n", 2, "--scale", 1, "--out", out,
+                    "--device", "cpu", *data_args])
+    assert again.exit_code == 0, again.output
+    assert not (out / "kl.json").exists()                   # no stale KL of other images
 
 
 # ----------------------------------------------------------------------------- evaluate

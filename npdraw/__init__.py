@@ -6,6 +6,7 @@ Public API:
     loss_and_grads(params, cfg, x, eps) -> (loss, grads, stats)
     loss_only(params, cfg, x, eps, return_terms=False) -> (loss_per_example, stats)
     generate(params, cfg, eps)     -> (canvases (T, B, D), windows)
+    reconstruct(params, cfg, x, eps) -> (canvases (T, B, D), read and write windows, kl (T, B))
     load(path)                     -> (cfg, params) of a checkpoint or an exported model
 Arrays may be NumPy or CuPy; the array module is taken from the inputs.
 npdraw.reference holds the same model written plainly, to be read (start there).
@@ -15,10 +16,11 @@ from .threads import share_cores_between_ranks
 share_cores_between_ranks()   # under mpiexec or srun: before NumPy loads (npdraw/threads.py)
 
 from .config import DrawConfig, TrainConfig  # noqa: E402
-from .model import generate, init_params, loss_and_grads, loss_only, param_shapes  # noqa: E402
+from .model import (generate, init_params, loss_and_grads, loss_only,  # noqa: E402
+                    param_shapes, reconstruct)
 
 __all__ = ["DrawConfig", "TrainConfig", "init_params", "loss_and_grads", "loss_only", "generate",
-           "param_shapes", "load"]
+           "param_shapes", "reconstruct", "load"]
 __version__ = "0.1.0"
 
 

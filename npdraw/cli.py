@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""npdraw command line: train, sample, evaluate, plot, attention-demo, classify,
-classify-eval (and bench, in a checkout). Installed it is `npdraw ...` (or
+"""npdraw command line: train, sample, reconstruct, evaluate, plot, attention-demo,
+classify, classify-eval (and bench, in a checkout). Installed it is `npdraw ...` (or
 `python -m npdraw ...`); in a checkout also `python cli.py ...`:
 
     python cli.py --help
     python cli.py train --epochs 20 --name mnist-att
     python cli.py sample runs/mnist-att/best.h5 --boxes --scale 3
+    python cli.py reconstruct runs/mnist-att/best.h5 --kl
     python cli.py evaluate runs/mnist-att/best.h5 --k 100
     python cli.py plot runs/mnist-att
     python cli.py attention-demo picture.png --n 12
@@ -21,7 +22,6 @@ import functools
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -71,7 +71,7 @@ class AttentionType(click.ParamType):
         return (read_n, write_n)
 
 
-class FiniteFloat(click.ParamType):
+class FiniteFloat(click.types.FloatParamType):
     """A finite float (no nan or inf), optionally > 0."""
     name = "float"
 
@@ -92,12 +92,34 @@ class FiniteFloat(click.ParamType):
         return number
 
 
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which FloatRange lets through)."""
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
 ATTENTION = AttentionType()
-POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
+POSITIVE_FLOAT = FiniteRange(min=0, min_open=True)
 FINITE_FLOAT = FiniteFloat()
 POSITIVE_FINITE_FLOAT = FiniteFloat(positive=True)
 # GIF stores a frame's delay in hundredths of a second in 16 bits: at most 655.35 s.
 MIN_FPS = 0.002
+FPS_OPTION = click.option("--fps", type=FiniteRange(min=MIN_FPS, max=1e6), default=10.0,
+                          show_default=True, help="GIF frames per second (GIF keeps at most "
+                          "50 and frames of at most 655 s).")
+HOLD_OPTION = click.option("--hold", type=FiniteRange(min=0, max=600), default=2.0,
+                           show_default=True,
+                           help="Seconds the GIF's last frame stays before it loops.")
+EVERY_OPTION = click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
+                            help="The GIF shows every K-th glimpse and the last (a smaller "
+                                 "file); the PNGs keep every glimpse.")
 
 
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]),
@@ -275,17 +297,17 @@ def cli():
               help="Adam learning rate.")
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="constant",
               show_default=True, help="How the learning rate decays after --lr-hold epochs.")
-@click.option("--lr-min", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--lr-min", type=FiniteRange(min=0), default=0.0, show_default=True,
               help="exponential: the floor; cosine: the final rate.")
-@click.option("--lr-hold", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--lr-hold", type=FiniteRange(min=0), default=0.0, show_default=True,
               help="Epochs at --lr before the decay starts.")
-@click.option("--lr-gamma", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+@click.option("--lr-gamma", type=FiniteRange(min=0, max=1, min_open=True), default=1.0,
               show_default=True, help="exponential: the factor per epoch.")
-@click.option("--lr-decay-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--lr-decay-epochs", type=FiniteRange(min=0), default=0.0, show_default=True,
               help="cosine: epochs from --lr to --lr-min (0: until --epochs).")
 @click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Evaluate valid and test every K epochs (and after the last).")
-@click.option("--ema-decay", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0,
+@click.option("--ema-decay", type=FiniteRange(min=0, max=1, max_open=True), default=0.0,
               show_default=True,
               help="Evaluate, select and export an exponential moving average of the "
                    "parameters with this decay per step (0: off; 0.999 averages about the "
@@ -429,13 +451,14 @@ def _load_data_on_ranks(train_lib, tcfg, progress, comm):
               help="Outline each glimpse's write window in red.")
 @click.option("--scale", type=click.IntRange(min=1), default=2, show_default=True,
               help="Enlarge every image this many times.")
-@click.option("--fps", type=click.FloatRange(min=MIN_FPS, max=1e6), default=10.0,
-              show_default=True, help="GIF frames per second (GIF keeps at most 50 and "
-              "frames of at most 655 s).")
+@FPS_OPTION
+@HOLD_OPTION
+@EVERY_OPTION
 @DEVICE_OPTION
 @library_errors
-def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
-    """Generate rows*cols images: frame_000.png... (one per glimpse) and samples.gif."""
+def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, hold, every, device):
+    """Generate rows*cols images: frame_000.png... (one per glimpse), samples.gif and
+    samples.png (the last frame)."""
     from npdraw import images as images_lib
     from npdraw import train as train_lib
 
@@ -454,19 +477,76 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
                                      rows, cols, boxes=boxes, scale=scale)
     out = _output_folder(Path(out) if out is not None else ckpt_path.parent / "samples",
                          "the samples")
-    width = max(3, len(str(len(frames) - 1)))
-    names = {f"frame_{t:0{width}d}.png" for t in range(len(frames))}
-    gif = out / "samples.gif"
     with _writing(f"write the samples into {out}"):
-        for t, frame in enumerate(frames):
-            images_lib.save_png(out / f"frame_{t:0{width}d}.png", frame)
-        images_lib.save_gif(gif, frames, duration=1.0 / fps, loop=0)
-        # frames of an earlier, longer (or wider-numbered) animation would pass for ours
-        for stale in out.glob("frame_*.png"):
-            if re.fullmatch(r"frame_\d+\.png", stale.name) and stale.name not in names:
-                stale.unlink()
+        width = images_lib.save_frames(out, frames, "samples", 1.0 / fps, hold, every)
     click.echo(f"wrote {len(frames)} frames ({rows}x{cols} samples, T={cfg.T}) to {out}: "
-               f"frame_{0:0{width}d}.png ... frame_{len(frames) - 1:0{width}d}.png and {gif.name}")
+               f"frame_{0:0{width}d}.png ... frame_{len(frames) - 1:0{width}d}.png, "
+               "samples.gif and samples.png")
+
+
+# ----------------------------------------------------------------------------- reconstruct
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--n", "count", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Test images to rebuild, spread over the test split: one drawn with --seed "
+                   "from each of N equal stretches.")
+@click.option("--cols", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Image and canvas pairs per row.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the choice of images and of the posterior noise.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: reconstruct/ next to the checkpoint).")
+@click.option("--scale", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Enlarge every image this many times.")
+@FPS_OPTION
+@HOLD_OPTION
+@EVERY_OPTION
+@click.option("--kl", "show_kl", is_flag=True,
+              help="Print the KL of each glimpse (mean over the images) and write kl.json.")
+@data_options(recorded=True)
+@DEVICE_OPTION
+@library_errors
+def reconstruct(checkpoint, count, cols, seed, out, scale, fps, hold, every, show_kl, data_dir,
+                mirror, device):
+    """Rebuild N test images glimpse by glimpse: each frame shows every image with that
+    glimpse's read window beside its canvas with the write window (frame_000.png...,
+    reconstruct.gif, reconstruct.png; with --kl, kl.json)."""
+    from npdraw import images as images_lib
+    from npdraw import train as train_lib
+    from npdraw.guards import check_memory
+
+    ckpt_path = _ckpt_file(checkpoint)
+    ckpt = _load_ckpt(ckpt_path)
+    cfg = _draw_cfg(ckpt, ckpt_path)
+    tcfg = _recorded_data(ckpt, None, data_dir, mirror, None)
+    data = train_lib.load_data(tcfg, progress=True)
+    train_lib.check_data_shape(cfg, data.shape)
+    count = min(count, len(data.test))
+    rows = -(-count // min(cols, count))
+    check_memory(train_lib.sample_bytes(cfg, rows, 2 * min(cols, count), scale),
+                 f"rebuilding {count} images over T={cfg.T} glimpses at --scale {scale}")
+    params = _params_on(ckpt, device)
+    result = train_lib.reconstruction(params, cfg, data.test, count, cols, seed, scale)
+    frames, kl = result["frames"], np.asarray(result["kl"], dtype=np.float64)
+    out = _output_folder(Path(out) if out is not None else ckpt_path.parent / "reconstruct",
+                         "the reconstruction")
+    with _writing(f"write the reconstruction into {out}"):
+        width = images_lib.save_frames(out, frames, "reconstruct", 1.0 / fps, hold, every)
+        if not show_kl and (out / "kl.json").is_file():  # an earlier run's would pass for ours
+            (out / "kl.json").unlink()
+        if show_kl:
+            images_lib.save_text(out / "kl.json", json.dumps(
+                {"checkpoint": str(ckpt_path), "test_indices": result["indices"].tolist(),
+                 "kl_mean": kl.mean(axis=1).tolist(), "kl": kl.T.tolist()}) + "\n")
+    click.echo(f"rebuilt test images {', '.join(str(i) for i in result['indices'])} over "
+               f"T={cfg.T} glimpses; wrote {len(frames)} frames to {out}: frame_{0:0{width}d}"
+               f".png ... frame_{len(frames) - 1:0{width}d}.png, reconstruct.gif"
+               + (", reconstruct.png and kl.json" if show_kl else " and reconstruct.png"))
+    if show_kl:
+        click.echo("KL of each glimpse, nats (mean over the images): "
+                   + " ".join(f"{v:.2f}" for v in kl.mean(axis=1))
+                   + f"; total {kl.sum(axis=0).mean():.2f}")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -482,7 +562,8 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, device):
 @data_options(recorded=True)
 @click.option("--folder", default=None, help="Default: the checkpoint's.")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Evaluate only the first N images (0: the whole split).")
+              help="Evaluate N images spread over the split, one drawn with --seed from each "
+                   "of N equal stretches (the test file is sorted by label; 0: all).")
 @click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=500,
               show_default=True, help="Images per evaluation batch (memory, not the result).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
@@ -513,23 +594,30 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
                    str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
 
 
-def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder, subset,
-              batch_size, seed, device, as_json):
-    ckpt_path = _ckpt_file(checkpoint)
-    ckpt = _load_ckpt(ckpt_path)
-    cfg = _draw_cfg(ckpt, ckpt_path)
+def _recorded_data(ckpt, dataset, data_dir, mirror, folder) -> TrainConfig:
+    """The checkpoint's TrainConfig with the data options given (None: its own)."""
     saved = _train_cfg_or_none(ckpt) or TrainConfig()
-    tcfg = TrainConfig.from_dict({**saved.to_dict(),
+    return TrainConfig.from_dict({**saved.to_dict(),
                                   "dataset": dataset or saved.dataset,
                                   "data_dir": data_dir if data_dir is not None else saved.data_dir,
                                   "mirror": mirror if mirror is not None else saved.mirror,
                                   "folder": folder if folder is not None else saved.folder,
                                   "resume": "", "oldmodel": ""})
+
+
+def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder, subset,
+              batch_size, seed, device, as_json):
+    ckpt_path = _ckpt_file(checkpoint)
+    ckpt = _load_ckpt(ckpt_path)
+    cfg = _draw_cfg(ckpt, ckpt_path)
+    tcfg = _recorded_data(ckpt, dataset, data_dir, mirror, folder)
     data = _load_data_on_ranks(train_lib, tcfg, not as_json, comm)
     train_lib.check_data_shape(cfg, data.shape)
     x = getattr(data, split)
+    total = len(x)
     if subset:
-        x = x[:subset]
+        from npdraw.data import spread_subset
+        x = x[spread_subset(total, subset, seed)]
     from npdraw.guards import check_memory
     batch = min(batch_size, max(len(x), 1))
     check_memory(train_lib.model_bytes(cfg, batch, np.dtype(ckpt.params["c0"].dtype).itemsize,
@@ -546,14 +634,18 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
         return
     ema = train_lib.model_params(ckpt)[1]
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "dataset": tcfg.dataset,
-              "split": split, "n": int(len(x)), "k": K, "seed": seed, "ranks": comm.size,
+              "split": split, "n": int(len(x)), "of": int(total),
+              "subset": "spread" if len(x) < total else "all", "k": K, "seed": seed,
+              "ranks": comm.size,
               "ema": ema, "nll_bound": bound, "nll_iwae": iwae}
     if as_json:
         click.echo(json.dumps(result))
         return
     click.echo(f"{ckpt_path} (epoch {ckpt.epoch}"
                + (", the moving average of its parameters" if ema else "")
-               + f") on {tcfg.dataset} {split}, {len(x)} images:")
+               + f") on {tcfg.dataset} {split}, {len(x)} images"
+               + (f" (a spread subset of its {total}, drawn with seed {seed})"
+                  if len(x) < total else "") + ":")
     click.echo(f"  NLL bound (L^x + L^z, mean over {K} draw{'s' if K > 1 else ''}): "
                f"{bound:.2f} nats")
     label = "single-sample bound, log-weight form" if K == 1 else f"IWAE, K={K}"
@@ -725,6 +817,8 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
     params = _params_on(ckpt, device)
     loss, error = clf.evaluate(params, cfg, x, y, batch_size)
     n_train = int(digits.train_x.shape[0])
+    if ccfg.subset:                                     # it trained with classify --subset N
+        n_train = min(n_train, ccfg.subset)
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "split": split,
               "n": int(len(x)), "glimpses": cfg.glimpses, "read_n": cfg.read_n,
               "cross_entropy": loss, "error": error, "train_digits": n_train,

@@ -128,6 +128,22 @@ FOLDER_SEED = 0  # fixed shuffle seed of the folder data set's split
 # Public entry points
 # --------------------------------------------------------------------------- #
 
+def spread_subset(total: int, count: int, seed: int) -> np.ndarray:
+    """``count`` sorted indices into a split of ``total`` images, spread over all of it:
+    one drawn at random from each of ``count`` equal stretches, with ``seed``. A file
+    sorted by label (binarized MNIST's test set is) then gives every label its share,
+    where its first images would be mostly zeros. count >= total: every index."""
+    total, count = int(total), int(count)
+    if count >= total:
+        return np.arange(total)
+    if count < 1:
+        raise ValueError(f"a subset needs at least one image, got {count}")
+    rng = np.random.default_rng([int(seed), 0x5B5E7])
+    starts = (np.arange(count) * total) // count
+    ends = (np.arange(1, count + 1) * total) // count
+    return starts + (rng.random(count) * (ends - starts)).astype(np.int64)
+
+
 def resolve_data_dir(data_dir: str = DEFAULT_DATA_DIR) -> Path:
     """The data folder: ``data_dir``, except that env NPDRAW_DATA replaces the default "data".
 

@@ -40,7 +40,8 @@ SECTION_OF = {
     "check_n": "output", "check_seed": "output",
     "out": "output", "name": "output", "no_progress": "output", "as_json": "output",
     "rows": "output", "cols": "output", "scale": "output", "fps": "output",
-    "boxes": "output", "pictures": "output", "from_epoch": "output",
+    "boxes": "output", "pictures": "output", "from_epoch": "output", "hold": "output",
+    "every": "output", "show_kl": "output", "count": "data",
 }
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -334,6 +336,41 @@ def save_gif(path, frames, duration=0.1, loop=0) -> None:
         out.append(desc[:9] + bytes([0x80 | (desc[9] & 0x40) | bits]) + table + lzw)
     out.append(b"\x3b")
     _write_atomically(path, b"".join(out))
+
+
+def save_frames(folder, frames, stem: str, duration: float, hold: float = 0.0,
+                every: int = 1) -> int:
+    """An animation in ``folder``: frame_000.png ... (one PNG per frame), STEM.gif (every
+    ``every``-th frame and the last, each ``duration`` seconds, the last ``hold`` seconds
+    more, looping) and STEM.png (the last frame). Removes the frame_*.png of an earlier,
+    longer (or wider-numbered) animation, which would pass for this one's.
+    -> the digits of the frame numbers."""
+    folder = Path(folder)
+    every = int(every)
+    if every < 1:
+        raise ValueError(f"every must be a positive integer, got {every!r}")
+    width = max(3, len(str(len(frames) - 1)))
+    names = {f"frame_{t:0{width}d}.png" for t in range(len(frames))}
+    shown = list(frames[every - 1::every])
+    if len(frames) % every:
+        shown.append(frames[-1])
+    durations = [float(duration)] * len(shown)
+    durations[-1] = min(durations[-1] + float(hold), GIF_MAX_DURATION)
+    for t, frame in enumerate(frames):
+        save_png(folder / f"frame_{t:0{width}d}.png", frame)
+    save_gif(folder / f"{stem}.gif", shown, duration=durations, loop=0)
+    save_png(folder / f"{stem}.png", frames[-1])
+    for stale in folder.glob("frame_*.png"):
+        if re.fullmatch(r"frame_\d+\.png", stale.name) and stale.name not in names:
+            stale.unlink()
+    return width
+
+
+def save_text(path, text: str) -> None:
+    """Write text (UTF-8) through a temporary file and os.replace, as the pictures."""
+    path = os.fspath(path)
+    _check_parent(path)
+    _write_atomically(path, text.encode("utf-8"))
 
 
 def load_image(path) -> np.ndarray:

@@ -224,3 +224,16 @@ def generate(params, cfg, eps):
         raise ValueError(f"eps must have shape (T, B, z_dim), got {getattr(eps, 'shape', eps)!r}")
     eps = _check_eps(eps, cfg, eps.shape[1], xp, dtype)
     return reference.generate(params, cfg, eps)
+
+
+def reconstruct(params, cfg, x, eps):
+    """Rebuild images glimpse by glimpse with the inference network (eq 3-8), for pictures.
+
+    x: (B, D) in [0, 1]   eps: (T, B, Z) noise for eq 6
+    -> (canvases (T, B, D) = sigmoid(c_t), windows, kl (T, B)) from the plain reference
+       (npdraw.reference.reconstruct): windows is None without attention, else
+       {"read": ..., "write": ...} of (T, B) arrays as in generate; the final canvas is
+       the one whose L^x loss_only scores with the same eps.
+    """
+    x, eps, _, _ = check_inputs(params, cfg, x, eps)
+    return reference.reconstruct(params, cfg, x, eps)

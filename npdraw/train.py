@@ -454,9 +454,72 @@ def generate_samples(params: dict, cfg: DrawConfig, count: int, rng: np.random.G
     canvases, windows = model_lib.generate(params, cfg, eps)
     canvases = backend.to_numpy(canvases)
     if windows is not None:
-        windows = {k: (int(v) if isinstance(v, (int, np.integer)) else backend.to_numpy(v))
-                   for k, v in windows.items()}
+        windows = _host_windows(windows)
     return canvases, windows
+
+
+def _host_windows(windows):
+    return {k: (int(v) if isinstance(v, (int, np.integer)) else backend.to_numpy(v))
+            for k, v in windows.items()}
+
+
+def reconstruct_images(params: dict, cfg: DrawConfig, x: np.ndarray, rng: np.random.Generator):
+    """Rebuild images with the inference network, glimpse by glimpse (model.reconstruct),
+    with eq 6's noise from ``rng``: returns (canvases (T, B, D), windows, kl (T, B)) on
+    the host; windows is None without attention, else {"read": ..., "write": ...}."""
+    device, dtype = _device_of(params), _params_dtype(params)
+    eps = _noise(rng, cfg, int(x.shape[0]), dtype, device)
+    x = backend.to_device(np.asarray(x, dtype=dtype), device)
+    canvases, windows, kl = model_lib.reconstruct(params, cfg, x, eps)
+    if windows is not None:
+        windows = {which: _host_windows(w) for which, w in windows.items()}
+    return backend.to_numpy(canvases), windows, backend.to_numpy(kl)
+
+
+def render_reconstruction_frames(images, canvases, windows, shape, cols: int,
+                                 scale: int = 2) -> list:
+    """One RGB frame per glimpse t: each image with glimpse t's read window (red) beside
+    its canvas after glimpse t with the write window (red), ``cols`` such pairs a row.
+
+    images: (B, D) in [0, 1]; canvases: (T, B, D); windows: reconstruct_images' (or None).
+    Laid out by render_frames as a grid of pairs (the last row padded with blank tiles).
+    """
+    images = np.asarray(backend.to_numpy(images))
+    canvases = np.asarray(backend.to_numpy(canvases))
+    t_steps, count = canvases.shape[0], images.shape[0]
+    cols = max(1, min(int(cols), count))
+    rows = -(-count // cols)
+    slots = rows * cols
+    tiles = np.zeros((t_steps, 2 * slots, canvases.shape[2]), canvases.dtype)
+    tiles[:, 0:2 * count:2] = images[None]
+    tiles[:, 1:2 * count:2] = canvases
+    boxes = None
+    if windows is not None:
+        boxes = {}
+        for key in ("cx", "cy", "stride"):
+            both = np.full((t_steps, 2 * slots), np.nan)
+            both[:, 0:2 * count:2] = windows["read"][key]
+            both[:, 1:2 * count:2] = windows["write"][key]
+            boxes[key] = both
+        sizes = np.zeros((t_steps, 2 * slots), np.int64)
+        sizes[:, 0::2], sizes[:, 1::2] = windows["read"]["N"], windows["write"]["N"]
+        boxes["N"] = sizes
+    return render_frames(tiles, boxes, shape, rows, 2 * cols, boxes=boxes is not None,
+                         scale=scale)
+
+
+def reconstruction(params: dict, cfg: DrawConfig, x: np.ndarray, count: int, cols: int,
+                   seed: int, scale: int = 2) -> dict:
+    """DRAW rebuilding ``count`` images of ``x`` (data.spread_subset with ``seed``), one
+    frame per glimpse (render_reconstruction_frames), eq 6's noise from ``seed`` too.
+    -> {"indices" (n,), "canvases" (T, n, D), "kl" (T, n) nats, "frames": T pictures}."""
+    from . import data as data_lib
+    indices = data_lib.spread_subset(len(x), count, seed)
+    images = np.asarray(x[indices])
+    canvases, windows, kl = reconstruct_images(params, cfg, images, _derived_rng(seed, 3))
+    frames = render_reconstruction_frames(images, canvases, windows,
+                                          (cfg.channels, cfg.height, cfg.width), cols, scale)
+    return {"indices": indices, "canvases": canvases, "kl": kl, "frames": frames}
 
 
 def _write_run_samples(run_dir: Path, params: dict, cfg: DrawConfig, seed: int) -> np.ndarray:

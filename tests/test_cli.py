@@ -151,6 +151,36 @@ def test_bad_train_options_are_usage_errors(args, text, tmp_path):
     assert not any(tmp_path.iterdir())       # nothing was started
 
 
+def _float_options():
+    import click
+    return [(name, param) for name, command in sorted(cli.commands.items())
+            for param in command.params if isinstance(param.type, click.types.FloatParamType)]
+
+
+def test_every_float_option_refuses_inf_and_nan_in_one_sentence():
+    import click
+    options = _float_options()
+    names = {f"{name} {param.opts[0]}" for name, param in options}
+    assert {"train --lr", "train --clip", "classify --lr", "classify --clip", "sample --fps",
+            "sample --hold", "reconstruct --hold", "attention-demo --cx"} <= names
+    for name, param in options:
+        for value in ("inf", "-inf", "nan", "1e999"):
+            with pytest.raises(click.BadParameter) as err:
+                param.type.convert(value, param, None)
+            assert err.value.message == f"{value!r} is not a finite number", (name, param.name)
+        if param.default is not None:                    # a finite value still passes
+            assert param.type.convert(str(param.default), param, None) == param.default
+
+
+@pytest.mark.parametrize("command,option", [("train", "--lr"), ("train", "--clip"),
+                                            ("classify", "--clip"), ("train", "--lr-min")])
+def test_an_infinite_float_stops_the_command_before_it_writes(command, option, tmp_path):
+    result = invoke([command, option, "inf", "--out", tmp_path, "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': 'inf' is not a finite number\n" in result.output
+    assert not any(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------------------------- sample
 
 def test_sample_writes_one_frame_per_glimpse_and_a_gif(trained, tmp_path):
@@ -164,6 +194,7 @@ def test_sample_writes_one_frame_per_glimpse_and_a_gif(trained, tmp_path):
     gif = iio.imread(out / "samples.gif", index=None)
     assert len(gif) == T
     first = iio.imread(frames[-1])
+    assert np.array_equal(iio.imread(out / "samples.png"), first)    # the final canvases
     assert first.shape[:2] == (2 * 57 + 1, 3 * 57 + 1)     # 56-pixel tiles, 1-pixel gaps
     red = (first[..., 0] > 200) & (first[..., 1] < 60) & (first[..., 2] < 60)
     assert red.any()                                        # write windows drawn
@@ -180,7 +211,80 @@ def test_sample_defaults_next_to_the_checkpoint_and_is_seeded(trained):
     assert not np.array_equal(first, iio.imread(run / "samples" / "frame_002.png"))
 
 
+# ----------------------------------------------------------------------------- reconstruct
+
+def test_reconstruct_draws_each_glimpse_and_ends_on_the_models_reconstruction(trained, bmnist,
+                                                                            data_args, tmp_path):
+    from npdraw import data as data_lib
+    from npdraw import images as images_lib
+    from npdraw import train as train_lib
+    run, _ = trained
+    out = tmp_path / "r"
+    result = invoke(["reconstruct", run / "best.h5", "--n", 3, "--cols", 2, "--scale", 1,
+                     "--seed", 4, "--kl", "--out", out, "--device", "cpu", *data_args])
+    assert result.exit_code == 0, result.output
+    frames = sorted(out.glob("frame_*.png"))
+    assert [f.name for f in frames] == [f"frame_{t:03d}.png" for t in range(T)]
+    assert len(iio.imread(out / "reconstruct.gif", index=None)) == T
+    last = iio.imread(out / "reconstruct.png")
+    assert np.array_equal(last, iio.imread(frames[-1]))
+    assert last.shape == (2 * 29 + 1, 4 * 29 + 1, 3)      # 2 rows of 2 (image, canvas) pairs
+    chosen = data_lib.spread_subset(len(bmnist.test), 3, 4)
+    record = json.loads((out / "kl.json").read_text())
+    assert record["test_indices"] == chosen.tolist()
+    kl = np.array(record["kl"])
+    assert kl.shape == (3, T) and (kl >= 0).all() and "KL of each glimpse" in result.output
+    # the canvas tiles are the model's final reconstruction of the chosen images, the image
+    # tiles those images (the red windows aside)
+    ckpt = ckpt_lib.load_checkpoint(run / "best.h5")
+    params = train_lib.model_params(ckpt)[0]
+    canvases, _, kl_lib = train_lib.reconstruct_images(params, ckpt.cfg, bmnist.test[chosen],
+                                                       train_lib._derived_rng(4, 3))
+    np.testing.assert_allclose(kl, kl_lib.T, rtol=1e-5, atol=1e-6)
+    eps = train_lib._derived_rng(4, 3).standard_normal((T, 3, ckpt.cfg.z_dim), dtype=np.float32)
+    _, stats = model_lib.loss_only(params, ckpt.cfg, bmnist.test[chosen], eps, return_terms=True)
+    final = canvases[-1].astype(np.float64)
+    x = bmnist.test[chosen]
+    recon = -(x * np.log(final) + (1 - x) * np.log(1 - final)).sum(axis=1)
+    np.testing.assert_allclose(recon, stats["recon_per_example"], rtol=1e-4)
+    red = (last[..., 0] == 255) & (last[..., 1] == 0) & (last[..., 2] == 0)
+    for i in range(3):
+        r, c = divmod(i, 2)
+        y = 1 + 29 * r
+        for x0, want in ((1 + 58 * c, x[i]), (30 + 58 * c, canvases[-1, i])):
+            tile, keep = last[y:y + 28, x0:x0 + 28, 1], ~red[y:y + 28, x0:x0 + 28]
+            assert keep.mean() > 0.5
+            assert np.array_equal(tile[keep], images_lib.to_uint8(want.reshape(28, 28))[keep])
+    assert red.any()                                       # the windows are drawn
+    again = invoke(["reconstruct", run / "best.h5", "--n", 2, "--scale", 1, "--out", out,
+                    "--device", "cpu", *data_args])
+    assert again.exit_code == 0, again.output
+    assert not (out / "kl.json").exists()                   # no stale KL of other images
+
+
 # ----------------------------------------------------------------------------- evaluate
+
+def test_evaluate_subset_is_spread_over_the_split_and_says_so(trained, bmnist, data_args):
+    from npdraw import data as data_lib
+    from npdraw import train as train_lib
+    run, _ = trained
+    result = invoke(["evaluate", run / "best.h5", "--json", "--subset", 40, "--seed", 3,
+                     "--device", "cpu", "--ranks", 1, *data_args])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.output)
+    assert (scored["n"], scored["of"], scored["subset"]) == (40, len(bmnist.test), "spread")
+    ckpt = ckpt_lib.load_checkpoint(run / "best.h5")
+    params = train_lib.model_params(ckpt)[0]
+    chosen = data_lib.spread_subset(len(bmnist.test), 40, 3)
+    assert chosen[-1] > len(bmnist.test) * 0.9                 # not the first 40
+    _, bound = train_lib.evaluate_iwae_and_bound(params, ckpt.cfg, bmnist.test[chosen], 1, 500,
+                                                 np.random.default_rng(3))
+    assert scored["nll_bound"] == pytest.approx(bound, rel=1e-6)
+    text = invoke(["evaluate", run / "best.h5", "--subset", 40, "--device", "cpu", "--ranks", 1,
+                   *data_args])
+    assert "a spread subset of its 10000, drawn with seed 0" in text.output
+    assert "spread over the split" in invoke(["evaluate", "--help"]).output
+
 
 def test_evaluate_bound_and_iwae(trained, data_args):
     run, _ = trained

@@ -52,7 +52,9 @@ def test_classify_eval_scores_the_logged_test_error_and_draws_the_glimpses(class
     scored = json.loads(result.output)
     logged = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     assert scored["error"] == logged["test_error"] and scored["n"] == 40
-    assert scored["train_digits"] == 9000
+    assert scored["train_digits"] == 100              # classify --subset 100, not the 9000
+    text = invoke(["classify-eval", run, "--subset", 40, "--device", "cpu"])
+    assert text.exit_code == 0 and "(trained on 100 digits of npm10k;" in text.output
     grid = iio.imread(tmp_path / "glimpses.png")
     assert grid.shape == (2 * 41 + 1, 3 * 41 + 1, 3)
     frames = iio.imread(tmp_path / "glimpses.gif", index=None)

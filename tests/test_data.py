@@ -567,3 +567,18 @@ def test_folder_bad_input(tmp_path):
     iio.imwrite(tmp_path / "c.png", np.zeros((5, 4), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"c.png is 1x5x4 .* a.png is 1x4x4; all images"):
         load_splits("folder", folder=str(tmp_path))
+
+
+def test_spread_subset_takes_one_image_from_each_stretch_and_follows_the_seed():
+    spread_subset = data.spread_subset
+    picked = spread_subset(10000, 1000, seed=0)
+    assert len(set(picked.tolist())) == 1000 and (np.diff(picked) > 0).all()
+    # one index in each tenth-of-a-percent stretch: a file sorted by label gives each
+    # label its share, where the first 1000 would all be zeros and ones
+    assert np.array_equal(picked // 10, np.arange(1000))
+    assert np.array_equal(picked, spread_subset(10000, 1000, seed=0))
+    assert not np.array_equal(picked, spread_subset(10000, 1000, seed=1))
+    assert not np.array_equal(picked % 10, np.zeros(1000))     # not simply every tenth
+    assert np.array_equal(spread_subset(5, 9, seed=3), np.arange(5))
+    uneven = spread_subset(10, 3, seed=2)
+    assert uneven[0] < 3 <= uneven[1] < 6 <= uneven[2] < 10

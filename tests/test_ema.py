@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from npdraw import checkpoint as ckpt_lib
+from npdraw import data as data_lib
 from npdraw import optim
 from npdraw import train as train_lib
 from npdraw.config import DrawConfig, TrainConfig
@@ -325,7 +326,8 @@ def test_export_and_evaluate_use_the_average(ema_run, bmnist, bmnist_data_dir, b
 
     # `evaluate` of the run scores the same model (best.h5's EMA) and says so, and so
     # does `evaluate` of the shipped file, whose parameters are that average.
-    want = train_lib.evaluate_bound(source.ema, TINY, np.asarray(bmnist.test[:20], np.float32),
+    spread = data_lib.spread_subset(len(bmnist.test), 20, 0)      # evaluate --subset 20
+    want = train_lib.evaluate_bound(source.ema, TINY, np.asarray(bmnist.test[spread], np.float32),
                                     500, np.random.default_rng(0))
     for model in (ema_run, out):
         result = invoke(["evaluate", model, "--subset", 20, "--json", "--ranks", 1,

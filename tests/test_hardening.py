@@ -495,7 +495,7 @@ def test_sample_removes_frames_of_an_earlier_longer_animation(tiny_run, tmp_path
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir())
     assert names == ["frame_000.png", "frame_001.png", "frame_002.png", "frame_notes.png",
-                     "samples.gif"]
+                     "samples.gif", "samples.png"]
 
 
 def test_a_float_tiff_of_0_to_255_is_scaled_by_its_range(tmp_path):

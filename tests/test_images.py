@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npdraw.images import (ImageNotFoundError, draw_box, image_grid, load_image, save_gif,
-                           save_png, series_colors, to_uint8, upscale)
+from npdraw.images import (ImageNotFoundError, draw_box, image_grid, load_image, save_frames,
+                           save_gif, save_png, series_colors, to_uint8, upscale)
 
 
 def test_to_uint8_clips_and_rounds():
@@ -192,3 +192,23 @@ def test_a_picture_that_fails_to_write_leaves_the_old_one_whole(tmp_path, monkey
         save(path, np.full((6, 5), 200, np.uint8))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_save_frames_writes_every_frame_a_thinned_gif_with_the_last_held_and_the_last_png(
+        tmp_path):
+    frames = [np.full((4, 5, 3), 40 * t, np.uint8) for t in range(5)]
+    (tmp_path / "frame_007.png").write_bytes(b"stale")
+    width = save_frames(tmp_path, frames, "anim", duration=0.1, hold=2.0, every=2)
+    assert width == 3 and sorted(p.name for p in tmp_path.glob("frame_*.png")) == [
+        f"frame_{t:03d}.png" for t in range(5)]
+    assert np.array_equal(iio.imread(tmp_path / "anim.png"), frames[-1])
+    gif = iio.imread(tmp_path / "anim.gif", index=None)
+    assert [int(f[0, 0, 0]) for f in gif] == [40, 120, 160]       # frames 2, 4 and the last
+    with Image.open(tmp_path / "anim.gif") as im:
+        delays = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            delays.append(im.info["duration"])
+    assert delays == [100, 100, 2100]
+    with pytest.raises(ValueError, match="every"):
+        save_frames(tmp_path, frames, "anim", duration=0.1, every=0)

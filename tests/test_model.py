@@ -191,6 +191,28 @@ def test_generate_shapes_and_windows():
     assert npdraw.generate(p2, cfg2, e2)[1] is None
 
 
+@pytest.mark.parametrize("name", ["attn_grey_nonsquare", "noattn_colour"])
+def test_reconstruct_ends_on_the_canvas_that_the_loss_scores(name):
+    """reconstruct's last canvas is the engine's: its L^x and the KL of every glimpse are
+    loss_only's with the same noise; the windows are the read and the write ones."""
+    cfg = CONFIGS[name]
+    params, x, eps = generic_point(cfg, B=4)
+    canvases, windows, kl = npdraw.reconstruct(params, cfg, x, eps)
+    assert canvases.shape == (cfg.T, 4, cfg.D) and kl.shape == (cfg.T, 4)
+    _, stats = npdraw.loss_only(params, cfg, x, eps, return_terms=True)
+    last = canvases[-1]
+    recon = -(x * np.log(last) + (1 - x) * np.log(1 - last)).sum(axis=1)
+    np.testing.assert_allclose(recon, stats["recon_per_example"], rtol=1e-9)
+    np.testing.assert_allclose(kl.mean(axis=1), stats["kl"], rtol=1e-9)
+    if not cfg.attention:
+        assert windows is None
+        return
+    assert (windows["read"]["N"], windows["write"]["N"]) == (cfg.read_n, cfg.write_n)
+    for key in ("cx", "cy", "stride", "sigma", "gamma"):
+        assert windows["read"][key].shape == windows["write"][key].shape == (cfg.T, 4)
+    assert not np.allclose(windows["read"]["cx"], windows["write"]["cx"])
+
+
 def test_generate_rejects_bad_eps(small):
     cfg, params, _, eps = small
     with pytest.raises(ValueError, match="eps must have shape"):

@@ -329,3 +329,34 @@ def generate(params, cfg, eps):
         windows = {key: xp.stack(rows) for key, rows in window_rows.items()}
         windows["N"] = cfg.write_n
     return xp.stack(canvases), windows
+
+
+def reconstruct(params, cfg, x, eps):
+    """The inference network glimpse by glimpse (step_forward), kept for pictures.
+
+    x: (B, D) in [0, 1]   eps: (T, B, Z)
+    -> (canvases (T, B, D) = sigmoid(c_t) for t = 1..T, windows, kl (T, B)): windows is
+    None without attention, else {"read": ..., "write": ...}, each a dict of (T, B)
+    arrays "cx", "cy" (1-based centre), "stride", "sigma", "gamma" and "N" (its size).
+    """
+    xp = get_array_module(x)
+    state = initial_state(params, x.shape[0])
+    canvases, kls = [], []
+    keys = ("cx", "cy", "sigma", "stride", "gamma")
+    rows = {"read": {k: [] for k in keys}, "write": {k: [] for k in keys}}
+    for t in range(cfg.T):
+        (state, kl), cache = step_forward(params, cfg, x, state, eps[t])
+        canvases.append(sigmoid(state["canvas"]))
+        kls.append(kl)
+        if cfg.attention:
+            read_cache, write_cache = cache[2], cache[8]
+            for which, window_cache in (("read", read_cache[1][1]),
+                                        ("write", write_cache[2][1])):
+                gX, gY, sigma2, delta, gamma = window_values(window_cache)
+                for key, value in zip(keys, (gX, gY, xp.sqrt(sigma2), delta, gamma)):
+                    rows[which][key].append(value)
+    windows = None
+    if cfg.attention:
+        windows = {which: {k: xp.stack(v) for k, v in r.items()} for which, r in rows.items()}
+        windows["read"]["N"], windows["write"]["N"] = cfg.read_n, cfg.write_n
+    return xp.stack(canvases), windows, xp.stack(kls)

@@ -211,6 +211,66 @@ def _peep_blocks(peep, Hd, axis):
     return [p[:, None] if axis == 0 else p for p in _blocks(peep, Hd, 3, -1)]
 
 
+def _sigmoid_in_place(x):
+    x *= 0.5
+    np.tanh(x, out=x)
+    x *= 0.5
+    x += 0.5                                                   # sigmoid = (1 + tanh(a/2)) / 2
+
+
+# On NumPy, as for the plain cell: in-place ufunc calls into preallocated outputs (the
+# fused kernels above are the reference, and what a GPU runs; a test checks both agree).
+
+def _peephole_lstm_cell_numpy(a, c_prev, peeps, axis, gates, h_out):
+    """As _lstm_cell_numpy, with peeps = [p_i, p_f, p_o] -> (gates, c, tanh(c), h)."""
+    Hd = c_prev.shape[axis]
+    p_i, p_f, p_o = peeps
+    gates = np.empty_like(a) if gates is None else gates
+    a_i, a_f, a_o, a_g = _blocks(a, Hd, 4, axis)
+    i, f, o, g = _blocks(gates, Hd, 4, axis)
+    for gate, pre, p in ((i, a_i, p_i), (f, a_f, p_f)):        # eq 7-8: c_{t-1} peeps in
+        np.add(pre, p * c_prev, out=gate)                      # gates may be a itself
+        _sigmoid_in_place(gate)
+    np.tanh(a_g, out=g)
+    c = f * c_prev
+    c += i * g                                                 # eq 9
+    np.add(a_o, p_o * c, out=o)                                # eq 10: c_t peeps in
+    _sigmoid_in_place(o)
+    tanh_c = np.tanh(c)
+    return gates, c, tanh_c, np.multiply(o, tanh_c, out=h_out)  # eq 11
+
+
+def _peephole_lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, peeps, out, axis):
+    """Writes da into out (shaped like gates); -> dc_prev. Shapes as in the forward."""
+    Hd = c_prev.shape[axis]
+    p_i, p_f, p_o = peeps
+    i, f, o, g = gates
+    da_i, da_f, da_o, da_g = _blocks(out, Hd, 4, axis)
+    np.multiply(dh, tanh_c, out=da_o)
+    da_o *= o
+    da_o *= 1.0 - o                                            # sigmoid' = s (1 - s)
+    dc_total = tanh_c * tanh_c
+    np.subtract(1.0, dc_total, out=dc_total)
+    dc_total *= o
+    dc_total *= dh
+    dc_total += dc
+    dc_total += da_o * p_o                                     # c_t fed o (eq 10)
+    np.multiply(dc_total, g, out=da_i)
+    da_i *= i
+    da_i *= 1.0 - i
+    np.multiply(dc_total, c_prev, out=da_f)
+    da_f *= f
+    da_f *= 1.0 - f
+    np.multiply(g, g, out=da_g)
+    np.subtract(1.0, da_g, out=da_g)
+    da_g *= i
+    da_g *= dc_total                                           # tanh' = 1 - g^2
+    dc_total *= f
+    dc_total += da_i * p_i                                     # c_{t-1} fed i and f
+    dc_total += da_f * p_f
+    return dc_total
+
+
 def peephole_lstm_cell_forward(a, c_prev, peep, axis=-1, gates_out=None, h_out=None):
     """The elementwise half of a peephole LSTM step (Graves 2013 eq 7-11, above).
 
@@ -221,8 +281,12 @@ def peephole_lstm_cell_forward(a, c_prev, peep, axis=-1, gates_out=None, h_out=N
     a (4Hd, B), c_prev (Hd, B); gates_out receives the activations [i, f, o, g]).
     """
     Hd = c_prev.shape[axis]
+    peeps = _peep_blocks(peep, Hd, axis)
+    if get_array_module(a) is np:
+        gates, c, tanh_c, h = _peephole_lstm_cell_numpy(a, c_prev, peeps, axis, gates_out, h_out)
+        return (h, c), (tuple(_blocks(gates, Hd, 4, axis)), c_prev, c, tanh_c, peep, axis)
     i, f, o, g, c, tanh_c, h = _peephole_lstm_cell_kernel(*_blocks(a, Hd, 4, axis), c_prev,
-                                                          *_peep_blocks(peep, Hd, axis))
+                                                          *peeps)
     gates = (i, f, o, g)
     if gates_out is not None:
         for block, value in zip(_blocks(gates_out, Hd, 4, axis), gates):
@@ -247,14 +311,20 @@ def peephole_lstm_cell_backward(dh, dc, cache, out=None):
     if out is None:
         shape = (4 * Hd, dh.shape[1]) if axis == 0 else (dh.shape[0], 4 * Hd)
         out = xp.empty(shape, dh.dtype)
-    grads = _peephole_lstm_cell_backward_kernel(dh, dc, *gates, c_prev, tanh_c,
-                                                *_peep_blocks(peep, Hd, axis))
-    for block, grad in zip(_blocks(out, Hd, 4, axis), grads[:4]):
-        block[...] = grad
+    peeps = _peep_blocks(peep, Hd, axis)
+    if xp is np:
+        dc_prev = _peephole_lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, peeps,
+                                                     out, axis)
+    else:
+        grads = _peephole_lstm_cell_backward_kernel(dh, dc, *gates, c_prev, tanh_c, *peeps)
+        for block, grad in zip(_blocks(out, Hd, 4, axis), grads[:4]):
+            block[...] = grad
+        dc_prev = grads[4]
+    da_i, da_f, da_o, _ = _blocks(out, Hd, 4, axis)
     batch = 1 if axis == 0 else 0
-    dpeep = xp.concatenate([(grads[0] * c_prev).sum(axis=batch),
-                            (grads[1] * c_prev).sum(axis=batch), (grads[2] * c).sum(axis=batch)])
-    return out, grads[4], dpeep
+    dpeep = xp.concatenate([(da_i * c_prev).sum(axis=batch), (da_f * c_prev).sum(axis=batch),
+                            (da_o * c).sum(axis=batch)])
+    return out, dc_prev, dpeep
 
 
 # ---------------------------------------------------------------- Gaussian latent

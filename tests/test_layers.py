@@ -315,3 +315,27 @@ def test_zero_peepholes_are_the_plain_cell(rng, axis):
     dap, dcp, _ = peephole_lstm_cell_backward(dh, dc, pcache)
     for got, want in ((hp, h), (cp, c), (dap, da), (dcp, dc_prev)):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_peephole_numpy_path_equals_the_fused_kernels(rng, axis):
+    """The in-place NumPy path of the peephole cell computes what its fused kernels do."""
+    from npdraw import layers
+    B, Hd = 3, 5
+    a = rng.standard_normal((B, 4 * Hd)) * 3
+    c_prev, dh, dc = (rng.standard_normal((B, Hd)) for _ in range(3))
+    peep = rng.standard_normal(3 * Hd)
+    if axis == 0:
+        a, c_prev, dh, dc = a.T.copy(), c_prev.T.copy(), dh.T.copy(), dc.T.copy()
+    peeps = layers._peep_blocks(peep, Hd, axis)
+    ref = layers._peephole_lstm_cell_kernel.unfused(*layers._blocks(a, Hd, 4, axis), c_prev,
+                                                    *peeps)
+    (h, c), cache = peephole_lstm_cell_forward(a, c_prev, peep, axis=axis, gates_out=a)
+    np.testing.assert_allclose(h, ref[6], rtol=1e-13)
+    np.testing.assert_allclose(c, ref[4], rtol=1e-13)
+    da, dc_prev, _ = peephole_lstm_cell_backward(dh, dc, cache)
+    want = layers._peephole_lstm_cell_backward_kernel.unfused(dh, dc, *ref[:4], c_prev, ref[5],
+                                                              *peeps)
+    for got, w in zip(layers._blocks(da, Hd, 4, axis), want[:4]):
+        np.testing.assert_allclose(got, w, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(dc_prev, want[4], rtol=1e-12, atol=1e-15)

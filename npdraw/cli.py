@@ -325,6 +325,9 @@ def cli():
               help="Decoder LSTM units.")
 @click.option("--z-dim", type=click.IntRange(min=1), default=100, show_default=True,
               help="Latent variables per glimpse.")
+@click.option("--peepholes", is_flag=True,
+              help="Peephole LSTMs (Graves 2013 eq 7-11), started at zero; allowed on "
+                   "--resume and --oldmodel from a model without them (docs/TRAINING.md).")
 @click.option("--name", default="", help="Run name (default: draw-<date>-<time>).")
 @click.option("--oldmodel", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Initialise the parameters from this checkpoint's model (same shapes; "
@@ -354,8 +357,8 @@ def cli():
 @library_errors
 def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma,
           lr_decay_epochs, eval_every, ema_decay, eval_noise, epochs, batch_size, enc_dim,
-          dec_dim, z_dim, name, oldmodel, resume, seed, device, ranks, data_dir, mirror, folder,
-          subset, eval_subset, clip, out, dtype, no_progress, tensorboard):
+          dec_dim, z_dim, peepholes, name, oldmodel, resume, seed, device, ranks, data_dir,
+          mirror, folder, subset, eval_subset, clip, out, dtype, no_progress, tensorboard):
     """Train DRAW; writes a run dir under --out (see docs/TRAINING.md).
 
     On a CPU with several cores it starts itself as one MPI rank per core, which train
@@ -410,9 +413,10 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
             read_n, write_n = attention if attention else (2, 5)
             cfg = DrawConfig(height=h, width=w, channels=c, T=T, read_n=read_n,
                              write_n=write_n, enc_dim=enc_dim, dec_dim=dec_dim, z_dim=z_dim,
-                             attention=attention is not None)
+                             attention=attention is not None, peepholes=peepholes)
         train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress,
-                        resume_overrides=overrides, comm=comm)
+                        resume_overrides=overrides, comm=comm,
+                        add_peepholes=bool(resume and peepholes))
     except train_lib.TrainingInterrupted as err:  # train() has said where to resume from
         if comm.is_root:
             click.echo("training interrupted", err=True)

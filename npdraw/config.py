@@ -34,12 +34,15 @@ class DrawConfig:
     dec_dim: int = 256
     z_dim: int = 100
     attention: bool = True
+    peepholes: bool = False       # Graves 2013 eq 7-11: gates see the cell (docs/MODEL.md)
 
     def __post_init__(self):
         _check_positive_ints(self, ("height", "width", "channels", "T", "read_n", "write_n",
                                     "enc_dim", "dec_dim", "z_dim"))
         if not isinstance(self.attention, bool):
             raise ValueError(f"attention must be True or False, got {self.attention!r}")
+        if not isinstance(self.peepholes, bool):
+            raise ValueError(f"peepholes must be True or False, got {self.peepholes!r}")
 
     @property
     def D(self) -> int:
@@ -73,7 +76,7 @@ class DrawConfig:
         for f in dataclasses.fields(cls):
             if f.name in values:
                 v = values[f.name]
-                kwargs[f.name] = bool(v) if f.name == "attention" else int(v)
+                kwargs[f.name] = bool(v) if f.name in ("attention", "peepholes") else int(v)
         return cls(**kwargs)
 
 

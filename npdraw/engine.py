@@ -26,7 +26,8 @@ from . import engine_attention as att
 from .backend import fuse, get_array_module, to_numpy
 from .config import DrawConfig
 from .layers import (bce_backward, bce_forward, latent_backward, latent_forward,
-                     linear_forward, lstm_cell_backward, lstm_cell_forward)
+                     linear_forward, lstm_cell_backward, lstm_cell_forward,
+                     peephole_lstm_cell_backward, peephole_lstm_cell_forward)
 
 # ---------------------------------------------------------------- eq 3
 
@@ -134,6 +135,23 @@ def _transpose(a):
     return out
 
 
+def _cell_forward(peep, a, c_prev, h_out):
+    """Eq 5 or 7's elementwise half, features first, the activations written over a;
+    with peepholes (peep (3H,), else None) Graves 2013 eq 7-11 in the same one kernel."""
+    if peep is None:
+        return lstm_cell_forward(a, c_prev, axis=0, gates_out=a, h_out=h_out)
+    return peephole_lstm_cell_forward(a, c_prev, peep, axis=0, gates_out=a, h_out=h_out)
+
+
+def _cell_backward(dh, dc, cache, out, dpeep):
+    """-> (da into out, dc_prev); the peepholes' gradient, if any, is added into dpeep."""
+    if dpeep is None:
+        return lstm_cell_backward(dh, dc, cache, out=out)
+    da, dc_prev, dpeep_step = peephole_lstm_cell_backward(dh, dc, cache, out=out)
+    dpeep += dpeep_step
+    return da, dc_prev
+
+
 def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     """The whole inference network, unrolled over T glimpses (eq 3-12).
 
@@ -178,6 +196,7 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     # gate pre-activations, turned into the activations backward needs in place
     a_enc = xp.empty((T, 4 * He, B), dtype)
     a_dec = xp.empty((T, 4 * Hd, B), dtype)
+    enc_peep, dec_peep = params.get("enc_peep"), params.get("dec_peep")   # None: no peepholes
     if cfg.attention:
         C, H, W, Pw = cfg.channels, cfg.height, cfg.width, cfg.write_dim
         # [x, x_hat] as the read sees them, x written once, x_hat rewritten each glimpse
@@ -207,14 +226,14 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
         xp.matmul(enc_W_T, slot[rows.encoder], out=a_enc[t])
         if S:
             a_enc[t] += enc_static
-        (_, c_enc), enc_cache = lstm_cell_forward(a_enc[t], c_enc, axis=0,       # eq 5
-                                                  gates_out=a_enc[t], h_out=next_slot[rows.h_enc])
+        (_, c_enc), enc_cache = _cell_forward(enc_peep, a_enc[t], c_enc,        # eq 5
+                                              next_slot[rows.h_enc])
         xp.matmul(q_W_T, next_slot[rows.posterior], out=q_all[t])              # eq 1-2
         # eq 6, and eq 10-11's KL per glimpse, while q_t is in the CPU caches
         (_, kl[t]), latent_cache = latent_forward(q_all[t], eps_T[t], axis=0, z_out=slot[rows.z])
         xp.matmul(dec_W_T, slot[rows.decoder], out=a_dec[t])
-        (h_dec, c_dec), dec_cache = lstm_cell_forward(a_dec[t], c_dec, axis=0,   # eq 7
-                                                      gates_out=a_dec[t], h_out=next_slot[rows.h_dec])
+        (h_dec, c_dec), dec_cache = _cell_forward(dec_peep, a_dec[t], c_dec,    # eq 7
+                                                  next_slot[rows.h_dec])
         if cfg.attention:
             heads = h_dec.T @ heads_W + heads_b                                  # eq 21, 28
             (write_window, read_window), window_cache = att.windows_forward(
@@ -286,6 +305,9 @@ def backward(params, cfg, cache):
     dc_dec = xp.zeros((Hd, B), dtype)
     dh_enc_next = xp.zeros((He, B), dtype)
     dc_enc = xp.zeros((He, B), dtype)
+    # the peepholes' gradients, summed over the glimpses (None: no peepholes)
+    dpeep_enc = xp.zeros(3 * He, dtype) if cfg.peepholes else None
+    dpeep_dec = xp.zeros(3 * Hd, dtype) if cfg.peepholes else None
     for t in reversed(range(T)):
         read_cache, enc_cache, latent_cache, dec_cache, write_cache = steps[t]
         # c_t = c_{t-1} + write(h_dec_t); with attention h_dec_t also set glimpse t+1's read
@@ -300,11 +322,11 @@ def backward(params, cfg, cache):
             dheads[t] = dcanvas
         dh_dec = heads_W @ dheads[t].T + dh_dec_next
         # into a contiguous scratch, then one copy: ufuncs crawl over the strided slice
-        da_dec[:, t], dc_dec = lstm_cell_backward(dh_dec, dc_dec, dec_cache, out=da_dec_step)
+        da_dec[:, t], dc_dec = _cell_backward(dh_dec, dc_dec, dec_cache, da_dec_step, dpeep_dec)
         ddec_in = params["dec_W"] @ da_dec_step                          # [dz, dh_dec_{t-1}]
         dq_all[:, t] = latent_backward(ddec_in[:Z], inv_B, latent_cache, out=dq_step)
         dh_enc = params["q_W"] @ dq_step + dh_enc_next
-        da_enc[:, t], dc_enc = lstm_cell_backward(dh_enc, dc_enc, enc_cache, out=da_enc_step)
+        da_enc[:, t], dc_enc = _cell_backward(dh_enc, dc_enc, enc_cache, da_enc_step, dpeep_enc)
         denc_in = enc_W @ da_enc_step                    # [dh_dec_{t-1}, dr, dh_enc_{t-1}]
         dh_enc_next = denc_in[Hd + R:]
         dh_dec_next = ddec_in[Z:] + denc_in[:Hd]
@@ -328,6 +350,8 @@ def backward(params, cfg, cache):
 
     grads = {"c0": dcanvas.sum(axis=0), "h_dec0": dh_dec_next.sum(axis=1),
              "h_enc0": dh_enc_next.sum(axis=1)}
+    if cfg.peepholes:
+        grads["enc_peep"], grads["dec_peep"] = dpeep_enc, dpeep_dec
     # one GEMM per weight, bias included, over all T*B columns (see the layout above)
     enc = block(rows.encoder, 0) @ features_first(da_enc).T          # [h_dec ; r ; h_enc ; 1]
     grads["enc_W"] = xp.concatenate([enc[Hd:Hd + R], enc[:Hd], enc[Hd + R:-1]])

@@ -29,6 +29,7 @@ SECTION_OF = {
     "train_set": "data", "distractors": "data", "crop": "data", "size": "data",
     "T": "model", "glimpses": "model", "attention": "model", "read_n": "model",
     "hidden": "model", "enc_dim": "model", "dec_dim": "model", "z_dim": "model",
+    "peepholes": "model",
     # attention-demo: the one attention window it draws
     "N": "model", "cx": "model", "cy": "model", "stride": "model", "sigma": "model",
     "dtype": "training", "device": "training", "ranks": "training", "seed": "training",

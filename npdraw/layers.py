@@ -48,8 +48,9 @@ def linear_backward(dy, cache):
 # ---------------------------------------------------------------- LSTM cell
 # Gate pre-activations a = [x, h_prev] W + b hold four column blocks in the
 # order [i, f, o, g]: input, forget and output gates (sigmoid), then the
-# candidate g (tanh). No peepholes. The elementwise work of a step is one
-# function of whole arrays, which backend.fuse turns into a single GPU kernel.
+# candidate g (tanh). The elementwise work of a step is one function of whole
+# arrays, which backend.fuse turns into a single GPU kernel. The peephole variant
+# (peephole_lstm_cell_*, below) adds the cell to the gates' pre-activations.
 
 def _sigmoid(x):
     # 0.5*(1+tanh(x/2)) equals 1/(1+exp(-x)) but never overflows
@@ -175,6 +176,155 @@ def lstm_cell_backward(dh, dc, cache, out=None):
     for block, grad in zip(_blocks(out, Hd, 4, axis), grads[:4]):
         block[...] = grad
     return out, grads[4]
+
+
+# ---------------------------------------------------------------- peephole LSTM cell
+# Graves 2013 eq 7-11 (Blocks' LSTM, which the seed used): the input and forget gates
+# see c_{t-1}, the output gate sees c_t, each through a diagonal weight vector:
+#     i = sigmoid(a_i + p_i c_{t-1})       (eq 7)      f = sigmoid(a_f + p_f c_{t-1})  (eq 8)
+#     c = f c_{t-1} + i tanh(a_g)          (eq 9)      o = sigmoid(a_o + p_o c)        (eq 10)
+#     h = o tanh(c)                        (eq 11)
+# peep (3Hd,) holds [p_i, p_f, p_o]. The three multiply-adds sit inside the one fused
+# kernel of a step; with peep = 0 every value equals the plain cell's.
+
+@fuse
+def _peephole_lstm_cell_kernel(a_i, a_f, a_o, a_g, c_prev, p_i, p_f, p_o):
+    i, f, g = _sigmoid(a_i + p_i * c_prev), _sigmoid(a_f + p_f * c_prev), np.tanh(a_g)
+    c = f * c_prev + i * g
+    o = _sigmoid(a_o + p_o * c)
+    tanh_c = np.tanh(c)
+    return i, f, o, g, c, tanh_c, o * tanh_c
+
+
+@fuse
+def _peephole_lstm_cell_backward_kernel(dh, dc, i, f, o, g, c_prev, tanh_c, p_i, p_f, p_o):
+    da_o = dh * tanh_c * o * (1.0 - o)
+    dc_total = dc + dh * o * (1.0 - tanh_c * tanh_c) + da_o * p_o     # c feeds o (eq 10)
+    da_i = dc_total * g * i * (1.0 - i)
+    da_f = dc_total * c_prev * f * (1.0 - f)
+    return (da_i, da_f, da_o, dc_total * i * (1.0 - g * g),
+            dc_total * f + da_i * p_i + da_f * p_f)                   # c_{t-1} feeds i, f
+
+
+def _peep_blocks(peep, Hd, axis):
+    """peep (3Hd,) -> [p_i, p_f, p_o], each (Hd,), or (Hd, 1) for the features-first layout."""
+    return [p[:, None] if axis == 0 else p for p in _blocks(peep, Hd, 3, -1)]
+
+
+def _sigmoid_in_place(x):
+    x *= 0.5
+    np.tanh(x, out=x)
+    x *= 0.5
+    x += 0.5                                                   # sigmoid = (1 + tanh(a/2)) / 2
+
+
+# On NumPy, as for the plain cell: in-place ufunc calls into preallocated outputs (the
+# fused kernels above are the reference, and what a GPU runs; a test checks both agree).
+
+def _peephole_lstm_cell_numpy(a, c_prev, peeps, axis, gates, h_out):
+    """As _lstm_cell_numpy, with peeps = [p_i, p_f, p_o] -> (gates, c, tanh(c), h)."""
+    Hd = c_prev.shape[axis]
+    p_i, p_f, p_o = peeps
+    gates = np.empty_like(a) if gates is None else gates
+    a_i, a_f, a_o, a_g = _blocks(a, Hd, 4, axis)
+    i, f, o, g = _blocks(gates, Hd, 4, axis)
+    for gate, pre, p in ((i, a_i, p_i), (f, a_f, p_f)):        # eq 7-8: c_{t-1} peeps in
+        np.add(pre, p * c_prev, out=gate)                      # gates may be a itself
+        _sigmoid_in_place(gate)
+    np.tanh(a_g, out=g)
+    c = f * c_prev
+    c += i * g                                                 # eq 9
+    np.add(a_o, p_o * c, out=o)                                # eq 10: c_t peeps in
+    _sigmoid_in_place(o)
+    tanh_c = np.tanh(c)
+    return gates, c, tanh_c, np.multiply(o, tanh_c, out=h_out)  # eq 11
+
+
+def _peephole_lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, peeps, out, axis):
+    """Writes da into out (shaped like gates); -> dc_prev. Shapes as in the forward."""
+    Hd = c_prev.shape[axis]
+    p_i, p_f, p_o = peeps
+    i, f, o, g = gates
+    da_i, da_f, da_o, da_g = _blocks(out, Hd, 4, axis)
+    np.multiply(dh, tanh_c, out=da_o)
+    da_o *= o
+    da_o *= 1.0 - o                                            # sigmoid' = s (1 - s)
+    dc_total = tanh_c * tanh_c
+    np.subtract(1.0, dc_total, out=dc_total)
+    dc_total *= o
+    dc_total *= dh
+    dc_total += dc
+    dc_total += da_o * p_o                                     # c_t fed o (eq 10)
+    np.multiply(dc_total, g, out=da_i)
+    da_i *= i
+    da_i *= 1.0 - i
+    np.multiply(dc_total, c_prev, out=da_f)
+    da_f *= f
+    da_f *= 1.0 - f
+    np.multiply(g, g, out=da_g)
+    np.subtract(1.0, da_g, out=da_g)
+    da_g *= i
+    da_g *= dc_total                                           # tanh' = 1 - g^2
+    dc_total *= f
+    dc_total += da_i * p_i                                     # c_{t-1} fed i and f
+    dc_total += da_f * p_f
+    return dc_total
+
+
+def peephole_lstm_cell_forward(a, c_prev, peep, axis=-1, gates_out=None, h_out=None):
+    """The elementwise half of a peephole LSTM step (Graves 2013 eq 7-11, above).
+
+    a: (B, 4Hd) gate pre-activations [i, f, o, g] without the peepholes
+    c_prev: (B, Hd)   peep: (3Hd,) = [p_i, p_f, p_o]
+    -> (h (B, Hd), c (B, Hd)), cache
+    axis, gates_out and h_out as for lstm_cell_forward (axis=0: features first,
+    a (4Hd, B), c_prev (Hd, B); gates_out receives the activations [i, f, o, g]).
+    """
+    Hd = c_prev.shape[axis]
+    peeps = _peep_blocks(peep, Hd, axis)
+    if get_array_module(a) is np:
+        gates, c, tanh_c, h = _peephole_lstm_cell_numpy(a, c_prev, peeps, axis, gates_out, h_out)
+        return (h, c), (tuple(_blocks(gates, Hd, 4, axis)), c_prev, c, tanh_c, peep, axis)
+    i, f, o, g, c, tanh_c, h = _peephole_lstm_cell_kernel(*_blocks(a, Hd, 4, axis), c_prev,
+                                                          *peeps)
+    gates = (i, f, o, g)
+    if gates_out is not None:
+        for block, value in zip(_blocks(gates_out, Hd, 4, axis), gates):
+            block[...] = value
+        gates = tuple(_blocks(gates_out, Hd, 4, axis))
+    if h_out is not None:
+        h_out[...] = h
+        h = h_out
+    return (h, c), (gates, c_prev, c, tanh_c, peep, axis)
+
+
+def peephole_lstm_cell_backward(dh, dc, cache, out=None):
+    """dh, dc: (B, Hd) gradients w.r.t. h and c
+    -> (da (B, 4Hd), dc_prev (B, Hd), dpeep (3Hd,)), dpeep summed over the batch:
+    dp_i = sum_b da_i c_{t-1},  dp_f = sum_b da_f c_{t-1},  dp_o = sum_b da_o c_t.
+
+    Transposed, as the forward was. out: optional array to receive da.
+    """
+    xp = get_array_module(dh)
+    gates, c_prev, c, tanh_c, peep, axis = cache
+    Hd = c_prev.shape[axis]
+    if out is None:
+        shape = (4 * Hd, dh.shape[1]) if axis == 0 else (dh.shape[0], 4 * Hd)
+        out = xp.empty(shape, dh.dtype)
+    peeps = _peep_blocks(peep, Hd, axis)
+    if xp is np:
+        dc_prev = _peephole_lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, peeps,
+                                                     out, axis)
+    else:
+        grads = _peephole_lstm_cell_backward_kernel(dh, dc, *gates, c_prev, tanh_c, *peeps)
+        for block, grad in zip(_blocks(out, Hd, 4, axis), grads[:4]):
+            block[...] = grad
+        dc_prev = grads[4]
+    da_i, da_f, da_o, _ = _blocks(out, Hd, 4, axis)
+    batch = 1 if axis == 0 else 0
+    dpeep = xp.concatenate([(da_i * c_prev).sum(axis=batch), (da_f * c_prev).sum(axis=batch),
+                            (da_o * c).sum(axis=batch)])
+    return out, dc_prev, dpeep
 
 
 # ---------------------------------------------------------------- Gaussian latent

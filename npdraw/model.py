@@ -22,6 +22,9 @@ Parameters (name: shape, role)
     dec_b       (4Hd,)
     write_W     (Hd, Pw)        write layer: the patch w_t (eq 28) or the canvas delta (eq 18)
     write_b     (Pw,)
+  with peepholes only (cfg.peepholes; zero at the start):
+    enc_peep    (3He,)          encoder peepholes [p_i, p_f, p_o] (Graves 2013 eq 7-11)
+    dec_peep    (3Hd,)          decoder peepholes [p_i, p_f, p_o]
   with attention only:
     read_att_W  (Hd, 5), read_att_b (5,)    read window (eq 21) from h_dec_{t-1}
     write_att_W (Hd, 5), write_att_b (5,)   write window from h_dec_t
@@ -59,6 +62,8 @@ def param_shapes(cfg: DrawConfig) -> dict:
         "write_W": (Hd, cfg.write_dim),
         "write_b": (cfg.write_dim,),
     }
+    if cfg.peepholes:  # [p_i, p_f, p_o] of each LSTM (Graves 2013 eq 7-11)
+        shapes.update({"enc_peep": (3 * He,), "dec_peep": (3 * Hd,)})
     if cfg.attention:
         P = WINDOW_PARAMS
         shapes.update({"read_att_W": (Hd, P), "read_att_b": (P,),

@@ -40,6 +40,7 @@ Legend of dimension letters:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -741,7 +742,7 @@ def load_data(tcfg: TrainConfig, progress: bool):
 
 def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
           progress: bool = True, eval_batch: int = EVAL_BATCH,
-          resume_overrides=(), comm=None) -> Path:
+          resume_overrides=(), comm=None, add_peepholes: bool = False) -> Path:
     """Train DRAW; returns the run directory.
 
     cfg: the model (height/width/channels must match the data). With ``tcfg.resume`` set
@@ -751,7 +752,9 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     config.RESUME_OVERRIDES: the learning-rate schedule, eval_every, ema_decay and
     eval_noise, for
     the next phase of a long run), and data_dir, mirror and folder where they differ from
-    TrainConfig's defaults (else the recorded ones). ``data``: a DataSplits to use
+    TrainConfig's defaults (else the recorded ones). ``add_peepholes``: on resume, give a
+    model without peepholes zero ones (the one model change a resume may make; the loss
+    is unchanged at first, Adam's moments for them start at zero). ``data``: a DataSplits to use
     instead of loading ``tcfg.dataset``. ``progress``: the per-iteration bar on stderr.
     ``comm``: the ranks that train together (distributed.py); by default MPI's when the
     process was started by mpiexec or srun with more than one rank, else one process;
@@ -773,11 +776,11 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
     """
     with guards.StopSignals() as stop, guards.RunLock() as lock:
         return _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm,
-                      stop, lock)
+                      stop, lock, add_peepholes)
 
 
 def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, stop,
-           lock) -> Path:
+           lock, add_peepholes=False) -> Path:
     """train()'s body; ``stop``: a guards.StopSignals, ``lock``: a guards.RunLock that
     rank 0 takes once the run folder is known."""
     backend.retain_freed_memory()            # every step reuses the same host buffers
@@ -799,6 +802,10 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         if cfg is not None and cfg != resume_ckpt.cfg:
             log("note: resuming with the checkpoint's model config; the one given is ignored")
         cfg = resume_ckpt.cfg
+        add_peepholes = add_peepholes and not cfg.peepholes
+        if add_peepholes:   # recorded in the checkpoints from here on through cfg
+            log("note: resuming with peepholes True (was False)")
+            cfg = dataclasses.replace(cfg, peepholes=True)
         defaults = TrainConfig()
         where = {k: (getattr(tcfg, k) if getattr(tcfg, k) != getattr(defaults, k)
                      else getattr(saved_tcfg, k)) for k in ("data_dir", "mirror", "folder")}
@@ -843,6 +850,10 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                                                                     device)
         best_valid = float(extra.get("best_valid", float("inf")))
         best_epoch = int(extra.get("best_epoch", 0))
+        if add_peepholes:
+            params, opt_state = _with_zero_peepholes(cfg, params), {
+                **opt_state, "m": _with_zero_peepholes(cfg, opt_state["m"]),
+                "v": _with_zero_peepholes(cfg, opt_state["v"])}
     else:
         params = init_model(cfg, tcfg.seed, train_x, dtype=tcfg.dtype)
         if tcfg.oldmodel:
@@ -850,6 +861,10 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             # the checkpoint's model: its moving average when it keeps one, as for
             # evaluate, sample and export
             old_params, old_is_average = model_params(old)
+            if cfg.peepholes and not any(n in old_params for n in PEEPHOLE_PARAMS):
+                # a model without peepholes: zero ones compute what it computed
+                log(f"note: --oldmodel {tcfg.oldmodel} has no peepholes: they start at zero")
+                old_params = _with_zero_peepholes(cfg, old_params)
             try:
                 ckpt_lib.check_compatible(old_params, params)
             except ValueError as err:
@@ -912,6 +927,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             log(f"nothing to do: the run already has {start_epoch} epochs")
             return run_dir
     ema = _start_ema(tcfg, params, resume_ckpt, device, log)
+    if add_peepholes and ema is not None:
+        ema = _with_zero_peepholes(cfg, ema)
     if resume_ckpt is None and comm.is_root:
         # The epoch-0 state on disk at once: an interrupted first epoch can be resumed.
         _save(ckpt_path, cfg, params, opt_state, 0, rng, tcfg, extra_now(), ema)
@@ -1184,6 +1201,21 @@ def _write_failed_message(err, epoch: int, ckpt_path: Path) -> str:
             + f"; {ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)})")
 
 
+PEEPHOLE_PARAMS = ("enc_peep", "dec_peep")
+
+
+def _with_zero_peepholes(cfg: DrawConfig, arrays: dict) -> dict:
+    """{name: (P,)} of a model without peepholes -> those of cfg's (with them), in
+    param_shapes' order, the peepholes zero (on the arrays' device and dtype)."""
+    like = arrays["c0"]
+    xp = backend.get_array_module(like)
+    shapes = model_lib.param_shapes(cfg)
+    out = {name: arrays[name] if name in arrays else xp.zeros(shape, like.dtype)
+           for name, shape in shapes.items() if name in arrays or name in PEEPHOLE_PARAMS}
+    # names cfg lacks stay, for check_compatible to report
+    return {**out, **{name: a for name, a in arrays.items() if name not in shapes}}
+
+
 def _resumed_state(ckpt, run_dir: Path, device: str):
     """(params, opt_state, rng, epoch, extra) of a checkpoint being resumed, on ``device``."""
     if ckpt.opt_state is None:
@@ -1216,7 +1248,8 @@ def _cfg_summary(cfg) -> str:
         return "unknown config"
     att = f"attention {cfg.read_n},{cfg.write_n}" if cfg.attention else "no attention"
     return (f"{cfg.channels}x{cfg.height}x{cfg.width}, T={cfg.T}, {att}, "
-            f"enc {cfg.enc_dim}, dec {cfg.dec_dim}, z {cfg.z_dim}")
+            f"enc {cfg.enc_dim}, dec {cfg.dec_dim}, z {cfg.z_dim}"
+            + (", peepholes" if cfg.peepholes else ""))
 
 
 # ----------------------------------------------------------------------------- classifier

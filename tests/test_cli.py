@@ -107,6 +107,20 @@ def test_train_without_attention_and_resume_through_the_cli(data_args, tmp_path,
     assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 2
 
 
+def test_peepholes_on_train_and_on_resume_through_the_cli(data_args, tmp_path):
+    base = ["train", *TINY_ARGS, "--epochs", "1", "--out", tmp_path, *data_args]
+    assert invoke([*base, "--name", "peep", "--peepholes"]).exit_code == 0
+    assert json.loads((tmp_path / "peep" / "config.json").read_text())["model"]["peepholes"]
+    assert invoke([*base, "--name", "plain"]).exit_code == 0
+    run = tmp_path / "plain"
+    result = invoke(["train", "--resume", run, "--epochs", "2", "--peepholes", "--no-progress",
+                     "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "note: resuming with peepholes True (was False)" in result.output
+    ckpt = ckpt_lib.load_checkpoint(run / "checkpoint.h5")
+    assert ckpt.cfg.peepholes and "enc_peep" in ckpt.params and ckpt.epoch == 2
+
+
 def test_nan_loss_exits_non_zero_with_a_message(data_args, tmp_path, monkeypatch):
     real = model_lib.loss_and_grads
 

@@ -2,6 +2,8 @@
 
 These are the project's only skips: they run where CuPy and a CUDA GPU are present.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -49,7 +51,10 @@ def _gpu(tree):
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-10), ("float32", 2e-3)])
 @pytest.mark.parametrize("index", range(len(CONFIGS)))
 def test_loss_and_grads_agree(index, dtype, rtol):
-    cfg = CONFIGS[index]
+    _check_agreement(CONFIGS[index], dtype, rtol)
+
+
+def _check_agreement(cfg, dtype, rtol):
     params, x, eps = _point(cfg, dtype)
     loss, grads, stats = npdraw.loss_and_grads(params, cfg, x, eps)
     gloss, ggrads, gstats = npdraw.loss_and_grads(
@@ -62,6 +67,14 @@ def test_loss_and_grads_agree(index, dtype, rtol):
         scale = np.abs(grads[name]).max() + 1e-12
         np.testing.assert_allclose(backend.to_numpy(ggrads[name]) / scale, grads[name] / scale,
                                    atol=rtol * 10, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-10), ("float32", 2e-3)])
+@pytest.mark.parametrize("index", [0, 2, 3])
+def test_loss_and_grads_agree_with_peepholes(index, dtype, rtol):
+    """The fused peephole cell (its (H, 1) peepholes broadcast over the batch in the
+    kernel) and d enc_peep, d dec_peep on the device equal NumPy's."""
+    _check_agreement(dataclasses.replace(CONFIGS[index], peepholes=True), dtype, rtol)
 
 
 @pytest.mark.parametrize("index", range(len(CONFIGS)))
@@ -127,6 +140,8 @@ def test_fused_kernels_match_their_numpy_form():
     from npdraw import engine, engine_attention, layers
     rng = np.random.default_rng(1)
     kernels = [(layers._lstm_cell_kernel, 5), (layers._lstm_cell_backward_kernel, 8),
+               (layers._peephole_lstm_cell_kernel, 8),
+               (layers._peephole_lstm_cell_backward_kernel, 11),
                (layers._reparam_kernel, 3), (layers._kl_terms_kernel, 2),
                (layers._bce_kernel, 2), (layers._bce_backward_kernel, 3),
                (engine._glimpse_error, 2), (engine._glimpse_error_backward, 3),

@@ -4,7 +4,8 @@ import pytest
 
 from npdraw.layers import (bce_backward, bce_forward, kl_backward, kl_forward, latent_backward,
                            latent_forward, linear_backward, linear_forward, lstm_cell_backward,
-                           lstm_cell_forward, reparam_backward, reparam_forward)
+                           lstm_cell_forward, peephole_lstm_cell_backward,
+                           peephole_lstm_cell_forward, reparam_backward, reparam_forward)
 from gradcheck import numeric_grad, rel_err
 
 TOL = 1e-6  # reached: every check here lands below about 1e-8
@@ -253,3 +254,88 @@ def test_lstm_numpy_path_equals_the_fused_kernels(rng, axis):
     for got, want in zip(layers._blocks(da, Hd, 4, axis), ref[:4]):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(dc_prev, ref[4], rtol=1e-13)
+
+
+# ---------------------------------------------------------------- peephole LSTM cell
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_peephole_lstm_cell_gradients(rng, axis):
+    """da, dc_prev and dpeep of Graves 2013 eq 7-11, by centred differences, in both layouts."""
+    B, Hd = 3, 4
+    a = rng.standard_normal((B, 4 * Hd))
+    c_prev = rng.standard_normal((B, Hd))
+    peep = rng.standard_normal(3 * Hd)
+    ph, pc = rng.standard_normal((B, Hd)), rng.standard_normal((B, Hd))
+    if axis == 0:
+        a, c_prev, ph, pc = a.T.copy(), c_prev.T.copy(), ph.T.copy(), pc.T.copy()
+
+    def f():
+        (h, c), _ = peephole_lstm_cell_forward(a, c_prev, peep, axis=axis)
+        return float((h * ph).sum() + (c * pc).sum())
+
+    _, cache = peephole_lstm_cell_forward(a, c_prev, peep, axis=axis)
+    da, dc_prev, dpeep = peephole_lstm_cell_backward(ph, pc, cache)
+    assert rel_err(da.ravel(), numeric_grad(f, a)) < TOL
+    assert rel_err(dc_prev.ravel(), numeric_grad(f, c_prev)) < TOL
+    assert rel_err(dpeep, numeric_grad(f, peep)) < TOL
+
+
+def test_peephole_lstm_cell_equations(rng):
+    """Input and forget gates see c_{t-1}, the output gate sees c_t (gates [i, f, o, g])."""
+    B, Hd = 2, 3
+    a, c_prev = rng.standard_normal((B, 4 * Hd)), rng.standard_normal((B, Hd))
+    peep = rng.standard_normal(3 * Hd)
+    p_i, p_f, p_o = peep[:Hd], peep[Hd:2 * Hd], peep[2 * Hd:]
+    a_i, a_f, a_o, a_g = (a[:, k * Hd:(k + 1) * Hd] for k in range(4))
+
+    def sig(v):
+        return 1 / (1 + np.exp(-v))
+    c = sig(a_f + p_f * c_prev) * c_prev + sig(a_i + p_i * c_prev) * np.tanh(a_g)
+    h = sig(a_o + p_o * c) * np.tanh(c)
+    (h_got, c_got), _ = peephole_lstm_cell_forward(a, c_prev, peep)
+    np.testing.assert_allclose(c_got, c, rtol=1e-13)
+    np.testing.assert_allclose(h_got, h, rtol=1e-13)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_zero_peepholes_are_the_plain_cell(rng, axis):
+    """peep = 0: h, c, da and dc_prev equal the plain cell's (the function-preserving start)."""
+    B, Hd = 3, 5
+    a = rng.standard_normal((B, 4 * Hd)) * 3
+    c_prev, dh, dc = (rng.standard_normal((B, Hd)) for _ in range(3))
+    if axis == 0:
+        a, c_prev, dh, dc = a.T.copy(), c_prev.T.copy(), dh.T.copy(), dc.T.copy()
+    (h, c), cache = lstm_cell_forward(a, c_prev, axis=axis)
+    da, dc_prev = lstm_cell_backward(dh, dc, cache)
+    gates = np.empty_like(a)
+    slot = np.empty_like(c_prev)
+    (hp, cp), pcache = peephole_lstm_cell_forward(a, c_prev, np.zeros(3 * Hd), axis=axis,
+                                                  gates_out=gates, h_out=slot)
+    assert hp is slot
+    dap, dcp, _ = peephole_lstm_cell_backward(dh, dc, pcache)
+    for got, want in ((hp, h), (cp, c), (dap, da), (dcp, dc_prev)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_peephole_numpy_path_equals_the_fused_kernels(rng, axis):
+    """The in-place NumPy path of the peephole cell computes what its fused kernels do."""
+    from npdraw import layers
+    B, Hd = 3, 5
+    a = rng.standard_normal((B, 4 * Hd)) * 3
+    c_prev, dh, dc = (rng.standard_normal((B, Hd)) for _ in range(3))
+    peep = rng.standard_normal(3 * Hd)
+    if axis == 0:
+        a, c_prev, dh, dc = a.T.copy(), c_prev.T.copy(), dh.T.copy(), dc.T.copy()
+    peeps = layers._peep_blocks(peep, Hd, axis)
+    ref = layers._peephole_lstm_cell_kernel.unfused(*layers._blocks(a, Hd, 4, axis), c_prev,
+                                                    *peeps)
+    (h, c), cache = peephole_lstm_cell_forward(a, c_prev, peep, axis=axis, gates_out=a)
+    np.testing.assert_allclose(h, ref[6], rtol=1e-13)
+    np.testing.assert_allclose(c, ref[4], rtol=1e-13)
+    da, dc_prev, _ = peephole_lstm_cell_backward(dh, dc, cache)
+    want = layers._peephole_lstm_cell_backward_kernel.unfused(dh, dc, *ref[:4], c_prev, ref[5],
+                                                              *peeps)
+    for got, w in zip(layers._blocks(da, Hd, 4, axis), want[:4]):
+        np.testing.assert_allclose(got, w, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(dc_prev, want[4], rtol=1e-12, atol=1e-15)

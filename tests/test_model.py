@@ -254,3 +254,21 @@ def test_the_array_module_generic_path_equals_the_numpy_one(name, request):
     assert loss_g == pytest.approx(loss, rel=1e-13)
     for key in grads:   # the same sums with other elementwise roundings: eps-scale per tensor
         assert rel_err(grads_g[key], grads[key]) < 1e-12, key
+
+
+def test_peepholes_config_and_parameters():
+    """peepholes: off by default and for configs saved before the field; on, two zero
+    vectors [p_i, p_f, p_o] of 3H, and every other parameter as without them."""
+    cfg = CONFIGS["attn_grey_nonsquare"]
+    saved = {k: v for k, v in cfg.to_dict().items() if k != "peepholes"}
+    assert npdraw.DrawConfig.from_dict(saved).peepholes is False
+    peep = npdraw.DrawConfig.from_dict({**saved, "peepholes": np.bool_(True)})
+    assert peep.peepholes is True
+    with pytest.raises(ValueError, match="peepholes must be True or False"):
+        npdraw.DrawConfig(peepholes=1)
+    plain, with_peep = npdraw.init_params(cfg, 5), npdraw.init_params(peep, 5)
+    assert set(with_peep) - set(plain) == {"enc_peep", "dec_peep"}
+    assert with_peep["enc_peep"].shape == (3 * cfg.enc_dim,)
+    assert with_peep["dec_peep"].shape == (3 * cfg.dec_dim,)
+    assert not with_peep["enc_peep"].any() and not with_peep["dec_peep"].any()
+    assert all(np.array_equal(plain[k], with_peep[k]) for k in plain)

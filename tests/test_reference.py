@@ -1,5 +1,6 @@
 """npdraw.reference: the plain DRAW, checked by loops and finite differences, and the
 fast engine checked against it."""
+import dataclasses
 import math
 
 import numpy as np
@@ -193,10 +194,27 @@ def test_full_window_over_image_reads_its_mean():
 
 # ---------------------------------------------------------------- the reference model
 
+# Peephole LSTMs (Graves 2013 eq 7-11) on two of the model configs, with and without attention
+PEEPHOLE_CONFIGS = {name + "_peepholes": dataclasses.replace(CONFIGS[name], peepholes=True)
+                    for name in ("attn_grey_nonsquare", "noattn_colour")}
+ALL_CONFIGS = {**CONFIGS, **PEEPHOLE_CONFIGS}
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_reference_gradients(name):
     """Every parameter's gradient of the reference, by centred differences of its loss."""
-    cfg = CONFIGS[name]
+    _check_reference_gradients(name)
+
+
+@pytest.mark.parametrize("name", sorted(PEEPHOLE_CONFIGS))
+def test_reference_gradients_with_peepholes(name):
+    """d enc_peep, d dec_peep (every element) and the other parameters' gradients through
+    the whole model with peepholes, by centred differences."""
+    _check_reference_gradients(name, every=("enc_peep", "dec_peep"))
+
+
+def _check_reference_gradients(name, every=()):
+    cfg = ALL_CONFIGS[name]
     params, x, eps = generic_point(cfg, seed=2)
     loss, grads, stats = reference.loss_and_grads(params, cfg, x, eps)
     assert set(grads) == set(params)
@@ -208,7 +226,7 @@ def test_reference_gradients(name):
     rng = np.random.default_rng(1)
     for pname, value in params.items():
         assert grads[pname].shape == value.shape, pname
-        idx = sample_indices(value.size, 12, rng)
+        idx = np.arange(value.size) if pname in every else sample_indices(value.size, 12, rng)
         err = rel_err(grads[pname].reshape(-1)[idx], numeric_grad(f, value, idx))
         assert err < TOL, f"{name}: {pname} rel_err {err:.2e}"
 
@@ -239,7 +257,32 @@ def test_step_backward_gives_the_input_state_gradients():
 def test_engine_matches_the_reference(name):
     """Loss, stats and every gradient of the fast engine (through the public API) equal
     the reference's in float64 (see AGREE)."""
-    cfg = CONFIGS[name]
+    _check_engine_against_reference(name)
+
+
+@pytest.mark.parametrize("name", sorted(PEEPHOLE_CONFIGS))
+def test_engine_matches_the_reference_with_peepholes(name):
+    """As above with peepholes, whose gradients are among those compared."""
+    _check_engine_against_reference(name)
+
+
+def test_zero_peepholes_compute_the_model_without_them():
+    """A model given zero peepholes has its loss and the other gradients (the start of
+    --oldmodel or --resume into --peepholes)."""
+    cfg = CONFIGS["attn_grey_nonsquare"]
+    params, x, eps = generic_point(cfg, seed=4)
+    peep_cfg = dataclasses.replace(cfg, peepholes=True)
+    peep_params = {**params, "enc_peep": np.zeros(3 * cfg.enc_dim),
+                   "dec_peep": np.zeros(3 * cfg.dec_dim)}
+    loss, grads, _ = npdraw.loss_and_grads(params, cfg, x, eps)
+    loss_p, grads_p, _ = npdraw.loss_and_grads(peep_params, peep_cfg, x, eps)
+    assert loss_p == pytest.approx(loss, rel=AGREE)
+    for key in grads:
+        assert rel_err(grads_p[key], grads[key]) < AGREE, key
+
+
+def _check_engine_against_reference(name):
+    cfg = ALL_CONFIGS[name]
     params, x, eps = generic_point(cfg, seed=3)
     loss, grads, stats = npdraw.loss_and_grads(params, cfg, x, eps)
     loss_r, grads_r, stats_r = reference.loss_and_grads(params, cfg, x, eps)

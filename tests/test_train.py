@@ -416,3 +416,85 @@ def test_render_frames_draws_red_write_windows():
     assert not ((plain[0][..., 0] > 200) & (plain[0][..., 1] < 50)).any()
     with pytest.raises(ValueError, match="needs 9 images"):
         train_lib.render_frames(canvases, None, (1, 28, 28), 3, 3)
+
+
+# ----------------------------------------------------------------------------- peepholes
+# A model without peepholes continued with them (--oldmodel or --resume into --peepholes):
+# the new vectors start at zero, so the first batch, with the same noise, has the same loss.
+
+TINY_PEEP = DrawConfig(T=3, read_n=2, write_n=3, enc_dim=16, dec_dim=16, z_dim=4, peepholes=True)
+
+
+def _first_loss(monkeypatch):
+    """Record the params and loss of every training batch's loss_and_grads call."""
+    real = model_lib.loss_and_grads
+    seen = []
+
+    def record(params, cfg, x, eps):
+        out = real(params, cfg, x, eps)
+        seen.append((cfg, {k: np.array(v) for k, v in params.items()}, out[0]))
+        return out
+
+    monkeypatch.setattr(model_lib, "loss_and_grads", record)
+    return seen
+
+
+def test_oldmodel_without_peepholes_starts_them_at_zero(bmnist, tmp_path, monkeypatch):
+    path = tmp_path / "old.h5"
+    ckpt_lib.save_checkpoint(path, TINY, model_lib.init_params(TINY, 123, dtype="float64"))
+    seen = _first_loss(monkeypatch)
+    for cfg, name in ((TINY, "plain"), (TINY_PEEP, "peep")):
+        lines = []
+        train_lib.train(cfg, _tcfg(tmp_path, oldmodel=str(path), name=name, dtype="float64"),
+                        log=lines.append, data=bmnist, progress=False)
+        seen.append(lines)
+    plain, peep = seen[0], seen[5]              # 4 batches a run, then its log lines
+    assert any("has no peepholes: they start at zero" in line for line in seen[9])
+    assert peep[0].peepholes and not peep[1]["enc_peep"].any() and not peep[1]["dec_peep"].any()
+    assert peep[2] == pytest.approx(plain[2], rel=1e-12)
+    saved = ckpt_lib.load_checkpoint(tmp_path / "peep" / "checkpoint.h5")
+    assert saved.cfg.peepholes and saved.params["enc_peep"].any()      # and they learn
+
+
+def test_resume_into_peepholes_keeps_the_first_loss(bmnist, tmp_path, monkeypatch):
+    import shutil
+    run = train_lib.train(TINY, _tcfg(tmp_path, name="run", dtype="float64"), log=_quiet([]),
+                          data=bmnist, progress=False)
+    shutil.copytree(run, tmp_path / "copy")
+    seen = _first_loss(monkeypatch)
+    train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(run)),
+                    log=_quiet([]), data=bmnist, progress=False)
+    lines = []
+    train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(tmp_path / "copy")),
+                    log=lines.append, data=bmnist, progress=False, add_peepholes=True)
+    plain, peep = seen[0], seen[4]
+    assert "note: resuming with peepholes True (was False)" in lines
+    assert peep[0].peepholes and not plain[0].peepholes
+    assert peep[2] == pytest.approx(plain[2], rel=1e-12)
+    saved = ckpt_lib.load_checkpoint(tmp_path / "copy" / "checkpoint.h5")
+    assert saved.cfg.peepholes and saved.params["dec_peep"].any()
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    assert config["model"]["peepholes"] is True
+    other = ckpt_lib.load_checkpoint(run / "checkpoint.h5")
+    assert set(saved.opt_state["m"]) == set(other.opt_state["m"]) | {"enc_peep", "dec_peep"}
+    assert saved.opt_state["step"] == other.opt_state["step"]
+
+
+def test_resume_into_peepholes_starts_their_adam_moments_at_zero(bmnist, tmp_path, monkeypatch):
+    from npdraw import optim
+    run = train_lib.train(TINY, _tcfg(tmp_path, name="run"), log=_quiet([]), data=bmnist,
+                          progress=False)
+    real, first = optim.adam_step, []
+
+    def capture(params, grads, state, *args, **kwargs):
+        if not first:
+            first.append({k: {n: np.array(a) for n, a in state[k].items()} for k in "mv"})
+        return real(params, grads, state, *args, **kwargs)
+
+    monkeypatch.setattr(optim, "adam_step", capture)
+    train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(run)),
+                    log=_quiet([]), data=bmnist, progress=False, add_peepholes=True)
+    for k in "mv":
+        assert list(first[0][k]) == list(model_lib.param_shapes(TINY_PEEP))
+        assert not first[0][k]["enc_peep"].any() and not first[0][k]["dec_peep"].any()
+        assert first[0][k]["enc_W"].any()                        # the others are continued

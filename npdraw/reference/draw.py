@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..backend import get_array_module, to_numpy
 from ..layers import (bce_backward, bce_forward, latent_backward, latent_forward,
                       linear_backward, linear_forward, lstm_cell_backward, lstm_cell_forward,
-                      sigmoid)
+                      peephole_lstm_cell_backward, peephole_lstm_cell_forward, sigmoid)
 
 # ---------------------------------------------------------------- attention (section 3.2)
 
@@ -206,13 +206,28 @@ def initial_state(params, B):
             "h_dec": h_dec, "c_dec": xp.zeros_like(h_dec)}
 
 
+def cell_forward(a, c_prev, peep):
+    """The LSTM cell of eq 5 and 7: plain (peep None), or with peepholes (Graves 2013
+    eq 7-11; peep (3H,) = [p_i, p_f, p_o]). a (B, 4H), c_prev (B, H) -> (h, c), cache"""
+    if peep is None:
+        return lstm_cell_forward(a, c_prev)
+    return peephole_lstm_cell_forward(a, c_prev, peep)
+
+
+def cell_backward(dh, dc, cache):
+    """dh, dc (B, H) -> (da (B, 4H), dc_prev (B, H), dpeep (3H,) or None)."""
+    if len(cache) == 4:                                  # the plain cell's cache
+        return (*lstm_cell_backward(dh, dc, cache), None)
+    return peephole_lstm_cell_backward(dh, dc, cache)
+
+
 def decoder_forward(params, z, h_dec, c_dec):
     """Eq 7, h_dec_t = RNN_dec(h_dec_{t-1}, z_t): z (B, Z), h_dec, c_dec (B, Hd)
     -> (h_dec, c_dec), cache"""
     xp = get_array_module(z)
     a, linear_cache = linear_forward(xp.concatenate([z, h_dec], axis=1),
                                      params["dec_W"], params["dec_b"])
-    (h_dec, c_dec), cell_cache = lstm_cell_forward(a, c_dec)
+    (h_dec, c_dec), cell_cache = cell_forward(a, c_dec, params.get("dec_peep"))
     return (h_dec, c_dec), (linear_cache, cell_cache)
 
 
@@ -228,7 +243,8 @@ def step_forward(params, cfg, x, state, eps_t):
     r, read_cache = read_head_forward(params, cfg, x, x_hat, state["h_dec"])
     a_enc, enc_linear = linear_forward(xp.concatenate([r, state["h_dec"], state["h_enc"]], axis=1),
                                        params["enc_W"], params["enc_b"])
-    (h_enc, c_enc), enc_cell = lstm_cell_forward(a_enc, state["c_enc"])   # eq 5
+    (h_enc, c_enc), enc_cell = cell_forward(a_enc, state["c_enc"],      # eq 5
+                                            params.get("enc_peep"))
     q, q_linear = linear_forward(h_enc, params["q_W"], params["q_b"])    # eq 1-2: [mu | log sigma]
     (z, kl), latent_cache = latent_forward(q, eps_t)      # eq 6, z = mu + sigma eps; eq 10-11, KL
     (h_dec, c_dec), decoder_cache = decoder_forward(params, z, state["h_dec"], state["c_dec"])
@@ -249,11 +265,15 @@ def step_backward(dstate, dkl, cache):
     dcanvas = dstate["canvas"]
     dh_dec, grads = write_head_backward(dcanvas, write_cache)
     dec_linear, dec_cell = decoder_cache
-    da_dec, dc_dec = lstm_cell_backward(dh_dec + dstate["h_dec"], dstate["c_dec"], dec_cell)
+    da_dec, dc_dec, dpeep_dec = cell_backward(dh_dec + dstate["h_dec"], dstate["c_dec"],
+                                              dec_cell)
     ddec_in, grads["dec_W"], grads["dec_b"] = linear_backward(da_dec, dec_linear)
     dq = latent_backward(ddec_in[:, :Z], dkl, latent_cache)
     dh_enc, grads["q_W"], grads["q_b"] = linear_backward(dq, q_linear)
-    da_enc, dc_enc = lstm_cell_backward(dh_enc + dstate["h_enc"], dstate["c_enc"], enc_cell)
+    da_enc, dc_enc, dpeep_enc = cell_backward(dh_enc + dstate["h_enc"], dstate["c_enc"],
+                                              enc_cell)
+    if dpeep_enc is not None:
+        grads["enc_peep"], grads["dec_peep"] = dpeep_enc, dpeep_dec
     denc_in, grads["enc_W"], grads["enc_b"] = linear_backward(da_enc, enc_linear)
     dh_dec_prev = ddec_in[:, Z:] + denc_in[:, R:R + Hd]
     dx_hat, dh_dec_read, read_grads = read_head_backward(denc_in[:, :R], read_cache)

@@ -1,0 +1,107 @@
+"""Integrity of what loads (issue 25): the checkpoint digest, hostile declared sizes,
+the RNG state, bad train configs. Tiny files; seconds in all."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from npdraw import checkpoint as ckpt_lib
+from npdraw import model as model_lib
+from npdraw import optim
+from npdraw.config import DrawConfig, TrainConfig
+
+TINY = DrawConfig(T=3, read_n=2, write_n=3, enc_dim=16, dec_dim=16, z_dim=4)
+
+
+def _save(path, **kw):
+    params = model_lib.init_params(TINY, 0)
+    state = optim.adam_init(params)
+    state["step"] = 7
+    rng = np.random.default_rng(5)
+    args = dict(opt_state=state, epoch=4, rng_state=rng.bit_generator.state,
+                train_cfg=TrainConfig(epochs=9), extra={"best_valid": 91.25}, ema=params)
+    args.update(kw)
+    ckpt_lib.save_checkpoint(path, TINY, params, **args)
+    return ckpt_lib.load_checkpoint(path)
+
+
+def _same(a, b) -> bool:
+    def arrays(x, y):
+        return x.keys() == y.keys() and all(
+            x[k].dtype == y[k].dtype and x[k].shape == y[k].shape
+            and x[k].tobytes() == y[k].tobytes() for k in x)
+    return (a.cfg == b.cfg and arrays(a.params, b.params) and arrays(a.ema, b.ema)
+            and arrays(a.opt_state["m"], b.opt_state["m"])
+            and arrays(a.opt_state["v"], b.opt_state["v"])
+            and a.opt_state["step"] == b.opt_state["step"] and a.epoch == b.epoch
+            and json.dumps(a.rng_state, default=str) == json.dumps(b.rng_state, default=str)
+            and a.train_cfg == b.train_cfg and a.extra == b.extra)
+
+
+def test_a_saved_checkpoint_carries_a_digest_that_load_verifies(tmp_path):
+    back = _save(tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        assert list(f.attrs)[-1] == "digest" and f.attrs["digest"] == back.digest
+    assert len(back.digest) == 64
+
+
+@pytest.mark.parametrize("change", ["param", "beta", "step", "best", "rng", "name"])
+def test_a_change_to_what_loads_is_refused_with_one_sentence(tmp_path, change):
+    path = tmp_path / "m.h5"
+    _save(path)
+    with h5py.File(path, "r+") as f:
+        if change == "param":
+            f["params/enc_W"][...] = 0
+        elif change == "beta":
+            cfg = json.loads(f.attrs["train_config"])
+            f.attrs["train_config"] = json.dumps({**cfg, "beta1": 0.8})
+        elif change == "step":
+            f["optimizer"].attrs["step"] = 8
+        elif change == "best":
+            f.attrs["extra"] = json.dumps({"best_valid": 81.25})
+        elif change == "rng":
+            state = json.loads(f.attrs["rng_state"])
+            state["state"]["state"] += 1
+            f.attrs["rng_state"] = json.dumps(state)
+        else:
+            f.move("ema/c0", "ema/c1")
+    with pytest.raises(ckpt_lib.CheckpointError) as info:
+        ckpt_lib.load_checkpoint(path)
+    assert str(info.value) == (f"checkpoint {path} does not match its sha256 digest: the file "
+                               "was changed or damaged after it was saved")
+
+
+def test_every_flipped_byte_is_refused_or_loads_the_same_content(tmp_path):
+    path = tmp_path / "m.h5"
+    original = _save(path)
+    data = path.read_bytes()
+    # Every Nth byte (as the probe of issue 25 did), and every byte of the JSON values
+    # and of the names that HDF5 keeps outside the checksummed data.
+    offsets = set(range(0, len(data), max(1, len(data) // 200)))
+    for text in (b"beta1", b"best_valid", b'"state"', b"epoch", b"step", b"enc_W"):
+        at = data.find(text)
+        assert at >= 0, text
+        offsets.update(range(at, at + 12))
+    refused = 0
+    for offset in sorted(offsets):
+        damaged = bytearray(data)
+        damaged[offset] ^= 0xFF if offset % 2 else 0x01
+        path.write_bytes(bytes(damaged))
+        try:
+            back = ckpt_lib.load_checkpoint(path)
+        except ckpt_lib.CheckpointError as err:
+            assert "\n" not in str(err) and str(path) in str(err), (offset, str(err))
+            refused += 1
+            continue
+        assert _same(back, original), f"byte {offset} changed what loads without an error"
+    assert refused > 0
+
+
+def test_files_without_a_digest_still_load_and_say_so(tmp_path):
+    path = tmp_path / "old.h5"
+    original = _save(path)
+    with h5py.File(path, "r+") as f:
+        del f.attrs["digest"]
+    back = ckpt_lib.load_checkpoint(path)
+    assert back.digest is None and _same(back, original)

@@ -530,3 +530,11 @@ def check_compatible(ckpt_params: dict, params: dict, what: str = "the checkpoin
         if name not in params:
             raise CheckpointError(f"{what} has parameter {name!r} (shape {tuple(a.shape)}) "
                                   "that the model does not have")
+
+
+def check_complete(ckpt: Checkpoint, path) -> None:
+    """Raise CheckpointError unless the checkpoint holds every parameter its own config
+    needs, with its shape (and no other), so that no later step meets a KeyError."""
+    shapes = {name: np.broadcast_to(np.float32(0), shape)     # shapes only, no memory
+              for name, shape in expected_shapes(ckpt.cfg).items()}
+    check_compatible(ckpt.params, shapes, f"checkpoint {path}")

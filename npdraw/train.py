@@ -615,7 +615,9 @@ def load_checkpoint(path):
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     try:
-        return ckpt_lib.load_checkpoint(path)
+        ckpt = ckpt_lib.load_checkpoint(path)
+        ckpt_lib.check_complete(ckpt, path)   # e.g. no params/c0: one sentence, not KeyError
+        return ckpt
     except ValueError:  # CheckpointError: its message names the file already
         raise
     except (OSError, KeyError, TypeError) as err:  # anything checkpoint.py did not wrap

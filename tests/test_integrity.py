@@ -105,3 +105,65 @@ def test_files_without_a_digest_still_load_and_say_so(tmp_path):
         del f.attrs["digest"]
     back = ckpt_lib.load_checkpoint(path)
     assert back.digest is None and _same(back, original)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("where", ["params/c0", "optimizer/m/c0", "optimizer/v/enc_W",
+                                   "ema/c0", "params/unknown"])
+def test_a_huge_declared_dataset_is_refused_before_reading(tmp_path, where):
+    path = tmp_path / "m.h5"
+    _save(path)
+    with h5py.File(path, "r+") as f:
+        if where in f:
+            del f[where]
+        f.create_dataset(where, shape=(10**9,), dtype="f4", chunks=(1 << 16,))
+    assert path.stat().st_size < 10**6                     # small on disk, 4 GB declared
+    with pytest.raises(ckpt_lib.CheckpointError) as info:
+        ckpt_lib.load_checkpoint(path)
+    assert str(info.value).startswith(f"checkpoint {path}: array {where} is declared with "
+                                      "shape (1000000000,), but ")
+
+
+# ----------------------------------------------------------------------------- RNG, configs
+
+def _rewrite_attr(path, key, value):
+    with h5py.File(path, "r+") as f:
+        f.attrs[key] = json.dumps(value)
+        del f.attrs["digest"]                    # as a hand-made file without a digest
+
+
+@pytest.mark.parametrize("name", ["mtrand", "seed", "default_rng"])
+def test_the_rng_state_must_name_a_known_bit_generator(tmp_path, name):
+    path = tmp_path / "m.h5"
+    _save(path)
+    _rewrite_attr(path, "rng_state", {"bit_generator": name, "state": {}})
+    with pytest.raises(ckpt_lib.CheckpointError) as info:
+        ckpt_lib.load_checkpoint(path)
+    assert str(info.value) == (f"checkpoint {path}: rng_state names bit generator {name!r}; "
+                               "only PCG64, PCG64DXSM, Philox, SFC64, MT19937 are accepted")
+
+
+@pytest.mark.parametrize("value", [None, [1, 2]])
+def test_a_train_config_field_that_is_null_or_a_list_is_one_sentence(tmp_path, value):
+    from npdraw import train as train_lib
+    path = tmp_path / "m.h5"
+    _save(path)
+    _rewrite_attr(path, "train_config", {**TrainConfig().to_dict(), "batch_size": value})
+    with pytest.raises(ValueError) as info:
+        train_lib.load_checkpoint(path)
+    assert str(info.value).startswith(f"checkpoint {path}: train_config is not a valid "
+                                      "TrainConfig (")
+    assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_without_c0_is_one_sentence(tmp_path):
+    from npdraw import train as train_lib
+    path = tmp_path / "m.h5"
+    _save(path, opt_state=None, ema=None)
+    with h5py.File(path, "r+") as f:
+        del f["params/c0"]
+        del f.attrs["digest"]
+    with pytest.raises(ValueError) as info:
+        train_lib.load_checkpoint(path)
+    assert str(info.value) == f"checkpoint {path} lacks parameter 'c0' (model shape (784,))"

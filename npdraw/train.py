@@ -523,6 +523,9 @@ def _read_log(path: Path, warn=None) -> list:
             continue
         try:
             row = json.loads(line)
+        except RecursionError:
+            raise ValueError(f"{path}, line {number}: nested too deeply to be an epoch "
+                             "record") from None
         except json.JSONDecodeError as err:
             if number == len(lines) and not text.endswith("\n"):
                 message = (f"{path}: dropped the cut-off last line {number} (an interrupted "

@@ -167,3 +167,32 @@ def test_a_checkpoint_without_c0_is_one_sentence(tmp_path):
     with pytest.raises(ValueError) as info:
         train_lib.load_checkpoint(path)
     assert str(info.value) == f"checkpoint {path} lacks parameter 'c0' (model shape (784,))"
+
+
+# ----------------------------------------------------------------------------- data file
+
+def test_a_damaged_converted_data_file_says_delete_it(bmnist_data_dir, bmnist_mirror, tmp_path):
+    import shutil
+
+    from npdraw.data import DataError, load_splits
+    shutil.copy(bmnist_data_dir / "binarized_mnist.h5", tmp_path / "binarized_mnist.h5")
+    h5 = tmp_path / "binarized_mnist.h5"
+    with h5py.File(h5, "r+") as f:                   # a flipped chunk: 0/1 values swapped
+        f["valid"][:1000] = 1 - f["valid"][:1000]
+    with pytest.raises(DataError) as info:
+        load_splits("bmnist", data_dir=str(tmp_path), mirror=str(bmnist_mirror),
+                    progress=False)
+    assert str(info.value) == (f"{h5}: dataset 'valid' does not match the sha256 of its "
+                               "source file (binarized_mnist_valid.amat); it is damaged: "
+                               f"delete {h5} and run again to rebuild it from the source "
+                               "files")
+
+
+def test_a_log_line_nested_too_deeply_is_one_sentence(tmp_path):
+    from npdraw import train as train_lib
+    (tmp_path / "log.jsonl").write_text('{"epoch": 1}\n' + "[" * 100_000 + "]" * 100_000
+                                        + "\n")
+    with pytest.raises(ValueError) as info:
+        train_lib.read_log(tmp_path)
+    assert str(info.value) == (f"{tmp_path / 'log.jsonl'}, line 2: nested too deeply to be "
+                               "an epoch record")

@@ -196,3 +196,32 @@ def test_a_log_line_nested_too_deeply_is_one_sentence(tmp_path):
         train_lib.read_log(tmp_path)
     assert str(info.value) == (f"{tmp_path / 'log.jsonl'}, line 2: nested too deeply to be "
                                "an epoch record")
+
+
+# ----------------------------------------------------------------------------- gzip bombs
+
+def test_an_over_long_gzip_source_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    import gzip
+    import os
+
+    from npdraw import data
+    monkeypatch.setitem(data.BMNIST_ROWS, "train", 5)      # a 5-line "train" file
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    line = b" ".join([b"0"] * 784) + b"\n"
+    (mirror / "binarized_mnist_train.amat.gz").write_bytes(gzip.compress(line * 2000))
+    read = []
+    real_read = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read",
+                        lambda self, size=-1: read.append(size) or real_read(self, size))
+    stale = tmp_path / "d" / ".binarized_mnist.h5.x1.part"
+    stale.parent.mkdir()
+    stale.write_bytes(b"left by a kill -9")
+    os.utime(stale, (1e9, 1e9))
+    with pytest.raises(data.DataError) as info:
+        data.load_splits("bmnist", data_dir=str(tmp_path / "d"), mirror=str(mirror),
+                         progress=False)
+    path = mirror / "binarized_mnist_train.amat.gz"
+    assert str(info.value) == (f"{path} holds more than 7,840 bytes (decompressed), the size "
+                               "of the file it should be; it is not that file")
+    assert read == [7841] and not stale.exists()

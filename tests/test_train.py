@@ -417,3 +417,26 @@ def test_render_frames_draws_red_write_windows():
     assert not ((plain[0][..., 0] > 200) & (plain[0][..., 1] < 50)).any()
     with pytest.raises(ValueError, match="needs 9 images"):
         train_lib.render_frames(canvases, None, (1, 28, 28), 3, 3)
+
+
+# ----------------------------------------------------------------------------- clipping
+
+def test_the_applied_update_is_the_clipped_gradients(bmnist, tmp_path):
+    """One step with a small --clip: Adam's moments hold the clipped gradients, so a
+    training loop that stops clipping fails here (issue 25)."""
+    from npdraw import optim
+    tcfg = _tcfg(tmp_path, subset=50, eval_subset=10, clip=0.003)
+    run = train_lib.train(TINY, tcfg, log=_quiet([]), data=bmnist, progress=False)
+    x = np.asarray(bmnist.train[:50], np.float32)
+    params = train_lib.init_model(TINY, tcfg.seed, x)
+    rng = train_lib._new_rng(tcfg.seed)
+    perm = rng.permutation(50)
+    eps = rng.standard_normal((TINY.T, 50, TINY.z_dim), dtype=np.float32)
+    _, grads, _ = model_lib.loss_and_grads(params, TINY, x[perm], eps)
+    scale = optim.clip_scale(optim.global_norm(grads), tcfg.clip)
+    assert scale < 0.2                                   # the clip is far from a no-op
+    state = ckpt_lib.load_checkpoint(run / "checkpoint.h5").opt_state
+    assert state["step"] == 1
+    for name, g in grads.items():
+        np.testing.assert_allclose(state["m"][name], (1 - tcfg.beta1) * scale * g, rtol=1e-6,
+                                   atol=1e-12, err_msg=name)

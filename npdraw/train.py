@@ -145,7 +145,8 @@ def _rng_from_state(state) -> np.random.Generator:
         state = json.loads(state)
     if not isinstance(state, dict) or "bit_generator" not in state:
         raise ValueError("checkpoint holds no usable RNG state; it cannot be resumed exactly")
-    bit_gen_cls = getattr(np.random, state["bit_generator"], None)
+    name = state["bit_generator"]     # never call a name that is not a bit generator
+    bit_gen_cls = getattr(np.random, name, None) if name in ckpt_lib.BIT_GENERATORS else None
     if bit_gen_cls is None:
         raise ValueError(f"checkpoint RNG {state['bit_generator']!r} is unknown to this NumPy")
     bit_gen = bit_gen_cls()

@@ -225,3 +225,10 @@ def test_an_over_long_gzip_source_is_refused_without_reading_it_whole(tmp_path, 
     assert str(info.value) == (f"{path} holds more than 7,840 bytes (decompressed), the size "
                                "of the file it should be; it is not that file")
     assert read == [7841] and not stale.exists()
+
+
+@pytest.mark.parametrize("name", ["mtrand", "seed"])
+def test_resume_never_calls_a_name_that_is_not_a_bit_generator(name):
+    from npdraw import train as train_lib
+    with pytest.raises(ValueError, match=f"checkpoint RNG '{name}' is unknown"):
+        train_lib._rng_from_state({"bit_generator": name, "state": {}})

@@ -23,6 +23,7 @@ loading needs neither CuPy nor a GPU (parameters come back as NumPy arrays).
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -37,6 +38,11 @@ from .config import ClassifierConfig, DrawConfig
 
 FORMAT = "npdraw-checkpoint"
 FORMAT_VERSION = 1
+# The root attribute holding the sha256 of everything that loads (see content_digest),
+# written last; files saved before it existed have none and load as before.
+DIGEST_ATTR = "digest"
+# The bit generators an rng_state may name (the loader instantiates the one named).
+BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
 
 # Marker used to carry NumPy arrays (e.g. MT19937's key vector) through JSON.
 _ND_KEY = "__ndarray__"
@@ -68,6 +74,7 @@ class Checkpoint:
     rng_state: Optional[dict] = None     # e.g. np.random.Generator().bit_generator.state
     train_cfg: Optional[dict] = None     # TrainConfig.to_dict()
     extra: dict = field(default_factory=dict)
+    digest: Optional[str] = None         # the file's verified sha256; None: an older file
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -241,6 +248,13 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
             _write_arrays(g.create_group("v", track_order=True), host_opt["v"])
         if host_ema is not None:
             _write_arrays(f.create_group("ema", track_order=True), host_ema)
+        # Last: the digest of the attributes as the file holds them and of the arrays.
+        arrays = {"params": host_params}
+        if host_opt is not None:
+            arrays.update({"optimizer/m": host_opt["m"], "optimizer/v": host_opt["v"]})
+        if host_ema is not None:
+            arrays["ema"] = host_ema
+        f.attrs[DIGEST_ATTR] = content_digest(f, arrays)
     data = buffer.getbuffer()
     free = free_bytes(directory)
     if free is not None and free < len(data) + SPACE_MARGIN:
@@ -266,30 +280,145 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
 
 # ----------------------------------------------------------------------------- load
 
-def _read_arrays(group, where: str, path) -> dict:
-    """The datasets of a group, each checked: readable (checksum) and finite."""
+def expected_shapes(cfg) -> dict:
+    """name -> shape of every parameter of the model ``cfg`` describes (DRAW or the
+    classifier): the shapes a checkpoint's datasets are checked against before reading."""
+    if isinstance(cfg, ClassifierConfig):
+        from .reference.classifier import param_shapes
+    else:
+        from .model import param_shapes
+    return {name: tuple(int(n) for n in shape) for name, shape in param_shapes(cfg).items()}
+
+
+def _read_arrays(group, where: str, path, shapes: Optional[dict]) -> dict:
+    """The datasets of a group as NumPy arrays. With ``shapes`` (name -> expected shape),
+    each dataset's declared shape and dtype are checked before anything is read: a
+    model parameter may hold at most the values of its shape, any other name at most
+    those of the whole model, so that a file declaring a huge dataset is refused, not
+    allocated (check_compatible then compares the exact shapes)."""
+    bound = None if shapes is None else max(1, sum(int(np.prod(s)) for s in shapes.values()))
     out = {}
     for name, ds in group.items():
         if not isinstance(ds, h5py.Dataset):
             raise CheckpointError(f"checkpoint {path}: {where}/{name} is not a dataset")
+        declared = tuple(int(n) for n in ds.shape) if ds.shape is not None else None
+        if ds.dtype.kind not in "biuf" or ds.dtype.itemsize > 8 or declared is None:
+            raise CheckpointError(f"checkpoint {path}: array {where}/{name} has dtype "
+                                  f"{ds.dtype} and shape {ds.shape}, not a numeric array")
+        if shapes is not None:
+            allowed = int(np.prod(shapes[name])) if name in shapes else bound
+            if int(np.prod(declared)) > allowed:
+                wanted = (f"the model's config gives it shape {shapes[name]}" if name in shapes
+                          else f"the whole model has {bound:,} values")
+                raise CheckpointError(f"checkpoint {path}: array {where}/{name} is declared "
+                                      f"with shape {declared}, but {wanted}; the file is "
+                                      "damaged or not this model's")
         try:
-            a = np.asarray(ds[()])
+            out[name] = np.asarray(ds[()])
         except (OSError, RuntimeError, ValueError) as e:   # e.g. a Fletcher-32 mismatch
             raise CheckpointError(f"checkpoint {path}: array {where}/{name} is damaged "
                                   f"({e})") from None
+    return out
+
+
+def _check_finite(arrays: dict, where: str, path) -> None:
+    for name, a in arrays.items():
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             bad = int(a.size - np.count_nonzero(np.isfinite(a)))
             raise CheckpointError(f"checkpoint {path}: array {where}/{name} holds {bad} NaN "
                                   f"or infinite value{'s' if bad > 1 else ''} of {a.size}; "
                                   "the file is damaged or was saved from a diverged model")
-        out[name] = a
-    return out
 
 
 def _need_group(f, name: str, path):
     if name not in f or not isinstance(f[name], h5py.Group):
         raise CheckpointError(f"checkpoint {path}: group '{name}' is missing")
     return f[name]
+
+
+def _read_raw(f, shapes: Optional[dict], path) -> dict:
+    """{"params", "optimizer/m", "optimizer/v", "ema"} -> {name: array}, for the groups
+    the file holds (params always)."""
+    arrays = {"params": _read_arrays(_need_group(f, "params", path), "params", path, shapes)}
+    if "optimizer" in f:
+        g = _need_group(f, "optimizer", path)
+        for key in ("m", "v"):
+            arrays[f"optimizer/{key}"] = _read_arrays(_need_group(g, key, path),
+                                                      f"optimizer/{key}", path, shapes)
+    if "ema" in f:
+        arrays["ema"] = _read_arrays(_need_group(f, "ema", path), "ema", path, shapes)
+    return arrays
+
+
+def _digest_value(value) -> tuple:
+    """(a tag naming the type, dtype and shape; the bytes) of an attribute value."""
+    if isinstance(value, bytes):
+        return "bytes", value
+    if isinstance(value, str):
+        return "str", value.encode("utf-8", "surrogatepass")
+    a = np.asarray(value)
+    if a.dtype.kind in "OSU":
+        return f"text{a.shape}", json.dumps([str(v) for v in a.ravel()]).encode("utf-8")
+    return f"{a.dtype.str}{a.shape}", np.ascontiguousarray(a).tobytes()
+
+
+def content_digest(f, arrays: dict) -> str:
+    """sha256 (hex) over everything a checkpoint loads, in a canonical order: the root
+    attributes but the digest, the attributes of /config and /optimizer (sorted by
+    name), then each group of ``arrays`` (as _read_raw returns them; groups and names
+    sorted), each array as its name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+
+    def feed(kind: str, name: str, tag: str, data: bytes) -> None:
+        h.update(f"{kind}\0{name}\0{tag}\0{len(data)}\0".encode("utf-8", "surrogatepass"))
+        h.update(data)
+
+    for where, attrs in (("/", f.attrs), ("config", f["config"].attrs if "config" in f
+                                          else {}),
+                         ("optimizer", f["optimizer"].attrs if "optimizer" in f else {})):
+        for key in sorted(attrs.keys()):
+            if where == "/" and key == DIGEST_ATTR:
+                continue
+            feed("attr", f"{where}@{key}", *_digest_value(attrs[key]))
+    for where in sorted(arrays):
+        feed("group", where, "", b"")
+        for name in sorted(arrays[where]):
+            a = np.asarray(arrays[where][name])
+            a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))  # one byte order
+            feed("array", f"{where}/{name}", f"{a.dtype.str}{a.shape}", a.tobytes())
+    return h.hexdigest()
+
+
+def _check_rng_state(state, path) -> None:
+    """Refuse an rng_state that does not name a known bit generator or does not fit it
+    (the loader instantiates the generator it names)."""
+    if state is None:
+        return
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if not isinstance(name, str) or name not in BIT_GENERATORS:
+        raise CheckpointError(f"checkpoint {path}: rng_state names bit generator {name!r}; "
+                              f"only {', '.join(BIT_GENERATORS)} are accepted")
+    try:
+        getattr(np.random, name)().state = state
+    except (TypeError, ValueError, KeyError, OverflowError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {path}: rng_state is not a valid {name} state "
+                              f"({e})") from None
+
+
+def _check_train_config(value, model: str, path) -> None:
+    """Refuse a train_config that its config class cannot read (a null or list field)."""
+    if value is None:
+        return
+    from .config import ClassifyConfig, TrainConfig
+    config_cls = ClassifyConfig if model == "classifier" else TrainConfig
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint {path}: train_config is a {type(value).__name__}, "
+                              "not a JSON object")
+    try:
+        config_cls.from_dict(dict(value))
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path}: train_config is not a valid "
+                              f"{config_cls.__name__} ({e})") from None
 
 
 def _read(f, path) -> Checkpoint:
@@ -317,30 +446,40 @@ def _read(f, path) -> Checkpoint:
             raise CheckpointError(f"checkpoint {path}: unknown model kind {model!r}")
         config_cls = ClassifierConfig if model == "classifier" else DrawConfig
         cfg = config_cls.from_dict({k: v for k, v in cfg_group.attrs.items()})
+        shapes = expected_shapes(cfg)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: bad model config: {e}") from None
-    params = _read_arrays(_need_group(f, "params", path), "params", path)
-
+    if "optimizer" in f and "step" not in _need_group(f, "optimizer", path).attrs:
+        raise CheckpointError(f"checkpoint {path}: optimizer has no 'step' attribute")
+    arrays = _read_raw(f, shapes, path)
+    digest = None
+    if DIGEST_ATTR in f.attrs:
+        stored = f.attrs[DIGEST_ATTR]
+        stored = stored.decode("utf-8", "replace") if isinstance(stored, bytes) else str(stored)
+        digest = content_digest(f, arrays)
+        if stored != digest:
+            raise CheckpointError(f"checkpoint {path} does not match its sha256 digest: the "
+                                  "file was changed or damaged after it was saved")
+    for where, group in arrays.items():
+        _check_finite(group, where, path)
+    params = arrays["params"]
     opt_state = None
     if "optimizer" in f:
-        g = _need_group(f, "optimizer", path)
-        if "step" not in g.attrs:
-            raise CheckpointError(f"checkpoint {path}: optimizer has no 'step' attribute")
-        opt_state = {"m": _read_arrays(_need_group(g, "m", path), "optimizer/m", path),
-                     "v": _read_arrays(_need_group(g, "v", path), "optimizer/v", path),
-                     "step": int(g.attrs["step"])}
-    ema = None
-    if "ema" in f:
-        ema = _read_arrays(_need_group(f, "ema", path), "ema", path)
+        opt_state = {"m": arrays["optimizer/m"], "v": arrays["optimizer/v"],
+                     "step": int(f["optimizer"].attrs["step"])}
+    ema = arrays.get("ema")
+    if ema is not None:
         check_compatible(ema, params, f"the moving average (ema) of checkpoint {path}")
 
     json_values = {key: (_from_json(f.attrs[key], key, path) if key in f.attrs else None)
                    for key in ("rng_state", "train_config", "extra")}
+    _check_rng_state(json_values["rng_state"], path)
+    _check_train_config(json_values["train_config"], model, path)
     return Checkpoint(cfg=cfg, params=params, opt_state=opt_state, ema=ema,
                       epoch=int(f.attrs.get("epoch", 0)),
                       rng_state=json_values["rng_state"],
                       train_cfg=json_values["train_config"],
-                      extra=json_values["extra"] or {})
+                      extra=json_values["extra"] or {}, digest=digest)
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -365,8 +504,10 @@ def load_checkpoint(path) -> Checkpoint:
             return _read(f, path)
     except CheckpointError:
         raise
-    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
-        # h5py reports damaged files through several exception types.
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError,
+            OverflowError, AttributeError, SystemError, UnicodeError) as e:
+        # h5py reports damaged files (a flipped bit in HDF5's own structures) through
+        # many exception types.
         raise CheckpointError(f"checkpoint {path} is damaged or truncated ({e})") from None
 
 
@@ -389,3 +530,11 @@ def check_compatible(ckpt_params: dict, params: dict, what: str = "the checkpoin
         if name not in params:
             raise CheckpointError(f"{what} has parameter {name!r} (shape {tuple(a.shape)}) "
                                   "that the model does not have")
+
+
+def check_complete(ckpt: Checkpoint, path) -> None:
+    """Raise CheckpointError unless the checkpoint holds every parameter its own config
+    needs, with its shape (and no other), so that no later step meets a KeyError."""
+    shapes = {name: np.broadcast_to(np.float32(0), shape)     # shapes only, no memory
+              for name, shape in expected_shapes(ckpt.cfg).items()}
+    check_compatible(ckpt.params, shapes, f"checkpoint {path}")

@@ -39,6 +39,7 @@ import os
 import struct
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -87,6 +88,10 @@ BMNIST_SHAPE = (1, 28, 28)
 
 # SHA-256 of the *uncompressed* .amat files. Module level so that tests can swap
 # in the checksums of small fake files.
+# The images in each .amat file: its size is 2 * 784 bytes a line.
+BMNIST_ROWS = {"train": 50_000, "valid": 10_000, "test": 10_000}
+# A temporary file (.part) older than this was left by a killed process; it is removed.
+STALE_PART_SECONDS = 3600
 BMNIST_SHA256 = {
     "train": "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d",
     "valid": "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2",
@@ -346,18 +351,38 @@ def _locate(names: list, subdir: str, cache: Optional[Path], work_dir: Path, mir
     raise DataError("source file not found; tried: " + "; ".join(missing))
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
-    """The file's bytes, gunzipped when it starts with the gzip magic."""
+def _read_maybe_gzip(path: Path, max_bytes: Optional[int] = None) -> bytes:
+    """The file's bytes, gunzipped when it starts with the gzip magic. With
+    ``max_bytes`` (the format's known size) a file holding more, once decompressed, is
+    refused after reading at most max_bytes + 1 bytes (a gzip bomb is never read whole)."""
+    limit = -1 if max_bytes is None else max_bytes + 1
     try:
         with open(path, "rb") as f:
             magic = f.read(2)
             f.seek(0)
             if magic == b"\x1f\x8b":
                 with gzip.GzipFile(fileobj=f) as g:
-                    return g.read()
-            return f.read()
+                    raw = g.read(limit)
+            else:
+                raw = f.read(limit)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e} (damaged or truncated gzip?)") from None
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise DataError(f"{path} holds more than {max_bytes:,} bytes (decompressed), the size "
+                        "of the file it should be; it is not that file")
+    return raw
+
+
+def _remove_stale_parts(root: Path, prefix: str) -> None:
+    """Remove ``prefix*.part`` files in ``root`` left by a killed download or conversion
+    (older than STALE_PART_SECONDS, so that a running one keeps its file)."""
+    now = time.time()
+    for part in root.glob(f"{prefix}*.part"):
+        try:
+            if now - part.stat().st_mtime > STALE_PART_SECONDS:
+                part.unlink()
+        except OSError:
+            pass
 
 
 def _hint_delete(path: Path, cache: Path, error: DataError) -> DataError:
@@ -433,7 +458,7 @@ def _bmnist_split(split: str, root: Path, mirror: str, progress: bool) -> np.nda
     path, temporary = _locate(names, "binarized_mnist", root, root, mirror, BMNIST_URL, names,
                               progress, keep=False)
     try:
-        raw = _read_maybe_gzip(path)
+        raw = _read_maybe_gzip(path, BMNIST_ROWS[split] * 2 * 784)   # "0 1 ... 0\n" lines
         expected = BMNIST_SHA256[split]
         actual = hashlib.sha256(raw).hexdigest()
         if actual != expected:
@@ -481,10 +506,22 @@ def _write_h5_atomically(path: Path, arrays: dict, attrs: dict) -> None:
         raise
 
 
+def amat_sha256(images: np.ndarray) -> str:
+    """The sha256 of the .amat text that holds uint8 (N, 784) 0/1 ``images`` ("0 1 ...
+    0" lines with single spaces): the converted file is checked against BMNIST_SHA256,
+    the digests of the source files (about 0.1 s for the training split)."""
+    n, width = images.shape
+    text = np.full((n, 2 * width), ord(" "), np.uint8)
+    text[:, 0::2] = images + ord("0")
+    text[:, -1] = ord("\n")
+    return hashlib.sha256(text).hexdigest()
+
+
 def _read_bmnist_h5(path: Path) -> DataSplits:
     import h5py
 
     advice = f"delete {path} and run again to rebuild it from the source files"
+    digests = {}   # split -> the sha256 of its source file, as the file records it
     try:
         with h5py.File(path, "r") as f:
             arrays = {}
@@ -496,6 +533,9 @@ def _read_bmnist_h5(path: Path) -> DataSplits:
                     raise DataError(f"{path}: dataset {split!r} is {ds.dtype} {ds.shape}, "
                                     f"expected uint8 (N, 784); {advice}")
                 arrays[split] = ds[...]
+                stored = f.attrs.get(f"sha256_{split}", BMNIST_SHA256[split])
+                digests[split] = (stored.decode("ascii", "replace")
+                                  if isinstance(stored, bytes) else str(stored))
     except DataError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as e:
@@ -504,6 +544,10 @@ def _read_bmnist_h5(path: Path) -> DataSplits:
     for split, arr in arrays.items():
         if arr.size and arr.max() > 1:
             raise DataError(f"{path}: dataset {split!r} has values above 1; {advice}")
+        if amat_sha256(arr) != digests[split]:
+            raise DataError(f"{path}: dataset {split!r} does not match the sha256 of its "
+                            f"source file (binarized_mnist_{split}.amat); it is damaged: "
+                            f"{advice}")
     return DataSplits(*(arrays[s].astype(np.float32) for s in _SPLITS), shape=BMNIST_SHAPE)
 
 
@@ -511,6 +555,7 @@ def _load_bmnist(root: Path, mirror: str, progress: bool) -> DataSplits:
     h5 = root / BMNIST_H5
     if not h5.exists():
         root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_parts(root, ".binarized_mnist")
         # All three splits are fetched and verified before anything is written, so
         # an HDF5 file, once there, is always complete.
         arrays = {s: _bmnist_split(s, root, mirror, progress) for s in _SPLITS}

@@ -147,7 +147,8 @@ def _rng_from_state(state) -> np.random.Generator:
         state = json.loads(state)
     if not isinstance(state, dict) or "bit_generator" not in state:
         raise ValueError("checkpoint holds no usable RNG state; it cannot be resumed exactly")
-    bit_gen_cls = getattr(np.random, state["bit_generator"], None)
+    name = state["bit_generator"]     # never call a name that is not a bit generator
+    bit_gen_cls = getattr(np.random, name, None) if name in ckpt_lib.BIT_GENERATORS else None
     if bit_gen_cls is None:
         raise ValueError(f"checkpoint RNG {state['bit_generator']!r} is unknown to this NumPy")
     bit_gen = bit_gen_cls()
@@ -595,6 +596,9 @@ def _read_log(path: Path, warn=None) -> list:
             continue
         try:
             row = json.loads(line)
+        except RecursionError:
+            raise ValueError(f"{path}, line {number}: nested too deeply to be an epoch "
+                             "record") from None
         except json.JSONDecodeError as err:
             if number == len(lines) and not text.endswith("\n"):
                 message = (f"{path}: dropped the cut-off last line {number} (an interrupted "
@@ -687,7 +691,9 @@ def load_checkpoint(path):
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     try:
-        return ckpt_lib.load_checkpoint(path)
+        ckpt = ckpt_lib.load_checkpoint(path)
+        ckpt_lib.check_complete(ckpt, path)   # e.g. no params/c0: one sentence, not KeyError
+        return ckpt
     except ValueError:  # CheckpointError: its message names the file already
         raise
     except (OSError, KeyError, TypeError) as err:  # anything checkpoint.py did not wrap

@@ -584,3 +584,18 @@ def test_evaluate_bound_is_the_mean_over_examples_when_batches_do_not_divide_n(b
     assert want.shape == (7,)
     assert got == pytest.approx(want.mean(), rel=1e-12)
     assert abs(got - want.sum() / 9) > 1.0               # the batches x size divisor is off
+
+
+def test_iwae_equals_the_bound_when_every_importance_weight_is_equal(bmnist):
+    """q equal to the prior (q_W = q_b = 0: mu 0, sigma 1) and a decoder that ignores z
+    (its z rows of dec_W zero): log w = log p(x|z) is the same for every z, so the IWAE
+    estimate is the bound for any K; removing its '- log K' breaks this (issue 25)."""
+    params = train_lib.init_model(TINY, 0, bmnist.train[:100])
+    params["q_W"][...] = 0
+    params["q_b"][...] = 0
+    params["dec_W"][:TINY.z_dim] = 0
+    x = np.asarray(bmnist.valid[:20], np.float32)
+    for K in (1, 3, 10):
+        iwae, bound = train_lib.evaluate_iwae_and_bound(params, TINY, x, K, 8,
+                                                        np.random.default_rng(K))
+        assert iwae == pytest.approx(bound, rel=1e-5, abs=1e-4), K

@@ -641,7 +641,8 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
               "split": split, "n": int(len(x)), "of": int(total),
               "subset": "spread" if len(x) < total else "all", "k": K, "seed": seed,
               "ranks": comm.size,
-              "ema": ema, "nll_bound": bound, "nll_iwae": iwae}
+              "ema": ema, "digest": ckpt.digest is not None,
+              "nll_bound": bound, "nll_iwae": iwae}
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -654,6 +655,9 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
                f"{bound:.2f} nats")
     label = "single-sample bound, log-weight form" if K == 1 else f"IWAE, K={K}"
     click.echo(f"  -log p(x) estimate ({label}): {iwae:.2f} nats")
+    if ckpt.digest is None:      # saved before checkpoints carried one (docs/CHECKPOINT.md)
+        click.echo(f"  note: {ckpt_path.name} has no digest (saved by an earlier version), so "
+                   "a change to its content could not be detected")
 
 
 # ----------------------------------------------------------------------------- export

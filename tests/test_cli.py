@@ -319,6 +319,26 @@ def test_evaluate_bound_and_iwae(trained, data_args):
     assert text.exit_code == 0 and "NLL bound" in text.output and "IWAE, K=2" in text.output
 
 
+def test_evaluate_says_whether_the_file_carries_a_digest(trained, data_args, tmp_path):
+    """A file saved before checkpoints carried a digest loads, and evaluate says that a
+    change to it could not be detected (issue 25); a new one says nothing of the kind."""
+    import shutil
+
+    import h5py
+    run, _ = trained
+    old = tmp_path / "old.h5"
+    shutil.copy(run / "best.h5", old)
+    with h5py.File(old, "r+") as f:
+        del f.attrs["digest"]
+    args = ["--subset", 20, "--device", "cpu", "--ranks", 1, *data_args]
+    for path, has_digest in ((run / "best.h5", True), (old, False)):
+        scored = invoke(["evaluate", path, "--json", *args])
+        assert scored.exit_code == 0, scored.output
+        assert json.loads(scored.output)["digest"] is has_digest
+        text = invoke(["evaluate", path, *args]).output
+        assert ("has no digest" in text) is not has_digest, text
+
+
 def test_evaluate_uses_the_recorded_data_settings(trained, monkeypatch):
     run, _ = trained
     monkeypatch.delenv("NPDRAW_DATA", raising=False)

@@ -431,12 +431,16 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
         comm.abort(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
 
 
-def _load_data_on_ranks(train_lib, tcfg, progress, comm):
-    """train.load_data on every rank; rank 0 first, so that a download or conversion
-    into the data dir happens once (the others wait for it, then read its result)."""
-    data = train_lib.load_data(tcfg, progress and comm.is_root) if comm.is_root else None
+def _load_data_on_ranks(train_lib, tcfg, progress, comm, split=None):
+    """train.load_data on every rank (or, with ``split``, train.load_split: (x, shape));
+    rank 0 first, so that a download or conversion into the data dir happens once (the
+    others wait for it, then read its result)."""
+    def load(show):
+        return (train_lib.load_data(tcfg, show) if split is None
+                else train_lib.load_split(tcfg, split, show))
+    data = load(progress and comm.is_root) if comm.is_root else None
     comm.sum([0.0])                         # every rank waits here for rank 0
-    return data if data is not None else train_lib.load_data(tcfg, False)
+    return data if data is not None else load(False)
 
 
 # ----------------------------------------------------------------------------- sample
@@ -524,14 +528,14 @@ def reconstruct(checkpoint, count, cols, seed, out, scale, fps, hold, every, sho
     ckpt = _load_ckpt(ckpt_path)
     cfg = _draw_cfg(ckpt, ckpt_path)
     tcfg = _recorded_data(ckpt, None, data_dir, mirror, None)
-    data = train_lib.load_data(tcfg, progress=True)
-    train_lib.check_data_shape(cfg, data.shape)
-    count = min(count, len(data.test))
+    test_x, shape = train_lib.load_split(tcfg, "test", progress=True)   # the test split only
+    train_lib.check_data_shape(cfg, shape)
+    count = min(count, len(test_x))
     rows = -(-count // min(cols, count))
     check_memory(train_lib.sample_bytes(cfg, rows, 2 * min(cols, count), scale),
                  f"rebuilding {count} images over T={cfg.T} glimpses at --scale {scale}")
     params = _params_on(ckpt, device)
-    result = train_lib.reconstruction(params, cfg, data.test, count, cols, seed, scale)
+    result = train_lib.reconstruction(params, cfg, test_x, count, cols, seed, scale)
     frames, kl = result["frames"], np.asarray(result["kl"], dtype=np.float64)
     out = _output_folder(Path(out) if out is not None else ckpt_path.parent / "reconstruct",
                          "the reconstruction")
@@ -615,9 +619,8 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
     ckpt = _load_ckpt(ckpt_path)
     cfg = _draw_cfg(ckpt, ckpt_path)
     tcfg = _recorded_data(ckpt, dataset, data_dir, mirror, folder)
-    data = _load_data_on_ranks(train_lib, tcfg, not as_json, comm)
-    train_lib.check_data_shape(cfg, data.shape)
-    x = getattr(data, split)
+    x, shape = _load_data_on_ranks(train_lib, tcfg, not as_json, comm, split)  # that split only
+    train_lib.check_data_shape(cfg, shape)
     total = len(x)
     if subset:
         from npdraw.data import spread_subset
@@ -687,9 +690,8 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
                                       "data_dir": data_dir if data_dir is not None
                                       else saved.data_dir,
                                       "mirror": mirror if mirror is not None else saved.mirror})
-        data = train_lib.load_data(tcfg, progress=False)
-        train_lib.check_data_shape(ckpt.cfg, data.shape)
-        test_x = data.test
+        test_x, shape = train_lib.load_split(tcfg, "test", progress=False)
+        train_lib.check_data_shape(ckpt.cfg, shape)
     info = train_lib.export_model(ckpt_path, out, test_x, check_n, check_seed)
     click.echo(f"wrote {out} (epoch {info['epoch']}): " + json.dumps(info))
 

@@ -517,7 +517,8 @@ def amat_sha256(images: np.ndarray) -> str:
     return hashlib.sha256(text).hexdigest()
 
 
-def _read_bmnist_h5(path: Path) -> DataSplits:
+def _read_bmnist_h5(path: Path, splits=_SPLITS) -> dict:
+    """The named splits of the converted file, uint8 (N, 784) each, checked."""
     import h5py
 
     advice = f"delete {path} and run again to rebuild it from the source files"
@@ -525,7 +526,7 @@ def _read_bmnist_h5(path: Path) -> DataSplits:
     try:
         with h5py.File(path, "r") as f:
             arrays = {}
-            for split in _SPLITS:
+            for split in splits:
                 if split not in f:
                     raise DataError(f"{path} has no dataset {split!r}; {advice}")
                 ds = f[split]
@@ -548,7 +549,7 @@ def _read_bmnist_h5(path: Path) -> DataSplits:
             raise DataError(f"{path}: dataset {split!r} does not match the sha256 of its "
                             f"source file (binarized_mnist_{split}.amat); it is damaged: "
                             f"{advice}")
-    return DataSplits(*(arrays[s].astype(np.float32) for s in _SPLITS), shape=BMNIST_SHAPE)
+    return arrays
 
 
 def _load_bmnist(root: Path, mirror: str, progress: bool) -> DataSplits:
@@ -564,7 +565,32 @@ def _load_bmnist(root: Path, mirror: str, progress: bool) -> DataSplits:
             "shape": np.array(BMNIST_SHAPE),
             **{f"sha256_{s}": BMNIST_SHA256[s] for s in _SPLITS},
         })
-    return _read_bmnist_h5(h5)
+    arrays = _read_bmnist_h5(h5)
+    return DataSplits(*(arrays[s].astype(np.float32) for s in _SPLITS), shape=BMNIST_SHAPE)
+
+
+def load_split(dataset: str, split: str, data_dir: str = DEFAULT_DATA_DIR, mirror: str = "",
+               folder: str = "", progress: bool = True) -> tuple:
+    """One split as float32 (N, D) in [0, 1], and the image shape (C, H, W).
+
+    For binarized MNIST only that split is read: from the converted file when it exists,
+    else from its own source file (checked against its sha256, nothing converted), so
+    scoring a shipped model needs the test file alone. Other data sets: load_splits."""
+    if split not in _SPLITS:
+        raise DataError(f"unknown split {split!r}; valid: {', '.join(_SPLITS)}")
+    if str(dataset).strip().lower() != "bmnist":
+        data = load_splits(dataset, data_dir, mirror, folder, progress)
+        return getattr(data, split), data.shape
+    root = resolve_data_dir(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data folder {root} exists but is not a folder")
+    h5 = root / BMNIST_H5
+    if h5.exists():
+        images = _read_bmnist_h5(h5, (split,))[split]
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        images = _bmnist_split(split, root, resolve_mirror(mirror), progress)
+    return images.astype(np.float32), BMNIST_SHAPE
 
 
 # --------------------------------------------------------------------------- #

@@ -312,7 +312,7 @@ def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int
             xb = backend.to_device(batch[lo:hi], device)
             log_w = np.empty((K, hi - lo), dtype=np.float64)
             for k in range(K):
-                eps = _host_noise(rng, cfg, batch.shape[0], dtype)  # the whole batch's, on every rank
+                eps = _host_noise(rng, cfg, batch.shape[0], dtype)  # the whole batch: every rank
                 bar.update(i * K + k + 1, f"bound {bound_total / max(seen, 1):.2f}")
                 if hi == lo:
                     continue
@@ -742,6 +742,13 @@ def load_data(tcfg: TrainConfig, progress: bool):
     from . import data as data_lib  # imported lazily: only training/evaluation need it
     return data_lib.load_splits(tcfg.dataset, data_dir=tcfg.data_dir, mirror=tcfg.mirror,
                                 folder=tcfg.folder, progress=progress)
+
+
+def load_split(tcfg: TrainConfig, split: str, progress: bool) -> tuple:
+    """data.load_split: one split (N, D) and the image shape, for what ``tcfg`` names."""
+    from . import data as data_lib
+    return data_lib.load_split(tcfg.dataset, split, data_dir=tcfg.data_dir, mirror=tcfg.mirror,
+                               folder=tcfg.folder, progress=progress)
 
 
 # ----------------------------------------------------------------------------- train

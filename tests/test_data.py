@@ -582,3 +582,26 @@ def test_spread_subset_takes_one_image_from_each_stretch_and_follows_the_seed():
     assert np.array_equal(spread_subset(5, 9, seed=3), np.arange(5))
     uneven = spread_subset(10, 3, seed=2)
     assert uneven[0] < 3 <= uneven[1] < 6 <= uneven[2] < 10
+
+
+def test_one_split_needs_only_its_own_file_and_matches_the_converted_one(
+        bmnist_mirror, bmnist_data_dir, bmnist, tmp_path):
+    """Scoring a shipped model on a fresh clone needs the test file alone (issue 23): a
+    mirror holding only it gives the test split, and nothing is converted or left behind;
+    with the converted file present, that split is read from it."""
+    from npdraw import data as data_lib
+    only_test = tmp_path / "mirror"
+    only_test.mkdir()
+    (only_test / "binarized_mnist_test.amat.gz").symlink_to(
+        (bmnist_mirror / "binarized_mnist_test.amat.gz").resolve())
+    fresh = tmp_path / "data"
+    x, shape = data_lib.load_split("bmnist", "test", str(fresh), str(only_test), progress=False)
+    assert shape == (1, 28, 28) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, bmnist.test)
+    assert sorted(p.name for p in fresh.iterdir()) == []       # no conversion, no temp file
+    with pytest.raises(DataError, match="binarized_mnist_valid"):
+        data_lib.load_split("bmnist", "valid", str(fresh), str(only_test), progress=False)
+    with pytest.raises(DataError, match="unknown split 'dev'"):
+        data_lib.load_split("bmnist", "dev", str(fresh), str(only_test), progress=False)
+    valid, _ = data_lib.load_split("bmnist", "valid", str(bmnist_data_dir), "", progress=False)
+    np.testing.assert_array_equal(valid, bmnist.valid)           # from the converted file

@@ -58,7 +58,7 @@ def test_the_wheel_holds_every_subpackage_and_imports_from_the_venv(venv):
     assert Path(where).resolve().is_relative_to((root / "venv").resolve())
 
 
-def test_the_npdraw_command_trains_samples_and_evaluates_outside_the_repo(
+def test_the_npdraw_command_trains_samples_evaluates_reconstructs_and_plots_outside_the_repo(
         venv, bmnist_data_dir, bmnist_mirror):
     root, bin_dir, env = venv
     npdraw_cmd = bin_dir / "npdraw"
@@ -67,7 +67,7 @@ def test_the_npdraw_command_trains_samples_and_evaluates_outside_the_repo(
     version = _run([npdraw_cmd, "--version"], work, env).stdout
     assert version == f"npdraw, version {npdraw.__version__}\n"
     helped = _run([npdraw_cmd, "--help"], work, env).stdout
-    for command in ("train", "sample", "evaluate", "export", "plot", "classify"):
+    for command in ("train", "sample", "evaluate", "reconstruct", "export", "plot", "classify"):
         assert command in helped
     assert "bench" not in helped       # bench/run.py is the repository's, not the wheel's
     data = ["--data-dir", bmnist_data_dir, "--mirror", bmnist_mirror]
@@ -81,3 +81,8 @@ def test_the_npdraw_command_trains_samples_and_evaluates_outside_the_repo(
     result = _run([bin_dir / "python", "-m", "npdraw", "evaluate", run, "--subset", "50",
                    "--ranks", "1", "--device", "cpu", "--json"], work, env)
     assert json.loads(result.stdout.strip().splitlines()[-1])["n"] == 50
+    _run([npdraw_cmd, "reconstruct", run / "best.h5", "--n", "2", "--device", "cpu",
+          "--out", "rebuilt"], work, env)
+    assert (work / "rebuilt" / "reconstruct.gif").is_file()
+    _run([npdraw_cmd, "plot", run], work, env)
+    assert (run / "learning_curves.png").is_file() and (run / "learning_curves.pdf").is_file()

@@ -23,7 +23,6 @@ from npdraw import guards
 from npdraw import images as images_lib
 from npdraw import pictures
 from npdraw import model as model_lib
-from npdraw import optim
 from npdraw import train as train_lib
 from npdraw.config import DrawConfig, TrainConfig
 from npdraw.data import DataError, load_splits
@@ -540,35 +539,7 @@ def test_a_cut_off_last_log_line_is_dropped_and_real_damage_names_its_line(tmp_p
         train_lib.read_log(tmp_path)
 
 
-# ----------------------------------------------------------------------------- 8. two checks
-
-def test_one_step_with_a_small_clip_is_loss_and_grads_then_clipped_adam(bmnist, tmp_path):
-    tcfg = _tcfg(tmp_path, subset=50, eval_subset=10, clip=0.003)
-    run = train_lib.train(TINY, tcfg, log=[].append, data=bmnist, progress=False)
-    x = np.asarray(bmnist.train[:50], np.float32)
-    params = train_lib.init_model(TINY, tcfg.seed, x)
-    rng = train_lib._new_rng(tcfg.seed)
-    perm = rng.permutation(50)
-    eps = rng.standard_normal((TINY.T, 50, TINY.z_dim), dtype=np.float32)
-    _, grads, _ = model_lib.loss_and_grads(params, TINY, x[perm], eps)
-    norm = optim.global_norm(grads)
-    scale = optim.clip_scale(norm, tcfg.clip)
-    assert scale < 0.2, norm                            # clipping is far from a no-op
-    want, _, _ = optim.adam_step(params, grads, optim.adam_init(params), tcfg.lr, tcfg.beta1,
-                                 tcfg.beta2, tcfg.adam_eps, grad_scale=scale)
-    got = ckpt_lib.load_checkpoint(run / "checkpoint.h5")
-    assert got.opt_state["step"] == 1
-    for name in want:
-        np.testing.assert_array_equal(got.params[name], want[name], err_msg=name)
-    # Adam's first step is lr*sign(g) whatever the scale; the moments show the clipping.
-    for name in want:
-        m = got.opt_state["m"][name]
-        np.testing.assert_allclose(m, (1 - tcfg.beta1) * scale * grads[name], rtol=1e-6,
-                                   atol=1e-12, err_msg=name)
-        np.testing.assert_allclose(got.opt_state["v"][name],
-                                   (1 - tcfg.beta2) * (scale * grads[name]) ** 2,
-                                   rtol=1e-5, atol=1e-30, err_msg=name)
-
+# ----------------------------------------------------------------------------- 8. a check
 
 def test_evaluate_bound_is_the_mean_over_examples_when_batches_do_not_divide_n(bmnist):
     params = train_lib.init_model(TINY, 0, bmnist.train[:100])

@@ -503,9 +503,9 @@ def test_resume_into_peepholes_starts_their_adam_moments_at_zero(bmnist, tmp_pat
 
 # ----------------------------------------------------------------------------- clipping
 
-def test_the_applied_update_is_the_clipped_gradients(bmnist, tmp_path):
-    """One step with a small --clip: Adam's moments hold the clipped gradients, so a
-    training loop that stops clipping fails here (issue 25)."""
+def test_one_step_with_a_small_clip_is_loss_and_grads_then_clipped_adam(bmnist, tmp_path):
+    """One step with a small --clip: the parameters are Adam's step of the clipped
+    gradients and the moments hold them, so a loop that stops clipping fails here."""
     from npdraw import optim
     tcfg = _tcfg(tmp_path, subset=50, eval_subset=10, clip=0.003)
     run = train_lib.train(TINY, tcfg, log=_quiet([]), data=bmnist, progress=False)
@@ -515,10 +515,20 @@ def test_the_applied_update_is_the_clipped_gradients(bmnist, tmp_path):
     perm = rng.permutation(50)
     eps = rng.standard_normal((TINY.T, 50, TINY.z_dim), dtype=np.float32)
     _, grads, _ = model_lib.loss_and_grads(params, TINY, x[perm], eps)
-    scale = optim.clip_scale(optim.global_norm(grads), tcfg.clip)
-    assert scale < 0.2                                   # the clip is far from a no-op
-    state = ckpt_lib.load_checkpoint(run / "checkpoint.h5").opt_state
-    assert state["step"] == 1
-    for name, g in grads.items():
-        np.testing.assert_allclose(state["m"][name], (1 - tcfg.beta1) * scale * g, rtol=1e-6,
+    norm = optim.global_norm(grads)
+    scale = optim.clip_scale(norm, tcfg.clip)
+    assert scale < 0.2, norm                            # clipping is far from a no-op
+    want, _, _ = optim.adam_step(params, grads, optim.adam_init(params), tcfg.lr, tcfg.beta1,
+                                 tcfg.beta2, tcfg.adam_eps, grad_scale=scale)
+    got = ckpt_lib.load_checkpoint(run / "checkpoint.h5")
+    assert got.opt_state["step"] == 1
+    for name in want:
+        np.testing.assert_array_equal(got.params[name], want[name], err_msg=name)
+    # Adam's first step is lr*sign(g) whatever the scale; the moments show the clipping.
+    for name in want:
+        m = got.opt_state["m"][name]
+        np.testing.assert_allclose(m, (1 - tcfg.beta1) * scale * grads[name], rtol=1e-6,
                                    atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(got.opt_state["v"][name],
+                                   (1 - tcfg.beta2) * (scale * grads[name]) ** 2,
+                                   rtol=1e-5, atol=1e-30, err_msg=name)

@@ -773,9 +773,9 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
     try:
         train_lib.train_classifier(cfg, ccfg, log=click.echo, progress=not no_progress,
                                    resume_overrides=overrides)
-    except train_lib.TrainingInterrupted:
+    except train_lib.TrainingInterrupted as err:  # train_classifier has said where it stopped
         click.echo("training interrupted", err=True)
-        ctx.exit(130)
+        ctx.exit(128 + err.signum)              # 130 for Ctrl-C, 143 for SIGTERM, as train
     except (train_lib.NonFiniteLossError, train_lib.WriteFailed) as err:
         raise click.ClickException(str(err)) from None
 

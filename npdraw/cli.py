@@ -920,6 +920,13 @@ def attention_demo(img, N, cx, cy, stride, sigma, out):
     c, h, w = image.shape
     from npdraw.guards import check_memory
     check_memory(attention_demo_bytes(c, h, w, N), f"a {N}x{N} glimpse of a {w}x{h} image")
+    # A window far larger than the image, or centred far off it, shows nothing and
+    # overflows the filterbank's squares: one sentence instead.
+    limit = 1e6 * max(h, w)
+    for flag, value in (("--cx", cx), ("--cy", cy), ("--stride", stride), ("--sigma", sigma)):
+        if value is not None and abs(value) > limit:
+            raise click.BadParameter(f"{value:g} is beyond {limit:g} pixels (a million times "
+                                     f"the image's side)", param_hint=f"'{flag}'")
     cx = (w + 1) / 2.0 if cx is None else cx
     cy = (h + 1) / 2.0 if cy is None else cy
     if stride is None:

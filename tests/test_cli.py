@@ -467,6 +467,17 @@ def test_attention_demo_bad_images_are_usage_errors(tmp_path):
     assert "Traceback" not in bad.output
 
 
+@pytest.mark.parametrize("flag", ["--stride", "--sigma", "--cx"])
+def test_attention_demo_refuses_a_window_beyond_any_image_in_one_sentence(tmp_path, flag):
+    """--stride 1e300 (or --sigma) overflowed the filterbank (OverflowError, issue 25)."""
+    path = tmp_path / "grey.png"
+    iio.imwrite(path, np.zeros((20, 30), np.uint8))
+    result = invoke(["attention-demo", path, flag, "1e300", "--out", tmp_path / "out"])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{flag}': 1e+300 is beyond 3e+07 pixels" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- misc
 
 def test_bench_command_exists_exactly_when_bench_run_does():

@@ -180,6 +180,32 @@ def _fsync_path(path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _remove_dead_temps(directory: str, name: str) -> None:
+    """Remove `.NAME.tmp-PID` files of processes that no longer run: a save killed
+    midway (kill -9) leaves its temporary file, which nothing else would ever remove.
+    A live PID's file is another writer's, mid-save: it is left alone."""
+    prefix = f".{name}.tmp-"
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix):]
+        if not entry.startswith(prefix) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)           # signal 0: does the process exist?
+            continue
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):
+            continue                       # someone else's process, or no such PID value
+        try:
+            os.remove(os.path.join(directory, entry))
+        except OSError:
+            pass
+
+
 def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dict] = None,
                     epoch: int = 0, rng_state: Optional[dict] = None,
                     train_cfg: Optional[dict] = None, extra: Optional[dict] = None,
@@ -260,6 +286,7 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
     if free is not None and free < len(data) + SPACE_MARGIN:
         raise DiskFullError(f"no space left on {directory} to save checkpoint {path} "
                             f"({len(data):,} bytes needed, {free:,} free)", directory)
+    _remove_dead_temps(directory, name)
     tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
     try:
         _write_file(tmp, data)

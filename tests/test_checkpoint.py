@@ -231,3 +231,21 @@ def test_check_compatible():
     with pytest.raises(CheckpointError, match="'b'.*model does not have"):
         check_compatible(a, {"enc_W": np.zeros((3, 4))})
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_a_save_removes_the_temporary_files_of_killed_saves_only(tmp_path):
+    """kill -9 in the middle of a save (export, a checkpoint) leaves `.NAME.tmp-PID`
+    behind (issue 25): the next save of NAME removes those of dead processes and leaves a
+    live process's (another writer, mid-save) and other names' alone."""
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                    # reaped: its PID runs nothing now
+    stale = tmp_path / f".model.h5.tmp-{dead.pid}"
+    live = tmp_path / f".model.h5.tmp-{os.getppid()}"
+    other = tmp_path / f".other.h5.tmp-{dead.pid}"
+    for path in (stale, live, other):
+        path.write_bytes(b"partial")
+    save_checkpoint(tmp_path / "model.h5", DrawConfig(), {"w": np.zeros(3)})
+    assert not stale.exists() and live.exists() and other.exists()
+    assert load_checkpoint(tmp_path / "model.h5").params["w"].shape == (3,)

@@ -226,8 +226,10 @@ def _writing(wanted: str):
 
 def _output_folder(out: Path, what: str) -> Path:
     """Create the folder ``out`` for ``what``; one-sentence errors."""
-    if out.exists() and not out.is_dir():
-        raise click.ClickException(f"cannot write {what} into {out}: it is a file, not a folder")
+    from npdraw.guards import what_blocks_a_folder
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise click.ClickException(f"cannot write {what} into {out}: it is "
+                                   f"{what_blocks_a_folder(out)}, not a folder")
     with _writing(f"create the folder {out} for {what}"):
         out.mkdir(parents=True, exist_ok=True)
     return out

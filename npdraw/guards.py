@@ -24,6 +24,15 @@ LOCK_NAME = "train.lock"
 
 # ----------------------------------------------------------------------------- messages
 
+def what_blocks_a_folder(path) -> str:
+    """What stands at ``path`` where a folder should be, for an error sentence: a link
+    whose target is missing (exists() is False there, yet mkdir fails), or a file."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"a link to {os.readlink(path)}, which does not exist"
+    return "a file"
+
+
 def os_error_sentence(err: OSError, wanted: str) -> str:
     """'cannot <wanted>: <reason>' for an OSError; the reason names the path involved."""
     reason = err.strerror or str(err) or type(err).__name__

@@ -562,7 +562,7 @@ def _unique_run_dir(out: Path, name: str) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise ValueError(f"cannot create the run folder under --out {out}: "
-                         f"{out} is a file, not a folder") from None
+                         f"{out} is {guards.what_blocks_a_folder(out)}, not a folder") from None
     except OSError as err:
         raise ValueError(guards.os_error_sentence(err, f"create the --out folder {out}")) from None
     candidate, i = out / name, 1

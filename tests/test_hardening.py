@@ -570,3 +570,23 @@ def test_iwae_equals_the_bound_when_every_importance_weight_is_equal(bmnist):
         iwae, bound = train_lib.evaluate_iwae_and_bound(params, TINY, x, K, 8,
                                                         np.random.default_rng(K))
         assert iwae == pytest.approx(bound, rel=1e-5, abs=1e-4), K
+
+
+def test_an_out_that_is_a_dangling_link_is_named_as_one(tmp_path):
+    """A dangling symlink as --out was called "a file" (issue 25): the sentence names the
+    link and its missing target; a plain file is still called a file."""
+    import click
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    for path, what in ((link, f"a link to {tmp_path / 'gone'}, which does not exist"),
+                       (plain, "a file")):
+        with pytest.raises(ValueError) as err:
+            train_lib._unique_run_dir(path, "run")
+        assert str(err.value) == (f"cannot create the run folder under --out {path}: "
+                                  f"{path} is {what}, not a folder")
+        with pytest.raises(click.ClickException) as err:
+            cli_mod._output_folder(path, "the samples")
+        assert err.value.message == (f"cannot write the samples into {path}: it is {what}, "
+                                     "not a folder")

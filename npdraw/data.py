@@ -58,6 +58,10 @@ ENV_MIRROR = "NPDRAW_MIRROR"
 
 _CHUNK = 1 << 16  # download chunk in bytes
 DOWNLOAD_TIMEOUT = 60.0  # seconds without progress before a download is abandoned
+# A peer that trickles never trips the timeout: past the grace period, a download whose
+# mean rate is below this is abandoned (binarized MNIST's train file would take hours).
+MIN_DOWNLOAD_RATE = 10_000   # bytes per second, on average since the start
+RATE_GRACE = 60.0            # seconds before the rate is judged
 _SPLITS = ("train", "valid", "test")
 
 
@@ -240,13 +244,22 @@ def _stream_to_temp(url: str, directory: Path, progress: bool) -> Path:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.strip().isdigit() else None
                 bar = Progress(name, total, progress, amount=lambda n: f"{n / 1e6:.1f} MB")
+                read = getattr(response, "read1", response.read)   # what has arrived
+                start = time.monotonic()
                 try:
                     while True:
-                        chunk = response.read(_CHUNK)
+                        chunk = read(_CHUNK)
                         if not chunk:
                             break
                         out.write(chunk)
                         bar.update(bar.done + len(chunk))
+                        elapsed = time.monotonic() - start
+                        if elapsed > RATE_GRACE and bar.done < MIN_DOWNLOAD_RATE * elapsed:
+                            raise DataError(
+                                f"download of {url} is too slow ({bar.done:,} bytes in "
+                                f"{elapsed:.0f} s, under {MIN_DOWNLOAD_RATE:,} bytes/s); "
+                                f"nothing was saved: run again, or point {ENV_MIRROR} or "
+                                "the mirror option at a local copy")
                 finally:
                     bar.close()
             # urllib returns b"" (no exception) when the peer closes early, so the

@@ -12,6 +12,7 @@ import io
 import struct
 import tarfile
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -48,6 +49,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         # A declared length above len(body) models a connection dropped mid-file:
         # HTTP/1.0 closes the socket when the handler returns.
+        if name in srv.trickle:  # 100 bytes every 0.1 s: slow, yet never silent
+            for i in range(0, len(body), 100):
+                if srv.release.is_set():
+                    return
+                self.wfile.write(body[i:i + 100])
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
         self.wfile.write(body)
         if name in srv.stall:  # a peer that goes silent mid-file
             self.wfile.flush()
@@ -58,10 +67,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class _Server:
-    def __init__(self, root: Path | None = None, routes: dict | None = None, stall=()):
+    def __init__(self, root: Path | None = None, routes: dict | None = None, stall=(),
+                 trickle=()):
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.root = root
         self.httpd.stall = set(stall)
+        self.httpd.trickle = set(trickle)
         self.httpd.release = threading.Event()
         self.httpd.routes = {k: (v, len(v)) if isinstance(v, bytes) else v
                              for k, v in (routes or {}).items()}
@@ -86,8 +97,8 @@ class _Server:
 def serve():
     servers = []
 
-    def start(root=None, routes=None, stall=()) -> _Server:
-        servers.append(_Server(root, routes, stall))
+    def start(root=None, routes=None, stall=(), trickle=()) -> _Server:
+        servers.append(_Server(root, routes, stall, trickle))
         return servers[-1]
 
     yield start
@@ -186,6 +197,23 @@ def test_bmnist_download_stalled_leaves_nothing(serve, tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     with pytest.raises(DataError, match=r"download of .*_train\.amat failed \(.*timed out"):
         load_splits("bmnist", data_dir=str(data_dir), mirror=server.url, progress=False)
+    assert _listing(data_dir) == []
+
+
+def test_bmnist_download_that_trickles_is_abandoned_and_leaves_nothing(serve, tmp_path,
+                                                                       monkeypatch):
+    """1 kB/s never trips the timeout (issue 25: still downloading after 150 s): past the
+    grace period, a mean rate below the floor ends it in one sentence."""
+    monkeypatch.setattr(data, "RATE_GRACE", 0.5)
+    body = b"0 1 " * 2000
+    name = "binarized_mnist_train.amat"
+    server = serve(routes={name: body}, trickle={name})
+    data_dir = tmp_path / "data"
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=r"download of .*_train\.amat is too slow \(.* bytes in "
+                                        r"\d+ s, under 10,000 bytes/s\); nothing was saved"):
+        load_splits("bmnist", data_dir=str(data_dir), mirror=server.url, progress=False)
+    assert time.monotonic() - t0 < 5            # the 8,000 bytes would take 8 s
     assert _listing(data_dir) == []
 
 

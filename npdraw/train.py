@@ -652,6 +652,19 @@ def _append_log(path: Path, record: dict) -> None:
             raise
 
 
+@contextlib.contextmanager
+def _alone_on_root(comm):
+    """Work that rank 0 does alone before the epoch loop (the lock, the run folder, its
+    first files). Should it fail, the other ranks would wait for rank 0 in their next
+    collective forever: under MPI its error, in one sentence, ends every rank."""
+    try:
+        yield
+    except Exception as err:                 # noqa: BLE001 - any error leaves them waiting
+        if comm.size > 1:
+            comm.abort(str(err))
+        raise
+
+
 def _remove_stale_temps(run_dir: Path) -> None:
     """Temporary checkpoint files left by a process that was killed mid-save (the caller
     holds the run folder's lock, so no other process is writing them)."""
@@ -807,7 +820,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         if not ckpt_path.is_file():
             raise ValueError(f"cannot resume: {ckpt_path} does not exist")
         if comm.is_root:
-            lock.acquire(run_dir)
+            with _alone_on_root(comm):
+                lock.acquire(run_dir)
         resume_ckpt = load_checkpoint(ckpt_path)
         saved_tcfg = train_config_of(resume_ckpt)
         if saved_tcfg is None:
@@ -898,8 +912,9 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         best_valid, best_epoch = float("inf"), 0
         run_name = tcfg.name or _dt.datetime.now().strftime("draw-%Y%m%d-%H%M%S")
         if comm.is_root:
-            run_dir = _unique_run_dir(Path(tcfg.out), run_name)
-            lock.acquire(run_dir)
+            with _alone_on_root(comm):
+                run_dir = _unique_run_dir(Path(tcfg.out), run_name)
+                lock.acquire(run_dir)
         run_dir = Path(comm.broadcast_text(str(run_dir) if comm.is_root else ""))
     if comm.is_root:
         _remove_stale_temps(run_dir)
@@ -908,12 +923,13 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     ckpt_path = run_dir / "checkpoint.h5"
 
     if comm.is_root:
-        try:
-            (run_dir / "config.json").write_text(json.dumps(
-                {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
-        except OSError as err:
-            raise WriteFailed(guards.os_error_sentence(err, f"write {run_dir / 'config.json'}"),
-                              run_dir) from None
+        with _alone_on_root(comm):
+            try:
+                (run_dir / "config.json").write_text(json.dumps(
+                    {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
+            except OSError as err:
+                raise WriteFailed(guards.os_error_sentence(
+                    err, f"write {run_dir / 'config.json'}"), run_dir) from None
     n_params = sum(int(np.prod(np.shape(p))) for p in params.values())
     log(f"run dir: {run_dir}")
     log("model config: " + json.dumps(cfg.to_dict()))
@@ -928,12 +944,14 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     if resume_ckpt is not None:
         # Keep the log lines of the epochs the checkpoint holds; drop any written later.
         if comm.is_root:
-            rows = [r for r in _read_log(log_path, warn=log) if int(r["epoch"]) <= start_epoch]
-            try:
-                log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            except OSError as err:
-                raise WriteFailed(guards.os_error_sentence(err, f"rewrite {log_path}"),
-                                  run_dir) from None
+            with _alone_on_root(comm):
+                rows = [r for r in _read_log(log_path, warn=log)
+                        if int(r["epoch"]) <= start_epoch]
+                try:
+                    log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                except OSError as err:
+                    raise WriteFailed(guards.os_error_sentence(err, f"rewrite {log_path}"),
+                                      run_dir) from None
         log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
             f"target {tcfg.epochs} epochs")
         if start_epoch >= tcfg.epochs:
@@ -944,7 +962,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         ema = _with_zero_peepholes(cfg, ema)
     if resume_ckpt is None and comm.is_root:
         # The epoch-0 state on disk at once: an interrupted first epoch can be resumed.
-        _save(ckpt_path, cfg, params, opt_state, 0, rng, tcfg, extra_now(), ema)
+        with _alone_on_root(comm):
+            _save(ckpt_path, cfg, params, opt_state, 0, rng, tcfg, extra_now(), ema)
 
     n_iter = (n_train + tcfg.batch_size - 1) // tcfg.batch_size
     epoch, it = start_epoch, 0

@@ -657,6 +657,44 @@ def test_ctrl_c_on_one_rank_stops_all_and_the_resume_under_mpi_is_exact(mpi_run,
             assert ra[key] == rb[key], key
 
 
+# A CLI run whose rank 0 alone fails before the epoch loop: the save of epoch 0 (a full
+# disk, as on a small tmpfs) or the write of config.json (a folder in its place).
+_ROOT_FAILS_EARLY = """
+import os, runpy, sys
+sys.path.insert(0, sys.argv[1])
+from npdraw import train
+if os.environ.get("PMI_RANK") == "0":
+    def full(path, *args, **kwargs):
+        raise train.WriteFailed(f"no space left on the disk while saving {path}")
+    train._save = full
+sys.argv = [os.path.join(sys.argv[1], "cli.py")] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_rank_0_failing_alone_before_the_loop_ends_every_rank(data_args, bmnist, tmp_path):
+    """Issue 25, item 1: rank 0 stopped before the loop while rank 1 waited in its first
+    all-reduce, and the job hung until killed (seen past 300 s)."""
+    result = _run_mpi(2, ["-c", _ROOT_FAILS_EARLY, REPO,
+                          *_train_args(data_args, tmp_path, "early", 2)], timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = next(l for l in result.stderr.splitlines() if l.startswith("Error: rank 0 of 2"))
+    assert "no space left on the disk while saving" in line
+    assert "epoch 1/2" not in result.stdout
+    # A resume whose config.json is a folder fails on rank 0 alone too.
+    run = train_lib.train(TINY, TrainConfig(epochs=1, batch_size=45, subset=200,
+                                            eval_subset=200, seed=3, device="cpu",
+                                            out=str(tmp_path), name="one"),
+                          log=lambda *a: None, data=bmnist, progress=False)
+    (run / "config.json").unlink()
+    (run / "config.json").mkdir()
+    resumed = _run_mpi(2, [REPO / "cli.py", "train", "--resume", run, "--epochs", 2,
+                           "--no-progress", *data_args], timeout=60)
+    assert resumed.returncode == 1, resumed.stdout + resumed.stderr
+    assert any(l.startswith("Error: rank 0 of 2") and "config.json" in l
+               for l in resumed.stderr.splitlines()), resumed.stderr
+
+
 @pytest.mark.parametrize("how", ["raise", "kill"])
 def test_a_failing_rank_stops_every_rank_and_keeps_the_last_checkpoint(how, data_args,
                                                                        tmp_path):

@@ -279,7 +279,20 @@ def _ckpt_file(path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- group
 
-@click.group(cls=SectionedGroup, context_settings=dict(help_option_names=["-h", "--help"]))
+class _Group(SectionedGroup):
+    """The npdraw group: a Ctrl-C that arrives before a command has set up its own
+    handling (loading NumPy, the data, the model) exits 130 as a later one does, not
+    click's "Aborted!" with status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings=dict(help_option_names=["-h", "--help"]))
 @click.version_option(__version__, "--version", prog_name="npdraw")
 def cli():
     """DRAW (Gregor et al. 2015) on NumPy/CuPy: train, sample, evaluate, plot."""

@@ -478,6 +478,20 @@ def test_attention_demo_refuses_a_window_beyond_any_image_in_one_sentence(tmp_pa
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
+def test_a_ctrl_c_before_the_run_starts_exits_130(monkeypatch, tmp_path, data_args):
+    """Ctrl-C in the first half second (while NumPy and the data load) gave click's
+    "Aborted!" and status 1 (issue 25); it is 130, as later in the run."""
+    from npdraw import train as train_lib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_lib, "load_data", interrupted)
+    result = invoke(["train", "--niter", 2, "--subset", 20, "--out", tmp_path, "--ranks", 1,
+                     "--device", "cpu", *data_args])
+    assert result.exit_code == 130, result.output
+    assert "Aborted!" not in result.output and "interrupted" in result.output
+
+
 # ----------------------------------------------------------------------------- misc
 
 def test_bench_command_exists_exactly_when_bench_run_does():

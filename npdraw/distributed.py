@@ -488,6 +488,11 @@ def exec_as_ranks(ranks: int, mpiexec: str, script: str, args) -> None:
     os.execve(argv[0], argv, environ)
 
 
+# Ranks started on this machine, at most this many per core: more only share the cores
+# (a count like 10^12 is a typing error, which mpiexec would try to honour).
+MAX_RANKS_PER_CORE = 4
+
+
 def launch_plan(ranks: int, device: str, batch_size: int, environ=None):
     """How a command on this machine runs: -> (count, mpiexec or None, note or None).
 
@@ -500,6 +505,11 @@ def launch_plan(ranks: int, device: str, batch_size: int, environ=None):
     count = resolve_ranks(ranks, device, batch_size)
     if count == 1:
         return 1, None, None
+    cores = usable_cores()
+    if count > MAX_RANKS_PER_CORE * cores:
+        raise ValueError(f"ranks = {count} would start {count} processes on this machine's "
+                         f"{cores} cores; ask for at most {MAX_RANKS_PER_CORE * cores}, or start "
+                         "the ranks of a cluster with mpiexec or srun")
     mpiexec = find_mpiexec() if mpi_available() else None
     if mpiexec is not None:
         return count, mpiexec, None

@@ -369,6 +369,12 @@ def test_the_launch_plan(monkeypatch):
     assert distributed.launch_plan(1, "cpu", 128, {}) == (1, None, None)
     assert distributed.launch_plan(0, "gpu", 128, {}) == (1, None, None)
     assert distributed.launch_plan(2, "gpu", 128, {}) == (2, "/opt/mpich/bin/mpiexec", None)
+    assert distributed.launch_plan(16, "cpu", 128, {})[0] == 16      # 4 a core: shared
+    with pytest.raises(ValueError, match=r"^ranks = 1000000000000 would start 1000000000000 "
+                                         r"processes on this machine's 4 cores; ask for at "
+                                         r"most 16, or start"):
+        distributed.launch_plan(10 ** 12, "cpu", 128, {})
+    assert distributed.launch_plan(10 ** 12, "cpu", 128, {"PMI_SIZE": "2"}) == (1, None, None)
     for launched in ({"PMI_SIZE": "1"}, {"OMPI_COMM_WORLD_SIZE": "2"}, {"SLURM_STEP_ID": "0"},
                      {distributed.LAUNCHED_VARIABLE: "4"}):
         assert distributed.launch_plan(0, "cpu", 128, launched) == (1, None, None), launched

@@ -235,15 +235,21 @@ def test_features_first_layout_is_the_transpose(rng):
                                latent_backward(dz, dkl, lcache).T, rtol=1e-14)
 
 
+def _cell_inputs(rng, B, Hd, axis):
+    """a (B, 4Hd), c_prev, dh, dc (B, Hd) for a cell test; features first when axis == 0."""
+    a = rng.standard_normal((B, 4 * Hd)) * 3
+    c_prev, dh, dc = (rng.standard_normal((B, Hd)) for _ in range(3))
+    if axis == 0:
+        return a.T.copy(), c_prev.T.copy(), dh.T.copy(), dc.T.copy()
+    return a, c_prev, dh, dc
+
+
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_lstm_numpy_path_equals_the_fused_kernels(rng, axis):
     """The in-place NumPy path computes what the GPU's fused kernels compute."""
     from npdraw import layers
     B, Hd = 3, 5
-    a = rng.standard_normal((B, 4 * Hd)) * 3
-    c_prev, dh, dc = (rng.standard_normal((B, Hd)) for _ in range(3))
-    if axis == 0:
-        a, c_prev, dh, dc = a.T.copy(), c_prev.T.copy(), dh.T.copy(), dc.T.copy()
+    a, c_prev, dh, dc = _cell_inputs(rng, B, Hd, axis)
     (h, c), cache = lstm_cell_forward(a, c_prev, axis=axis)
     da, dc_prev = lstm_cell_backward(dh, dc, cache)
     blocks = layers._blocks(a, Hd, 4, axis)
@@ -301,10 +307,7 @@ def test_peephole_lstm_cell_equations(rng):
 def test_zero_peepholes_are_the_plain_cell(rng, axis):
     """peep = 0: h, c, da and dc_prev equal the plain cell's (the function-preserving start)."""
     B, Hd = 3, 5
-    a = rng.standard_normal((B, 4 * Hd)) * 3
-    c_prev, dh, dc = (rng.standard_normal((B, Hd)) for _ in range(3))
-    if axis == 0:
-        a, c_prev, dh, dc = a.T.copy(), c_prev.T.copy(), dh.T.copy(), dc.T.copy()
+    a, c_prev, dh, dc = _cell_inputs(rng, B, Hd, axis)
     (h, c), cache = lstm_cell_forward(a, c_prev, axis=axis)
     da, dc_prev = lstm_cell_backward(dh, dc, cache)
     gates = np.empty_like(a)
@@ -322,11 +325,8 @@ def test_peephole_numpy_path_equals_the_fused_kernels(rng, axis):
     """The in-place NumPy path of the peephole cell computes what its fused kernels do."""
     from npdraw import layers
     B, Hd = 3, 5
-    a = rng.standard_normal((B, 4 * Hd)) * 3
-    c_prev, dh, dc = (rng.standard_normal((B, Hd)) for _ in range(3))
+    a, c_prev, dh, dc = _cell_inputs(rng, B, Hd, axis)
     peep = rng.standard_normal(3 * Hd)
-    if axis == 0:
-        a, c_prev, dh, dc = a.T.copy(), c_prev.T.copy(), dh.T.copy(), dc.T.copy()
     peeps = layers._peep_blocks(peep, Hd, axis)
     ref = layers._peephole_lstm_cell_kernel.unfused(*layers._blocks(a, Hd, 4, axis), c_prev,
                                                     *peeps)

@@ -322,6 +322,18 @@ def loss_and_grads(params, cfg, x, eps):
     return float(loss), grads, stats
 
 
+WINDOW_KEYS = ("cx", "cy", "sigma", "stride", "gamma")
+
+
+def _append_window(rows, window_cache):
+    """One glimpse's window (window_values of its cache) onto rows {key: [(B,) ...]}:
+    the 1-based centre, sigma (the root of eq 21's sigma^2), the stride and gamma."""
+    gX, gY, sigma2, delta, gamma = window_values(window_cache)
+    xp = get_array_module(gX)
+    for key, value in zip(WINDOW_KEYS, (gX, gY, xp.sqrt(sigma2), delta, gamma)):
+        rows[key].append(value)
+
+
 def generate(params, cfg, eps):
     """Eq 13-16: the decoder alone, with z_t = eps[t] drawn from the prior N(0, I).
 
@@ -334,16 +346,14 @@ def generate(params, cfg, eps):
     state = initial_state(params, B)
     canvas, h_dec, c_dec = state["canvas"], state["h_dec"], state["c_dec"]
     canvases = []
-    window_rows = {k: [] for k in ("cx", "cy", "sigma", "stride", "gamma")}
+    window_rows = {k: [] for k in WINDOW_KEYS}
     for t in range(cfg.T):
         (h_dec, c_dec), _ = decoder_forward(params, eps[t], h_dec, c_dec)
         w, (_, _, window_caches) = write_head_forward(params, cfg, h_dec)
         canvas = canvas + w
         canvases.append(sigmoid(canvas))
         if cfg.attention:
-            gX, gY, sigma2, delta, gamma = window_values(window_caches[1])
-            for key, value in zip(window_rows, (gX, gY, xp.sqrt(sigma2), delta, gamma)):
-                window_rows[key].append(value)
+            _append_window(window_rows, window_caches[1])
     windows = None
     if cfg.attention:
         windows = {key: xp.stack(rows) for key, rows in window_rows.items()}
@@ -362,19 +372,15 @@ def reconstruct(params, cfg, x, eps):
     xp = get_array_module(x)
     state = initial_state(params, x.shape[0])
     canvases, kls = [], []
-    keys = ("cx", "cy", "sigma", "stride", "gamma")
-    rows = {"read": {k: [] for k in keys}, "write": {k: [] for k in keys}}
+    rows = {"read": {k: [] for k in WINDOW_KEYS}, "write": {k: [] for k in WINDOW_KEYS}}
     for t in range(cfg.T):
         (state, kl), cache = step_forward(params, cfg, x, state, eps[t])
         canvases.append(sigmoid(state["canvas"]))
         kls.append(kl)
         if cfg.attention:
             read_cache, write_cache = cache[2], cache[8]
-            for which, window_cache in (("read", read_cache[1][1]),
-                                        ("write", write_cache[2][1])):
-                gX, gY, sigma2, delta, gamma = window_values(window_cache)
-                for key, value in zip(keys, (gX, gY, xp.sqrt(sigma2), delta, gamma)):
-                    rows[which][key].append(value)
+            _append_window(rows["read"], read_cache[1][1])
+            _append_window(rows["write"], write_cache[2][1])
     windows = None
     if cfg.attention:
         windows = {which: {k: xp.stack(v) for k, v in r.items()} for which, r in rows.items()}

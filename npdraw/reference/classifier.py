@@ -35,6 +35,7 @@ from ..config import ClassifierConfig
 from ..layers import (linear_backward, linear_forward, lstm_cell_backward, lstm_cell_forward,
                       softmax_xent_backward, softmax_xent_forward)
 from . import draw as plain          # DRAW's plain attention: window (eq 21-26) and read (eq 27)
+from .init import tiling_window_bias  # the same start window as DRAW's read
 
 P_ATTENTION = 5                      # (g~X, g~Y, log sigma^2, log delta~, log gamma)
 
@@ -50,13 +51,12 @@ def param_shapes(cfg: ClassifierConfig) -> dict:
 def init_params(cfg: ClassifierConfig, seed: int = 0, dtype="float32") -> dict:
     """Fresh parameters (NumPy). The LSTM as in DRAW (U(+-1/sqrt(Hd)), forget bias 1);
     att_W small, so the first glimpses are near the start window, which tiles the
-    whole image (as DRAW's read starts, see model.init_params); out_W small."""
-    from ..model import _tiling_window_bias          # the same start window as DRAW's read
+    whole image (as DRAW's read starts, see reference.init); out_W small."""
     rng = np.random.default_rng(seed)
     Hd = cfg.hidden
     params = {
         "att_W": 0.01 * rng.standard_normal((Hd, P_ATTENTION)),
-        "att_b": _tiling_window_bias(cfg, cfg.read_n),
+        "att_b": tiling_window_bias(cfg, cfg.read_n),
         "lstm_W": rng.uniform(-1.0, 1.0, (cfg.read_n ** 2 + Hd, 4 * Hd)) / math.sqrt(Hd),
         "lstm_b": np.concatenate([np.zeros(Hd), np.ones(Hd), np.zeros(2 * Hd)]),
         "out_W": 0.01 * rng.standard_normal((Hd, cfg.classes)),

@@ -4,12 +4,13 @@ and an exponential moving average of the parameters (Polyak averaging).
 Parameters, gradients and the moment estimates are dicts ``name -> array`` that
 share one set of keys; each entry may have any shape and lives on NumPy or CuPy.
 
-Legend of dimension letters:
-    P   the shape of one parameter (any shape; each name has its own)
+Shapes: ``(...)`` is any shape of one parameter (each name has its own).
 
 State layout (``adam_init``):
-    {"m": {name: (P,)}, "v": {name: (P,)}, "step": int}
-EMA layout (``ema_init``): {name: (P,)}, the parameters' names, shapes and dtypes.
+    {"m": {name: (...)}, "v": {name: (...)}, "step": int}
+adam_step is pure (returns new params and a new state); ema_update updates its own
+arrays in place. EMA layout (``ema_init``): {name: (...)}, the parameters' names, shapes
+and dtypes.
 
 Only the two norms are synchronised with the host (python floats), once per step.
 """
@@ -62,7 +63,7 @@ def _sq_norm(arrays) -> float:
 def global_norm(grads: dict) -> float:
     """L2 norm of all arrays of ``grads`` taken together, sqrt(sum_k ||g_k||^2).
 
-    grads: {name: (P,)} -> python float.
+    grads: {name: (...)} -> python float.
     """
     return math.sqrt(_sq_norm(grads.values()))
 
@@ -77,7 +78,7 @@ def clip_scale(norm: float, max_norm: float) -> float:
 def clip_by_global_norm(grads: dict, max_norm: float):
     """Scale every gradient by min(1, max_norm / (norm + 1e-6)).
 
-    grads: {name: (P,)}; returns (clipped {name: (P,)} of new arrays, norm before clipping).
+    grads: {name: (...)}; returns (clipped {name: (...)} of new arrays, norm before clipping).
     The input arrays are never modified; dtypes are kept. The training loop instead
     passes clip_scale(...) to adam_step as grad_scale, which saves this pass.
     """
@@ -104,16 +105,18 @@ def adam_init(params: dict) -> dict:
 def adam_step(params: dict, grads: dict, state: dict, lr: float,
               beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
               grad_scale: float = 1.0):
-    """One bias-corrected Adam update.
+    """One bias-corrected Adam update, as a pure function: nothing passed in is modified.
 
     m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
     p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    params, grads: {name: (P,)}; state from ``adam_init`` (m and v updated in place,
-    "step" incremented). Returns (new_params {name: (P,)}, state, step_norm) where
-    step_norm is the global L2 norm of the update p_new - p. The caller's parameter
-    arrays are left untouched. grad_scale multiplies every gradient first (clipping,
-    see clip_scale) without a pass of its own.
+    params, grads: {name: (...)}; state from ``adam_init`` or a previous adam_step.
+    Returns (new_params {name: (...)}, new_state, step_norm): new arrays throughout
+    (new_state's "m" and "v" too, "step" one more), and step_norm, the global L2 norm of
+    the update p_new - p. Use the return value, ``params, state, _ = adam_step(...)``:
+    a loop that ignores it trains nothing, every time (the inputs stay as they were).
+    grad_scale multiplies every gradient first (clipping, see clip_scale) without a
+    pass of its own.
     """
     _check_keys(params, grads)
     for key in ("m", "v", "step"):
@@ -133,33 +136,34 @@ def adam_step(params: dict, grads: dict, state: dict, lr: float,
     bc2 = 1.0 - beta2 ** t
     lr_t = lr * math.sqrt(bc2) / bc1
     eps_t = eps * math.sqrt(bc2)
-    new_params, update_sq_sums = {}, []
+    new_params, new_m, new_v, update_sq_sums = {}, {}, {}, []
     for name, p in params.items():
         xp = get_array_module(p)
         dt = p.dtype.type
         g = grads[name].astype(p.dtype, copy=False)
-        m, v = state["m"][name], state["v"][name]
-        # In place, through one scratch array per parameter: a handful of passes in all.
+        # Each new array is written once and then updated in place, through one scratch
+        # array per parameter: a handful of passes in all.
         scratch = xp.empty_like(p)                         # (0-d parameters stay arrays)
         xp.multiply(g, dt((1.0 - beta1) * grad_scale), out=scratch)
-        m *= dt(beta1)
+        m = xp.multiply(state["m"][name], dt(beta1), out=xp.empty_like(p))
         m += scratch                                       # m <- b1 m + (1 - b1) g
         xp.multiply(g, g, out=scratch)
         scratch *= dt((1.0 - beta2) * grad_scale * grad_scale)
-        v *= dt(beta2)
+        v = xp.multiply(state["v"][name], dt(beta2), out=xp.empty_like(p))
         v += scratch                                       # v <- b2 v + (1 - b2) g^2
         xp.sqrt(v, out=scratch)
         scratch += dt(eps_t)
         xp.divide(m, scratch, out=scratch)
         scratch *= dt(-lr_t)                               # the update
         new_params[name] = xp.add(p, scratch, out=xp.empty_like(p))
+        new_m[name], new_v[name] = m, v
         update_sq_sums.append(_sq_sum(scratch))
-    state["step"] = t
-    return new_params, state, math.sqrt(float(sum(update_sq_sums, 0.0)))
+    new_state = {**state, "m": new_m, "v": new_v, "step": t}
+    return new_params, new_state, math.sqrt(float(sum(update_sq_sums, 0.0)))
 
 
 def ema_init(params: dict) -> dict:
-    """The moving average's own arrays, started at a copy of ``params`` {name: (P,)}."""
+    """The moving average's own arrays, started at a copy of ``params`` {name: (...)}."""
     return {name: get_array_module(p).array(p, copy=True) for name, p in params.items()}
 
 
@@ -169,7 +173,7 @@ def ema_update(ema: dict, params: dict, decay: float) -> dict:
     ema <- decay ema + (1 - decay) params,  computed as decay (ema - params) + params
 
     which keeps an average of unchanging parameters exactly where it is, and needs no
-    scratch array: three in-place passes over ema. ema, params: {name: (P,)} with the
+    scratch array: three in-place passes over ema. ema, params: {name: (...)} with the
     same keys; ema's arrays (from ``ema_init``) are updated in place, in their dtype, and
     returned; params are only read, and must not be ema's own arrays (ema_init copies).
     0 <= decay < 1; no device sync.

@@ -56,6 +56,42 @@ def test_adam_does_not_modify_caller_params():
     assert not np.array_equal(new["w"], before)
 
 
+def test_adam_step_leaves_every_input_untouched():
+    """adam_step is pure: params, grads and the whole state (m, v, step) are as they were,
+    and the new state shares no array with the old one."""
+    rng = np.random.default_rng(1)
+    params = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(2)}
+    grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+    state = adam_init(params)
+    _, state, _ = adam_step(params, grads, state, 0.1)          # moments no longer zero
+    copies = [{k: a.copy() for k, a in d.items()} for d in (params, grads, state["m"], state["v"])]
+    new_params, new_state, _ = adam_step(params, grads, state, 0.1)
+    for before, after in zip(copies, (params, grads, state["m"], state["v"])):
+        for k in before:
+            assert np.array_equal(before[k], after[k]), k
+    assert state["step"] == 1 and new_state["step"] == 2
+    for k in params:
+        assert new_params[k] is not params[k]
+        assert new_state["m"][k] is not state["m"][k] and new_state["v"][k] is not state["v"][k]
+        assert not np.array_equal(new_state["m"][k], state["m"][k])
+
+
+def test_a_loop_that_ignores_the_return_value_trains_nothing_and_a_loop_that_uses_it_trains():
+    """The PyTorch habit (call the step, keep the old names) leaves the parameters and the
+    state exactly where they were, so the misuse is plain at once; the intended loop
+    minimises ||p - target||^2."""
+    target = np.array([3.0, -2.0])
+    start = {"p": np.zeros(2)}
+    params, state = start, adam_init(start)
+    for _ in range(50):
+        adam_step(params, {"p": 2 * (params["p"] - target)}, state, 0.1)
+    assert np.array_equal(params["p"], np.zeros(2)) and state["step"] == 0
+    for _ in range(300):
+        params, state, _ = adam_step(params, {"p": 2 * (params["p"] - target)}, state, 0.1)
+    assert state["step"] == 300
+    np.testing.assert_allclose(params["p"], target, atol=0.05)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dtype_kept(dtype):
     rng = np.random.default_rng(0)

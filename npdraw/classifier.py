@@ -26,8 +26,8 @@ import numpy as np
 from . import engine_attention as att
 from .backend import get_array_module, to_device, to_numpy
 from .config import ClassifierConfig
-from .layers import (linear_forward, lstm_cell_backward, lstm_cell_forward,
-                     softmax_xent_backward, softmax_xent_forward)
+from .engine_layers import linear_forward, lstm_cell_backward, lstm_cell_forward
+from .layers import softmax_xent_backward, softmax_xent_forward
 from .reference.classifier import init_params, param_shapes  # noqa: F401 (public API)
 
 

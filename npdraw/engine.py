@@ -25,9 +25,10 @@ import numpy as np
 from . import engine_attention as att
 from .backend import fuse, get_array_module, to_numpy
 from .config import DrawConfig
-from .layers import (bce_backward, bce_forward, latent_backward, latent_forward,
-                     linear_forward, lstm_cell_backward, lstm_cell_forward,
-                     peephole_lstm_cell_backward, peephole_lstm_cell_forward)
+from .engine_layers import (latent_backward, latent_forward, linear_forward, lstm_cell_backward,
+                            lstm_cell_forward, peephole_lstm_cell_backward,
+                            peephole_lstm_cell_forward)
+from .layers import bce_backward, bce_forward
 
 # ---------------------------------------------------------------- eq 3
 

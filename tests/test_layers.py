@@ -1,4 +1,6 @@
-"""Gradient checks for npdraw.layers: linear, LSTM cell and BPTT, latent + KL, BCE."""
+"""Gradient checks for npdraw.layers (the plain pairs: linear, LSTM cell and BPTT, latent +
+KL, BCE) and npdraw.engine_layers (the engine's in-place, features-first variants), and
+that both kinds agree."""
 import numpy as np
 import pytest
 
@@ -7,6 +9,8 @@ from npdraw.layers import (bce_backward, bce_forward, kl_backward, kl_forward, l
                            lstm_cell_forward, peephole_lstm_cell_backward,
                            peephole_lstm_cell_forward, reparam_backward, reparam_forward)
 from gradcheck import numeric_grad, rel_err
+
+from npdraw import engine_layers as el
 
 TOL = 1e-6  # reached: every check here lands below about 1e-8
 
@@ -116,10 +120,10 @@ def test_latent_gradients_and_exact_kl(rng):
     np.testing.assert_allclose(kl, expected, rtol=1e-12)
     # the buffers the unrolled model passes: z and dq written into given arrays
     z_out, dq_out = np.full_like(eps, np.nan), np.full_like(q, np.nan)
-    (z_into, _), cache_into = latent_forward(q, eps, z_out=z_out)
+    (z_into, _), cache_into = el.latent_forward(q, eps, z_out=z_out)
     assert z_into is z_out
     np.testing.assert_array_equal(z_out, z)
-    assert latent_backward(pz, pkl, cache_into, out=dq_out) is dq_out
+    assert el.latent_backward(pz, pkl, cache_into, out=dq_out) is dq_out
     np.testing.assert_array_equal(dq_out, dq)
 
 
@@ -133,15 +137,15 @@ def test_reparam_gradients_and_accumulation(rng, axis):
     z_out = np.full_like(eps, np.nan)
 
     def f():
-        return float((reparam_forward(q, eps, axis)[0] * pz).sum())
+        return float((el.reparam_forward(q, eps, axis)[0] * pz).sum())
 
-    z, cache = reparam_forward(q, eps, axis, z_out=z_out)
+    z, cache = el.reparam_forward(q, eps, axis, z_out=z_out)
     assert z is z_out
-    dq = reparam_backward(pz, cache)
+    dq = el.reparam_backward(pz, cache)
     assert rel_err(dq.ravel(), numeric_grad(f, q)) < TOL
     base = rng.standard_normal(dq.shape)
     into = base.copy()
-    assert reparam_backward(pz, cache, dq=into) is into
+    assert el.reparam_backward(pz, cache, dq=into) is into
     np.testing.assert_allclose(into, base + dq, rtol=1e-14)
 
 
@@ -153,12 +157,12 @@ def test_kl_of_many_glimpses_at_once(rng, axis):
     pkl = rng.standard_normal((T, B))
 
     def f():
-        return float((kl_forward(q, axis)[0] * pkl).sum())
+        return float((el.kl_forward(q, axis)[0] * pkl).sum())
 
-    kl, cache = kl_forward(q, axis)
-    assert rel_err(kl_backward(pkl, cache).ravel(), numeric_grad(f, q)) < TOL
-    assert rel_err(kl_backward(0.5, cache).ravel(),
-                   numeric_grad(lambda: 0.5 * float(kl_forward(q, axis)[0].sum()), q)) < TOL
+    kl, cache = el.kl_forward(q, axis)
+    assert rel_err(el.kl_backward(pkl, cache).ravel(), numeric_grad(f, q)) < TOL
+    assert rel_err(el.kl_backward(0.5, cache).ravel(),
+                   numeric_grad(lambda: 0.5 * float(el.kl_forward(q, axis)[0].sum()), q)) < TOL
     for t in range(T):
         q_t = q[:, t].T if axis == 0 else q[t]                          # (B, 2Z)
         np.testing.assert_allclose(kl[t], latent_forward(q_t, np.zeros((B, Z)))[0][1], rtol=1e-13)
@@ -211,27 +215,28 @@ def test_inputs_are_not_modified(rng):
 
 
 def test_features_first_layout_is_the_transpose(rng):
-    """axis=0 (features first, as the model runs them) equals the (B, .) layout, transposed."""
+    """The engine's axis=0 (features first, as it runs them) equals the plain (B, .) pairs,
+    transposed."""
     B, Hd, Z = 3, 4, 2
     a, c_prev = rng.standard_normal((B, 4 * Hd)), rng.standard_normal((B, Hd))
     dh, dc = rng.standard_normal((B, Hd)), rng.standard_normal((B, Hd))
     (h, c), cache = lstm_cell_forward(a, c_prev)
-    (hT, cT), cacheT = lstm_cell_forward(a.T, c_prev.T, axis=0)
+    (hT, cT), cacheT = el.lstm_cell_forward(a.T, c_prev.T, axis=0)
     np.testing.assert_allclose(hT, h.T, rtol=1e-14)
     np.testing.assert_allclose(cT, c.T, rtol=1e-14)
     slot = np.full((Hd + 2, B), np.nan)[1:-1]                  # h written into a given view
-    (h_into, _), _ = lstm_cell_forward(a.T, c_prev.T, axis=0, h_out=slot)
+    (h_into, _), _ = el.lstm_cell_forward(a.T, c_prev.T, axis=0, h_out=slot)
     assert h_into is slot
     np.testing.assert_array_equal(slot, hT)
-    for got, want in zip(lstm_cell_backward(dh.T, dc.T, cacheT), lstm_cell_backward(dh, dc, cache)):
+    for got, want in zip(el.lstm_cell_backward(dh.T, dc.T, cacheT), lstm_cell_backward(dh, dc, cache)):
         np.testing.assert_allclose(got, want.T, rtol=1e-14)
     q, eps = rng.standard_normal((B, 2 * Z)), rng.standard_normal((B, Z))
     dz, dkl = rng.standard_normal((B, Z)), rng.standard_normal(B)
     (z, kl), lcache = latent_forward(q, eps)
-    (zT, klT), lcacheT = latent_forward(q.T, eps.T, axis=0)
+    (zT, klT), lcacheT = el.latent_forward(q.T, eps.T, axis=0)
     np.testing.assert_allclose(zT, z.T, rtol=1e-14)
     np.testing.assert_allclose(klT, kl, rtol=1e-14)
-    np.testing.assert_allclose(latent_backward(dz.T, dkl, lcacheT),
+    np.testing.assert_allclose(el.latent_backward(dz.T, dkl, lcacheT),
                                latent_backward(dz, dkl, lcache).T, rtol=1e-14)
 
 
@@ -246,18 +251,18 @@ def _cell_inputs(rng, B, Hd, axis):
 
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_lstm_numpy_path_equals_the_fused_kernels(rng, axis):
-    """The in-place NumPy path computes what the GPU's fused kernels compute."""
+    """The engine's in-place NumPy path computes what the GPU's fused kernels compute."""
     from npdraw import layers
     B, Hd = 3, 5
     a, c_prev, dh, dc = _cell_inputs(rng, B, Hd, axis)
-    (h, c), cache = lstm_cell_forward(a, c_prev, axis=axis)
-    da, dc_prev = lstm_cell_backward(dh, dc, cache)
-    blocks = layers._blocks(a, Hd, 4, axis)
+    (h, c), cache = el.lstm_cell_forward(a, c_prev, axis=axis)
+    da, dc_prev = el.lstm_cell_backward(dh, dc, cache)
+    blocks = el._blocks(a, Hd, 4, axis)
     i, f, o, g, c_ref, tanh_c, h_ref = layers._lstm_cell_kernel.unfused(*blocks, c_prev)
     np.testing.assert_allclose(h, h_ref, rtol=1e-13)
     np.testing.assert_allclose(c, c_ref, rtol=1e-13)
     ref = layers._lstm_cell_backward_kernel.unfused(dh, dc, i, f, o, g, c_prev, tanh_c)
-    for got, want in zip(layers._blocks(da, Hd, 4, axis), ref[:4]):
+    for got, want in zip(el._blocks(da, Hd, 4, axis), ref[:4]):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(dc_prev, ref[4], rtol=1e-13)
 
@@ -276,11 +281,11 @@ def test_peephole_lstm_cell_gradients(rng, axis):
         a, c_prev, ph, pc = a.T.copy(), c_prev.T.copy(), ph.T.copy(), pc.T.copy()
 
     def f():
-        (h, c), _ = peephole_lstm_cell_forward(a, c_prev, peep, axis=axis)
+        (h, c), _ = el.peephole_lstm_cell_forward(a, c_prev, peep, axis=axis)
         return float((h * ph).sum() + (c * pc).sum())
 
-    _, cache = peephole_lstm_cell_forward(a, c_prev, peep, axis=axis)
-    da, dc_prev, dpeep = peephole_lstm_cell_backward(ph, pc, cache)
+    _, cache = el.peephole_lstm_cell_forward(a, c_prev, peep, axis=axis)
+    da, dc_prev, dpeep = el.peephole_lstm_cell_backward(ph, pc, cache)
     assert rel_err(da.ravel(), numeric_grad(f, a)) < TOL
     assert rel_err(dc_prev.ravel(), numeric_grad(f, c_prev)) < TOL
     assert rel_err(dpeep, numeric_grad(f, peep)) < TOL
@@ -308,34 +313,75 @@ def test_zero_peepholes_are_the_plain_cell(rng, axis):
     """peep = 0: h, c, da and dc_prev equal the plain cell's (the function-preserving start)."""
     B, Hd = 3, 5
     a, c_prev, dh, dc = _cell_inputs(rng, B, Hd, axis)
-    (h, c), cache = lstm_cell_forward(a, c_prev, axis=axis)
-    da, dc_prev = lstm_cell_backward(dh, dc, cache)
+    (h, c), cache = el.lstm_cell_forward(a, c_prev, axis=axis)
+    da, dc_prev = el.lstm_cell_backward(dh, dc, cache)
     gates = np.empty_like(a)
     slot = np.empty_like(c_prev)
-    (hp, cp), pcache = peephole_lstm_cell_forward(a, c_prev, np.zeros(3 * Hd), axis=axis,
-                                                  gates_out=gates, h_out=slot)
+    (hp, cp), pcache = el.peephole_lstm_cell_forward(a, c_prev, np.zeros(3 * Hd), axis=axis,
+                                                     gates_out=gates, h_out=slot)
     assert hp is slot
-    dap, dcp, _ = peephole_lstm_cell_backward(dh, dc, pcache)
+    dap, dcp, _ = el.peephole_lstm_cell_backward(dh, dc, pcache)
     for got, want in ((hp, h), (cp, c), (dap, da), (dcp, dc_prev)):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_peephole_numpy_path_equals_the_fused_kernels(rng, axis):
-    """The in-place NumPy path of the peephole cell computes what its fused kernels do."""
+    """The engine's in-place NumPy path of the peephole cell computes what its fused kernels do."""
     from npdraw import layers
     B, Hd = 3, 5
     a, c_prev, dh, dc = _cell_inputs(rng, B, Hd, axis)
     peep = rng.standard_normal(3 * Hd)
-    peeps = layers._peep_blocks(peep, Hd, axis)
-    ref = layers._peephole_lstm_cell_kernel.unfused(*layers._blocks(a, Hd, 4, axis), c_prev,
-                                                    *peeps)
-    (h, c), cache = peephole_lstm_cell_forward(a, c_prev, peep, axis=axis, gates_out=a)
+    peeps = el._peep_blocks(peep, Hd, axis)
+    ref = layers._peephole_lstm_cell_kernel.unfused(*el._blocks(a, Hd, 4, axis), c_prev, *peeps)
+    (h, c), cache = el.peephole_lstm_cell_forward(a, c_prev, peep, axis=axis, gates_out=a)
     np.testing.assert_allclose(h, ref[6], rtol=1e-13)
     np.testing.assert_allclose(c, ref[4], rtol=1e-13)
-    da, dc_prev, _ = peephole_lstm_cell_backward(dh, dc, cache)
+    da, dc_prev, _ = el.peephole_lstm_cell_backward(dh, dc, cache)
     want = layers._peephole_lstm_cell_backward_kernel.unfused(dh, dc, *ref[:4], c_prev, ref[5],
                                                               *peeps)
-    for got, w in zip(layers._blocks(da, Hd, 4, axis), want[:4]):
+    for got, w in zip(el._blocks(da, Hd, 4, axis), want[:4]):
         np.testing.assert_allclose(got, w, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(dc_prev, want[4], rtol=1e-12, atol=1e-15)
+
+
+def test_plain_and_engine_layers_agree(rng):
+    """Each plain pair of npdraw.layers against its engine variant in the (B, .) layout:
+    values and gradients (the plain ones are what the reference runs)."""
+    from npdraw import layers
+    B, Hs, Z = 3, 4, 2
+    x, W, b = rng.standard_normal((B, 5)), rng.standard_normal((5, 4 * Hs)), rng.standard_normal(4 * Hs)
+    np.testing.assert_allclose(layers.linear_forward(x, W, b)[0], el.linear_forward(x, W, b)[0],
+                               rtol=1e-14)
+    a, c_prev, dh, dc = _cell_inputs(rng, B, Hs, -1)
+    peep = rng.standard_normal(3 * Hs)
+    pairs = ((layers.lstm_cell_forward, layers.lstm_cell_backward, el.lstm_cell_forward,
+              el.lstm_cell_backward, ()),
+             (layers.peephole_lstm_cell_forward, layers.peephole_lstm_cell_backward,
+              el.peephole_lstm_cell_forward, el.peephole_lstm_cell_backward, (peep,)))
+    for fwd, bwd, efwd, ebwd, extra in pairs:
+        (h, c), cache = fwd(a, c_prev, *extra)
+        (eh, ec), ecache = efwd(a, c_prev, *extra)
+        np.testing.assert_allclose(h, eh, rtol=1e-13)
+        np.testing.assert_allclose(c, ec, rtol=1e-13)
+        for got, want in zip(bwd(dh, dc, cache), ebwd(dh, dc, ecache)):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    q, eps = rng.standard_normal((B, 2 * Z)), rng.standard_normal((B, Z))
+    dz, dkl = rng.standard_normal((B, Z)), rng.standard_normal(B)
+    (z, kl), cache = layers.latent_forward(q, eps)
+    (ez, ekl), ecache = el.latent_forward(q, eps)
+    np.testing.assert_allclose(z, ez, rtol=1e-14)
+    np.testing.assert_allclose(kl, ekl, rtol=1e-13)
+    np.testing.assert_allclose(layers.latent_backward(dz, dkl, cache),
+                               el.latent_backward(dz, dkl, ecache), rtol=1e-13)
+
+
+def test_the_plain_layers_take_no_engine_options():
+    """The plain pairs are the readable kind: no out=, axis= or *_out= options."""
+    import inspect
+
+    from npdraw import layers
+    for name, fn in vars(layers).items():
+        if name.endswith(("_forward", "_backward")) and callable(fn):
+            params = set(inspect.signature(fn).parameters)
+            assert not params & {"out", "axis", "gates_out", "h_out", "z_out", "dq"}, name

@@ -216,7 +216,7 @@ def cell_forward(a, c_prev, peep):
 
 def cell_backward(dh, dc, cache):
     """dh, dc (B, H) -> (da (B, 4H), dc_prev (B, H), dpeep (3H,) or None)."""
-    if len(cache) == 4:                                  # the plain cell's cache
+    if len(cache) == 3:                                  # the plain cell's cache
         return (*lstm_cell_backward(dh, dc, cache), None)
     return peephole_lstm_cell_backward(dh, dc, cache)
 

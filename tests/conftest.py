@@ -59,11 +59,11 @@ def as_if_on_gpu(monkeypatch):
     import numpy as np
 
     from npdraw import engine, engine_attention, engine_layers, layers, model, optim
-    from npdraw.reference import draw
+    from npdraw.reference import attention, draw
     generic = types.ModuleType("generic_xp")
     generic.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
     generic.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0))
-    for module in (draw, engine, engine_attention, engine_layers, layers, model, optim):
+    for module in (attention, draw, engine, engine_attention, engine_layers, layers, model, optim):
         monkeypatch.setattr(module, "get_array_module", lambda *arrays: generic)
     return generic
 

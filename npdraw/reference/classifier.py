@@ -34,7 +34,7 @@ from ..backend import get_array_module
 from ..config import ClassifierConfig
 from ..layers import (linear_backward, linear_forward, lstm_cell_backward, lstm_cell_forward,
                       softmax_xent_backward, softmax_xent_forward)
-from . import draw as plain          # DRAW's plain attention: window (eq 21-26) and read (eq 27)
+from . import attention as plain     # DRAW's plain attention: window (eq 21-26) and read (eq 27)
 from .init import tiling_window_bias  # the same start window as DRAW's read
 
 P_ATTENTION = 5                      # (g~X, g~Y, log sigma^2, log delta~, log gamma)

@@ -356,3 +356,23 @@ def test_the_array_module_generic_path_equals_the_numpy_one(name, request):
     for key in grads:
         assert rel_err(grads_g[key], grads[key]) < 1e-13, key
     assert rel_err(reference.generate(params, cfg, eps)[0], canvases) < 1e-13
+
+
+def test_python_m_npdraw_reference_trains_and_the_bound_falls(bmnist_data_dir, bmnist_mirror):
+    """`python -m npdraw.reference`, tiny: it trains the plain model on binarized MNIST and
+    the printed bound of its last steps is below that of its first."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "npdraw.reference", "--steps", "60", "--every", "20",
+         "--batch", "20", "--train", "500", "--T", "2", "--enc", "16", "--dec", "16", "--z", "4",
+         "--lr", "1e-2", "--data-dir", str(bmnist_data_dir), "--mirror", str(bmnist_mirror)],
+        cwd=root, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    bounds = [float(b) for b in re.findall(r"bound\s+([0-9.]+) nats", run.stdout)]
+    assert len(bounds) == 3, run.stdout
+    assert bounds[-1] < bounds[0] - 5, run.stdout

@@ -6,6 +6,8 @@ against them. One module per part:
     init        DRAW's parameter table (param_shapes) and initialisation (init_params,
                 tiling_window_bias, the attention's start window)
     classifier  the attentive classifier of cluttered MNIST (paper table 1)
+    __main__    `python -m npdraw.reference`: trains the plain DRAW a few hundred steps on
+                a slice of binarized MNIST and prints the bound falling
 """
 from . import attention, classifier, init  # noqa: F401
 from .attention import (filterbank_backward, filterbank_forward, read_backward,  # noqa: F401

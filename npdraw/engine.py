@@ -6,13 +6,14 @@ below, and docs/DESIGN.md for why each choice was made.
 
 Dimension legend
     B  batch                 T  glimpses (cfg.T)
-    C  channels              H, W  image height and width
-    D  = C*H*W, flattened channels-first (C, H, W)
-    Nr, Nw  read and write window sizes
+    C, H, W  channels, image height, image width (cfg.channels, cfg.height, cfg.width)
+    D  C*H*W, one image flattened channels-first (cfg.D)
+    Nr, Nw  read and write window sizes (cfg.read_n, cfg.write_n)
     R  read width: 2*C*Nr^2 with attention, 2*D without (cfg.read_dim)
-    S  rows of r_t that are the same at every glimpse (x without attention, else none)
+    Rc rows of r_t that are the same at every glimpse (x without attention, else none)
     Pw write width: C*Nw^2 with attention, D without (cfg.write_dim)
-    He, Hd  encoder and decoder LSTM sizes     Z  latent size
+    He, Hd  encoder and decoder LSTM sizes (cfg.enc_dim, cfg.dec_dim); Hs either one
+    Z  latent size (cfg.z_dim)
 
 Entry points take inputs that model.check_inputs has checked: loss_and_grads, loss_only
 (npdraw.model's public functions call them), and the forward/backward pair they are
@@ -114,10 +115,10 @@ def _encoder_weights(params, cfg):
     """enc_W's varying rows in the buffer's order [h_dec ; r ; h_enc] (the parameter
     keeps the paper's [r ; h_dec ; h_enc]) -> (Hd+R+He, 4He), contiguous."""
     xp = get_array_module(params["enc_W"])
-    S = _static_read_rows(cfg)
-    R, Hd = cfg.read_dim - S, cfg.dec_dim
+    Rc = _static_read_rows(cfg)
+    R, Hd = cfg.read_dim - Rc, cfg.dec_dim
     W = params["enc_W"]
-    return xp.concatenate([W[S + R:S + R + Hd], W[S:S + R], W[S + R + Hd:]])
+    return xp.concatenate([W[Rc + R:Rc + R + Hd], W[Rc:Rc + R], W[Rc + R + Hd:]])
 
 
 def _transpose(a):
@@ -138,7 +139,7 @@ def _transpose(a):
 
 def _cell_forward(peep, a, c_prev, h_out):
     """Eq 5 or 7's elementwise half, features first, the activations written over a;
-    with peepholes (peep (3H,), else None) Graves 2013 eq 7-11 in the same one kernel."""
+    with peepholes (peep (3Hs,), else None) Graves 2013 eq 7-11 in the same one kernel."""
     if peep is None:
         return lstm_cell_forward(a, c_prev, axis=0, gates_out=a, h_out=h_out)
     return peephole_lstm_cell_forward(a, c_prev, peep, axis=0, gates_out=a, h_out=h_out)
@@ -172,7 +173,7 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     dtype = params["c0"].dtype
     T, B, D, Z = cfg.T, x.shape[0], cfg.D, cfg.z_dim
     He, Hd = cfg.enc_dim, cfg.dec_dim
-    S = _static_read_rows(cfg)
+    Rc = _static_read_rows(cfg)
     rows = _InputRows(cfg)
     # Transposed weights with the bias as the column that meets the ones row, made
     # once per call, so that each glimpse's GEMM reads them contiguously.
@@ -181,7 +182,7 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
     dec_W_T = _transpose(xp.concatenate([params["dec_b"][None], params["dec_W"]]))  # (4Hd, 1+Z+Hd)
     q_W_T = _transpose(xp.concatenate([params["q_W"], params["q_b"][None]]))        # (2Z, He+1)
     # the constant rows of r_t (x, without attention) are projected once, not T times
-    enc_static = xp.ascontiguousarray((x @ params["enc_W"][:S]).T) if S else None  # (4He, B)
+    enc_static = xp.ascontiguousarray((x @ params["enc_W"][:Rc]).T) if Rc else None  # (4He, B)
     eps_T = eps.transpose(0, 2, 1)                                          # (T, Z, B) view
 
     inputs = xp.empty((rows.count, T + 1, B), dtype)      # the stacked buffer (see above)
@@ -225,7 +226,7 @@ def forward(params, cfg, x, eps, need_terms=False, need_cache=True):
             r, read_cache = x_hat, None                                          # eq 17
         slot[rows.r] = r.T
         xp.matmul(enc_W_T, slot[rows.encoder], out=a_enc[t])
-        if S:
+        if Rc:
             a_enc[t] += enc_static
         (_, c_enc), enc_cache = _cell_forward(enc_peep, a_enc[t], c_enc,        # eq 5
                                               next_slot[rows.h_enc])
@@ -276,8 +277,8 @@ def backward(params, cfg, cache):
     dtype = inputs.dtype
     T, B = stacked["gates_enc"].shape[0], inputs.shape[2]
     Z, He, Hd, D, Pw = cfg.z_dim, cfg.enc_dim, cfg.dec_dim, cfg.D, cfg.write_dim
-    S = _static_read_rows(cfg)
-    R = cfg.read_dim - S
+    Rc = _static_read_rows(cfg)
+    R = cfg.read_dim - Rc
     rows = _InputRows(cfg)
     enc_W = _encoder_weights(params, cfg)       # rows [h_dec ; r ; h_enc], as in forward
     inv_B = 1.0 / B
@@ -343,10 +344,10 @@ def backward(params, cfg, cache):
         dp_first_read = att.windows_backward([dread_window], first_window_cache)   # (B, 5)
         dh_dec_next += params["read_att_W"] @ dp_first_read.T
 
-    def block(row_slice, first):         # rows of slots first..first+T-1 -> (F, T*B), a view
+    def block(row_slice, first):         # rows of slots first..first+T-1 -> (rows, T*B), a view
         return inputs[row_slice, first:first + T].reshape(row_slice.stop - row_slice.start, -1)
 
-    def features_first(buffer):          # (F, T, B) -> (F, T*B)
+    def features_first(buffer):          # (rows, T, B) -> (rows, T*B)
         return buffer.reshape(buffer.shape[0], -1)
 
     grads = {"c0": dcanvas.sum(axis=0), "h_dec0": dh_dec_next.sum(axis=1),
@@ -371,7 +372,7 @@ def backward(params, cfg, cache):
         grads["write_att_b"] = dheads_b[Pw:Pw + P]
         grads["read_att_W"] = dheads_W[:, Pw + P:] + inputs[rows.h_dec, 0] @ dp_first_read
         grads["read_att_b"] = dheads_b[Pw + P:] + dp_first_read.sum(axis=0)
-    if S:  # x fed the same rows at every glimpse: sum their output gradients first
+    if Rc:  # x fed the same rows at every glimpse: sum their output gradients first
         dW_static = stacked["x"].T @ da_enc.sum(axis=1).T
         grads["enc_W"] = xp.concatenate([dW_static, grads["enc_W"]], axis=0)
     return {name: xp.ascontiguousarray(grads[name]) for name in params}

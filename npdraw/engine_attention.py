@@ -1,14 +1,13 @@
 """The engine's attention (eq 19-29): the plain one of npdraw.reference, tuned for speed.
 
 Dimension legend
-    B  batch               K  image planes read or written at once (C, or 2C for [x, x_hat])
-    H  image height        W  image width
-    A  one image axis (H or W)
-    N  attention window size (read_n or write_n)
+    B  batch               G  image planes read or written at once (C, or 2C for [x, x_hat])
+    H, W  image height, image width         A  one image axis (H or W)
+    N  a window's size, Nr or Nw (cfg.read_n or cfg.write_n)
     M  filter rows handled together (N for one axis, 2N for both axes at once)
-    P  = 5 attention parameters (g~X, g~Y, log sigma^2, log delta~, log gamma)
+Windows have the 5 window parameters (g~X, g~Y, log sigma^2, log delta~, log gamma).
 
-What the reference computes plainly (npdraw.reference.draw: window_forward, read_forward,
+What the reference computes plainly (npdraw.reference.attention: window_forward, read_forward,
 write_forward), this module computes for one or more windows at once, and the tests check
 that both agree. Coordinates are 1-based pixel indices a = 1..A, as there.
 
@@ -24,7 +23,7 @@ caches). Hence, below:
   matrix-vector products;
 - both axes' filters, and several windows' (a glimpse's write window and the next read
   window), computed as one array;
-- read and write products merged over the planes k, and caches that hold small arrays only
+- read and write products merged over the planes, and caches that hold small arrays only
   (the read keeps its two products of filters and images, not the images).
 """
 from __future__ import annotations
@@ -311,39 +310,39 @@ def windows_backward(dwindows, cache):
 def read_forward(images, Fy, Fx, gamma):
     """Glimpse gamma * Fy img Fx^T for every plane (eq 27).
 
-    images: (B, K, H, W)   Fy: (B, N, H)   Fx: (B, N, W)   gamma: (B,)
-    -> glimpse (B, K, N, N), cache
+    images: (B, G, H, W)   Fy: (B, N, H)   Fx: (B, N, W)   gamma: (B,)
+    -> glimpse (B, G, N, N), cache
     The images are not cached: by backward they are long out of the CPU caches, so
     their two products with the filters (small, and needed there) are cached instead.
     """
-    B, K, H, W = images.shape
+    B, G, H, W = images.shape
     N = Fy.shape[1]
     # rows[b, (j, k), y] = (img_k Fx^T)[y, j]: per filter j, one matrix-vector product over
-    # all K*H image rows, which BLAS does faster than a product with only N columns.
-    rows = (images.reshape(B, 1, K * H, W) @ Fx[:, :, :, None]).reshape(B, N * K, H)
-    cols = (Fy[:, None] @ images).reshape(B, K * N, W)                     # Fy img_k
-    unscaled = (Fy @ rows.transpose(0, 2, 1)).reshape(B, N, N, K).transpose(0, 3, 1, 2)
+    # all G*H image rows, which BLAS does faster than a product with only N columns.
+    rows = (images.reshape(B, 1, G * H, W) @ Fx[:, :, :, None]).reshape(B, N * G, H)
+    cols = (Fy[:, None] @ images).reshape(B, G * N, W)                     # Fy img_k
+    unscaled = (Fy @ rows.transpose(0, 2, 1)).reshape(B, N, N, G).transpose(0, 3, 1, 2)
     return gamma[:, None, None, None] * unscaled, (Fy, Fx, gamma, rows, cols, unscaled)
 
 
 def read_backward(dglimpse, cache, need_images=True, first_plane=0):
-    """dglimpse: (B, K, N, N) -> (dimages (B, K - first_plane, H, W) or None, dFy, dFx, dgamma).
+    """dglimpse: (B, G, N, N) -> (dimages (B, G - first_plane, H, W) or None, dFy, dFx, dgamma).
 
     The image gradient is computed for planes first_plane.. only, or not at all with
     need_images=False: the model needs it for x_hat, never for x.
     """
     Fy, Fx, gamma, rows, cols, unscaled = cache
-    B, K, N, _ = dglimpse.shape
+    B, G, N, _ = dglimpse.shape
     H = Fy.shape[2]
     dgamma = _batch_dot(dglimpse, unscaled)
     dunscaled = gamma[:, None, None, None] * dglimpse
     # dFy[i, y] = sum over planes k and columns j of dunscaled[k, i, j] rows[(j, k), y]
-    dFy = dunscaled.transpose(0, 2, 3, 1).reshape(B, N, N * K) @ rows            # (B, N, H)
+    dFy = dunscaled.transpose(0, 2, 3, 1).reshape(B, N, N * G) @ rows            # (B, N, H)
     # dFx[j, x] = sum over planes k and rows i of dunscaled[k, i, j] cols[(k, i), x]
-    dFx = dunscaled.transpose(0, 3, 1, 2).reshape(B, N, K * N) @ cols            # (B, N, W)
+    dFx = dunscaled.transpose(0, 3, 1, 2).reshape(B, N, G * N) @ cols            # (B, N, W)
     dimages = None
     if need_images:
-        planes = K - first_plane
+        planes = G - first_plane
         drows = (Fy.transpose(0, 2, 1)[:, None] @ dunscaled[:, first_plane:])    # Fy^T dU_k
         dimages = (drows.reshape(B, planes * H, N) @ Fx).reshape(B, planes, H, Fx.shape[2])
     return dimages, dFy, dFx, dgamma
@@ -354,33 +353,33 @@ def read_backward(dglimpse, cache, need_images=True, first_plane=0):
 def write_forward(patch, Fy, Fx, gamma):
     """Write (1/gamma) * Fy^T w Fx for every plane (eq 29).
 
-    patch: (B, K, N, N)   Fy: (B, N, H)   Fx: (B, N, W)   gamma: (B,)
-    -> image (B, K, H, W), cache.
+    patch: (B, G, N, N)   Fy: (B, N, H)   Fx: (B, N, W)   gamma: (B,)
+    -> image (B, G, H, W), cache.
     The full-size image is not cached: backward needs only patch and filters.
     """
-    B, K, N, _ = patch.shape
+    B, G, N, _ = patch.shape
     W = Fx.shape[2]
     scaled = patch * (1.0 / gamma)[:, None, None, None]    # 1/gamma on the patch, not the image
-    cols = (scaled.reshape(B, K * N, N) @ Fx).reshape(B, K, N, W)          # (w/gamma) Fx
-    image = Fy.transpose(0, 2, 1)[:, None] @ cols                          # (B, K, H, W)
+    cols = (scaled.reshape(B, G * N, N) @ Fx).reshape(B, G, N, W)          # (w/gamma) Fx
+    image = Fy.transpose(0, 2, 1)[:, None] @ cols                          # (B, G, H, W)
     return image, (patch, Fy, Fx, gamma, scaled)
 
 
 def write_backward(dimage, cache):
-    """dimage: (B, K, H, W) -> (dpatch (B, K, N, N), dFy, dFx, dgamma)."""
+    """dimage: (B, G, H, W) -> (dpatch (B, G, N, N), dFy, dFx, dgamma)."""
     patch, Fy, Fx, gamma, scaled = cache
-    B, K, H, W = dimage.shape
+    B, G, H, W = dimage.shape
     N = Fy.shape[1]
     # image_k = Fy^T S_k Fx with S = w/gamma. dimage meets Fx (over x) and Fy (over y)
     # once each, in the two full-size products; every gradient is small after them.
-    dimage_fx = (dimage.reshape(B, K * H, W) @ Fx.transpose(0, 2, 1)).reshape(B, K, H, N)
-    fy_dimage = (Fy[:, None] @ dimage).reshape(B, K * N, W)                # Fy dimage_k
+    dimage_fx = (dimage.reshape(B, G * H, W) @ Fx.transpose(0, 2, 1)).reshape(B, G, H, N)
+    fy_dimage = (Fy[:, None] @ dimage).reshape(B, G * N, W)                # Fy dimage_k
     dpatch = (Fy[:, None] @ dimage_fx) * (1.0 / gamma)[:, None, None, None]
     # dFy[i, y] = sum over k, j of S_k[i, j] dimage_fx[k, y, j]
-    dFy = (scaled.transpose(0, 2, 1, 3).reshape(B, N, K * N)
-           @ dimage_fx.transpose(0, 1, 3, 2).reshape(B, K * N, H))
+    dFy = (scaled.transpose(0, 2, 1, 3).reshape(B, N, G * N)
+           @ dimage_fx.transpose(0, 1, 3, 2).reshape(B, G * N, H))
     # dFx[j, x] = sum over k, i of S_k[i, j] fy_dimage[(k, i), x]
-    dFx = scaled.reshape(B, K * N, N).transpose(0, 2, 1) @ fy_dimage
+    dFx = scaled.reshape(B, G * N, N).transpose(0, 2, 1) @ fy_dimage
     # image = U/gamma with U linear in patch, so <dimage, U>/gamma^2 = <dpatch, patch>/gamma
     dgamma = -_batch_dot(dpatch, patch) / gamma
     return dpatch, dFy, dFx, dgamma

@@ -190,7 +190,8 @@ def reparam_forward(q, eps):
 
 
 def reparam_backward(dz, cache):
-    """dz: (B, Z) -> dq (B, 2Z) = [dz | dz * sigma * eps] (dz/dmu = 1, dz/dlog sigma = sigma eps)."""
+    """dz: (B, Z) -> dq (B, 2Z) = [dz | dz * sigma * eps]
+    (dz/dmu = 1, dz/dlog sigma = sigma eps)."""
     xp = get_array_module(dz)
     return xp.concatenate([dz, dz * cache], axis=1)
 

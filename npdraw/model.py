@@ -2,11 +2,8 @@
 
 Dimension legend
     B  batch                 T  glimpses (cfg.T)
-    C  channels              H, W  image height and width
-    D  = C*H*W, flattened channels-first (C, H, W)
-    R  read width: 2*C*Nr^2 with attention, 2*D without (cfg.read_dim)
-    Pw write width: C*Nw^2 with attention, D without (cfg.write_dim)
-    He, Hd  encoder and decoder LSTM sizes     Z  latent size
+    D  C*H*W, one image flattened channels-first (cfg.D)
+    Z  latent size (cfg.z_dim)
 
 Paper: Gregor, Danihelka, Graves, Rezende, Wierstra, "DRAW: A Recurrent Neural
 Network For Image Generation", ICML 2015. Equation numbers below are the paper's.

@@ -228,7 +228,8 @@ def test_features_first_layout_is_the_transpose(rng):
     (h_into, _), _ = el.lstm_cell_forward(a.T, c_prev.T, axis=0, h_out=slot)
     assert h_into is slot
     np.testing.assert_array_equal(slot, hT)
-    for got, want in zip(el.lstm_cell_backward(dh.T, dc.T, cacheT), lstm_cell_backward(dh, dc, cache)):
+    for got, want in zip(el.lstm_cell_backward(dh.T, dc.T, cacheT),
+                         lstm_cell_backward(dh, dc, cache)):
         np.testing.assert_allclose(got, want.T, rtol=1e-14)
     q, eps = rng.standard_normal((B, 2 * Z)), rng.standard_normal((B, Z))
     dz, dkl = rng.standard_normal((B, Z)), rng.standard_normal(B)
@@ -350,7 +351,8 @@ def test_plain_and_engine_layers_agree(rng):
     values and gradients (the plain ones are what the reference runs)."""
     from npdraw import layers
     B, Hs, Z = 3, 4, 2
-    x, W, b = rng.standard_normal((B, 5)), rng.standard_normal((5, 4 * Hs)), rng.standard_normal(4 * Hs)
+    x, W = rng.standard_normal((B, 5)), rng.standard_normal((5, 4 * Hs))
+    b = rng.standard_normal(4 * Hs)
     np.testing.assert_allclose(layers.linear_forward(x, W, b)[0], el.linear_forward(x, W, b)[0],
                                rtol=1e-14)
     a, c_prev, dh, dc = _cell_inputs(rng, B, Hs, -1)

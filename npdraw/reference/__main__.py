@@ -25,10 +25,12 @@ C0_CLIP = 1e-3      # the mean image's pixels clipped into [C0_CLIP, 1 - C0_CLIP
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m npdraw.reference", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m npdraw.reference",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300, help="Adam steps (default 300)")
     p.add_argument("--batch", type=int, default=50, help="batch size B (default 50)")
-    p.add_argument("--train", type=int, default=5000, help="first training images used (default 5000)")
+    p.add_argument("--train", type=int, default=5000,
+                   help="first training images used (default 5000)")
     p.add_argument("--T", type=int, default=8, help="glimpses T (default 8)")
     p.add_argument("--enc", type=int, default=100, help="encoder LSTM size He (default 100)")
     p.add_argument("--dec", type=int, default=100, help="decoder LSTM size Hd (default 100)")
@@ -40,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="where binarized MNIST is kept [env NPDRAW_DATA]")
-    p.add_argument("--mirror", default="", help="a folder or URL to fetch it from [env NPDRAW_MIRROR]")
+    p.add_argument("--mirror", default="",
+                   help="a folder or URL to fetch it from [env NPDRAW_MIRROR]")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "train", "T", "enc", "dec", "z", "every"):
         if getattr(args, name) < 1:

@@ -2,11 +2,12 @@
 
 Dimension legend
     B  batch            T  glimpses (cfg.glimpses)
-    H, W  image height and width        N  read window size (cfg.read_n)
-    Hd LSTM hidden size (cfg.hidden)    K  classes (cfg.classes)
+    H, W  image height, image width (cfg.height, cfg.width)
+    Nr read window size (cfg.read_n)
+    Hs the LSTM's hidden size (cfg.hidden)   K  classes (cfg.classes)
 
 The model ("differentiable RAM" in the paper's table 1): one LSTM; at each glimpse t it
-reads one N x N attention glimpse of the image x (eq 27, no error image, no canvas),
+reads one Nr x Nr attention glimpse of the image x (eq 27, no error image, no canvas),
 its window computed from the previous hidden state (eq 21-26),
 
     p_t = h_{t-1} att_W + att_b,   r_t = read(x, window(p_t)),
@@ -16,10 +17,10 @@ and a softmax layer on the last state, logits = h_T out_W + out_b, trained with
 cross-entropy. h_0 = c_0 = 0, so the first window is set by att_b alone.
 
 Parameters (name: shape)
-    att_W  (Hd, 5)          att_b  (5,)      read window: g~X, g~Y, log sigma^2, log delta~,
-                                             log gamma
-    lstm_W (N*N + Hd, 4Hd)  lstm_b (4Hd,)    input rows [r_t, h_{t-1}], gate blocks [i, f, o, g]
-    out_W  (Hd, K)          out_b  (K,)
+    att_W  (Hs, 5)           att_b  (5,)      the 5 window parameters: g~X, g~Y, log sigma^2,
+                                              log delta~, log gamma
+    lstm_W (Nr*Nr + Hs, 4Hs) lstm_b (4Hs,)    input rows [r_t, h_{t-1}], gate blocks [i, f, o, g]
+    out_W  (Hs, K)           out_b  (K,)
 
 This module concatenates and loops plainly; npdraw.classifier is the fast path that the
 tests compare with it.
@@ -42,24 +43,24 @@ P_ATTENTION = 5                      # (g~X, g~Y, log sigma^2, log delta~, log g
 
 def param_shapes(cfg: ClassifierConfig) -> dict:
     """name -> shape of every parameter."""
-    Hd, N = cfg.hidden, cfg.read_n
-    return {"att_W": (Hd, P_ATTENTION), "att_b": (P_ATTENTION,),
-            "lstm_W": (N * N + Hd, 4 * Hd), "lstm_b": (4 * Hd,),
-            "out_W": (Hd, cfg.classes), "out_b": (cfg.classes,)}
+    Hs, N = cfg.hidden, cfg.read_n
+    return {"att_W": (Hs, P_ATTENTION), "att_b": (P_ATTENTION,),
+            "lstm_W": (N * N + Hs, 4 * Hs), "lstm_b": (4 * Hs,),
+            "out_W": (Hs, cfg.classes), "out_b": (cfg.classes,)}
 
 
 def init_params(cfg: ClassifierConfig, seed: int = 0, dtype="float32") -> dict:
-    """Fresh parameters (NumPy). The LSTM as in DRAW (U(+-1/sqrt(Hd)), forget bias 1);
+    """Fresh parameters (NumPy). The LSTM as in DRAW (U(+-1/sqrt(Hs)), forget bias 1);
     att_W small, so the first glimpses are near the start window, which tiles the
     whole image (as DRAW's read starts, see reference.init); out_W small."""
     rng = np.random.default_rng(seed)
-    Hd = cfg.hidden
+    Hs = cfg.hidden
     params = {
-        "att_W": 0.01 * rng.standard_normal((Hd, P_ATTENTION)),
+        "att_W": 0.01 * rng.standard_normal((Hs, P_ATTENTION)),
         "att_b": tiling_window_bias(cfg, cfg.read_n),
-        "lstm_W": rng.uniform(-1.0, 1.0, (cfg.read_n ** 2 + Hd, 4 * Hd)) / math.sqrt(Hd),
-        "lstm_b": np.concatenate([np.zeros(Hd), np.ones(Hd), np.zeros(2 * Hd)]),
-        "out_W": 0.01 * rng.standard_normal((Hd, cfg.classes)),
+        "lstm_W": rng.uniform(-1.0, 1.0, (cfg.read_n ** 2 + Hs, 4 * Hs)) / math.sqrt(Hs),
+        "lstm_b": np.concatenate([np.zeros(Hs), np.ones(Hs), np.zeros(2 * Hs)]),
+        "out_W": 0.01 * rng.standard_normal((Hs, cfg.classes)),
         "out_b": np.zeros(cfg.classes),
     }
     return {name: value.astype(dtype) for name, value in params.items()}
@@ -69,10 +70,10 @@ def forward(params, cfg: ClassifierConfig, x, labels):
     """x: (B, H*W) images in [0, 1]   labels: (B,) ints
     -> (loss (B,), probabilities (B, K)), cache."""
     xp = get_array_module(x)
-    B, H, W, N, Hd = x.shape[0], cfg.height, cfg.width, cfg.read_n, cfg.hidden
+    B, H, W, N, Hs = x.shape[0], cfg.height, cfg.width, cfg.read_n, cfg.hidden
     images = x.reshape(B, 1, H, W)
-    h = xp.zeros((B, Hd), x.dtype)
-    c = xp.zeros((B, Hd), x.dtype)
+    h = xp.zeros((B, Hs), x.dtype)
+    c = xp.zeros((B, Hs), x.dtype)
     steps = []
     for _ in range(cfg.glimpses):
         p, att_cache = linear_forward(h, params["att_W"], params["att_b"])       # eq 21

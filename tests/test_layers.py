@@ -387,3 +387,34 @@ def test_the_plain_layers_take_no_engine_options():
         if name.endswith(("_forward", "_backward")) and callable(fn):
             params = set(inspect.signature(fn).parameters)
             assert not params & {"out", "axis", "gates_out", "h_out", "z_out", "dq"}, name
+
+
+def test_plain_peephole_lstm_cell_gradients(rng):
+    """The plain peephole pair (the reference's): da, dc_prev and dpeep by centred differences."""
+    B, Hs = 3, 4
+    a, c_prev = rng.standard_normal((B, 4 * Hs)), rng.standard_normal((B, Hs))
+    peep = rng.standard_normal(3 * Hs)
+    ph, pc = rng.standard_normal((B, Hs)), rng.standard_normal((B, Hs))
+
+    def f():
+        (h, c), _ = peephole_lstm_cell_forward(a, c_prev, peep)
+        return float((h * ph).sum() + (c * pc).sum())
+
+    _, cache = peephole_lstm_cell_forward(a, c_prev, peep)
+    da, dc_prev, dpeep = peephole_lstm_cell_backward(ph, pc, cache)
+    assert rel_err(da.ravel(), numeric_grad(f, a)) < TOL
+    assert rel_err(dc_prev.ravel(), numeric_grad(f, c_prev)) < TOL
+    assert rel_err(dpeep, numeric_grad(f, peep)) < TOL
+
+
+def test_plain_reparam_and_kl_gradients(rng):
+    """The plain reparam and KL pairs by centred differences; the KL over stacked (T, B, 2Z)."""
+    B, T, Z = 3, 2, 4
+    q, eps, pz = rng.standard_normal((B, 2 * Z)), rng.standard_normal((B, Z)), rng.standard_normal((B, Z))
+    _, cache = reparam_forward(q, eps)
+    assert rel_err(reparam_backward(pz, cache).ravel(),
+                   numeric_grad(lambda: float((reparam_forward(q, eps)[0] * pz).sum()), q)) < TOL
+    qs, pkl = rng.standard_normal((T, B, 2 * Z)), rng.standard_normal((T, B))
+    _, kcache = kl_forward(qs)
+    assert rel_err(kl_backward(pkl, kcache).ravel(),
+                   numeric_grad(lambda: float((kl_forward(qs)[0] * pkl).sum()), qs)) < TOL

@@ -497,16 +497,15 @@ def plot(run_dir, out, from_epoch):
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'RUN_DIR'") from None
     try:
-        pictures.select_epochs(rows, from_epoch)
+        shown, _ = pictures.select_epochs(rows, from_epoch)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--from-epoch'") from None
     out = cli_options.output_folder(Path(out) if out is not None else Path(run_dir), "the plots")
     with cli_options.writing(f"write the plots in {out}"):
         written = pictures.plot_run(rows, out, from_epoch, pictures.run_dataset(run_dir))
-    n = sum(int(r["epoch"]) >= from_epoch for r in rows)
     first = f" from epoch {from_epoch}" if from_epoch > 1 else ""
     click.echo(f"wrote {', '.join(str(p) for p in written)} and a .pdf beside each "
-               f"({n} epochs{first})")
+               f"({len(shown)} epochs{first})")
 
 
 # ----------------------------------------------------------------------------- attention-demo
@@ -517,7 +516,7 @@ def plot(run_dir, out, from_epoch):
 def attention_demo(img, N, cx, cy, stride, sigma, out):
     """Read an N x N glimpse from IMG with the attention filterbank, write it back."""
     from npdraw import images as images_lib
-    from npdraw import pictures
+    from npdraw import pictures          # loads matplotlib: only for the commands that draw
     from npdraw.guards import check_memory
 
     try:

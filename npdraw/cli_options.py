@@ -1,7 +1,9 @@
-"""The options of npdraw's commands (npdraw/cli.py): click types that refuse nan and inf,
-the options several commands share (once each), each command's option stack in the order
---help lists it, and the error plumbing every command uses (library errors and file-system
-errors as one sentence, exit status 1). --help's sections are npdraw/helpsections.py's.
+"""The options of npdraw's commands (npdraw/cli.py) and the plumbing they share: click
+types that refuse nan and inf, the options several commands share (defined once), each
+command's option stack in the order --help lists it (--help's sections are
+npdraw/helpsections.py's), the options a --resume ignores, library and file-system errors
+as one sentence (exit status 1), the group (Ctrl-C before a command starts) and the
+checks and data loading shared by MPI ranks.
 
     @cli.command()
     @cli_options.SAMPLE_OPTIONS        # the arguments and options of `npdraw sample`
@@ -93,6 +95,10 @@ ATTENTION = AttentionType()
 POSITIVE_FLOAT = FiniteRange(min=0, min_open=True)
 FINITE_FLOAT = FiniteFloat()
 POSITIVE_FINITE_FLOAT = FiniteFloat(positive=True)
+
+
+# ----------------------------------------------------------------------------- shared options
+
 # GIF stores a frame's delay in hundredths of a second in 16 bits: at most 655.35 s.
 MIN_FPS = 0.002
 FPS_OPTION = click.option("--fps", type=FiniteRange(min=MIN_FPS, max=1e6), default=10.0,
@@ -104,8 +110,6 @@ HOLD_OPTION = click.option("--hold", type=FiniteRange(min=0, max=600), default=2
 EVERY_OPTION = click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
                             help="The GIF shows every K-th glimpse and the last (a smaller "
                                  "file); the PNGs keep every glimpse.")
-
-
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]),
                              default="auto", show_default=True,
                              help="Where to compute: auto takes the GPU when CuPy finds one.")
@@ -206,6 +210,7 @@ def output_folder(out: Path, what: str) -> Path:
     return out
 
 
+# ----------------------------------------------------------------------------- resume
 
 def given_options(ctx: click.Context) -> list:
     """The names of the options given on the command line, in the command's order."""
@@ -259,7 +264,7 @@ def load_data_on_ranks(train_lib, tcfg, progress, comm, split=None):
     return data if data is not None else load(False)
 
 
-# ----------------------------------------------------------------------------- each command's
+# ----------------------------------------------------------------------------- commands
 
 # train
 TRAIN_OPTIONS = options(

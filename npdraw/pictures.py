@@ -1,8 +1,14 @@
-"""The figures of a run (``cli.py plot``), drawn by matplotlib from RUN/log.jsonl.
+"""The figures of a run (``cli.py plot``), drawn by matplotlib from RUN/log.jsonl, and the
+pictures of ``cli.py attention-demo`` (one attention window read from an image and
+written back).
 
 Each figure is written as a PNG and, beside it, a PDF of the same name (vector, for
 papers). plot_run returns the matplotlib figures it drew, so that tests can read the
 lines' data back. The Agg backend is used: no display is needed.
+
+Legend of dimension letters:
+    C, H, W   channels, image height, image width
+    N         the attention window's size (an N x N glimpse)
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import images as images_lib  # noqa: E402
+from . import reference  # noqa: E402
 
 # Binarized MNIST, negative log-likelihood in nats: DRAW's paper (Gregor et al. 2015,
 # table 2) and the best public reimplementation we know of.
@@ -210,3 +217,71 @@ def plot_run(rows: list, out, from_epoch: int = 1, dataset: str = "") -> dict:
         save_figure(fig, out / name)
         written[out / name] = fig
     return written
+
+
+# ----------------------------------------------------------------------------- attention-demo
+
+def attention_demo_bytes(c: int, h: int, w: int, n: int) -> int:
+    """Estimated peak bytes of attention_demo: float64 filterbanks (N, H) and (N, W), the
+    glimpse and its enlarged view (C, N*v, N*v) with v = max(1, round(max(H, W)/N)),
+    the write, coverage and picture copies (C, H, W), each a few times over."""
+    view = max(1, int(round(max(h, w) / n)))
+    return 8 * (4 * c * n * (h + w) + 8 * max(c, 3) * (n * view) ** 2 + 12 * c * h * w)
+
+
+def attention_window(h: int, w: int, n: int, cx=None, cy=None, stride=None, sigma=None):
+    """(cx, cy, stride, sigma) of an N x N window on an H x W image, each None filled in:
+    the image's centre (1-based pixels), filters spanning 90% of its longer side, and
+    sigma = stride / 2."""
+    cx = (w + 1) / 2.0 if cx is None else cx
+    cy = (h + 1) / 2.0 if cy is None else cy
+    if stride is None:
+        stride = 0.9 * (max(h, w) - 1) / max(n - 1, 1)
+        stride = stride if stride > 0 else 1.0
+    if sigma is None:
+        sigma = stride / 2.0
+    return cx, cy, stride, sigma
+
+
+def _rgb_picture(chw) -> np.ndarray:
+    """(C, H, W) floats in [0, 1] -> (H, W, 3) uint8: grey repeated to RGB, other than
+    1 or 3 channels their mean; rounded by images.to_uint8 (half up), as every picture."""
+    img = np.asarray(chw, dtype=np.float64)
+    if img.shape[0] == 1:
+        img = np.repeat(img, 3, axis=0)
+    elif img.shape[0] != 3:
+        img = np.repeat(img.mean(axis=0, keepdims=True), 3, axis=0)
+    return images_lib.to_uint8(img.transpose(1, 2, 0))
+
+
+def attention_demo(image, n: int, cx=None, cy=None, stride=None, sigma=None) -> dict:
+    """Read an N x N glimpse from ``image`` (C, H, W) floats in [0, 1] with the attention
+    filterbank (gamma 1) and write it back.
+
+    Returns {"window": (cx, cy, stride, sigma) as attention_window fills them in,
+    "view": v, how many times "read" is enlarged, and the (H', W', 3) uint8 pictures
+    "original" (H, W), "read" (the glimpse, N*v x N*v) and "write" (H, W): the glimpse
+    written back and divided by the write of an all-ones patch}."""
+    image = np.asarray(image, dtype=np.float64)
+    _, h, w = image.shape
+    cx, cy, stride, sigma = attention_window(h, w, n, cx, cy, stride, sigma)
+    one = lambda v: np.array([float(v)], dtype=np.float64)  # noqa: E731
+    Fx, _ = reference.filterbank_forward(one(cx), one(stride), one(sigma ** 2), n, w)
+    Fy, _ = reference.filterbank_forward(one(cy), one(stride), one(sigma ** 2), n, h)
+    gamma = one(1.0)
+    glimpse, _ = reference.read_forward(image[None], Fy, Fx, gamma)        # (1, C, N, N)
+    written, _ = reference.write_forward(glimpse, Fy, Fx, gamma)           # (1, C, H, W)
+    glimpse, written = glimpse[0], written[0]
+    # The raw write (1/gamma) Fy^T g Fx spreads each glimpse value over ~stride^2 pixels
+    # with unit-sum filter rows, so it is far dimmer than the image, and brighter where
+    # truncated edge filters pile up. Dividing by the write of an all-ones patch (the
+    # coverage) shows what the glimpse says about each pixel: the read upsampled.
+    coverage, _ = reference.write_forward(np.ones_like(glimpse[None]), Fy, Fx, gamma)
+    coverage = coverage[0]
+    seen = coverage > 1e-3 * float(coverage.max())
+    upsampled = np.where(seen, written / np.where(seen, coverage, 1.0), 0.0)
+    view = max(1, int(round(max(h, w) / n)))
+    enlarged = np.repeat(np.repeat(glimpse, view, axis=1), view, axis=2)
+    return {"window": (cx, cy, stride, sigma), "view": view,
+            "original": _rgb_picture(image), "read": _rgb_picture(enlarged),
+            "write": _rgb_picture(upsampled)}

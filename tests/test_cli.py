@@ -478,6 +478,31 @@ def test_attention_demo_refuses_a_window_beyond_any_image_in_one_sentence(tmp_pa
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
+def test_attention_demo_pictures_round_as_every_picture_does():
+    """pictures.attention_demo makes the pictures with images.to_uint8 (half up; cli.py's
+    own copy rounded half to even): 2.5/255 is 3, not 2."""
+    from npdraw import images as images_lib
+    from npdraw import pictures
+    image = np.full((1, 6, 8), 2.5 / 255)
+    demo = pictures.attention_demo(image, 3)
+    assert demo["original"].shape == (6, 8, 3) and (demo["original"] == 3).all()
+    assert np.array_equal(demo["original"], images_lib.to_uint8(np.repeat(image, 3, 0)
+                                                                .transpose(1, 2, 0)))
+    assert demo["window"] == (4.5, 3.5, 0.9 * 7 / 2, 0.9 * 7 / 4) and demo["view"] == 3
+
+
+def test_attention_demo_divides_the_write_by_its_coverage():
+    """A flat image reads flat and, divided by the write of an all-ones patch, writes
+    back flat wherever the window sees it (the raw write is far dimmer), black elsewhere."""
+    from npdraw import pictures
+    image = np.full((3, 30, 40), 0.6)
+    demo = pictures.attention_demo(image, 4, cx=10, cy=12, stride=2.0, sigma=1.0)
+    assert demo["read"].shape == (4 * 10, 4 * 10, 3) and (demo["read"] == 153).all()
+    write = demo["write"]
+    assert write[12 - 1, 10 - 1].tolist() == [153, 153, 153]      # the window's centre
+    assert (write[:, 30:] == 0).all()                          # far right of the window
+
+
 def test_a_ctrl_c_before_the_run_starts_exits_130(monkeypatch, tmp_path, data_args):
     """Ctrl-C in the first half second (while NumPy and the data load) gave click's
     "Aborted!" and status 1 (issue 25); it is 130, as later in the run."""

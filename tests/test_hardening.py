@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from npdraw import checkpoint as ckpt_lib
 from npdraw import cli as cli_mod
+from npdraw import cli_options
 from npdraw import guards
 from npdraw import images as images_lib
 from npdraw import pictures
@@ -587,6 +588,6 @@ def test_an_out_that_is_a_dangling_link_is_named_as_one(tmp_path):
         assert str(err.value) == (f"cannot create the run folder under --out {path}: "
                                   f"{path} is {what}, not a folder")
         with pytest.raises(click.ClickException) as err:
-            cli_mod._output_folder(path, "the samples")
+            cli_options.output_folder(path, "the samples")
         assert err.value.message == (f"cannot write the samples into {path}: it is {what}, "
                                      "not a folder")

@@ -436,7 +436,7 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
     """Error rate of a classifier checkpoint on the fixed cluttered test (or valid) set."""
     from npdraw import classifier as clf
     from npdraw import images as images_lib
-    from npdraw import synthetic
+    from npdraw.data import synthetic
     from npdraw import train as train_lib
 
     ckpt_path, ckpt = _checkpoint(checkpoint, ClassifierConfig)

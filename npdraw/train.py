@@ -1297,7 +1297,7 @@ def classify_config_of(ckpt) -> ClassifyConfig | None:
 def cluttered_eval_sets(ccfg: ClassifyConfig, cfg: ClassifierConfig, digits):
     """The fixed cluttered validation and test sets, of the first eval_subset digits of each
     split (all with 0) -> ((valid_x, valid_y), (test_x, test_y)), float32 (M, H*W)."""
-    from . import synthetic
+    from .data import synthetic
     if ccfg.eval_subset:
         digits = synthetic.LabelledDigits(
             digits.train_x, digits.train_y, digits.valid_x[:ccfg.eval_subset],
@@ -1347,7 +1347,7 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
                       lock) -> Path:
     """train_classifier()'s body; ``stop``: a guards.StopSignals, ``lock``: a guards.RunLock."""
     from . import classifier as clf
-    from . import synthetic
+    from .data import synthetic
     resume_ckpt = None
     if ccfg.resume:
         run_dir = Path(ccfg.resume)

@@ -8,7 +8,7 @@ import pytest
 
 from npdraw import checkpoint as ckpt_lib
 from npdraw import classifier as clf
-from npdraw import synthetic
+from npdraw.data import synthetic
 from npdraw import train as train_lib
 from npdraw.config import ClassifierConfig, ClassifyConfig
 from npdraw.layers import softmax_xent_backward, softmax_xent_forward

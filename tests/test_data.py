@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from npdraw import data
+from npdraw.data import bmnist, idx, sources
 from npdraw.data import DATASETS, DataError, DataSplits, load_splits, parse_idx, read_mat_v5
 
 
@@ -190,7 +191,7 @@ def test_bmnist_download_cut_short_leaves_nothing(serve, tmp_path):
 
 
 def test_bmnist_download_stalled_leaves_nothing(serve, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT", 0.3)
+    monkeypatch.setattr(sources, "DOWNLOAD_TIMEOUT", 0.3)
     body = b"0 1 " * 1000
     name = "binarized_mnist_train.amat"
     server = serve(routes={name: (body, len(body) + 5000)}, stall={name})
@@ -204,7 +205,7 @@ def test_bmnist_download_that_trickles_is_abandoned_and_leaves_nothing(serve, tm
                                                                        monkeypatch):
     """1 kB/s never trips the timeout (issue 25: still downloading after 150 s): past the
     grace period, a mean rate below the floor ends it in one sentence."""
-    monkeypatch.setattr(data, "RATE_GRACE", 0.5)
+    monkeypatch.setattr(sources, "RATE_GRACE", 0.5)
     body = b"0 1 " * 2000
     name = "binarized_mnist_train.amat"
     server = serve(routes={name: body}, trickle={name})
@@ -272,9 +273,9 @@ def test_bmnist_missing_sources_name_what_was_looked_for(tmp_path, serve):
 
 def test_amat_parser_rejects_bad_text():
     with pytest.raises(DataError, match="has 3 values, expected 784"):
-        data._parse_amat(b"0 1 0\n", "x.amat")
+        bmnist._parse_amat(b"0 1 0\n", "x.amat")
     with pytest.raises(DataError, match="unexpected byte"):
-        data._parse_amat(b"0 2 0\n", "x.amat")
+        bmnist._parse_amat(b"0 2 0\n", "x.amat")
 
 
 # --------------------------------------------------------------------------- #
@@ -354,7 +355,7 @@ def test_idx_canonical_download_checks_md5(tmp_path, serve, monkeypatch):
     server = serve(routes={"train-images-idx3-ubyte.gz": train_gz,
                            "t10k-images-idx3-ubyte.gz": test_gz})
     monkeypatch.delenv("NPDRAW_MIRROR", raising=False)
-    monkeypatch.setattr(data, "MNIST_URL", server.url)  # the "canonical" site, on loopback
+    monkeypatch.setattr(idx, "MNIST_URL", server.url)  # the "canonical" site, on loopback
     train_url = server.url + "train-images-idx3-ubyte.gz"
     test_url = server.url + "t10k-images-idx3-ubyte.gz"
     monkeypatch.setitem(data.CANONICAL_MD5, train_url, hashlib.md5(train_gz).hexdigest())

@@ -178,15 +178,15 @@ def test_a_full_disk_while_writing_the_sample_pictures(bmnist, tmp_path, monkeyp
 
 
 def test_a_full_disk_while_converting_a_data_set(tmp_path, monkeypatch):
-    from npdraw import data as data_lib
+    from npdraw.data import bmnist
 
     def full(tmp, dest):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(data_lib, "_publish", full)
+    monkeypatch.setattr(bmnist, "publish", full)
     with pytest.raises(DataError, match=r"cannot write the converted data set .*x.h5: no "
                                         r"space left on the device"):
-        data_lib._write_h5_atomically(tmp_path / "x.h5", {"a": np.zeros((3, 4), np.uint8)}, {})
+        bmnist._write_h5_atomically(tmp_path / "x.h5", {"a": np.zeros((3, 4), np.uint8)}, {})
     assert sorted(os.listdir(tmp_path)) == []
 
 

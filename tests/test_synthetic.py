@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from npdraw import synthetic
+from npdraw.data import synthetic
 from npdraw import train as train_lib
 from npdraw.config import DrawConfig, TrainConfig
 from npdraw.data import DataError, DataSplits, load_splits

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import (MNIST_URL, DataError, DataSplits, _locate, _read_maybe_gzip, parse_idx,
-                   resolve_data_dir, resolve_mirror)
+from ..config import TRAIN_SETS
+from .idx import parse_idx
+from .sources import (MNIST_URL, DataError, DataSplits, locate, read_maybe_gzip,
+                      resolve_data_dir, resolve_mirror)
 
 DIGIT = 28
 LABELLED_SUBDIR = "labelled-mnist"
@@ -68,9 +70,9 @@ def _labelled_file(stem: str, root: Path, mirror: str) -> np.ndarray:
             (cache / n).is_file() for n in (stem, stem + ".gz")):
         raise DataError(f"{stem} has no public download: put {stem}.gz into {cache} or give "
                         "a mirror folder that holds it (--mirror)")
-    path, _ = _locate([stem, stem + ".gz"], LABELLED_SUBDIR, cache, cache, mirror, MNIST_URL,
+    path, _ = locate([stem, stem + ".gz"], LABELLED_SUBDIR, cache, cache, mirror, MNIST_URL,
                       canonical_names, progress=False, keep=True)
-    raw = _read_maybe_gzip(path)
+    raw = read_maybe_gzip(path)
     if stem in LABELLED_SHA256:
         digest = hashlib.sha256(raw).hexdigest()
         if digest != LABELLED_SHA256[stem]:
@@ -104,7 +106,6 @@ def load_labelled_mnist(data_dir: str = "data", mirror: str = "", valid_size: in
     train_set: "npm10k" (the project's 10,000 digits, the default) or "mnist" (MNIST's
     standard train-images-idx3-ubyte and train-labels-idx1-ubyte, 60,000 digits: the
     paper's setting), looked for where npm10k is."""
-    from .config import TRAIN_SETS
     if train_set not in TRAIN_SETS:
         raise DataError(f"unknown training set {train_set!r}; valid names: "
                         f"{', '.join(TRAIN_SETS)}")

@@ -35,7 +35,7 @@ RESUME_READS = ("resume", "data_dir", "mirror", "folder", "no_progress", "peepho
 # ----------------------------------------------------------------------------- types
 
 class AttentionType(click.ParamType):
-    """'R,W' -> (R, W) read and write window sizes; '' (or 'none') -> None (no attention)."""
+    """'R,W' -> (read_n, write_n), the read and write window sizes; '' (or 'none') -> None (no attention)."""
     name = "R,W"
 
     def convert(self, value, param, ctx):
@@ -294,9 +294,10 @@ TRAIN_OPTIONS = options(
                  help="Evaluate, select and export an exponential moving average of the "
                       "parameters with this decay per step (0: off; 0.999 averages about the "
                       "last 1000 steps)."),
-    click.option("--eval-noise", type=click.Choice(EVAL_NOISE), default="epoch", show_default=True,
-                 help="The noise of the valid/test evaluations: drawn afresh each epoch, or "
-                      "fixed, the same every epoch, so that epochs compare as paired figures."),
+    click.option("--eval-noise", type=click.Choice(EVAL_NOISE), default="fixed", show_default=True,
+                 help="The noise of the valid/test evaluations: fixed, the same every epoch, "
+                      "so that epochs compare as paired figures, or drawn afresh each epoch "
+                      "(runs saved without this setting)."),
     epochs_option(default=20),
     click.option("--bs", "--batch-size", "batch_size", type=click.IntRange(min=1), default=100,
                  show_default=True, help="Minibatch size (with --resume: a new phase's)."),

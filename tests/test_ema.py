@@ -138,9 +138,10 @@ def test_cli_refuses_a_bad_decay(value, tmp_path):
 
 @pytest.fixture(scope="module")
 def ema_run(bmnist, tmp_path_factory):
-    """Two epochs with ema_decay = DECAY; the run dir."""
+    """Two epochs with ema_decay = DECAY; the run dir. The evaluations draw their noise
+    afresh each epoch (not the default), so that the checks below name its stream."""
     out = tmp_path_factory.mktemp("ema")
-    return _train(TINY, _tcfg(out, epochs=2, ema_decay=DECAY), bmnist)
+    return _train(TINY, _tcfg(out, epochs=2, ema_decay=DECAY, eval_noise="epoch"), bmnist)
 
 
 def test_the_run_saves_and_evaluates_the_average(ema_run, bmnist, tmp_path):
@@ -178,7 +179,7 @@ def test_the_average_leaves_the_training_itself_alone(ema_run, bmnist, tmp_path)
     """With ema_decay 0 nothing of the average is written (no /ema group, "ema": false,
     an export as before), and the params, Adam state, RNG and training bounds of the two
     runs are the same bit for bit."""
-    plain = _train(TINY, _tcfg(tmp_path, epochs=2, name="plain"), bmnist)
+    plain = _train(TINY, _tcfg(tmp_path, epochs=2, name="plain", eval_noise="epoch"), bmnist)
     for name in ("checkpoint.h5", "best.h5"):
         with h5py.File(plain / name, "r") as f:
             assert "ema" not in f and "params" in f
@@ -208,7 +209,8 @@ def test_the_average_leaves_the_training_itself_alone(ema_run, bmnist, tmp_path)
 
 
 def test_resume_continues_the_average_bit_for_bit(ema_run, bmnist, tmp_path):
-    split = _train(TINY, _tcfg(tmp_path, epochs=1, ema_decay=DECAY, name="split"), bmnist)
+    split = _train(TINY, _tcfg(tmp_path, epochs=1, ema_decay=DECAY, name="split",
+                               eval_noise="epoch"), bmnist)     # as ema_run
     lines = []
     _train(None, TrainConfig(epochs=2, device="cpu", resume=str(split)), bmnist, lines)
     assert any("continued from the checkpoint" in line for line in lines)

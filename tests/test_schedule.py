@@ -10,6 +10,7 @@ from npdraw import checkpoint as ckpt_lib
 from npdraw import model as model_lib
 from npdraw import optim
 from npdraw import train as train_lib
+from npdraw.cli import cli
 from npdraw.config import DrawConfig, TrainConfig
 
 TINY = DrawConfig(T=3, read_n=2, write_n=3, enc_dim=16, dec_dim=16, z_dim=4)
@@ -148,11 +149,18 @@ def test_eval_noise_fixed_scores_every_epoch_with_the_same_noise(bmnist, tmp_pat
     assert saved.eval_noise == eval_noise
 
 
+def test_new_runs_score_with_fixed_noise_by_default():
+    """The library's and the command line's defaults agree: fixed noise for new runs."""
+    assert TrainConfig().eval_noise == "fixed"
+    option = next(p for p in cli.commands["train"].params if p.name == "eval_noise")
+    assert option.default == "fixed"
+
+
 def test_an_old_config_loads_as_noise_of_each_epoch_and_a_resume_may_switch_to_fixed(bmnist,
                                                                                      tmp_path):
     """Old configs lack the field: they load as "epoch", so they resume as they ran; a
     resumed run may switch to "fixed" for its next phase."""
-    run = _train(TINY, _tcfg(tmp_path, epochs=1), bmnist)
+    run = _train(TINY, _tcfg(tmp_path, epochs=1, eval_noise="epoch"), bmnist)
     saved = json.loads((run / "config.json").read_text())
     del saved["train"]["eval_noise"]
     assert TrainConfig.from_dict(saved["train"]).eval_noise == "epoch"

@@ -10,6 +10,11 @@ Public API:
     load(path)                     -> (cfg, params) of a checkpoint or an exported model
 Arrays may be NumPy or CuPy; the array module is taken from the inputs.
 npdraw.reference holds the same model written plainly, to be read (start there).
+
+Dimension legend
+    B  batch
+    T  glimpses
+    D  = C*H*W, one image flattened
 """
 from .threads import share_cores_between_ranks
 

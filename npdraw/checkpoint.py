@@ -1,17 +1,16 @@
 """HDF5 checkpoints: model config, parameters, Adam state, the parameters' moving
 average, epoch, RNG state. No pickle.
 
-Legend of dimension letters:
-    P   the shape of one parameter (any shape; each name has its own)
+No dimension letters: `(...)` is the shape of one parameter (each name has its own).
 
 File layout (format_version 1; see docs/CHECKPOINT.md):
     /                 attrs: format = "npdraw-checkpoint", format_version = 1, epoch,
                              rng_state, train_config, extra (JSON strings; optional)
     /config           attrs: the DrawConfig fields, or the ClassifierConfig fields when the
                       root attr model = "classifier" (the cluttered-MNIST classifier)
-    /params/<name>    one dataset (P,) per parameter, dtype as given
-    /optimizer        optional; attr step; subgroups m/<name>, v/<name> of shape (P,)
-    /ema/<name>       optional; the exponential moving average of each parameter (P,)
+    /params/<name>    one dataset (...) per parameter, dtype as given
+    /optimizer        optional; attr step; subgroups m/<name>, v/<name> of shape (...)
+    /ema/<name>       optional; the exponential moving average of each parameter (...)
 
 Writes are atomic: the HDF5 file is built in memory, the free space is checked, then
 the bytes are written next to the target under a temporary name, fsync'ed and renamed
@@ -67,9 +66,9 @@ SPACE_MARGIN = 1 << 16
 @dataclass
 class Checkpoint:
     cfg: DrawConfig                      # or a ClassifierConfig
-    params: dict                         # {name: np.ndarray (P,)}
-    opt_state: Optional[dict] = None     # {"m": {name: (P,)}, "v": {name: (P,)}, "step": int}
-    ema: Optional[dict] = None           # {name: (P,)}: the parameters' moving average
+    params: dict                         # {name: np.ndarray (...)}
+    opt_state: Optional[dict] = None     # {"m": {name: (...)}, "v": {name: (...)}, "step": int}
+    ema: Optional[dict] = None           # {name: (...)}: the parameters' moving average
     epoch: int = 0
     rng_state: Optional[dict] = None     # e.g. np.random.Generator().bit_generator.state
     train_cfg: Optional[dict] = None     # TrainConfig.to_dict()
@@ -119,7 +118,7 @@ def _from_json(text, what: str, path):
 # ----------------------------------------------------------------------------- save
 
 def _host_arrays(arrays: dict, what: str) -> dict:
-    """{name: array (P,)} (NumPy or CuPy) -> {name: np.ndarray (P,)}, names checked."""
+    """{name: array (...)} (NumPy or CuPy) -> {name: np.ndarray (...)}, names checked."""
     if not isinstance(arrays, dict):
         raise CheckpointError(f"{what} must be a dict name -> array, got {type(arrays).__name__}")
     out = {}
@@ -212,8 +211,8 @@ def save_checkpoint(path, cfg: DrawConfig, params: dict, opt_state: Optional[dic
                     ema: Optional[dict] = None) -> None:
     """Write a checkpoint atomically to ``path`` (an existing file there is replaced).
 
-    cfg: DrawConfig (or its dict); params: {name: (P,)}; opt_state: adam_init-style
-    {"m", "v", "step"} or None; ema: {name: (P,)} with params' names and shapes, or
+    cfg: DrawConfig (or its dict); params: {name: (...)}; opt_state: adam_init-style
+    {"m", "v", "step"} or None; ema: {name: (...)} with params' names and shapes, or
     None (no /ema group); rng_state, train_cfg (dict or TrainConfig), extra:
     JSON-serializable (NumPy scalars/arrays allowed; tuples come back as lists).
     On any failure the temporary file is removed and ``path`` is left as it was.
@@ -541,7 +540,7 @@ def load_checkpoint(path) -> Checkpoint:
 def check_compatible(ckpt_params: dict, params: dict, what: str = "the checkpoint") -> None:
     """Raise CheckpointError unless both dicts have the same names and shapes.
 
-    ckpt_params, params: {name: (P,)} (NumPy or CuPy); ``what`` names ckpt_params in the
+    ckpt_params, params: {name: (...)} (NumPy or CuPy); ``what`` names ckpt_params in the
     message (a checkpoint's parameters, or its moving average of them). The message
     names the first mismatch, taking the model's names in order and then any extra names.
     """

@@ -1,19 +1,22 @@
 """The attentive classifier of cluttered MNIST (paper section 4.1, table 1): the fast path.
 
 Dimension legend
-    B  batch            T  glimpses (cfg.glimpses)
-    H, W  image height and width        N  read window size (cfg.read_n)
-    Hd LSTM hidden size (cfg.hidden)    K  classes (cfg.classes)
-    F  = N*N + Hd, the LSTM's input width
+    B  batch
+    T  glimpses (cfg.glimpses)
+    H, W  image height and width
+    N  read window size (cfg.read_n)
+    Hs  the LSTM's hidden size (cfg.hidden)
+    K  classes (cfg.classes)
+    I  = N*N + Hs, the input width of the LSTM's linear map
 
 The model and its parameters are described in npdraw/reference/classifier.py, which
 computes the same plainly (the tests compare the two). Here, as in the DRAW model, the
 LSTM's inputs live in one stacked buffer allocated once per call,
 
-    inputs (T + 1, B, F), slot t = [r_t, h_{t-1}]      (slot T holds h_T only),
+    inputs (T + 1, B, I), slot t = [r_t, h_{t-1}]      (slot T holds h_T only),
 
 the LSTM writes h_t straight into slot t + 1, and the gate activations of all glimpses
-sit in one (T, B, 4Hd) buffer. The backward stacks the gates' and windows' gradients
+sit in one (T, B, 4Hs) buffer. The backward stacks the gates' and windows' gradients
 likewise, so each weight gradient is one GEMM over all T*B rows after the reverse loop
 instead of T small ones inside it.
 """
@@ -85,12 +88,12 @@ def forward(params, cfg: ClassifierConfig, x, labels, need_cache=True):
     -> (loss (B,), probabilities (B, K)), cache (None without need_cache)."""
     xp = get_array_module(x)
     dtype = x.dtype
-    B, H, W, N, Hd, T = x.shape[0], cfg.height, cfg.width, cfg.read_n, cfg.hidden, cfg.glimpses
+    B, H, W, N, Hs, T = x.shape[0], cfg.height, cfg.width, cfg.read_n, cfg.hidden, cfg.glimpses
     R = N * N
     images = x.reshape(B, 1, H, W)
-    inputs = xp.zeros((T + 1, B, R + Hd), dtype)                # slot t: [r_t, h_{t-1}]; h_0 = 0
-    gates = xp.empty((T, B, 4 * Hd), dtype)
-    c = xp.zeros((B, Hd), dtype)
+    inputs = xp.zeros((T + 1, B, R + Hs), dtype)                # slot t: [r_t, h_{t-1}]; h_0 = 0
+    gates = xp.empty((T, B, 4 * Hs), dtype)
+    c = xp.zeros((B, Hs), dtype)
     steps = []
     for t in range(T):
         h_prev = inputs[t, :, R:]
@@ -115,7 +118,7 @@ def backward(params, cfg: ClassifierConfig, cache):
     """BPTT for the batch mean of the loss -> grads, a dict like params."""
     steps, inputs, gates, xent_cache = cache
     xp = get_array_module(inputs)
-    T, B, Hd, N = cfg.glimpses, inputs.shape[1], cfg.hidden, cfg.read_n
+    T, B, Hs, N = cfg.glimpses, inputs.shape[1], cfg.hidden, cfg.read_n
     R = N * N
     dgates = xp.empty_like(gates)
     dp = xp.empty((T, B, att.P_ATTENTION), inputs.dtype)
@@ -133,11 +136,11 @@ def backward(params, cfg: ClassifierConfig, cache):
                                                 need_images=False)
         dp[t] = att.windows_backward([(dFy, dFx, dgamma)], window_cache)
         dh = dinputs[:, R:] + dp[t] @ att_W_T
-    gates_2d = dgates.reshape(T * B, 4 * Hd)
+    gates_2d = dgates.reshape(T * B, 4 * Hs)
     dp_2d = dp.reshape(T * B, att.P_ATTENTION)
-    grads["lstm_W"] = inputs[:T].reshape(T * B, R + Hd).T @ gates_2d
+    grads["lstm_W"] = inputs[:T].reshape(T * B, R + Hs).T @ gates_2d
     grads["lstm_b"] = gates_2d.sum(axis=0)
-    grads["att_W"] = inputs[:T, :, R:].reshape(T * B, Hd).T @ dp_2d
+    grads["att_W"] = inputs[:T, :, R:].reshape(T * B, Hs).T @ dp_2d
     grads["att_b"] = dp_2d.sum(axis=0)
     return {name: xp.ascontiguousarray(grads[name]) for name in params}
 

@@ -332,7 +332,7 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
     from npdraw.guards import check_memory
     batch = min(batch_size, max(len(x), 1))
     check_memory(train_lib.model_bytes(cfg, batch, np.dtype(ckpt.params["c0"].dtype).itemsize,
-                                       training=False) + 8 * K * batch,     # + log w (K, B)
+                                       training=False) + 8 * K * batch,     # + log w, one per sample and example
                  f"evaluating this model (T={cfg.T}) with --k {K} in batches of {batch}")
     from npdraw import backend
     comm = comm.for_device(backend.resolve_device(device))   # on GPUs: one per rank

@@ -1,8 +1,10 @@
 """Data parallelism over ranks: one model trained by N processes, on one machine or many.
 
 Dimension legend
-    B  global batch       Bk  the examples of rank k (sum over k is B)
-    T  glimpses           Z   latent size
+    B  global batch
+    Bk  the examples of rank k (sum over k is B)
+    T  glimpses
+    Z  latent size
     P  the total number of parameter values
     S  = 3 + T statistics that ride with the gradients: loss, L^x, stop flag, KL per glimpse
 

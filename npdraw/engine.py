@@ -5,13 +5,14 @@ and every gradient agree to 1e-12 in float64), laid out for speed: see "unrolled
 below, and docs/DESIGN.md for why each choice was made.
 
 Dimension legend
-    B  batch                 T  glimpses (cfg.T)
+    B  batch
+    T  glimpses (cfg.T)
     C, H, W  channels, image height, image width (cfg.channels, cfg.height, cfg.width)
     D  C*H*W, one image flattened channels-first (cfg.D)
     Nr, Nw  read and write window sizes (cfg.read_n, cfg.write_n)
     R  read width: 2*C*Nr^2 with attention, 2*D without (cfg.read_dim)
-    Rc rows of r_t that are the same at every glimpse (x without attention, else none)
-    Pw write width: C*Nw^2 with attention, D without (cfg.write_dim)
+    Rc  rows of r_t that are the same at every glimpse (x without attention, else none)
+    Pw  write width: C*Nw^2 with attention, D without (cfg.write_dim)
     He, Hd  encoder and decoder LSTM sizes (cfg.enc_dim, cfg.dec_dim); Hs either one
     Z  latent size (cfg.z_dim)
 

@@ -1,10 +1,13 @@
 """The engine's attention (eq 19-29): the plain one of npdraw.reference, tuned for speed.
 
 Dimension legend
-    B  batch               G  image planes read or written at once (C, or 2C for [x, x_hat])
-    H, W  image height, image width         A  one image axis (H or W)
+    B  batch
+    G  image planes read or written at once (C, or 2C for [x, x_hat])
+    H, W  image height, image width
+    A  one image axis (H or W)
     N  a window's size, Nr or Nw (cfg.read_n or cfg.write_n)
     M  filter rows handled together (N for one axis, 2N for both axes at once)
+
 Windows have the 5 window parameters (g~X, g~Y, log sigma^2, log delta~, log gamma).
 
 What the reference computes plainly (npdraw.reference.attention: window_forward, read_forward,

@@ -2,8 +2,9 @@
 and in either layout, (B, features) or features first (axis=0, the engine's).
 
 Dimension legend
-    B  batch                      I, O  input and output widths of a linear map
-    Hs the hidden size of one LSTM (He, Hd, or the classifier's)
+    B  batch
+    I, O  input and output widths of a linear map
+    Hs  the hidden size of one LSTM (He, Hd, or the classifier's)
     Z  latent size
 
 npdraw.layers holds the plain pairs that the reference runs, and the fused kernels

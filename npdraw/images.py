@@ -1,11 +1,12 @@
 """Pictures with NumPy and imageio only: sample grids, attention boxes, PNG/GIF files,
 image loading and the colours of glimpses (charts: npdraw/pictures.py, on matplotlib).
 
-Legend of dimension letters:
-    N   number of images            C   channels (1 grey, 3 RGB)
-    H   image height (rows)         W   image width (columns)
-    D   flattened image size C*H*W  F   frames of an animation
-    S   number of series (glimpses)
+Dimension legend
+    E  images (examples) in a grid or a file
+    C, H, W  channels (1 grey, 3 RGB), image height (rows), image width (columns)
+    D  = C*H*W, one image flattened
+    F  frames of an animation
+    Y  series (glimpses drawn in their own colours)
 
 Conventions: model images are float in [0, 1], laid out (C, H, W) and flattened
 C-major to (D,); pictures on disk are uint8 (H, W, 3) RGB or (H, W) grey. Pixel
@@ -61,7 +62,7 @@ def _as_rgb(a: np.ndarray) -> np.ndarray:
 def image_grid(images, shape, rows: int, cols: int, pad: int = 1, pad_value: float = 0.5) -> np.ndarray:
     """Tile images into one RGB picture, row-major (image i at row i // cols, column i % cols).
 
-    images: (N, D) or (N, C, H, W), floats in [0, 1] (or uint8); shape: (C, H, W) with
+    images: (E, D) or (E, C, H, W), floats in [0, 1] (or uint8); shape: (C, H, W) with
     C in {1, 3}; N <= rows*cols, empty cells take pad_value.
     Returns uint8 (rows*(H+pad)+pad, cols*(W+pad)+pad, 3); image i's top-left pixel is at
     (pad + (i // cols)*(H+pad), pad + (i % cols)*(W+pad)). Grey is replicated to RGB.
@@ -85,7 +86,7 @@ def image_grid(images, shape, rows: int, cols: int, pad: int = 1, pad_value: flo
     if n > rows * cols:
         raise ValueError(f"{n} images do not fit a {rows}x{cols} grid")
     a = np.repeat(a, 3, axis=1) if C == 1 else a
-    a = a.transpose(0, 2, 3, 1)                                   # (N, H, W, 3)
+    a = a.transpose(0, 2, 3, 1)                                   # (E, H, W, 3)
 
     fill = to_uint8(np.float64(pad_value))
     out = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, 3), fill, np.uint8)
@@ -429,12 +430,12 @@ _MAX_CATEGORICAL = 10
 
 
 def series_colors(s: int) -> np.ndarray:
-    """(S, 3) uint8 colours for S series (of a plot, or glimpses of a picture)."""
+    """(Y, 3) uint8 colours for Y series (of a plot, or glimpses of a picture)."""
     return _series_colors(s)
 
 
 def _series_colors(s: int) -> np.ndarray:
-    """(S, 3) uint8 colours for S series."""
+    """(Y, 3) uint8 colours for Y series."""
     if s <= _MAX_CATEGORICAL:
         return _CATEGORICAL[:s].copy()
     t = np.linspace(0.0, len(_RAMP) - 1, s)

@@ -2,9 +2,11 @@
 peepholes), Gaussian latent, BCE, softmax cross-entropy. The reference runs these.
 
 Dimension legend
-    B  batch                      I, O  input and output widths of a linear map
-    Hs the hidden size of one LSTM (He, Hd, or the classifier's)
-    Z  latent size                D  = C*H*W, one image flattened
+    B  batch
+    I, O  input and output widths of a linear map
+    Hs  the hidden size of one LSTM (He, Hd, or the classifier's)
+    Z  latent size
+    D  = C*H*W, one image flattened
     K  classes (the classifier's softmax)
 
 Every `*_forward` returns `(out, cache)` and its `*_backward` takes `(dout, cache)`;

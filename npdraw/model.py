@@ -1,7 +1,8 @@
 """The public API of the DRAW model: parameters, input checks, loss and gradients, samples.
 
 Dimension legend
-    B  batch                 T  glimpses (cfg.T)
+    B  batch
+    T  glimpses (cfg.T)
     D  C*H*W, one image flattened channels-first (cfg.D)
     Z  latent size (cfg.z_dim)
 

@@ -4,6 +4,9 @@ Each epoch's scalars and the sample picture go to RUN/tensorboard/ as TensorBoar
 files, written by tensorboardX (the optional extra ``tensorboard``); ``tensorboard --logdir
 runs`` shows every run under runs/. RUN/log.jsonl stays the source of truth: these files
 are a view of it, and can be deleted at any time.
+
+Dimension legend
+    H, W  image height, image width
 """
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ Each figure is written as a PNG and, beside it, a PDF of the same name (vector, 
 papers). plot_run returns the matplotlib figures it drew, so that tests can read the
 lines' data back. The Agg backend is used: no display is needed.
 
-Legend of dimension letters:
-    C, H, W   channels, image height, image width
-    N         the attention window's size (an N x N glimpse)
+Dimension legend
+    C, H, W  channels, image height, image width
+    N  the attention window's size (an N x N glimpse)
 """
 from __future__ import annotations
 

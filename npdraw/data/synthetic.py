@@ -3,9 +3,11 @@ Mnih et al. 2014) and two-digit MNIST (paper section 4.2); and the labelled grey
 files they are made from.
 
 Dimension legend
-    M  images made           S  source digits          P  = 28, a digit's side
-    H, W  canvas height and width (100 x 100 cluttered, 60 x 60 two-digit)
-    D  = H*W                 Q  clutter crop side (8)
+    E  images (examples) made
+    U  source digits, the images clutter or digits are cut from
+    H, W  canvas height and width (100 x 100 cluttered, 60 x 60 two-digit); a digit's side is 28
+    D  = H*W, one image flattened
+    Q  clutter crop side (8)
 
 Labelled MNIST (``load_labelled_mnist``): two sets of 28 x 28 grey digits with labels, in
 IDX files: the 10,000 canonical test digits (t10k) and 10,000 other MNIST digits (npm10k,
@@ -47,7 +49,7 @@ TWO_DIGIT_SEEDS = {"valid": 3, "test": 4}
 
 @dataclass
 class LabelledDigits:
-    """Grey digits as float32 (S, 28, 28) in [0, 1] with int64 labels (S,)."""
+    """Grey digits as float32 (E, 28, 28) in [0, 1] with int64 labels (E,)."""
     train_x: np.ndarray
     train_y: np.ndarray
     valid_x: np.ndarray
@@ -130,19 +132,19 @@ _PASTE_CHUNK = 2048   # images per flat index array (2048 x 784 int64: 13 MB)
 
 
 def _paste(canvas, pieces, top, left, clip_low):
-    """Add pieces (M, h, w) into canvas (M, H, W) at per-image offsets top, left (M,),
+    """Add pieces (E, h, w) into canvas (E, H, W) at per-image offsets top, left (E,),
     and clip the sums to [0, 1] (or only to 1 when clip_low is False). In place:
     canvas is this module's own array.
 
     Through flat indices into the canvas, a chunk of images at a time: a 1-D fancy
     index is several times faster than the broadcast 3-D one, and clipping only the
     pixels written spares a pass over the whole canvas per piece."""
-    M, h, w = pieces.shape
+    E, h, w = pieces.shape
     H, W = canvas.shape[1:]
     flat = canvas.reshape(-1)
     within = (np.arange(h)[:, None] * W + np.arange(w)[None, :]).reshape(-1)      # (h*w,)
-    for start in range(0, M, _PASTE_CHUNK):
-        stop = min(start + _PASTE_CHUNK, M)
+    for start in range(0, E, _PASTE_CHUNK):
+        stop = min(start + _PASTE_CHUNK, E)
         corner = np.arange(start, stop) * (H * W) + top[start:stop] * W + left[start:stop]
         index = (corner[:, None] + within[None, :]).reshape(-1)   # distinct within a chunk
         summed = flat[index] + pieces[start:stop].reshape(-1)
@@ -156,32 +158,32 @@ def clutter(digits, sources, rng: np.random.Generator, size: int = 100,
             distractors: int = 8, crop: int = 8) -> np.ndarray:
     """Cluttered MNIST: each digit on a size x size black canvas among distractors.
 
-    digits: (M, 28, 28) in [0, 1]   sources: (S, 28, 28), the digits clutter is cut from
-    -> (M, size*size) float32. Per image (Mnih et al. 2014): ``distractors`` times, a
+    digits: (E, 28, 28) in [0, 1]   sources: (U, 28, 28), the digits clutter is cut from
+    -> (E, size*size) float32. Per image (Mnih et al. 2014): ``distractors`` times, a
     crop x crop piece at a random offset of a random source digit, added at a uniformly
     random position and clipped to 1; then the digit at a uniformly random position,
     added and clipped to [0, 1].
     """
-    M = digits.shape[0]
+    E = digits.shape[0]
     if size < DIGIT:
         raise ValueError(f"the canvas must be at least {DIGIT} pixels wide, got {size}")
-    canvas = np.zeros((M, size, size), np.float32)
+    canvas = np.zeros((E, size, size), np.float32)
     inside = np.arange(crop)
     for _ in range(distractors):
-        source = rng.integers(0, sources.shape[0], M)
-        top, left = rng.integers(0, DIGIT - crop + 1, (2, M))
+        source = rng.integers(0, sources.shape[0], E)
+        top, left = rng.integers(0, DIGIT - crop + 1, (2, E))
         pieces = sources[source[:, None, None], top[:, None, None] + inside[None, :, None],
                          left[:, None, None] + inside[None, None, :]]
-        y, x = rng.integers(0, size - crop + 1, (2, M))
+        y, x = rng.integers(0, size - crop + 1, (2, E))
         _paste(canvas, pieces, y, x, clip_low=False)
-    y, x = rng.integers(0, size - DIGIT + 1, (2, M))
+    y, x = rng.integers(0, size - DIGIT + 1, (2, E))
     _paste(canvas, np.asarray(digits, np.float32), y, x, clip_low=True)
-    return canvas.reshape(M, size * size)
+    return canvas.reshape(E, size * size)
 
 
 def two_digits(sources, count: int, rng: np.random.Generator, size: int = 60) -> np.ndarray:
-    """Two-digit MNIST (paper section 4.2): two random digits of sources (S, 28, 28 or
-    S, 784) at uniformly random places on a size x size black canvas, summed and clipped
+    """Two-digit MNIST (paper section 4.2): two random digits of sources (U, 28, 28 or
+    U, 784) at uniformly random places on a size x size black canvas, summed and clipped
     to 1 -> (count, size*size) float32."""
     sources = np.asarray(sources, np.float32).reshape(-1, DIGIT, DIGIT)
     if size < DIGIT:

@@ -7,6 +7,12 @@ in a few minutes on one core. Data as npdraw.data.load_splits finds it: --data-d
 --mirror, else env NPDRAW_DATA and NPDRAW_MIRROR, else ./data and the canonical URLs.
 
 Shapes: x (B, D) a batch of images, eps (T, B, Z) the noise of eq 6.
+
+Dimension legend
+    B  batch
+    T  glimpses
+    D  = C*H*W, one image flattened
+    Z  latent size
 """
 from __future__ import annotations
 

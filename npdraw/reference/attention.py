@@ -2,8 +2,11 @@
 of h_dec sets, the Gaussian filterbank, and the read and write through it.
 
 Dimension legend
-    B  batch             H, W  image height and width         A  one image axis (H or W)
-    N  a window size (Nr read, Nw write)   G  image planes read or written at once
+    B  batch
+    H, W  image height and width
+    A  one image axis (H or W)
+    N  a window size (Nr read, Nw write)
+    G  image planes read or written at once
 
 Top-down, as the heads use it:
     window_forward (eq 21-26): p = (g~X, g~Y, log sigma^2, log delta~, log gamma)

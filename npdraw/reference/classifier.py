@@ -1,10 +1,12 @@
 """The attentive classifier of cluttered MNIST, written plainly (paper section 4.1, table 1).
 
 Dimension legend
-    B  batch            T  glimpses (cfg.glimpses)
+    B  batch
+    T  glimpses (cfg.glimpses)
     H, W  image height, image width (cfg.height, cfg.width)
-    Nr read window size (cfg.read_n)
-    Hs the LSTM's hidden size (cfg.hidden)   K  classes (cfg.classes)
+    Nr  read window size (cfg.read_n)
+    Hs  the LSTM's hidden size (cfg.hidden)
+    K  classes (cfg.classes)
 
 The model ("differentiable RAM" in the paper's table 1): one LSTM; at each glimpse t it
 reads one Nr x Nr attention glimpse of the image x (eq 27, no error image, no canvas),

@@ -12,8 +12,11 @@ write, filterbank) is npdraw.reference.attention, the parameter table and the
 initialisation npdraw.reference.init. generate and reconstruct close the file.
 
 Dimension legend
-    B  batch            T  glimpses (cfg.T)      C, H, W  channels, height, width
-    D  = C*H*W (cfg.D)  Nr, Nw  read and write window sizes (cfg.read_n, cfg.write_n)
+    B  batch
+    T  glimpses (cfg.T)
+    C, H, W  channels, image height, image width
+    D  = C*H*W, one image flattened channels-first (cfg.D)
+    Nr, Nw  read and write window sizes (cfg.read_n, cfg.write_n)
     R  read width: 2*C*Nr^2 with attention, 2*D without (cfg.read_dim)
     He, Hd  encoder and decoder LSTM sizes (cfg.enc_dim, cfg.dec_dim); Hs either one
     Z  latent size (cfg.z_dim)

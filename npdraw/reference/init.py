@@ -1,10 +1,12 @@
 """DRAW's parameters: the table of names and shapes, and their initialisation.
 
 Dimension legend
-    T  glimpses (cfg.T)            D  = C*H*W, one image flattened channels-first (cfg.D)
-    A  one image axis (H or W)     Nr, Nw  read and write window sizes (cfg.read_n, cfg.write_n)
+    T  glimpses (cfg.T)
+    D  = C*H*W, one image flattened channels-first (cfg.D)
+    A  one image axis (H or W)
+    Nr, Nw  read and write window sizes (cfg.read_n, cfg.write_n)
     R  read width: 2*C*Nr^2 with attention, 2*D without (cfg.read_dim)
-    Pw write width: C*Nw^2 with attention, D without (cfg.write_dim)
+    Pw  write width: C*Nw^2 with attention, D without (cfg.write_dim)
     He, Hd  encoder and decoder LSTM sizes (cfg.enc_dim, cfg.dec_dim); Hs either one
     Z  latent size (cfg.z_dim)
 

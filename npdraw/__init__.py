@@ -16,9 +16,12 @@ Dimension legend
     T  glimpses
     D  = C*H*W, one image flattened
 """
-from .threads import share_cores_between_ranks
+from .guards import note_signals_until_handled
+from .threads import launched_ranks, share_cores_between_ranks
 
 share_cores_between_ranks()   # under mpiexec or srun: before NumPy loads (npdraw/threads.py)
+if launched_ranks() > 1:      # a rank: a Ctrl-C while it imports stops all ranks together
+    note_signals_until_handled()
 
 from .config import DrawConfig, TrainConfig  # noqa: E402
 from .model import (generate, init_params, loss_and_grads, loss_only,  # noqa: E402

@@ -231,13 +231,15 @@ def ignored_on_resume(ctx: click.Context, changeable) -> list:
 class Group(SectionedGroup):
     """The npdraw group: a Ctrl-C that arrives before a command has set up its own
     handling (loading NumPy, the data, the model) exits 130 as a later one does, not
-    click's "Aborted!" with status 1."""
+    click's "Aborted!" with status 1. An MPI rank ends every rank so: alone, it would wait
+    in MPI_Finalize while the others wait in a collective."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
+            distributed.end_every_rank(130)
             ctx.exit(130)
 
 

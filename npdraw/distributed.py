@@ -25,7 +25,9 @@ one rank; mpi4py is imported only then.
 Stopping: every reduction carries a stop code. Under MPI, Ctrl-C or SIGTERM only sets
 this rank's code (`deferred_interrupts`); at the next reduction every rank sees it and
 raises `Interrupted` with the signal's number at the same step, so all ranks stop
-together and rank 0 reports it as one process would (exit status 130 or 143). A second
+together and rank 0 reports it as one process would (exit status 130 or 143). A signal
+that comes while a rank still imports is noted from the package's first line
+(guards.note_signals_until_handled) and carried into that first reduction too. A second
 Ctrl-C, more than a second after the first, interrupts at once. Any other failure of one
 rank (an exception, a killed process) cannot be agreed on: that rank prints one line and
 calls MPI_Abort, which ends every rank within seconds (`abort`); a killed process is
@@ -51,13 +53,13 @@ import time
 
 import numpy as np
 
-from . import backend
-
+from . import backend, guards
 # Launcher variables that say how many ranks were started: MPICH's Hydra, Intel MPI and
 # srun's PMI-2 set PMI_SIZE, Open MPI its own. Inside an srun step (any MPI plugin)
 # SLURM_STEP_NUM_TASKS counts the tasks; SLURM_NTASKS alone does not, since an sbatch
 # script that starts one process has it too.
-_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+from .threads import SIZE_VARIABLES, launched_ranks
+
 # Set in the ranks that `launch_command` starts: they never launch again.
 LAUNCHED_VARIABLE = "NPDRAW_LAUNCHED_RANKS"
 # The automatic rank count gives every rank at least this many examples of a batch: below
@@ -178,10 +180,9 @@ class SingleProcess:
 # ---------------------------------------------------------------- MPI
 
 ABORT_GRACE_S = 0.5
-# A second signal this soon after the first is the same request delivered twice: by
-# mpiexec, which forwards it, and by a kill aimed at every process of the run (pkill -f).
-# A person's second Ctrl-C goes to mpiexec, which then ends the ranks itself.
-SAME_REQUEST_S = 1.0
+# A second signal this soon after the first is the same request delivered twice (see
+# guards). A person's second Ctrl-C goes to mpiexec, which then ends the ranks itself.
+SAME_REQUEST_S = guards.SAME_REQUEST_S
 
 
 class StepBuffer:
@@ -303,7 +304,7 @@ class MPIRanks(SingleProcess):
     def deferred_interrupts(self, stop=None):
         # A signal that the run's StopSignals noted before (while the run folder and the
         # first checkpoint were prepared) is carried into the first reduction.
-        pending = stop.take() if stop is not None else None
+        pending = stop.take() if stop is not None else guards.take_early_signal()
         first = time.monotonic()
         if pending:
             self._stop_signum = pending
@@ -359,19 +360,6 @@ class NCCLRanks(MPIRanks):
 
     def _allreduce_flat(self, flat) -> None:
         backend.nccl_allreduce_sum(self._nccl, flat)
-
-
-def launched_ranks(environ=None) -> int:
-    """How many ranks the launcher (mpiexec, mpirun, srun) says it started; 1 without one."""
-    environ = os.environ if environ is None else environ
-    for name in _SIZE_VARIABLES:
-        value = environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    if environ.get("SLURM_STEP_ID", "").isdigit() and \
-            environ.get("SLURM_STEP_NUM_TASKS", "").isdigit():
-        return int(environ["SLURM_STEP_NUM_TASKS"])
-    return 1
 
 
 def from_environment():
@@ -433,11 +421,24 @@ def check_rank_count(ranks: int, comm) -> None:
                      f"(take the launcher's count) or {comm.size}")
 
 
+def end_every_rank(status: int) -> None:
+    """Under MPI, end every rank now with ``status`` (MPI_Abort), for a failure that only
+    this rank saw outside any reduction; nothing in one process or before MPI started."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or launched_ranks() <= 1 or not mpi.Is_initialized() or mpi.Is_finalized():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_S)                 # let mpiexec relay the line first (see abort)
+    mpi.COMM_WORLD.Abort(status)
+    os._exit(status)                          # not reached with a real MPI
+
+
 def under_launcher(environ=None) -> bool:
     """True when mpiexec, mpirun, srun or `launch_command` started this process (even as
     one rank): the count is then the launcher's, and nothing launches again."""
     environ = os.environ if environ is None else environ
-    return any(name in environ for name in (*_SIZE_VARIABLES, LAUNCHED_VARIABLE,
+    return any(name in environ for name in (*SIZE_VARIABLES, LAUNCHED_VARIABLE,
                                            "SLURM_STEP_ID"))
 
 

@@ -10,6 +10,7 @@ import errno
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 try:
@@ -111,6 +112,43 @@ class StopRequested(KeyboardInterrupt):
         self.signum = int(signum)
 
 
+# A second signal this soon after the first is the same request delivered twice: by
+# mpiexec, which forwards it, and by a kill aimed at every process of the run (pkill -f).
+SAME_REQUEST_S = 1.0
+
+_early = {"signum": None, "at": 0.0}   # the signal noted before the command took over
+
+
+def _note_early(signum, frame):
+    if _early["signum"] is None:
+        _early["signum"], _early["at"] = signum, time.monotonic()
+    elif time.monotonic() - _early["at"] > SAME_REQUEST_S:   # a person's second Ctrl-C
+        raise KeyboardInterrupt
+
+
+def note_signals_until_handled() -> None:
+    """From here until a command takes over (StopSignals, or the ranks' stop at their first
+    reduction), SIGINT and SIGTERM only note the signal, which the command then acts on.
+    npdraw/__init__.py calls it first thing in an MPI rank: a rank interrupted while still
+    importing NumPy would exit alone and leave the others waiting in their first
+    collective for ever. A second signal, later than a forwarded copy, interrupts."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in StopSignals.SIGNALS:
+            signal.signal(sig, _note_early)
+
+
+def take_early_signal():
+    """The signal noted since note_signals_until_handled (None if none), forgotten; the
+    default handlers are back, for the command to install its own over them."""
+    if threading.current_thread() is threading.main_thread():
+        for sig, default in ((signal.SIGINT, signal.default_int_handler),
+                             (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is _note_early:
+                signal.signal(sig, default)
+    signum, _early["signum"] = _early["signum"], None
+    return signum
+
+
 class StopSignals:
     """Context manager: the first SIGINT or SIGTERM only sets ``signum``; ``check()``,
     called between training steps, then raises StopRequested. A second signal raises
@@ -145,6 +183,7 @@ class StopSignals:
         return signum
 
     def __enter__(self):
+        self.signum = take_early_signal()          # one noted while the rank started
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -1,8 +1,25 @@
-"""The BLAS thread count of MPI ranks; NumPy-free, since it must be set before NumPy
-loads (npdraw/__init__.py runs it first)."""
+"""What the launcher says about this process, read before NumPy loads (npdraw/__init__.py
+runs it first, so it is NumPy-free): how many ranks it started, and the BLAS thread count
+of each."""
 from __future__ import annotations
 
 import os
+
+# the rank count as MPICH's Hydra (and Intel MPI, srun's PMI-2) and Open MPI's mpirun set it
+SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+def launched_ranks(environ=None) -> int:
+    """How many ranks the launcher (mpiexec, mpirun, srun) says it started; 1 without one."""
+    environ = os.environ if environ is None else environ
+    for name in SIZE_VARIABLES:
+        value = environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    if environ.get("SLURM_STEP_ID", "").isdigit() and \
+            environ.get("SLURM_STEP_NUM_TASKS", "").isdigit():
+        return int(environ["SLURM_STEP_NUM_TASKS"])
+    return 1
 
 
 def share_cores_between_ranks(environ=os.environ) -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -298,6 +299,52 @@ def test_a_signal_noted_before_the_loop_is_carried_into_the_first_reduction():
             with pytest.raises(distributed.Interrupted) as info:
                 comm.sum([0.0])
     assert info.value.signum == signal.SIGTERM
+
+
+@pytest.fixture
+def early_noting():
+    """note_signals_until_handled in this process; the handlers as they were afterwards."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    guards.note_signals_until_handled()
+    yield
+    guards.take_early_signal()
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def test_a_signal_while_a_rank_starts_is_noted_and_the_run_takes_it_over(early_noting):
+    """A rank's Ctrl-C or SIGTERM while it still imports (issue 25: 8 of 9 such runs hung)
+    is only noted; the run's StopSignals take it, and the default handlers are back."""
+    os.kill(os.getpid(), signal.SIGTERM)                  # would end this process unnoted
+    os.kill(os.getpid(), signal.SIGINT)                   # a forwarded copy: no interrupt
+    with guards.StopSignals() as stop:
+        assert stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert guards.take_early_signal() is None
+
+
+def test_a_signal_while_a_rank_starts_reaches_every_rank_at_the_first_reduction(early_noting):
+    """Without a run's StopSignals (evaluate), the ranks' deferred stop takes it over."""
+    os.kill(os.getpid(), signal.SIGINT)
+    comm = distributed.MPIRanks(_Group(1).comm(0), _FakeMPI)
+    with comm.deferred_interrupts():
+        with pytest.raises(distributed.Interrupted) as info:
+            comm.sum([0.0])
+    assert info.value.signum == signal.SIGINT
+
+
+def test_a_second_ctrl_c_while_a_rank_starts_interrupts(early_noting, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(guards.time, "monotonic", lambda: now[0])
+    os.kill(os.getpid(), signal.SIGINT)
+    now[0] += guards.SAME_REQUEST_S + 0.1
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ending_every_rank_is_nothing_in_one_process():
+    distributed.end_every_rank(130)                       # returns: no MPI here
 
 
 def test_small_collectives():
@@ -809,3 +856,50 @@ def test_a_signal_to_the_self_started_training_stops_it_as_one_process(how, data
     train_lib.train(None, TrainConfig(epochs=epoch + 1, device="cpu", resume=str(run)),
                     log=lambda *a: None, data=bmnist, progress=False)
     assert [r["epoch"] for r in train_lib.read_log(run)] == list(range(1, epoch + 2))
+
+
+def _rank_pids(root: int) -> list:
+    """The processes below ``root`` (mpiexec and its proxies) that run cli.py: the ranks."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"cli.py" not in entry.joinpath("cmdline").read_bytes() or \
+                    b"mpiexec" in entry.joinpath("cmdline").read_bytes().split(b"\0")[0]:
+                continue
+            pid = parent = int(entry.name)
+            for _ in range(4):
+                parent = int((Path("/proc") / str(parent) / "stat").read_text()
+                             .rsplit(")", 1)[1].split()[1])
+                if parent == root:
+                    found.append(pid)
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_ctrl_c_while_the_ranks_still_import_stops_them_as_one_process(data_args, tmp_path):
+    """SIGINT to the run's pid a moment after its ranks have started, while they import
+    NumPy (issue 25: it hung, or ended in MPICH's "BAD TERMINATION" banner): every rank
+    noted it and stops at its first reduction, exit 130, one sentence."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"),
+                             *map(str, _train_args(data_args, tmp_path, "early", 3)),
+                             "--ranks", "2"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _mpiexec()
+    try:
+        deadline = time.monotonic() + 60
+        while len(_rank_pids(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(_rank_pids(proc.pid)) == 2, "the two ranks did not start"
+        time.sleep(0.2)                  # past the interpreter's own start, in the imports
+        os.kill(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, output
+    assert "interrupted" in output and "Traceback" not in output, output
+    assert "BAD TERMINATION" not in output and "Aborted!" not in output, output

@@ -32,10 +32,13 @@ same (T, B, Z) noise of the whole global batch, and takes the slice of its examp
 The noise an example gets is thus the one it gets in one process, whatever the number
 of ranks. Only rank 0 writes the run dir and prints.
 
-Legend of dimension letters:
-    B  batch            T  glimpses         Z  latent units
-    D  C*H*W pixels     N  examples of a split
-    K  importance samples (IWAE)
+Dimension legend
+    B  batch
+    T  glimpses
+    Z  latent size
+    D  C*H*W, one image flattened
+    E  images (examples) of a split
+    J  importance samples (IWAE; the argument ``K`` of evaluate_iwae)
 """
 from __future__ import annotations
 
@@ -243,7 +246,7 @@ def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int
                    label: str = "evaluating") -> float:
     """Mean negative variational bound (L^x + L^z, nats per example) over all of ``x``.
 
-    x: (N, D) host array in [0, 1]; one fresh noise draw per example from ``rng``.
+    x: (E, D) host array in [0, 1]; one fresh noise draw per example from ``rng``.
     Returns NaN for an empty ``x``. comm: a distributed communicator whose ranks each
     take their slice of every batch (the same figures as one process, up to rounding;
     every rank gets the result). progress: a bar on stderr over the batches, named label.
@@ -758,7 +761,7 @@ def load_data(tcfg: TrainConfig, progress: bool):
 
 
 def load_split(tcfg: TrainConfig, split: str, progress: bool) -> tuple:
-    """data.load_split: one split (N, D) and the image shape, for what ``tcfg`` names."""
+    """data.load_split: one split (E, D) and the image shape, for what ``tcfg`` names."""
     from . import data as data_lib
     return data_lib.load_split(tcfg.dataset, split, data_dir=tcfg.data_dir, mirror=tcfg.mirror,
                                folder=tcfg.folder, progress=progress)
@@ -1153,7 +1156,7 @@ def _start_ema(tcfg: TrainConfig, params: dict, resume_ckpt, device: str, log):
 def fixed_noise_bound(params: dict, cfg: DrawConfig, x: np.ndarray, seed: int) -> float:
     """The mean bound over ``x`` in float64 with noise from ``default_rng(seed)``.
 
-    params: {name: array}, cast to float64 on the host; x: (N, D) in [0, 1]. The
+    params: {name: array}, cast to float64 on the host; x: (E, D) in [0, 1]. The
     figure depends on the parameters, the images and the seed only (float64 makes it
     independent of the BLAS kernel to about 1e-13), so it pins a shipped model to the
     number stated beside it.
@@ -1173,7 +1176,7 @@ def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
     decay are recorded), else its parameters.
 
     The file records the model config, the epoch and, from RUN/log.jsonl beside the
-    checkpoint, that epoch's valid and test bounds. With ``test_x`` (N, D) it also
+    checkpoint, that epoch's valid and test bounds. With ``test_x`` (E, D) it also
     records ``fixed_noise_bound`` of its first ``check_n`` images (seed ``check_seed``),
     the figure a test recomputes. Returns what it recorded (the file's ``extra``).
     """

@@ -100,7 +100,7 @@ def bound_curves(rows: list, xs: list, xlabel: str, dataset: str = "", title: st
     zoom on the later half of the run with the paper's figures for binarized MNIST."""
     ema = any(r.get("ema") for r in rows)
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    zoomed, zoom_from = [], None
+    zoomed, zoom_from, shown = [], None, []
     for key, label in _SPLITS:
         x, y = _finite(xs, rows, key)
         if not x:
@@ -112,6 +112,7 @@ def bound_curves(rows: list, xs: list, xlabel: str, dataset: str = "", title: st
         for ax in (full, zoom):
             ax.plot(x, y, marker="." if len(x) < 40 else None, label=label)
         zoomed += y[len(y) // 2:]
+        shown += y
         later = x[len(x) // 2]
         zoom_from = later if zoom_from is None else min(zoom_from, later)
     refs = BMNIST_REFERENCES if dataset == "bmnist" else ()
@@ -119,16 +120,20 @@ def bound_curves(rows: list, xs: list, xlabel: str, dataset: str = "", title: st
         for ax in (full, zoom):
             ax.axhline(value, color="grey", linestyle="--" if value < 81 else ":",
                        linewidth=1, label=label)
-    full.set_yscale("log")
-    full.yaxis.set_major_formatter(ticker.FuncFormatter(_plain_number))
-    full.yaxis.set_minor_formatter(ticker.FuncFormatter(_plain_number))
+    # A log axis shows the early fall and the late tail at once; over less than a factor
+    # of 1.5 (a late stretch of a run) it has no labelled tick, so the axis stays linear.
+    log_axis = bool(shown) and min(shown) > 0 and max(shown) / min(shown) >= 1.5
+    if log_axis:
+        full.set_yscale("log")
+        full.yaxis.set_major_formatter(ticker.FuncFormatter(_plain_number))
+        full.yaxis.set_minor_formatter(ticker.FuncFormatter(_plain_number))
     if zoomed:
         zoom.set_xlim(left=zoom_from)
         lo = min(zoomed + [v for v, _ in refs])
         hi = max(zoomed)
         pad = max(0.05 * (hi - lo), 0.25)
         zoom.set_ylim(lo - pad, hi + pad)
-    full.set_title("whole run (log axis)")
+    full.set_title("whole run (log axis)" if log_axis else "whole run")
     zoom.set_title("zoom: the later half")
     for ax in (full, zoom):
         ax.set_xlabel(xlabel)

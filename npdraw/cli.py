@@ -206,8 +206,8 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
 def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, hold, every, device):
     """Generate rows*cols images: frame_000.png... (one per glimpse), samples.gif and
     samples.png (the last frame)."""
+    from npdraw import frames as frames_lib
     from npdraw import images as images_lib
-    from npdraw import train as train_lib
 
     ckpt_path, ckpt = _checkpoint(checkpoint)
     cfg = ckpt.cfg
@@ -215,12 +215,12 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, hold, every, de
     if boxes and not cfg.attention:
         click.echo("note: this model has no attention; --boxes draws nothing", err=True)
     from npdraw.guards import check_memory
-    check_memory(train_lib.sample_bytes(cfg, rows, cols, scale),
+    check_memory(frames_lib.sample_bytes(cfg, rows, cols, scale),
                  f"{rows}x{cols} samples of T={cfg.T} glimpses at --scale {scale}")
     rng = np.random.default_rng(seed)
-    canvases, windows = train_lib.generate_samples(params, cfg, rows * cols, rng)
-    frames = train_lib.render_frames(canvases, windows, (cfg.channels, cfg.height, cfg.width),
-                                     rows, cols, boxes=boxes, scale=scale)
+    canvases, windows = frames_lib.generate_samples(params, cfg, rows * cols, rng)
+    frames = frames_lib.render_frames(canvases, windows, (cfg.channels, cfg.height, cfg.width),
+                                      rows, cols, boxes=boxes, scale=scale)
     out = cli_options.output_folder(
         Path(out) if out is not None else ckpt_path.parent / "samples", "the samples")
     with cli_options.writing(f"write the samples into {out}"):
@@ -240,6 +240,7 @@ def reconstruct(checkpoint, count, cols, seed, out, scale, fps, hold, every, sho
     """Rebuild N test images glimpse by glimpse: each frame shows every image with that
     glimpse's read window beside its canvas with the write window (frame_000.png...,
     reconstruct.gif, reconstruct.png; with --kl, kl.json)."""
+    from npdraw import frames as frames_lib
     from npdraw import images as images_lib
     from npdraw import train as train_lib
     from npdraw.guards import check_memory
@@ -251,10 +252,10 @@ def reconstruct(checkpoint, count, cols, seed, out, scale, fps, hold, every, sho
     train_lib.check_data_shape(cfg, shape)
     count = min(count, len(test_x))
     rows = -(-count // min(cols, count))
-    check_memory(train_lib.sample_bytes(cfg, rows, 2 * min(cols, count), scale),
+    check_memory(frames_lib.sample_bytes(cfg, rows, 2 * min(cols, count), scale),
                  f"rebuilding {count} images over T={cfg.T} glimpses at --scale {scale}")
     params = _params_on(ckpt, device)
-    result = train_lib.reconstruction(params, cfg, test_x, count, cols, seed, scale)
+    result = frames_lib.reconstruction(params, cfg, test_x, count, cols, seed, scale)
     frames, kl = result["frames"], np.asarray(result["kl"], dtype=np.float64)
     out = cli_options.output_folder(
         Path(out) if out is not None else ckpt_path.parent / "reconstruct",
@@ -331,16 +332,18 @@ def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, 
         x = x[spread_subset(total, subset, seed)]
     from npdraw.guards import check_memory
     batch = min(batch_size, max(len(x), 1))
-    check_memory(train_lib.model_bytes(cfg, batch, np.dtype(ckpt.params["c0"].dtype).itemsize,
-                                       training=False) + 8 * K * batch,     # + log w, one per sample and example
+    from npdraw import evaluate as evaluate_lib
+    itemsize = np.dtype(ckpt.params["c0"].dtype).itemsize
+    check_memory(evaluate_lib.model_bytes(cfg, batch, itemsize, training=False)
+                 + 8 * K * batch,                    # + log w, one per sample and example
                  f"evaluating this model (T={cfg.T}) with --k {K} in batches of {batch}")
     from npdraw import backend
     comm = comm.for_device(backend.resolve_device(device))   # on GPUs: one per rank
     params = _params_on(ckpt, device)
     rng = np.random.default_rng(seed)
-    iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size,
-                                                    rng, comm,
-                                                    progress=not as_json and comm.is_root)
+    iwae, bound = evaluate_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K,
+                                                       batch_size, rng, comm,
+                                                       progress=not as_json and comm.is_root)
     if not comm.is_root:
         return
     ema = train_lib.model_params(ckpt)[1]
@@ -435,6 +438,7 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
                   scale, device, as_json):
     """Error rate of a classifier checkpoint on the fixed cluttered test (or valid) set."""
     from npdraw import classifier as clf
+    from npdraw import frames as frames_lib
     from npdraw import images as images_lib
     from npdraw.data import synthetic
     from npdraw import train as train_lib
@@ -463,8 +467,8 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
             raise click.BadParameter(f"{rows}x{cols} pictures need {count} images; the split "
                                      f"has {len(x)}", param_hint="'--rows'/'--cols'")
         windows = clf.glimpse_windows(params, cfg, x[:count])
-        frames = train_lib.render_glimpse_frames(x[:count], windows, (1, cfg.height, cfg.width),
-                                                 rows, cols, scale)
+        frames = frames_lib.render_glimpse_frames(x[:count], windows, (1, cfg.height, cfg.width),
+                                                  rows, cols, scale)
         pictures.mkdir(parents=True, exist_ok=True)
         images_lib.save_png(pictures / "glimpses.png", frames[-1])
         images_lib.save_gif(pictures / "glimpses.gif", frames, duration=0.5, loop=0)

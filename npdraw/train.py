@@ -1,4 +1,4 @@
-"""Training, evaluation and sample rendering: the only module with an epoch loop.
+"""Training: the only module with an epoch loop.
 
 Two loops: ``train`` (DRAW) and ``train_classifier`` (the attentive classifier of
 cluttered MNIST, paper table 1), with the same run dir, log, checkpoints and resume.
@@ -17,7 +17,7 @@ Randomness: one ``np.random.Generator`` (PCG64, seeded with ``tcfg.seed``) draws
 batch order and the training noise eps on the host; its state is saved with every
 checkpoint, so a resumed run continues bit for bit (on NumPy). Evaluation and sample
 noise come from separate generators derived from the seed (and, for evaluations, the
-epoch unless ``tcfg.eval_noise`` is "fixed": ``eval_noise_rng``), so they never disturb
+epoch unless ``tcfg.eval_noise`` is "fixed": evaluate.eval_noise_rng), so they never disturb
 the training stream.
 
 Moving average (``tcfg.ema_decay`` d > 0): after every Adam step the run updates
@@ -38,7 +38,6 @@ Dimension legend
     Z  latent size
     D  C*H*W, one image flattened
     E  images (examples) of a split
-    J  importance samples (IWAE; the argument ``K`` of evaluate_iwae)
 """
 from __future__ import annotations
 
@@ -57,8 +56,9 @@ import numpy as np
 from . import backend
 from . import checkpoint as ckpt_lib
 from . import distributed
+from . import evaluate
 from . import guards
-from . import images as images_lib
+from . import frames as frames_lib
 from . import model as model_lib
 from . import monitor
 from . import optim
@@ -67,11 +67,6 @@ from .progress import Progress
 
 # c0 = logit(clip(mean training image, C0_CLIP, 1 - C0_CLIP)); see init_model.
 C0_CLIP = 1e-3
-# Examples per forward pass during evaluation (independent of the training batch size).
-EVAL_BATCH = 500
-# The grid of generated images written after each epoch.
-SAMPLE_ROWS = 8
-SAMPLE_COLS = 8
 
 
 class TrainingStopped(RuntimeError):
@@ -100,18 +95,6 @@ class WriteFailed(TrainingStopped):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _device_of(params: dict) -> str:
-    """'gpu' when the parameters are CuPy arrays, else 'cpu'."""
-    for value in params.values():
-        return "gpu" if backend.is_gpu_array(value) else "cpu"
-    return "cpu"
-
-
-def _params_dtype(params: dict):
-    for value in params.values():
-        return np.dtype(value.dtype)
-    return np.dtype("float32")
 
 
 def arrays_to_device(arrays: dict, device: str, dtype=None) -> dict:
@@ -159,27 +142,6 @@ def _rng_from_state(state) -> np.random.Generator:
     return np.random.Generator(bit_gen)
 
 
-def _derived_rng(seed: int, *stream: int) -> np.random.Generator:
-    """An independent generator for evaluation/sampling noise, fixed by (seed, stream...)."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, *[int(s) for s in stream]])
-
-
-def _host_noise(rng: np.random.Generator, cfg: DrawConfig, batch: int, dtype) -> np.ndarray:
-    """eps (T, B, Z) standard normal, drawn on the host in ``dtype``."""
-    return rng.standard_normal((cfg.T, batch, cfg.z_dim), dtype=np.dtype(dtype))
-
-
-def _noise(rng: np.random.Generator, cfg: DrawConfig, batch: int, dtype, device: str):
-    """eps (T, B, Z) standard normal, drawn on the host in ``dtype`` then moved to ``device``."""
-    return backend.to_device(_host_noise(rng, cfg, batch, dtype), device)
-
-
-def _examples(eps: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """The noise of examples lo..hi-1 of a batch: eps (T, B, Z) -> (T, hi - lo, Z),
-    contiguous (eps itself when that is the whole batch)."""
-    return eps if (lo, hi) == (0, eps.shape[1]) else np.ascontiguousarray(eps[:, lo:hi])
-
-
 def _cap(x: np.ndarray, subset: int) -> np.ndarray:
     return x if not subset else x[:subset]
 
@@ -189,354 +151,7 @@ def _fmt(value) -> str:
         else f"{value:.2f}"
 
 
-# ----------------------------------------------------------------------------- memory
 
-def _per_example_floats(cfg: DrawConfig, training: bool) -> int:
-    """Floats one example takes in a forward pass (with the caches backward keeps when
-    ``training``): model.forward's stacked (features, T+1, B) buffers, the (T, B, .)
-    gate, posterior and sigmoid(canvas) buffers, and per glimpse the LSTM, latent,
-    canvas and attention (glimpse, patch, filterbank) arrays. An upper bound: it is
-    checked against tracemalloc's peaks in tests/test_guards.py."""
-    T, D, Z, He, Hd = cfg.T, cfg.D, cfg.z_dim, cfg.enc_dim, cfg.dec_dim
-    rows = 2 + Z + Hd + (cfg.read_dim if cfg.attention else D) + He
-    stacked = rows * (T + 1) + T * (2 * Z + 1 + D + 4 * He + 4 * Hd)
-    per_glimpse = 2 * He + 2 * Hd + 4 * Z + 3 * D
-    if cfg.attention:
-        C, H, W, Nr, Nw = cfg.channels, cfg.height, cfg.width, cfg.read_n, cfg.write_n
-        per_glimpse += (4 * C * Nr * Nr + 2 * C * Nw * Nw + 4 * (Nr + Nw) * (H + W)
-                        + 2 * C * H * W)
-    return stacked + (T if training else 2) * per_glimpse + 4 * D
-
-
-def model_bytes(cfg: DrawConfig, batch: int, itemsize: int, training: bool,
-                ema: bool = False) -> int:
-    """Estimated peak bytes of one batch: training (forward, backward, gradients and Adam
-    state, and the parameters' moving average with ``ema``) or a forward pass
-    (evaluation, sampling); ``itemsize``: 4 or 8."""
-    n_params = sum(int(np.prod(shape)) for shape in model_lib.param_shapes(cfg).values())
-    param_copies = (4 if training else 2) + int(ema)   # params, grads, Adam m and v, EMA
-    return itemsize * (int(batch) * _per_example_floats(cfg, training) + param_copies * n_params)
-
-
-def sample_bytes(cfg: DrawConfig, rows: int, cols: int, scale: int) -> int:
-    """Estimated peak bytes of generating and rendering a rows x cols grid of samples:
-    the decoder's forward pass, the canvases (T, B, D), and T RGB frames
-    (rows*(H*scale+1)+1, cols*(W*scale+1)+1, 3) held twice (the pictures and their GIF
-    encoding) plus one frame's tiles."""
-    count, scale = int(rows) * int(cols), max(int(scale), 1)
-    frame = (rows * (cfg.height * scale + 1) + 1) * (cols * (cfg.width * scale + 1) + 1) * 3
-    tiles = count * cfg.height * cfg.width * scale * scale * 3
-    return (model_bytes(cfg, count, 8, training=False) + 8 * cfg.T * count * cfg.D
-            + 2 * cfg.T * frame + 2 * tiles)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def eval_noise_rng(tcfg: TrainConfig, epoch: int, split: int) -> np.random.Generator:
-    """The generator of the noise that scores ``split`` (0 valid, 1 test) after ``epoch``:
-    its own for each epoch (tcfg.eval_noise "epoch"), or the same at every epoch ("fixed"),
-    which makes the bounds of two epochs a paired comparison of their models."""
-    if tcfg.eval_noise == "fixed":
-        return _derived_rng(tcfg.seed, 4, split)
-    return _derived_rng(tcfg.seed, 1, epoch, split)
-
-
-def evaluate_bound(params: dict, cfg: DrawConfig, x: np.ndarray, batch_size: int,
-                   rng: np.random.Generator, comm=None, progress: bool = False,
-                   label: str = "evaluating") -> float:
-    """Mean negative variational bound (L^x + L^z, nats per example) over all of ``x``.
-
-    x: (E, D) host array in [0, 1]; one fresh noise draw per example from ``rng``.
-    Returns NaN for an empty ``x``. comm: a distributed communicator whose ranks each
-    take their slice of every batch (the same figures as one process, up to rounding;
-    every rank gets the result). progress: a bar on stderr over the batches, named label.
-    """
-    n = int(x.shape[0])
-    if n == 0:
-        return float("nan")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device, dtype = _device_of(params), _params_dtype(params)
-    comm = distributed.SingleProcess() if comm is None else comm
-    total = 0.0
-    bar = Progress(f"{label} {n} images", (n + batch_size - 1) // batch_size, progress,
-                   rate_unit="it/s")
-    for start in range(0, n, batch_size):
-        batch = np.asarray(x[start:start + batch_size], dtype=dtype)
-        eps = _host_noise(rng, cfg, batch.shape[0], dtype)      # the whole batch's, on every rank
-        lo, hi = comm.shard(batch.shape[0])
-        if hi > lo:
-            per_example, _ = model_lib.loss_only(
-                params, cfg, backend.to_device(batch[lo:hi], device),
-                backend.to_device(_examples(eps, lo, hi), device))
-            total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
-        bar.update(start // batch_size + 1)
-    bar.close()
-    return float(comm.sum([total])[0]) / n
-
-
-def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
-    m = np.max(a, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    return np.squeeze(m, axis=axis) + np.log(np.sum(np.exp(a - m), axis=axis))
-
-
-def evaluate_iwae_and_bound(params: dict, cfg: DrawConfig, x: np.ndarray, K: int,
-                            batch_size: int, rng: np.random.Generator, comm=None,
-                            progress: bool = False):
-    """Both estimates from one pass of K noise draws per example.
-
-    Returns (iwae_nll, bound_nll), nats per example:
-      iwae_nll  = -mean_n [logsumexp_k log w_nk - log K],
-                  log w = log p(x|z) + log p(z) - log q(z|x)   (Burda et al. 2016)
-      bound_nll = mean over n and k of the model's per-example loss L^x + L^z.
-    With K = 1 the IWAE estimate is a (noisier) single-sample bound; as K grows it
-    tightens towards -log p(x), so iwae_nll <= bound_nll in expectation.
-    comm: as in evaluate_bound. progress: a bar on stderr over the K passes of
-    all batches, with the running bound (of this rank's examples).
-    """
-    n = int(x.shape[0])
-    if K < 1:
-        raise ValueError(f"K (importance samples) must be at least 1, got {K}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if n == 0:
-        return float("nan"), float("nan")
-    device, dtype = _device_of(params), _params_dtype(params)
-    comm = distributed.SingleProcess() if comm is None else comm
-    iwae_total, bound_total = 0.0, 0.0
-    n_batches = (n + batch_size - 1) // batch_size
-    bar = Progress(f"evaluating {n} images, K={K}", n_batches * K, progress, rate_unit="it/s")
-    seen = 0
-    try:
-        for i, start in enumerate(range(0, n, batch_size)):
-            batch = np.asarray(x[start:start + batch_size], dtype=dtype)
-            lo, hi = comm.shard(batch.shape[0])
-            xb = backend.to_device(batch[lo:hi], device)
-            log_w = np.empty((K, hi - lo), dtype=np.float64)
-            for k in range(K):
-                eps = _host_noise(rng, cfg, batch.shape[0], dtype)  # the whole batch: every rank
-                bar.update(i * K + k + 1, f"bound {bound_total / max(seen, 1):.2f}")
-                if hi == lo:
-                    continue
-                per_example, stats = model_lib.loss_only(
-                    params, cfg, xb, backend.to_device(_examples(eps, lo, hi), device),
-                    return_terms=True)
-                log_w[k] = backend.to_numpy(stats["log_weight"]).astype(np.float64)
-                bound_total += float(np.sum(backend.to_numpy(per_example), dtype=np.float64))
-                seen += hi - lo
-            iwae_total += float(np.sum(_logsumexp(log_w, axis=0) - math.log(K)))
-    finally:
-        bar.close()
-    iwae_total, bound_total = comm.sum([iwae_total, bound_total])
-    return -float(iwae_total) / n, float(bound_total) / (n * K)
-
-
-def evaluate_iwae(params: dict, cfg: DrawConfig, x: np.ndarray, K: int, batch_size: int,
-                  rng: np.random.Generator, comm=None) -> float:
-    """Importance-weighted estimate of -log p(x) (nats per example) with K samples."""
-    return evaluate_iwae_and_bound(params, cfg, x, K, batch_size, rng, comm)[0]
-
-
-# ----------------------------------------------------------------------------- samples
-
-def window_box(cx: float, cy: float, stride: float, n: int, height: int, width: int,
-               scale: int = 1):
-    """Pixel box (x0, y0, x1, y1), inclusive 0-based indices of a ``scale``-times enlarged
-    image, of the region a window covers, or None when it lies wholly outside.
-
-    The window with centre (cx, cy) in 1-based pixel coordinates (pixel a covers
-    [a - 0.5, a + 0.5]) and stride delta covers [cx - delta*N/2, cx + delta*N/2]
-    horizontally (its N filter centres and half a stride on either side), likewise
-    vertically. In 0-based continuous coordinates (pixel j covers [j, j + 1]) that is
-    shifted by -0.5; the box is that interval scaled and clipped to the image.
-    """
-    half = abs(float(stride)) * n / 2.0
-    left, right = (cx - 0.5 - half) * scale, (cx - 0.5 + half) * scale
-    top, bottom = (cy - 0.5 - half) * scale, (cy - 0.5 + half) * scale
-    w, h = width * scale, height * scale
-    if not all(math.isfinite(v) for v in (left, right, top, bottom)):
-        return None
-    x0, x1 = int(math.floor(left)), int(math.ceil(right)) - 1
-    y0, y1 = int(math.floor(top)), int(math.ceil(bottom)) - 1
-    x1, y1 = max(x1, x0), max(y1, y0)
-    if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
-        return None
-    return max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)
-
-
-def _tile_rgb(image, shape, scale: int) -> np.ndarray:
-    """One flattened image (D,) in [0, 1] -> uint8 RGB (H*scale, W*scale, 3)."""
-    c, h, w = shape
-    tile = images_lib.to_uint8(np.asarray(image).reshape(c, h, w)).transpose(1, 2, 0)
-    if c == 1:
-        tile = np.repeat(tile, 3, axis=2)
-    elif c != 3:
-        raise ValueError(f"only grey or RGB images can be drawn, got {c} channels")
-    return images_lib.upscale(tile, scale) if scale > 1 else tile
-
-
-def _window_n(n_value, t: int, i: int) -> int:
-    """The window size N: an int, or a (T, B) array."""
-    if np.ndim(n_value) == 0:
-        return int(n_value)
-    return int(np.asarray(n_value)[t, i])
-
-
-def render_frames(canvases, windows, shape, rows: int, cols: int, boxes: bool = False,
-                  scale: int = 1) -> list:
-    """Generated canvases -> one RGB uint8 grid per glimpse.
-
-    canvases: (T, B, D) probabilities, B >= rows*cols (the first rows*cols are shown);
-    windows: None or the model's dict of (T, B) arrays "cx", "cy", "stride", "N";
-    boxes: outline each glimpse's write window in red (needs windows).
-    Returns a list of T arrays (rows*(H*scale+1)+1, cols*(W*scale+1)+1, 3) uint8, as
-    laid out by images.image_grid.
-    """
-    canvases = np.asarray(backend.to_numpy(canvases))
-    t_steps, batch = canvases.shape[0], canvases.shape[1]
-    count = rows * cols
-    if batch < count:
-        raise ValueError(f"{rows}x{cols} grid needs {count} images, got {batch}")
-    c, h, w = shape
-    scale = max(int(scale), 1)
-    win = None
-    if boxes and windows is not None:
-        win = {k: np.asarray(backend.to_numpy(v)) for k, v in windows.items()}
-    frames = []
-    for t in range(t_steps):
-        tiles = []
-        for i in range(count):
-            tile = _tile_rgb(canvases[t, i], shape, scale)
-            if win is not None:
-                box = window_box(float(win["cx"][t, i]), float(win["cy"][t, i]),
-                                 float(win["stride"][t, i]), _window_n(win["N"], t, i),
-                                 h, w, scale)
-                if box is not None:
-                    tile = images_lib.draw_box(tile, *box, color=(255, 0, 0))
-            tiles.append(tile)
-        grid_in = np.stack(tiles).transpose(0, 3, 1, 2)          # (count, 3, H*s, W*s)
-        frames.append(images_lib.image_grid(grid_in, (3, h * scale, w * scale), rows, cols))
-    return frames
-
-
-def render_glimpse_frames(images, windows, shape, rows: int, cols: int, scale: int = 2) -> list:
-    """The classifier's read windows over its input images, one grid per glimpse.
-
-    images: (B, D) in [0, 1], B >= rows*cols;  windows: glimpse_windows' dict of (T, B)
-    arrays "cx", "cy", "stride" and "N". Frame t shows glimpses 1..t+1, each window
-    outlined in its own colour (images.series_colors: tab10 up to 10 glimpses), so the
-    final frame holds all T windows.
-    -> T arrays (rows*(H*scale+1)+1, cols*(W*scale+1)+1, 3) uint8.
-    """
-    images = np.asarray(backend.to_numpy(images))
-    count = rows * cols
-    if images.shape[0] < count:
-        raise ValueError(f"{rows}x{cols} grid needs {count} images, got {images.shape[0]}")
-    c, h, w = shape
-    scale = max(int(scale), 1)
-    t_steps = np.shape(windows["cx"])[0]
-    colors = images_lib.series_colors(t_steps)
-    tiles = [_tile_rgb(images[i], shape, scale) for i in range(count)]
-    frames = []
-    for t in range(t_steps):
-        for i in range(count):
-            box = window_box(float(windows["cx"][t, i]), float(windows["cy"][t, i]),
-                             float(windows["stride"][t, i]), _window_n(windows["N"], t, i),
-                             h, w, scale)
-            if box is not None:
-                tiles[i] = images_lib.draw_box(tiles[i], *box,
-                                               color=tuple(int(v) for v in colors[t]))
-        grid_in = np.stack(tiles).transpose(0, 3, 1, 2)
-        frames.append(images_lib.image_grid(grid_in, (3, h * scale, w * scale), rows, cols))
-    return frames
-
-
-def generate_samples(params: dict, cfg: DrawConfig, count: int, rng: np.random.Generator):
-    """Draw ``count`` images from the prior: returns (canvases (T, B, D), windows) on host."""
-    device, dtype = _device_of(params), _params_dtype(params)
-    eps = _noise(rng, cfg, count, dtype, device)
-    canvases, windows = model_lib.generate(params, cfg, eps)
-    canvases = backend.to_numpy(canvases)
-    if windows is not None:
-        windows = _host_windows(windows)
-    return canvases, windows
-
-
-def _host_windows(windows):
-    return {k: (int(v) if isinstance(v, (int, np.integer)) else backend.to_numpy(v))
-            for k, v in windows.items()}
-
-
-def reconstruct_images(params: dict, cfg: DrawConfig, x: np.ndarray, rng: np.random.Generator):
-    """Rebuild images with the inference network, glimpse by glimpse (model.reconstruct),
-    with eq 6's noise from ``rng``: returns (canvases (T, B, D), windows, kl (T, B)) on
-    the host; windows is None without attention, else {"read": ..., "write": ...}."""
-    device, dtype = _device_of(params), _params_dtype(params)
-    eps = _noise(rng, cfg, int(x.shape[0]), dtype, device)
-    x = backend.to_device(np.asarray(x, dtype=dtype), device)
-    canvases, windows, kl = model_lib.reconstruct(params, cfg, x, eps)
-    if windows is not None:
-        windows = {which: _host_windows(w) for which, w in windows.items()}
-    return backend.to_numpy(canvases), windows, backend.to_numpy(kl)
-
-
-def render_reconstruction_frames(images, canvases, windows, shape, cols: int,
-                                 scale: int = 2) -> list:
-    """One RGB frame per glimpse t: each image with glimpse t's read window (red) beside
-    its canvas after glimpse t with the write window (red), ``cols`` such pairs a row.
-
-    images: (B, D) in [0, 1]; canvases: (T, B, D); windows: reconstruct_images' (or None).
-    Laid out by render_frames as a grid of pairs (the last row padded with blank tiles).
-    """
-    images = np.asarray(backend.to_numpy(images))
-    canvases = np.asarray(backend.to_numpy(canvases))
-    t_steps, count = canvases.shape[0], images.shape[0]
-    cols = max(1, min(int(cols), count))
-    rows = -(-count // cols)
-    slots = rows * cols
-    tiles = np.zeros((t_steps, 2 * slots, canvases.shape[2]), canvases.dtype)
-    tiles[:, 0:2 * count:2] = images[None]
-    tiles[:, 1:2 * count:2] = canvases
-    boxes = None
-    if windows is not None:
-        boxes = {}
-        for key in ("cx", "cy", "stride"):
-            both = np.full((t_steps, 2 * slots), np.nan)
-            both[:, 0:2 * count:2] = windows["read"][key]
-            both[:, 1:2 * count:2] = windows["write"][key]
-            boxes[key] = both
-        sizes = np.zeros((t_steps, 2 * slots), np.int64)
-        sizes[:, 0::2], sizes[:, 1::2] = windows["read"]["N"], windows["write"]["N"]
-        boxes["N"] = sizes
-    return render_frames(tiles, boxes, shape, rows, 2 * cols, boxes=boxes is not None,
-                         scale=scale)
-
-
-def reconstruction(params: dict, cfg: DrawConfig, x: np.ndarray, count: int, cols: int,
-                   seed: int, scale: int = 2) -> dict:
-    """DRAW rebuilding ``count`` images of ``x`` (data.spread_subset with ``seed``), one
-    frame per glimpse (render_reconstruction_frames), eq 6's noise from ``seed`` too.
-    -> {"indices" (n,), "canvases" (T, n, D), "kl" (T, n) nats, "frames": T pictures}."""
-    from . import data as data_lib
-    indices = data_lib.spread_subset(len(x), count, seed)
-    images = np.asarray(x[indices])
-    canvases, windows, kl = reconstruct_images(params, cfg, images, _derived_rng(seed, 3))
-    frames = render_reconstruction_frames(images, canvases, windows,
-                                          (cfg.channels, cfg.height, cfg.width), cols, scale)
-    return {"indices": indices, "canvases": canvases, "kl": kl, "frames": frames}
-
-
-def _write_run_samples(run_dir: Path, params: dict, cfg: DrawConfig, seed: int) -> np.ndarray:
-    """RUN/samples.png (final canvases) and RUN/samples.gif (all glimpses); the same
-    prior noise every epoch, so the pictures of successive epochs compare directly.
-    Returns samples.png's picture, uint8 (H, W, 3)."""
-    canvases, _ = generate_samples(params, cfg, SAMPLE_ROWS * SAMPLE_COLS, _derived_rng(seed, 2))
-    shape = (cfg.channels, cfg.height, cfg.width)
-    frames = render_frames(canvases, None, shape, SAMPLE_ROWS, SAMPLE_COLS, boxes=False, scale=1)
-    images_lib.save_png(run_dir / "samples.png", frames[-1])
-    images_lib.save_gif(run_dir / "samples.gif", frames, duration=0.1, loop=0)
-    return frames[-1]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -770,7 +385,7 @@ def load_split(tcfg: TrainConfig, split: str, progress: bool) -> tuple:
 # ----------------------------------------------------------------------------- train
 
 def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
-          progress: bool = True, eval_batch: int = EVAL_BATCH,
+          progress: bool = True, eval_batch: int = evaluate.EVAL_BATCH,
           resume_overrides=(), comm=None, add_peepholes: bool = False) -> Path:
     """Train DRAW; returns the run directory.
 
@@ -859,8 +474,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     distributed.check_rank_count(tcfg.ranks, comm)
     comm = comm.for_device(device)           # on GPUs: one per rank, NCCL between them
     dtype = np.dtype(tcfg.dtype)
-    guards.check_memory(model_bytes(cfg, tcfg.batch_size, dtype.itemsize, training=True,
-                                    ema=tcfg.ema_decay > 0),
+    guards.check_memory(evaluate.model_bytes(cfg, tcfg.batch_size, dtype.itemsize,
+                                             training=True, ema=tcfg.ema_decay > 0),
                         f"training this model ({_cfg_summary(cfg)}) with batches of "
                         f"{tcfg.batch_size}")
 
@@ -986,8 +601,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         for epoch in range(start_epoch + 1, tcfg.epochs + 1):
             t0 = time.perf_counter()
             if data.fresh_train is not None:     # data made on the fly: new every epoch
-                train_x = np.asarray(data.fresh_train(_derived_rng(tcfg.seed, 3, epoch), n_train),
-                                     dtype=dtype)
+                train_x = np.asarray(data.fresh_train(evaluate.derived_rng(tcfg.seed, 3, epoch),
+                                                      n_train), dtype=dtype)
             bar = Progress(f"epoch {epoch}/{tcfg.epochs}", n_iter, progress, rate_unit="it/s")
             perm = rng.permutation(n_train)
             loss_sum = recon_sum = gnorm_sum = snorm_sum = 0.0
@@ -998,12 +613,12 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                     stop.check()             # Ctrl-C / SIGTERM: stop between steps
                     idx = perm[(it - 1) * tcfg.batch_size: it * tcfg.batch_size]
                     batch_eps = (next_eps.result() if next_eps is not None   # the whole batch's
-                                 else _host_noise(rng, cfg, idx.shape[0], dtype))
+                                 else evaluate.host_noise(rng, cfg, idx.shape[0], dtype))
                     lo, hi = comm.shard(idx.shape[0])          # this rank's examples
                     mine = None                                # (loss, grads, stats) of them
                     if hi > lo:
                         xb = backend.to_device(train_x[idx[lo:hi]], device)
-                        eps = backend.to_device(_examples(batch_eps, lo, hi), device)
+                        eps = backend.to_device(evaluate.example_noise(batch_eps, lo, hi), device)
                         mine = model_lib.loss_and_grads(params, cfg, xb, eps)
                     loss, grads, stats = comm.reduce_step(params, cfg.T, mine,
                                                           (hi - lo) / idx.shape[0])
@@ -1011,8 +626,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                     # on the core they leave idle (NumPy's generator releases the GIL). The
                     # draws come from rng in the same order as drawn inline.
                     next_eps = None if it == n_iter else noise_thread.submit(
-                        _host_noise, rng, cfg, min(tcfg.batch_size, n_train - it * tcfg.batch_size),
-                        dtype)
+                        evaluate.host_noise, rng, cfg,
+                        min(tcfg.batch_size, n_train - it * tcfg.batch_size), dtype)
                     where = f"at epoch {epoch}, iteration {it}/{n_iter}"
                     if not math.isfinite(loss):
                         raise non_finite(f"loss is {loss} {where}")
@@ -1052,12 +667,12 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             valid_bound = test_bound = float("nan")
             if evaluated:
                 shown = progress and comm.is_root
-                valid_bound = evaluate_bound(model, cfg, valid_x, eval_batch,
-                                             eval_noise_rng(tcfg, epoch, 0), comm,
-                                             progress=shown, label="valid")
-                test_bound = evaluate_bound(model, cfg, test_x, eval_batch,
-                                            eval_noise_rng(tcfg, epoch, 1), comm,
-                                            progress=shown, label="test")
+                valid_bound = evaluate.evaluate_bound(model, cfg, valid_x, eval_batch,
+                                                      evaluate.eval_noise_rng(tcfg, epoch, 0),
+                                                      comm, progress=shown, label="valid")
+                test_bound = evaluate.evaluate_bound(model, cfg, test_x, eval_batch,
+                                                     evaluate.eval_noise_rng(tcfg, epoch, 1),
+                                                     comm, progress=shown, label="test")
             eval_time = time.perf_counter() - t1
             train_bound = loss_sum / n_iter
             if evaluated and not math.isfinite(valid_bound) and valid_x.shape[0] > 0:
@@ -1090,7 +705,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                 "examples_per_s": n_train / max(train_time, 1e-9),
                 "best": bool(is_best),
             }
-            samples = _write_run_samples(run_dir, model, cfg, tcfg.seed) if comm.is_root else None
+            samples = (frames_lib.write_run_samples(run_dir, model, cfg, tcfg.seed)
+                       if comm.is_root else None)
             record["wall_s"] = time.perf_counter() - t0
             record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
             if comm.is_root:
@@ -1153,21 +769,6 @@ def _start_ema(tcfg: TrainConfig, params: dict, resume_ckpt, device: str, log):
     return optim.ema_init(params)
 
 
-def fixed_noise_bound(params: dict, cfg: DrawConfig, x: np.ndarray, seed: int) -> float:
-    """The mean bound over ``x`` in float64 with noise from ``default_rng(seed)``.
-
-    params: {name: array}, cast to float64 on the host; x: (E, D) in [0, 1]. The
-    figure depends on the parameters, the images and the seed only (float64 makes it
-    independent of the BLAS kernel to about 1e-13), so it pins a shipped model to the
-    number stated beside it.
-    """
-    params64 = {k: np.asarray(backend.to_numpy(v), dtype=np.float64) for k, v in params.items()}
-    x64 = np.asarray(x, dtype=np.float64)
-    eps = np.random.default_rng(seed).standard_normal((cfg.T, x64.shape[0], cfg.z_dim))
-    per_example, _ = model_lib.loss_only(params64, cfg, x64, eps)
-    return float(np.mean(per_example))
-
-
 def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
                  check_n: int = 100, check_seed: int = 0) -> dict:
     """Write the parameters of a checkpoint, float32 and nothing else that trains, to
@@ -1199,7 +800,7 @@ def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
         x = np.asarray(test_x[:check_n])
         info["check"] = {"split": "test", "n": int(x.shape[0]), "seed": int(check_seed),
                          "dtype": "float64",
-                         "bound": fixed_noise_bound(params, ckpt.cfg, x, check_seed)}
+                         "bound": evaluate.fixed_noise_bound(params, ckpt.cfg, x, check_seed)}
     ckpt_lib.save_checkpoint(out_path, ckpt.cfg, params, opt_state=None,
                              epoch=int(ckpt.epoch), train_cfg=train_config_of(ckpt),
                              extra=info)
@@ -1326,7 +927,7 @@ def _resumed_classify_config(ccfg: ClassifyConfig, saved: ClassifyConfig,
 
 
 def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=print, *,
-                     digits=None, progress: bool = True, eval_batch: int = EVAL_BATCH,
+                     digits=None, progress: bool = True, eval_batch: int = evaluate.EVAL_BATCH,
                      resume_overrides=()) -> Path:
     """Train the attentive classifier on cluttered MNIST; returns the run directory.
 
@@ -1437,7 +1038,7 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
         for epoch in range(start_epoch + 1, ccfg.epochs + 1):
             t0 = time.perf_counter()
             train_x = synthetic.clutter(train_digits, train_digits,
-                                        _derived_rng(ccfg.seed, 3, epoch), cfg.height,
+                                        evaluate.derived_rng(ccfg.seed, 3, epoch), cfg.height,
                                         ccfg.distractors, ccfg.crop).astype(dtype, copy=False)
             bar = Progress(f"epoch {epoch}/{ccfg.epochs}", n_iter, progress, rate_unit="it/s")
             perm = rng.permutation(n_train)

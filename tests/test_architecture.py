@@ -27,7 +27,7 @@ LAYERS = [
     ["engine_layers", "engine_attention", "engine"],   # the fast paths
     ["model", "classifier"],          # the models' public functions
     ["data", "optim", "checkpoint", "distributed"],   # what training is made of
-    ["images", "evaluate", "pictures", "monitor"],    # what a run writes or measures
+    ["images", "evaluate", "frames", "pictures", "monitor"],   # what a run writes or measures
     ["runs"],
     ["train"],
     # the command lines: npdraw's, and `python -m npdraw.reference` (the plain model

@@ -10,6 +10,7 @@ from npdraw import checkpoint as ckpt_lib
 from npdraw import classifier as clf
 from npdraw.data import synthetic
 from npdraw import train as train_lib
+from npdraw import frames as frames_lib
 from npdraw.config import ClassifierConfig, ClassifyConfig
 from npdraw.layers import softmax_xent_backward, softmax_xent_forward
 from npdraw.reference import classifier as ref
@@ -236,7 +237,7 @@ def test_glimpse_pictures_show_every_window_in_its_colour():
     x = np.zeros((4, 900), np.float32)
     windows = {"cx": np.array([[8.0] * 4, [15.5] * 4, [22.0] * 4]),
                "cy": np.full((3, 4), 15.5), "stride": np.full((3, 4), 2.0), "N": 3}
-    frames = train_lib.render_glimpse_frames(x, windows, (1, 30, 30), 2, 2, scale=2)
+    frames = frames_lib.render_glimpse_frames(x, windows, (1, 30, 30), 2, 2, scale=2)
     assert len(frames) == cfg.glimpses
     colours = [tuple(int(v) for v in c) for c in
                __import__("npdraw.images", fromlist=["x"]).series_colors(3)]

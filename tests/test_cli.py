@@ -232,6 +232,8 @@ def test_reconstruct_draws_each_glimpse_and_ends_on_the_models_reconstruction(tr
     from npdraw import data as data_lib
     from npdraw import images as images_lib
     from npdraw import train as train_lib
+    from npdraw import evaluate as evaluate_lib
+    from npdraw import frames as frames_lib
     run, _ = trained
     out = tmp_path / "r"
     result = invoke(["reconstruct", run / "best.h5", "--n", 3, "--cols", 2, "--scale", 1,
@@ -252,10 +254,10 @@ def test_reconstruct_draws_each_glimpse_and_ends_on_the_models_reconstruction(tr
     # tiles those images (the red windows aside)
     ckpt = ckpt_lib.load_checkpoint(run / "best.h5")
     params = train_lib.model_params(ckpt)[0]
-    canvases, _, kl_lib = train_lib.reconstruct_images(params, ckpt.cfg, bmnist.test[chosen],
-                                                       train_lib._derived_rng(4, 3))
+    canvases, _, kl_lib = frames_lib.reconstruct_images(params, ckpt.cfg, bmnist.test[chosen],
+                                                       evaluate_lib.derived_rng(4, 3))
     np.testing.assert_allclose(kl, kl_lib.T, rtol=1e-5, atol=1e-6)
-    eps = train_lib._derived_rng(4, 3).standard_normal((T, 3, ckpt.cfg.z_dim), dtype=np.float32)
+    eps = evaluate_lib.derived_rng(4, 3).standard_normal((T, 3, ckpt.cfg.z_dim), dtype=np.float32)
     _, stats = model_lib.loss_only(params, ckpt.cfg, bmnist.test[chosen], eps, return_terms=True)
     final = canvases[-1].astype(np.float64)
     x = bmnist.test[chosen]
@@ -281,6 +283,7 @@ def test_reconstruct_draws_each_glimpse_and_ends_on_the_models_reconstruction(tr
 def test_evaluate_subset_is_spread_over_the_split_and_says_so(trained, bmnist, data_args):
     from npdraw import data as data_lib
     from npdraw import train as train_lib
+    from npdraw import evaluate as evaluate_lib
     run, _ = trained
     result = invoke(["evaluate", run / "best.h5", "--json", "--subset", 40, "--seed", 3,
                      "--device", "cpu", "--ranks", 1, *data_args])
@@ -291,7 +294,7 @@ def test_evaluate_subset_is_spread_over_the_split_and_says_so(trained, bmnist, d
     params = train_lib.model_params(ckpt)[0]
     chosen = data_lib.spread_subset(len(bmnist.test), 40, 3)
     assert chosen[-1] > len(bmnist.test) * 0.9                 # not the first 40
-    _, bound = train_lib.evaluate_iwae_and_bound(params, ckpt.cfg, bmnist.test[chosen], 1, 500,
+    _, bound = evaluate_lib.evaluate_iwae_and_bound(params, ckpt.cfg, bmnist.test[chosen], 1, 500,
                                                  np.random.default_rng(3))
     assert scored["nll_bound"] == pytest.approx(bound, rel=1e-6)
     text = invoke(["evaluate", run / "best.h5", "--subset", 40, "--device", "cpu", "--ranks", 1,

@@ -21,6 +21,7 @@ import pytest
 from npdraw import backend, distributed, guards, model
 from npdraw import checkpoint as ckpt_lib
 from npdraw import train as train_lib
+from npdraw import evaluate as evaluate_lib
 from npdraw.config import DrawConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,14 +204,14 @@ def test_the_single_process_communicator_changes_nothing():
 def test_evaluation_is_sharded_to_the_same_figures():
     params = model.init_params(ATT, seed=1, dtype="float64")
     x = (np.random.default_rng(7).random((11, ATT.D)) < 0.4).astype(np.float64)
-    plain_bound = train_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3))
-    plain_iwae = train_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4,
+    plain_bound = evaluate_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3))
+    plain_iwae = evaluate_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4,
                                                    np.random.default_rng(2))
 
     def work(comm, rank):
-        return (train_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3),
+        return (evaluate_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3),
                                          comm=comm),
-                train_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4,
+                evaluate_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4,
                                                   np.random.default_rng(2), comm=comm))
     for bound, iwae in _run_ranks(3, work):            # batches of 4 over 3 ranks: 1, 2, 1
         assert bound == pytest.approx(plain_bound, rel=RTOL64)
@@ -572,7 +573,7 @@ _STEP_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from npdraw import distributed, model, train as train_lib
+from npdraw import distributed, evaluate as evaluate_lib, model
 from npdraw.config import DrawConfig
 cfg, inputs, out = DrawConfig.from_dict(json.loads(sys.argv[2])), np.load(sys.argv[3]), sys.argv[4]
 params = {k[2:]: inputs[k] for k in inputs.files if k.startswith("p:")}
@@ -581,8 +582,8 @@ comm = distributed.from_environment()
 lo, hi = comm.shard(x.shape[0])
 mine = model.loss_and_grads(params, cfg, x[lo:hi], np.ascontiguousarray(eps[:, lo:hi]))
 loss, grads, stats = comm.reduce_step(params, cfg.T, mine, (hi - lo) / x.shape[0])
-bound = train_lib.evaluate_bound(params, cfg, x, 4, np.random.default_rng(3), comm=comm)
-iwae = train_lib.evaluate_iwae_and_bound(params, cfg, x, 3, 4, np.random.default_rng(2), comm=comm)
+bound = evaluate_lib.evaluate_bound(params, cfg, x, 4, np.random.default_rng(3), comm=comm)
+iwae = evaluate_lib.evaluate_iwae_and_bound(params, cfg, x, 3, 4, np.random.default_rng(2), comm=comm)
 if comm.rank == 0:
     np.savez(out, loss=loss, recon=stats["recon"], kl=stats["kl"], bound=bound, iwae=iwae,
              size=comm.size, **{"g:" + k: v for k, v in grads.items()})
@@ -603,8 +604,8 @@ def test_mpiexec_ranks_give_the_one_process_loss_gradients_and_bounds(tmp_path):
     _assert_same_step((float(got["loss"]), grads, {"recon": float(got["recon"]), "kl": got["kl"]}),
                       model.loss_and_grads(params, ATT, x, eps), RTOL64)
     assert float(got["bound"]) == pytest.approx(
-        train_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3)), rel=RTOL64)
-    np.testing.assert_allclose(got["iwae"], train_lib.evaluate_iwae_and_bound(
+        evaluate_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3)), rel=RTOL64)
+    np.testing.assert_allclose(got["iwae"], evaluate_lib.evaluate_iwae_and_bound(
         params, ATT, x, 3, 4, np.random.default_rng(2)), rtol=RTOL64)
 
 

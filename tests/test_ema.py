@@ -14,6 +14,8 @@ from npdraw import checkpoint as ckpt_lib
 from npdraw import data as data_lib
 from npdraw import optim
 from npdraw import train as train_lib
+from npdraw import evaluate as evaluate_lib
+from npdraw import frames as frames_lib
 from npdraw.config import DrawConfig, TrainConfig
 from test_cli import invoke
 from test_distributed import REPO, TRAIN_ARGS, _run_mpi
@@ -160,18 +162,18 @@ def test_the_run_saves_and_evaluates_the_average(ema_run, bmnist, tmp_path):
     test = np.asarray(bmnist.test[:200], dtype=np.float32)
     seed = 3
     for x, key, split in ((valid, "valid_bound", 0), (test, "test_bound", 1)):
-        rng = train_lib._derived_rng(seed, 1, 2, split)
-        assert rows[1][key] == train_lib.evaluate_bound(ckpt.ema, TINY, x, train_lib.EVAL_BATCH,
+        rng = evaluate_lib.derived_rng(seed, 1, 2, split)
+        assert rows[1][key] == evaluate_lib.evaluate_bound(ckpt.ema, TINY, x, evaluate_lib.EVAL_BATCH,
                                                         rng), key
-        raw = train_lib.evaluate_bound(ckpt.params, TINY, x, train_lib.EVAL_BATCH,
-                                       train_lib._derived_rng(seed, 1, 2, split))
+        raw = evaluate_lib.evaluate_bound(ckpt.params, TINY, x, evaluate_lib.EVAL_BATCH,
+                                       evaluate_lib.derived_rng(seed, 1, 2, split))
         assert raw != rows[1][key], key
     # best.h5 holds the EMA of the epoch with the best (EMA) valid bound.
     best = ckpt_lib.load_checkpoint(run / "best.h5")
     assert best.epoch == min(rows, key=lambda r: r["valid_bound"])["epoch"]
     assert best.ema is not None
     # The samples are the EMA's.
-    train_lib._write_run_samples(tmp_path, ckpt.ema, TINY, seed)
+    frames_lib.write_run_samples(tmp_path, ckpt.ema, TINY, seed)
     assert (tmp_path / "samples.png").read_bytes() == (run / "samples.png").read_bytes()
 
 
@@ -197,9 +199,9 @@ def test_the_average_leaves_the_training_itself_alone(ema_run, bmnist, tmp_path)
     for r, r_ema in zip(rows, rows_ema):
         for key in ("train_bound", "train_recon", "kl", "grad_norm", "step_norm", "lr"):
             assert r[key] == r_ema[key], key
-    rng = train_lib._derived_rng(3, 1, 2, 0)
-    assert rows[1]["valid_bound"] == train_lib.evaluate_bound(
-        a.params, TINY, np.asarray(bmnist.valid[:200], np.float32), train_lib.EVAL_BATCH, rng)
+    rng = evaluate_lib.derived_rng(3, 1, 2, 0)
+    assert rows[1]["valid_bound"] == evaluate_lib.evaluate_bound(
+        a.params, TINY, np.asarray(bmnist.valid[:200], np.float32), evaluate_lib.EVAL_BATCH, rng)
 
     info = train_lib.export_model(plain / "checkpoint.h5", tmp_path / "plain.h5")
     shipped = ckpt_lib.load_checkpoint(tmp_path / "plain.h5")
@@ -322,7 +324,7 @@ def test_export_and_evaluate_use_the_average(ema_run, bmnist, bmnist_data_dir, b
         assert np.array_equal(shipped.params[name], value), name
     assert any(not np.array_equal(shipped.params[k], source.params[k]) for k in source.params)
     assert math.isclose(shipped.extra["check"]["bound"],
-                        train_lib.fixed_noise_bound(source.ema, TINY, bmnist.test[:20], 5),
+                        evaluate_lib.fixed_noise_bound(source.ema, TINY, bmnist.test[:20], 5),
                         rel_tol=1e-12)
     row = train_lib.read_log(ema_run)[source.epoch - 1]
     assert shipped.extra["valid_bound"] == row["valid_bound"]
@@ -330,7 +332,7 @@ def test_export_and_evaluate_use_the_average(ema_run, bmnist, bmnist_data_dir, b
     # `evaluate` of the run scores the same model (best.h5's EMA) and says so, and so
     # does `evaluate` of the shipped file, whose parameters are that average.
     spread = data_lib.spread_subset(len(bmnist.test), 20, 0)      # evaluate --subset 20
-    want = train_lib.evaluate_bound(source.ema, TINY, np.asarray(bmnist.test[spread], np.float32),
+    want = evaluate_lib.evaluate_bound(source.ema, TINY, np.asarray(bmnist.test[spread], np.float32),
                                     500, np.random.default_rng(0))
     for model in (ema_run, out):
         result = invoke(["evaluate", model, "--subset", 20, "--json", "--ranks", 1,

@@ -25,6 +25,7 @@ from npdraw import images as images_lib
 from npdraw import pictures
 from npdraw import model as model_lib
 from npdraw import train as train_lib
+from npdraw import evaluate as evaluate_lib
 from npdraw.config import DrawConfig, TrainConfig
 from npdraw.data import DataError, load_splits
 
@@ -472,7 +473,7 @@ def test_memory_estimates_bound_the_measured_peaks(cfg):
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        estimate = train_lib.model_bytes(cfg, batch, 4, training)
+        estimate = evaluate_lib.model_bytes(cfg, batch, 4, training)
         assert peak <= estimate <= 8 * peak + 10**6, (training, peak, estimate)
 
 
@@ -545,7 +546,7 @@ def test_a_cut_off_last_log_line_is_dropped_and_real_damage_names_its_line(tmp_p
 def test_evaluate_bound_is_the_mean_over_examples_when_batches_do_not_divide_n(bmnist):
     params = train_lib.init_model(TINY, 0, bmnist.train[:100])
     x = np.asarray(bmnist.valid[:7], np.float32)
-    got = train_lib.evaluate_bound(params, TINY, x, 3, np.random.default_rng(5))
+    got = evaluate_lib.evaluate_bound(params, TINY, x, 3, np.random.default_rng(5))
     rng = np.random.default_rng(5)
     per_example = []
     for start in (0, 3, 6):                              # the same noise, batch by batch
@@ -568,7 +569,7 @@ def test_iwae_equals_the_bound_when_every_importance_weight_is_equal(bmnist):
     params["dec_W"][:TINY.z_dim] = 0
     x = np.asarray(bmnist.valid[:20], np.float32)
     for K in (1, 3, 10):
-        iwae, bound = train_lib.evaluate_iwae_and_bound(params, TINY, x, K, 8,
+        iwae, bound = evaluate_lib.evaluate_iwae_and_bound(params, TINY, x, K, 8,
                                                         np.random.default_rng(K))
         assert iwae == pytest.approx(bound, rel=1e-5, abs=1e-4), K
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from npdraw import checkpoint as ckpt_lib
 from npdraw import train as train_lib
+from npdraw import evaluate as evaluate_lib
 from npdraw.config import DrawConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ def test_the_shipped_model_gives_the_bound_stated_beside_it(bmnist):
     check = model.extra["check"]
     assert (check["split"], check["dtype"]) == ("test", "float64")
 
-    bound = train_lib.fixed_noise_bound(model.params, model.cfg, bmnist.test[:check["n"]],
+    bound = evaluate_lib.fixed_noise_bound(model.params, model.cfg, bmnist.test[:check["n"]],
                                         check["seed"])
     # float64 throughout: a different BLAS kernel or summation order moves the mean of
     # ~100 * (784 + 64) terms of size <= ~10 nats by far less than 1e-9 relative.

@@ -10,6 +10,7 @@ from npdraw import checkpoint as ckpt_lib
 from npdraw import model as model_lib
 from npdraw import optim
 from npdraw import train as train_lib
+from npdraw import evaluate as evaluate_lib
 from npdraw.cli import cli
 from npdraw.config import DrawConfig, TrainConfig
 
@@ -100,13 +101,13 @@ def test_each_step_uses_the_scheduled_rate(bmnist, tmp_path, monkeypatch):
 
 def test_eval_every_evaluates_every_k_epochs_and_the_last(bmnist, tmp_path, monkeypatch):
     calls = []
-    real = train_lib.evaluate_bound
+    real = evaluate_lib.evaluate_bound
 
     def counting(*args, **kw):
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(train_lib, "evaluate_bound", counting)
+    monkeypatch.setattr(evaluate_lib, "evaluate_bound", counting)
     run = _train(TINY, _tcfg(tmp_path, epochs=5, eval_every=2), bmnist)
     rows = train_lib.read_log(run)
     assert [r["evaluated"] for r in rows] == [False, True, False, True, True]
@@ -127,13 +128,13 @@ def test_eval_noise_fixed_scores_every_epoch_with_the_same_noise(bmnist, tmp_pat
     """"fixed": each split's noise is the same at every epoch (and differs between the
     splits); "epoch": each epoch draws its own, the streams of every run before the field."""
     streams = []
-    real = train_lib.evaluate_bound
+    real = evaluate_lib.evaluate_bound
 
     def recording(params, cfg, x, batch_size, rng, *args, **kw):
         streams.append(rng.bit_generator.state["state"]["state"])
         return real(params, cfg, x, batch_size, rng, *args, **kw)
 
-    monkeypatch.setattr(train_lib, "evaluate_bound", recording)
+    monkeypatch.setattr(evaluate_lib, "evaluate_bound", recording)
     tcfg = _tcfg(tmp_path, epochs=2, eval_noise=eval_noise)
     run = _train(TINY, tcfg, bmnist)
     valid1, test1, valid2, test2 = streams
@@ -142,7 +143,7 @@ def test_eval_noise_fixed_scores_every_epoch_with_the_same_noise(bmnist, tmp_pat
         assert (valid1, test1) == (valid2, test2)
     else:
         assert valid1 != valid2 and test1 != test2
-        old = [train_lib._derived_rng(tcfg.seed, 1, epoch, split)
+        old = [evaluate_lib.derived_rng(tcfg.seed, 1, epoch, split)
                .bit_generator.state["state"]["state"] for epoch in (1, 2) for split in (0, 1)]
         assert streams == old
     saved = train_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5"))

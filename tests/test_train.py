@@ -16,6 +16,8 @@ import pytest
 from npdraw import checkpoint as ckpt_lib
 from npdraw import model as model_lib
 from npdraw import train as train_lib
+from npdraw import evaluate as evaluate_lib
+from npdraw import frames as frames_lib
 from npdraw.config import DrawConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,12 +57,14 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from npdraw import train as train_lib
+from npdraw import evaluate as evaluate_lib
+from npdraw import frames as frames_lib
 from npdraw.config import DrawConfig, TrainConfig
 from npdraw.data import load_splits
 data_dir, mirror, out, cfg_json, epochs, lr = sys.argv[2:8]
 cfg = DrawConfig.from_dict(json.loads(cfg_json))
 data = load_splits("bmnist", data_dir=data_dir, mirror=mirror, progress=False)
-start = train_lib.evaluate_bound(train_lib.init_model(cfg, 0, data.train[:2000]), cfg,
+start = evaluate_lib.evaluate_bound(train_lib.init_model(cfg, 0, data.train[:2000]), cfg,
                                  data.valid[:2000], 500, np.random.default_rng(0))
 tcfg = TrainConfig(epochs=int(epochs), batch_size=20, subset=2000, eval_subset=2000,
                    lr=float(lr), seed=0, device="cpu", out=out, name="learn",
@@ -68,11 +72,11 @@ tcfg = TrainConfig(epochs=int(epochs), batch_size=20, subset=2000, eval_subset=2
 run = train_lib.train(cfg, tcfg, log=lambda *a: None, data=data, progress=False)
 params = train_lib.load_checkpoint(run / "checkpoint.h5").params
 x = data.test[:200]
-ev = {"bound": train_lib.evaluate_bound(params, cfg, x, 100, np.random.default_rng(0)),
-      "bound_b200": train_lib.evaluate_bound(params, cfg, x, 200, np.random.default_rng(0))}
-ev["iwae10"], ev["bound10"] = train_lib.evaluate_iwae_and_bound(params, cfg, x, 10, 200,
+ev = {"bound": evaluate_lib.evaluate_bound(params, cfg, x, 100, np.random.default_rng(0)),
+      "bound_b200": evaluate_lib.evaluate_bound(params, cfg, x, 200, np.random.default_rng(0))}
+ev["iwae10"], ev["bound10"] = evaluate_lib.evaluate_iwae_and_bound(params, cfg, x, 10, 200,
                                                                 np.random.default_rng(1))
-ev["iwae1"] = train_lib.evaluate_iwae(params, cfg, x, 1, 200, np.random.default_rng(2))
+ev["iwae1"] = evaluate_lib.evaluate_iwae(params, cfg, x, 1, 200, np.random.default_rng(2))
 print(json.dumps({"start": start, "run": str(run), "eval": ev}))
 """
 
@@ -384,9 +388,9 @@ def test_iwae_is_at_least_as_tight_as_the_bound(learned):
     assert ev["bound_b200"] == pytest.approx(bound, rel=0.01)
     params = _params(run / "checkpoint.h5")
     x = np.zeros((0, LEARN.D), np.float32)
-    assert math.isnan(train_lib.evaluate_bound(params, LEARN, x, 10, np.random.default_rng(0)))
+    assert math.isnan(evaluate_lib.evaluate_bound(params, LEARN, x, 10, np.random.default_rng(0)))
     with pytest.raises(ValueError, match="at least 1"):
-        train_lib.evaluate_iwae(params, LEARN, x, 0, 10, np.random.default_rng(0))
+        evaluate_lib.evaluate_iwae(params, LEARN, x, 0, 10, np.random.default_rng(0))
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -394,11 +398,11 @@ def test_iwae_is_at_least_as_tight_as_the_bound(learned):
 def test_window_box_covers_the_filter_span():
     # centre of a 28-pixel image, stride 2, N=5: [14.5 - 5, 14.5 + 5] in 1-based coords,
     # i.e. 0-based continuous [9, 19] -> pixel columns 9..18.
-    assert train_lib.window_box(14.5, 14.5, 2.0, 5, 28, 28) == (9, 9, 18, 18)
-    assert train_lib.window_box(14.5, 14.5, 2.0, 5, 28, 28, scale=2) == (18, 18, 37, 37)
-    assert train_lib.window_box(1.0, 28.0, 100.0, 5, 28, 28) == (0, 0, 27, 27)   # clipped
-    assert train_lib.window_box(-50.0, 10.0, 1.0, 3, 28, 28) is None             # outside
-    assert train_lib.window_box(float("nan"), 10.0, 1.0, 3, 28, 28) is None
+    assert frames_lib.window_box(14.5, 14.5, 2.0, 5, 28, 28) == (9, 9, 18, 18)
+    assert frames_lib.window_box(14.5, 14.5, 2.0, 5, 28, 28, scale=2) == (18, 18, 37, 37)
+    assert frames_lib.window_box(1.0, 28.0, 100.0, 5, 28, 28) == (0, 0, 27, 27)   # clipped
+    assert frames_lib.window_box(-50.0, 10.0, 1.0, 3, 28, 28) is None             # outside
+    assert frames_lib.window_box(float("nan"), 10.0, 1.0, 3, 28, 28) is None
 
 
 def test_render_frames_draws_red_write_windows():
@@ -407,8 +411,8 @@ def test_render_frames_draws_red_write_windows():
     canvases = rng.uniform(0, 1, (T, B, 28 * 28)).astype(np.float32) * 0.0   # black images
     windows = {"cx": np.full((T, B), 14.5), "cy": np.full((T, B), 14.5),
                "stride": np.full((T, B), 1.0), "sigma": np.ones((T, B)), "N": 5}
-    frames = train_lib.render_frames(canvases, windows, (1, 28, 28), 2, 3, boxes=True, scale=2)
-    plain = train_lib.render_frames(canvases, windows, (1, 28, 28), 2, 3, boxes=False, scale=2)
+    frames = frames_lib.render_frames(canvases, windows, (1, 28, 28), 2, 3, boxes=True, scale=2)
+    plain = frames_lib.render_frames(canvases, windows, (1, 28, 28), 2, 3, boxes=False, scale=2)
     assert len(frames) == T
     assert frames[0].ndim == 3 and frames[0].shape[2] == 3 and frames[0].dtype == np.uint8
     red = (frames[0][..., 0] > 200) & (frames[0][..., 1] < 50) & (frames[0][..., 2] < 50)
@@ -416,7 +420,7 @@ def test_render_frames_draws_red_write_windows():
     assert red.sum() == 6 * 36
     assert not ((plain[0][..., 0] > 200) & (plain[0][..., 1] < 50)).any()
     with pytest.raises(ValueError, match="needs 9 images"):
-        train_lib.render_frames(canvases, None, (1, 28, 28), 3, 3)
+        frames_lib.render_frames(canvases, None, (1, 28, 28), 3, 3)
 
 
 # ----------------------------------------------------------------------------- peepholes

@@ -23,7 +23,7 @@ the training stream.
 Moving average (``tcfg.ema_decay`` d > 0): after every Adam step the run updates
 ema <- d ema + (1 - d) params (optim.ema_update; Polyak averaging). The EMA is the
 run's model: it is what the valid and test splits score, what selects best.h5, what
-the samples show and what ``export_model`` ships; the training bound stays that of
+the samples show and what runs.export_model ships; the training bound stays that of
 the params that take the steps.
 
 Data parallelism over MPI ranks (``mpiexec -n N``; see distributed.py): every rank runs
@@ -46,7 +46,6 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,6 +60,7 @@ from . import guards
 from . import frames as frames_lib
 from . import model as model_lib
 from . import monitor
+from . import runs
 from . import optim
 from .config import RESUME_OVERRIDES, ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
 from .progress import Progress
@@ -69,77 +69,7 @@ from .progress import Progress
 C0_CLIP = 1e-3
 
 
-class TrainingStopped(RuntimeError):
-    """Training ended before the target epoch; ``run_dir`` holds the last good checkpoint."""
-
-    def __init__(self, message: str, run_dir: Path | None = None):
-        super().__init__(message)
-        self.run_dir = run_dir
-
-
-class NonFiniteLossError(TrainingStopped):
-    """A NaN or infinite loss (or gradient norm) appeared; nothing bad was saved."""
-
-
-class TrainingInterrupted(TrainingStopped):
-    """Ctrl-C or SIGTERM (``signum``); the checkpoint of the last completed epoch is on disk."""
-
-    def __init__(self, message: str, run_dir: Path | None = None, signum: int = signal.SIGINT):
-        super().__init__(message, run_dir)
-        self.signum = int(signum)
-
-
-class WriteFailed(TrainingStopped):
-    """A file of the run could not be written (a full disk, permissions); the last
-    checkpoint stands."""
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def arrays_to_device(arrays: dict, device: str, dtype=None) -> dict:
-    """{name: array} -> owned, writable copies on ``device`` ('cpu'/'gpu'), floats cast to
-    ``dtype`` when given."""
-    out = {}
-    for name, value in arrays.items():
-        host = np.array(backend.to_numpy(value), copy=True)  # writable, owned
-        if dtype is not None and host.dtype.kind == "f":
-            host = host.astype(dtype, copy=False)
-        out[name] = backend.to_device(host, device)
-    return out
-
-
-def _to_host_dict(arrays: dict) -> dict:
-    return {name: backend.to_numpy(value) for name, value in arrays.items()}
-
-
-def _opt_state_to(state: dict, device: str, dtype=None) -> dict:
-    return {"m": arrays_to_device(state["m"], device, dtype),
-            "v": arrays_to_device(state["v"], device, dtype),
-            "step": int(state["step"])}
-
-
-def _opt_state_host(state: dict) -> dict:
-    return {"m": _to_host_dict(state["m"]), "v": _to_host_dict(state["v"]),
-            "step": int(state["step"])}
-
-
-def _new_rng(seed: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(seed))
-
-
-def _rng_from_state(state) -> np.random.Generator:
-    if isinstance(state, (str, bytes)):
-        state = json.loads(state)
-    if not isinstance(state, dict) or "bit_generator" not in state:
-        raise ValueError("checkpoint holds no usable RNG state; it cannot be resumed exactly")
-    name = state["bit_generator"]     # never call a name that is not a bit generator
-    bit_gen_cls = getattr(np.random, name, None) if name in ckpt_lib.BIT_GENERATORS else None
-    if bit_gen_cls is None:
-        raise ValueError(f"checkpoint RNG {state['bit_generator']!r} is unknown to this NumPy")
-    bit_gen = bit_gen_cls()
-    bit_gen.state = state
-    return np.random.Generator(bit_gen)
 
 
 def _cap(x: np.ndarray, subset: int) -> np.ndarray:
@@ -149,9 +79,6 @@ def _cap(x: np.ndarray, subset: int) -> np.ndarray:
 def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.2f}"
-
-
-
 
 
 # ----------------------------------------------------------------------------- setup
@@ -171,215 +98,6 @@ def init_model(cfg: DrawConfig, seed: int, train_x: np.ndarray, dtype: str = "fl
         c0 = np.log(mean) - np.log1p(-mean)
         params["c0"] = c0.reshape(np.shape(params["c0"])).astype(params["c0"].dtype)
     return params
-
-
-def _unique_run_dir(out: Path, name: str) -> Path:
-    """``out/name``, or ``out/name-2``, ``-3``... when taken; created here (no clobbering).
-    ValueError with one sentence when the folder cannot be made."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"cannot create the run folder under --out {out}: "
-                         f"{out} is {guards.what_blocks_a_folder(out)}, not a folder") from None
-    except OSError as err:
-        raise ValueError(guards.os_error_sentence(err, f"create the --out folder {out}")) from None
-    candidate, i = out / name, 1
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            i += 1
-            candidate = out / f"{name}-{i}"
-        except OSError as err:
-            raise ValueError(guards.os_error_sentence(
-                err, f"create the run folder {candidate}")) from None
-
-
-def _read_log(path: Path, warn=None) -> list:
-    """The records of a log.jsonl (a missing file holds none), checked.
-
-    A last line without its newline that is not valid JSON was cut off by a crash while
-    it was written: it is dropped, with a message to ``warn`` (default: a
-    RuntimeWarning). Any other bad line, or epochs that do not increase (two processes
-    writing one log), is a ValueError naming the line.
-    """
-    if not path.exists():
-        return []
-    text = path.read_text()
-    lines = text.split("\n")
-    rows, previous = [], None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except RecursionError:
-            raise ValueError(f"{path}, line {number}: nested too deeply to be an epoch "
-                             "record") from None
-        except json.JSONDecodeError as err:
-            if number == len(lines) and not text.endswith("\n"):
-                message = (f"{path}: dropped the cut-off last line {number} (an interrupted "
-                           "write)")
-                if warn is None:
-                    import warnings
-                    warnings.warn(message, RuntimeWarning, stacklevel=3)
-                else:
-                    warn(f"note: {message}")
-                break
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column "
-                             f"{err.colno})") from None
-        epoch = row.get("epoch") if isinstance(row, dict) else None
-        if isinstance(epoch, bool) or not isinstance(epoch, int):
-            raise ValueError(f"{path}, line {number}: not an epoch record (no integer 'epoch')")
-        if previous is not None and epoch <= previous:
-            raise ValueError(f"{path}, line {number}: epoch {epoch} follows epoch {previous}; "
-                             "the log holds duplicated or out-of-order epochs (did two "
-                             "processes write into this run folder?)")
-        previous = epoch
-        rows.append(row)
-    return rows
-
-
-def read_log(run_dir, warn=None) -> list:
-    """The epoch records of RUN/log.jsonl (list of dicts); ValueError when absent/empty
-    or damaged (see _read_log; ``warn`` receives the note on a cut-off last line)."""
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
-        raise ValueError(f"no training log at {path}")
-    rows = _read_log(path, warn)
-    if not rows:
-        raise ValueError(f"{path} holds no epochs yet")
-    return rows
-
-
-def _append_log(path: Path, record: dict) -> None:
-    """Append one line to log.jsonl; a failed write (a full disk, a second Ctrl-C) is
-    undone, so the log never ends in a partial line written by this process."""
-    line = (json.dumps(record) + "\n").encode("utf-8")
-    with open(path, "ab") as fh:
-        size = fh.tell()
-        try:
-            fh.write(line)
-            fh.flush()
-        except BaseException:
-            try:
-                fh.truncate(size)
-            except OSError:
-                pass
-            raise
-
-
-@contextlib.contextmanager
-def _alone_on_root(comm):
-    """Work that rank 0 does alone before the epoch loop (the lock, the run folder, its
-    first files). Should it fail, the other ranks would wait for rank 0 in their next
-    collective forever: under MPI its error, in one sentence, ends every rank."""
-    try:
-        yield
-    except Exception as err:                 # noqa: BLE001 - any error leaves them waiting
-        if comm.size > 1:
-            comm.abort(str(err))
-        raise
-
-
-def _remove_stale_temps(run_dir: Path) -> None:
-    """Temporary checkpoint files left by a process that was killed mid-save (the caller
-    holds the run folder's lock, so no other process is writing them)."""
-    for tmp in run_dir.glob(".*.h5.tmp-*"):
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-
-
-def train_config_of(ckpt) -> TrainConfig | None:
-    """The TrainConfig a checkpoint recorded, or None."""
-    tc = getattr(ckpt, "train_cfg", None)
-    if tc is None or isinstance(tc, TrainConfig):
-        return tc
-    if isinstance(tc, str):
-        tc = json.loads(tc)
-    return TrainConfig.from_dict(dict(tc))
-
-
-def checkpoint_file(path) -> Path:
-    """The file a checkpoint argument names: a run dir means its best.h5, else its
-    checkpoint.h5; a file means itself. ValueError if a run dir holds neither."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.h5", "checkpoint.h5"):
-            if (path / name).is_file():
-                return path / name
-        raise ValueError(f"{path} holds neither best.h5 nor checkpoint.h5")
-    return path
-
-
-def load_checkpoint(path):
-    """checkpoint.load_checkpoint with every read failure as a ValueError naming the file
-    (path: a file or a run dir, see checkpoint_file)."""
-    path = checkpoint_file(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = ckpt_lib.load_checkpoint(path)
-        ckpt_lib.check_complete(ckpt, path)   # e.g. no params/c0: one sentence, not KeyError
-        return ckpt
-    except ValueError:  # CheckpointError: its message names the file already
-        raise
-    except (OSError, KeyError, TypeError) as err:  # anything checkpoint.py did not wrap
-        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-
-
-def model_params(ckpt) -> tuple:
-    """(the parameters that a checkpoint's model is, whether they are a moving average):
-    its EMA {name: (P,)} when it holds one (a run with ema_decay > 0), else its params,
-    which an exported model (``export_model``) says are an average in its extra."""
-    ema = getattr(ckpt, "ema", None)
-    if ema is not None:
-        return ema, True
-    return ckpt.params, bool((getattr(ckpt, "extra", None) or {}).get("ema", False))
-
-
-def _save(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra, ema=None) -> None:
-    """save_checkpoint (ema: the parameters' moving average, or None); a failure is a
-    WriteFailed that says what is still intact."""
-    try:
-        ckpt_lib.save_checkpoint(path, cfg, _to_host_dict(params),
-                                 opt_state=_opt_state_host(opt_state), epoch=int(epoch),
-                                 rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra,
-                                 ema=None if ema is None else _to_host_dict(ema))
-    except ckpt_lib.CheckpointError as err:
-        what = "the checkpoint" if path.name == "checkpoint.h5" else path.name
-        intact = (f"the checkpoint of epoch {epoch - 1} is intact" if epoch > 0
-                  else "no epoch had been trained yet")
-        if isinstance(err, ckpt_lib.DiskFullError):
-            message = f"no space left on {path.parent} while saving {what} of epoch {epoch}"
-        else:
-            message = f"{err} (while saving {what} of epoch {epoch})"
-        raise WriteFailed(f"{message}; {intact}", path.parent) from None
-
-
-def check_data_shape(cfg: DrawConfig, shape) -> None:
-    """ValueError unless the data set's (C, H, W) is the model's."""
-    c, h, w = (int(s) for s in shape)
-    if (cfg.channels, cfg.height, cfg.width) != (c, h, w):
-        raise ValueError(f"the model is for {cfg.channels}x{cfg.height}x{cfg.width} images, "
-                         f"the data set has {c}x{h}x{w}")
-
-
-def load_data(tcfg: TrainConfig, progress: bool):
-    """data.load_splits for the data set, folder and mirror that ``tcfg`` names."""
-    from . import data as data_lib  # imported lazily: only training/evaluation need it
-    return data_lib.load_splits(tcfg.dataset, data_dir=tcfg.data_dir, mirror=tcfg.mirror,
-                                folder=tcfg.folder, progress=progress)
-
-
-def load_split(tcfg: TrainConfig, split: str, progress: bool) -> tuple:
-    """data.load_split: one split (E, D) and the image shape, for what ``tcfg`` names."""
-    from . import data as data_lib
-    return data_lib.load_split(tcfg.dataset, split, data_dir=tcfg.data_dir, mirror=tcfg.mirror,
-                               folder=tcfg.folder, progress=progress)
 
 
 # ----------------------------------------------------------------------------- train
@@ -438,10 +156,10 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         if not ckpt_path.is_file():
             raise ValueError(f"cannot resume: {ckpt_path} does not exist")
         if comm.is_root:
-            with _alone_on_root(comm):
+            with runs.alone_on_root(comm):
                 lock.acquire(run_dir)
-        resume_ckpt = load_checkpoint(ckpt_path)
-        saved_tcfg = train_config_of(resume_ckpt)
+        resume_ckpt = runs.load_checkpoint(ckpt_path)
+        saved_tcfg = runs.train_config_of(resume_ckpt)
         if saved_tcfg is None:
             raise ValueError(f"cannot resume: {ckpt_path} records no training config")
         if cfg is not None and cfg != resume_ckpt.cfg:
@@ -480,8 +198,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                         f"{tcfg.batch_size}")
 
     if data is None:
-        data = load_data(tcfg, progress)
-    check_data_shape(cfg, data.shape)
+        data = runs.load_data(tcfg, progress)
+    runs.check_data_shape(cfg, data.shape)
     train_x = np.asarray(_cap(data.train, tcfg.subset), dtype=dtype)
     valid_x = np.asarray(_cap(data.valid, tcfg.eval_subset), dtype=dtype)
     test_x = np.asarray(_cap(data.test, tcfg.eval_subset), dtype=dtype)
@@ -491,7 +209,7 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
 
     # ---- parameters, optimizer, RNG
     if resume_ckpt is not None:
-        params, opt_state, rng, start_epoch, extra = _resumed_state(resume_ckpt, run_dir,
+        params, opt_state, rng, start_epoch, extra = runs.resumed_state(resume_ckpt, run_dir,
                                                                     device)
         best_valid = float(extra.get("best_valid", float("inf")))
         best_epoch = int(extra.get("best_epoch", 0))
@@ -502,10 +220,10 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     else:
         params = init_model(cfg, tcfg.seed, train_x, dtype=tcfg.dtype)
         if tcfg.oldmodel:
-            old = load_checkpoint(tcfg.oldmodel)
+            old = runs.load_checkpoint(tcfg.oldmodel)
             # the checkpoint's model: its moving average when it keeps one, as for
             # evaluate, sample and export
-            old_params, old_is_average = model_params(old)
+            old_params, old_is_average = runs.model_params(old)
             if cfg.peepholes and not any(n in old_params for n in PEEPHOLE_PARAMS):
                 # a model without peepholes: zero ones compute what it computed
                 log(f"note: --oldmodel {tcfg.oldmodel} has no peepholes: they start at zero")
@@ -523,30 +241,30 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                 log(f"note: --oldmodel {tcfg.oldmodel}: starting from the moving average "
                     f"of its parameters (its model)")
             params = {name: np.asarray(old_params[name]).astype(dtype) for name in params}
-        params = arrays_to_device(params, device, dtype)
+        params = runs.arrays_to_device(params, device, dtype)
         opt_state = optim.adam_init(params)
-        rng = _new_rng(tcfg.seed)
+        rng = runs.new_rng(tcfg.seed)
         start_epoch = 0
         best_valid, best_epoch = float("inf"), 0
         run_name = tcfg.name or _dt.datetime.now().strftime("draw-%Y%m%d-%H%M%S")
         if comm.is_root:
-            with _alone_on_root(comm):
-                run_dir = _unique_run_dir(Path(tcfg.out), run_name)
+            with runs.alone_on_root(comm):
+                run_dir = runs.unique_run_dir(Path(tcfg.out), run_name)
                 lock.acquire(run_dir)
         run_dir = Path(comm.broadcast_text(str(run_dir) if comm.is_root else ""))
     if comm.is_root:
-        _remove_stale_temps(run_dir)
+        runs.remove_stale_temps(run_dir)
 
     log_path = run_dir / "log.jsonl"
     ckpt_path = run_dir / "checkpoint.h5"
 
     if comm.is_root:
-        with _alone_on_root(comm):
+        with runs.alone_on_root(comm):
             try:
                 (run_dir / "config.json").write_text(json.dumps(
                     {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
             except OSError as err:
-                raise WriteFailed(guards.os_error_sentence(
+                raise runs.WriteFailed(guards.os_error_sentence(
                     err, f"write {run_dir / 'config.json'}"), run_dir) from None
     n_params = sum(int(np.prod(np.shape(p))) for p in params.values())
     log(f"run dir: {run_dir}")
@@ -562,13 +280,13 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     if resume_ckpt is not None:
         # Keep the log lines of the epochs the checkpoint holds; drop any written later.
         if comm.is_root:
-            with _alone_on_root(comm):
-                rows = [r for r in _read_log(log_path, warn=log)
+            with runs.alone_on_root(comm):
+                rows = [r for r in runs.read_log_file(log_path, warn=log)
                         if int(r["epoch"]) <= start_epoch]
                 try:
                     log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
                 except OSError as err:
-                    raise WriteFailed(guards.os_error_sentence(err, f"rewrite {log_path}"),
+                    raise runs.WriteFailed(guards.os_error_sentence(err, f"rewrite {log_path}"),
                                       run_dir) from None
         log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
             f"target {tcfg.epochs} epochs")
@@ -580,15 +298,15 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
         ema = _with_zero_peepholes(cfg, ema)
     if resume_ckpt is None and comm.is_root:
         # The epoch-0 state on disk at once: an interrupted first epoch can be resumed.
-        with _alone_on_root(comm):
-            _save(ckpt_path, cfg, params, opt_state, 0, rng, tcfg, extra_now(), ema)
+        with runs.alone_on_root(comm):
+            runs.save_state(ckpt_path, cfg, params, opt_state, 0, rng, tcfg, extra_now(), ema)
 
     n_iter = (n_train + tcfg.batch_size - 1) // tcfg.batch_size
     epoch, it = start_epoch, 0
 
     def non_finite(what):
         """The error that stops the run; nothing from the bad epoch has been saved."""
-        return NonFiniteLossError(f"{what}; training stopped. {ckpt_path} still holds epoch "
+        return runs.NonFiniteLossError(f"{what}; training stopped. {ckpt_path} still holds epoch "
                                   f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
     noise_thread = ThreadPoolExecutor(max_workers=1)
     scope = contextlib.ExitStack()
@@ -710,7 +428,7 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
             record["wall_s"] = time.perf_counter() - t0
             record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
             if comm.is_root:
-                _commit_epoch(run_dir, record, is_best, cfg, params, opt_state, epoch, rng,
+                runs.commit_epoch(run_dir, record, is_best, cfg, params, opt_state, epoch, rng,
                               tcfg, extra_now(), ema)
             if board is not None:            # a view of the log line just written
                 board.epoch(record, samples)
@@ -722,25 +440,25 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                 f"{record['wall_s']:.1f}s  {record['examples_per_s']:.0f} ex/s"
                 + ("  *best*" if is_best else ""))
     except KeyboardInterrupt as interrupt:
-        msg, signum = _interrupted_message(interrupt, epoch, ckpt_path, run_dir)
+        msg, signum = runs.interrupted_message(interrupt, epoch, ckpt_path, run_dir)
         if comm.size > 1 and not isinstance(interrupt, distributed.Interrupted):
             comm.abort(msg + " (a second Ctrl-C: every rank was stopped at once)")
         log(msg)
-        raise TrainingInterrupted(msg, run_dir, signum) from None
-    except NonFiniteLossError as err:
+        raise runs.TrainingInterrupted(msg, run_dir, signum) from None
+    except runs.NonFiniteLossError as err:
         log(str(err))
         raise
-    except (WriteFailed, OSError) as err:    # rank 0's files: a save, the log line, pictures
-        msg = _write_failed_message(err, epoch, ckpt_path)
+    except (runs.WriteFailed, OSError) as err:    # rank 0's files: a save, the log line, pictures
+        msg = runs.write_failed_message(err, epoch, ckpt_path)
         if comm.size > 1:                    # the other ranks cannot know: stop them all
             comm.abort(msg)
         log(msg)
-        raise WriteFailed(msg, run_dir) from None
+        raise runs.WriteFailed(msg, run_dir) from None
     except Exception as error:               # noqa: BLE001 - under MPI: stop every rank
         if comm.size == 1:
             raise
         comm.abort(f"{type(error).__name__}: {error} (in epoch {epoch}); stopping every rank. "
-                   f"{ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)}). "
+                   f"{ckpt_path} holds the last completed epoch ({runs.saved_epoch(ckpt_path)}). "
                    f"Continue with: --resume {run_dir}")
     finally:
         scope.close()
@@ -762,49 +480,11 @@ def _start_ema(tcfg: TrainConfig, params: dict, resume_ckpt, device: str, log):
     about = f"decay {tcfg.ema_decay!r}, about the last {1 / (1 - tcfg.ema_decay):.0f} steps"
     if saved is not None:
         log(f"moving average of the parameters ({about}): continued from the checkpoint")
-        return arrays_to_device(saved, device)
+        return runs.arrays_to_device(saved, device)
     where = ("the checkpoint holds none: started from its parameters"
              if resume_ckpt is not None else "started from the initial parameters")
     log(f"moving average of the parameters ({about}): {where}")
     return optim.ema_init(params)
-
-
-def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
-                 check_n: int = 100, check_seed: int = 0) -> dict:
-    """Write the parameters of a checkpoint, float32 and nothing else that trains, to
-    ``out_path``: the model to ship. They are the checkpoint's moving average of its
-    parameters when it holds one (``model_params``; then ``"ema": true`` and the
-    decay are recorded), else its parameters.
-
-    The file records the model config, the epoch and, from RUN/log.jsonl beside the
-    checkpoint, that epoch's valid and test bounds. With ``test_x`` (E, D) it also
-    records ``fixed_noise_bound`` of its first ``check_n`` images (seed ``check_seed``),
-    the figure a test recomputes. Returns what it recorded (the file's ``extra``).
-    """
-    ckpt_path = Path(ckpt_path)
-    ckpt = load_checkpoint(ckpt_path)
-    source, is_ema = model_params(ckpt)
-    params = {k: np.asarray(v, dtype=np.float32) for k, v in source.items()}
-    info = {"epoch": int(ckpt.epoch), "source": ckpt_path.name}
-    if is_ema:
-        saved = train_config_of(ckpt)
-        info.update(ema=True, ema_decay=None if saved is None else saved.ema_decay)
-    log_path = ckpt_path.parent / "log.jsonl"
-    if log_path.is_file():
-        rows = [r for r in _read_log(log_path) if int(r.get("epoch", 0)) <= int(ckpt.epoch)]
-        if rows and int(rows[-1]["epoch"]) == int(ckpt.epoch):
-            for key in ("train_bound", "valid_bound", "test_bound", "step", "lr"):
-                info[key] = rows[-1].get(key)
-            info["hours"] = sum(float(r.get("wall_s", 0.0)) for r in rows) / 3600.0
-    if test_x is not None:
-        x = np.asarray(test_x[:check_n])
-        info["check"] = {"split": "test", "n": int(x.shape[0]), "seed": int(check_seed),
-                         "dtype": "float64",
-                         "bound": evaluate.fixed_noise_bound(params, ckpt.cfg, x, check_seed)}
-    ckpt_lib.save_checkpoint(out_path, ckpt.cfg, params, opt_state=None,
-                             epoch=int(ckpt.epoch), train_cfg=train_config_of(ckpt),
-                             extra=info)
-    return info
 
 
 def learning_rate(tcfg: TrainConfig, epochs_done: float) -> float:
@@ -819,22 +499,6 @@ def is_eval_epoch(epoch: int, tcfg: TrainConfig) -> bool:
     """Whether the valid and test splits are evaluated after ``epoch``: every
     ``eval_every`` epochs, and always after the run's last epoch."""
     return epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
-
-
-def _interrupted_message(interrupt, epoch: int, ckpt_path: Path, run_dir: Path):
-    """-> (the message that a run stopped by SIGINT/SIGTERM prints, the signal number)."""
-    signum = getattr(interrupt, "signum", signal.SIGINT)
-    how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-    return (f"interrupted{how} in epoch {epoch}; {ckpt_path} holds the last completed epoch "
-            f"({_saved_epoch(ckpt_path)}). Continue with: --resume {run_dir}"), signum
-
-
-def _write_failed_message(err, epoch: int, ckpt_path: Path) -> str:
-    """The message of a failed save (WriteFailed) or log or picture write (OSError)."""
-    if isinstance(err, WriteFailed):
-        return str(err)
-    return (guards.os_error_sentence(err, f"write the files of epoch {epoch}")
-            + f"; {ckpt_path} holds the last completed epoch ({_saved_epoch(ckpt_path)})")
 
 
 PEEPHOLE_PARAMS = ("enc_peep", "dec_peep")
@@ -852,33 +516,6 @@ def _with_zero_peepholes(cfg: DrawConfig, arrays: dict) -> dict:
     return {**out, **{name: a for name, a in arrays.items() if name not in shapes}}
 
 
-def _resumed_state(ckpt, run_dir: Path, device: str):
-    """(params, opt_state, rng, epoch, extra) of a checkpoint being resumed, on ``device``."""
-    if ckpt.opt_state is None:
-        raise ValueError(f"cannot resume: {run_dir / 'checkpoint.h5'} holds no optimizer state")
-    return (arrays_to_device(ckpt.params, device), _opt_state_to(ckpt.opt_state, device),
-            _rng_from_state(ckpt.rng_state), int(ckpt.epoch), dict(ckpt.extra or {}))
-
-
-def _commit_epoch(run_dir: Path, record: dict, is_best: bool, cfg, params, opt_state,
-                  epoch, rng, tcfg, extra, ema=None) -> None:
-    """An epoch's record into RUN/log.jsonl, then its state (with the EMA ``ema`` when
-    not None) into best.h5 (when best) and checkpoint.h5. The log line comes first:
-    should the saves not happen, a resume from the previous checkpoint drops this line
-    again."""
-    _append_log(run_dir / "log.jsonl", record)
-    if is_best:
-        _save(run_dir / "best.h5", cfg, params, opt_state, epoch, rng, tcfg, extra, ema)
-    _save(run_dir / "checkpoint.h5", cfg, params, opt_state, epoch, rng, tcfg, extra, ema)
-
-
-def _saved_epoch(path: Path):
-    try:
-        return f"epoch {int(ckpt_lib.load_checkpoint(path).epoch)}"
-    except Exception:  # noqa: BLE001 - only for the message
-        return "unreadable"
-
-
 def _cfg_summary(cfg) -> str:
     if cfg is None:
         return "unknown config"
@@ -889,13 +526,6 @@ def _cfg_summary(cfg) -> str:
 
 
 # ----------------------------------------------------------------------------- classifier
-
-def classify_config_of(ckpt) -> ClassifyConfig | None:
-    """The ClassifyConfig a classifier checkpoint recorded, or None."""
-    tc = getattr(ckpt, "train_cfg", None)
-    if tc is None or isinstance(tc, ClassifyConfig):
-        return tc
-    return ClassifyConfig.from_dict(dict(json.loads(tc) if isinstance(tc, str) else tc))
 
 
 def cluttered_eval_sets(ccfg: ClassifyConfig, cfg: ClassifierConfig, digits):
@@ -959,8 +589,8 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
         if not ckpt_path.is_file():
             raise ValueError(f"cannot resume: {ckpt_path} does not exist")
         lock.acquire(run_dir)
-        resume_ckpt = load_checkpoint(ckpt_path)
-        saved = classify_config_of(resume_ckpt)
+        resume_ckpt = runs.load_checkpoint(ckpt_path)
+        saved = runs.classify_config_of(resume_ckpt)
         if saved is None or not isinstance(resume_ckpt.cfg, ClassifierConfig):
             raise ValueError(f"cannot resume: {ckpt_path} is not a classifier run")
         if cfg is not None and cfg != resume_ckpt.cfg:
@@ -988,20 +618,20 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
         raise ValueError("the training split is empty")
 
     if resume_ckpt is not None:
-        params, opt_state, rng, start_epoch, extra = _resumed_state(resume_ckpt, run_dir,
+        params, opt_state, rng, start_epoch, extra = runs.resumed_state(resume_ckpt, run_dir,
                                                                     device)
         clf.check_params(params, cfg)
         best_error = float(extra.get("best_valid_error", float("inf")))
         best_epoch = int(extra.get("best_epoch", 0))
     else:
-        params = arrays_to_device(clf.init_params(cfg, ccfg.seed, ccfg.dtype), device, dtype)
+        params = runs.arrays_to_device(clf.init_params(cfg, ccfg.seed, ccfg.dtype), device, dtype)
         opt_state = optim.adam_init(params)
-        rng = _new_rng(ccfg.seed)
+        rng = runs.new_rng(ccfg.seed)
         start_epoch, best_error, best_epoch = 0, float("inf"), 0
         run_name = ccfg.name or _dt.datetime.now().strftime("classify-%Y%m%d-%H%M%S")
-        run_dir = _unique_run_dir(Path(ccfg.out), run_name)
+        run_dir = runs.unique_run_dir(Path(ccfg.out), run_name)
         lock.acquire(run_dir)
-    _remove_stale_temps(run_dir)
+    runs.remove_stale_temps(run_dir)
     log_path, ckpt_path = run_dir / "log.jsonl", run_dir / "checkpoint.h5"
     (run_dir / "config.json").write_text(json.dumps(
         {"model": cfg.to_dict(), "classify": ccfg.to_dict()}, indent=2) + "\n")
@@ -1018,7 +648,7 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
         return {"best_valid_error": best_error, "best_epoch": best_epoch, "run_dir": run_dir.name}
 
     if resume_ckpt is not None:
-        rows = [r for r in _read_log(log_path, warn=log) if int(r["epoch"]) <= start_epoch]
+        rows = [r for r in runs.read_log_file(log_path, warn=log) if int(r["epoch"]) <= start_epoch]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
             f"target {ccfg.epochs} epochs")
@@ -1026,13 +656,13 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
             log(f"nothing to do: the run already has {start_epoch} epochs")
             return run_dir
     else:
-        _save(ckpt_path, cfg, params, opt_state, 0, rng, ccfg, extra_now())
+        runs.save_state(ckpt_path, cfg, params, opt_state, 0, rng, ccfg, extra_now())
 
     n_iter = (n_train + ccfg.batch_size - 1) // ccfg.batch_size
     epoch = start_epoch
 
     def non_finite(what):
-        return NonFiniteLossError(f"{what}; training stopped. {ckpt_path} still holds epoch "
+        return runs.NonFiniteLossError(f"{what}; training stopped. {ckpt_path} still holds epoch "
                                   f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
     try:
         for epoch in range(start_epoch + 1, ccfg.epochs + 1):
@@ -1085,7 +715,7 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
                 "best": bool(is_best), "wall_s": time.perf_counter() - t0,
                 "time": _dt.datetime.now().isoformat(timespec="seconds"),
             }
-            _commit_epoch(run_dir, record, is_best, cfg, params, opt_state, epoch, rng, ccfg,
+            runs.commit_epoch(run_dir, record, is_best, cfg, params, opt_state, epoch, rng, ccfg,
                           extra_now())
             log(f"epoch {epoch}/{ccfg.epochs}  train {record['train_loss']:.4f} "
                 f"({100 * record['train_error']:.2f}% wrong)  valid {valid_loss:.4f} "
@@ -1093,16 +723,16 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
                 f"|g| {record['grad_norm']:.2f}  {record['wall_s']:.1f}s"
                 + ("  *best*" if is_best else ""))
     except KeyboardInterrupt as interrupt:
-        msg, signum = _interrupted_message(interrupt, epoch, ckpt_path, run_dir)
+        msg, signum = runs.interrupted_message(interrupt, epoch, ckpt_path, run_dir)
         log(msg)
-        raise TrainingInterrupted(msg, run_dir, signum) from None
-    except NonFiniteLossError as err:
+        raise runs.TrainingInterrupted(msg, run_dir, signum) from None
+    except runs.NonFiniteLossError as err:
         log(str(err))
         raise
-    except (WriteFailed, OSError) as err:    # a save or the log line
-        msg = _write_failed_message(err, epoch, ckpt_path)
+    except (runs.WriteFailed, OSError) as err:    # a save or the log line
+        msg = runs.write_failed_message(err, epoch, ckpt_path)
         log(msg)
-        raise WriteFailed(msg, run_dir) from None
+        raise runs.WriteFailed(msg, run_dir) from None
     log(f"done: {ccfg.epochs} epochs; best valid error {100 * best_error:.2f}% (epoch "
         f"{best_epoch}; {n_train} training digits); run dir {run_dir}")
     return run_dir

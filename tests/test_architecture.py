@@ -134,7 +134,7 @@ def _without_known(graph: dict) -> dict:
 def test_the_graph_is_read_from_every_kind_of_import():
     """The parser sees imports at the top, inside functions, relative and absolute."""
     assert "npdraw.data.sources" in GRAPH["npdraw.data.synthetic"]
-    assert "npdraw.data" in GRAPH["npdraw.train"]            # `from . import data` in a function
+    assert "npdraw.data" in GRAPH["npdraw.runs"]             # `from . import data` in a function
     assert "npdraw.data.synthetic" in GRAPH["npdraw.train"]  # `from .data import synthetic`
     assert "npdraw.config" in GRAPH["npdraw.cli"]            # `from npdraw.config import ...`
     assert "npdraw.backend" in GRAPH["npdraw.reference.draw"]   # `from ..backend import ...`

@@ -16,6 +16,7 @@ import pytest
 from npdraw import checkpoint as ckpt_lib
 from npdraw import model as model_lib
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
 from npdraw import evaluate as evaluate_lib
 from npdraw import frames as frames_lib
 from npdraw.config import DrawConfig, TrainConfig
@@ -57,6 +58,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
 from npdraw import evaluate as evaluate_lib
 from npdraw import frames as frames_lib
 from npdraw.config import DrawConfig, TrainConfig
@@ -70,7 +72,7 @@ tcfg = TrainConfig(epochs=int(epochs), batch_size=20, subset=2000, eval_subset=2
                    lr=float(lr), seed=0, device="cpu", out=out, name="learn",
                    data_dir=data_dir, mirror=mirror)
 run = train_lib.train(cfg, tcfg, log=lambda *a: None, data=data, progress=False)
-params = train_lib.load_checkpoint(run / "checkpoint.h5").params
+params = runs_lib.load_checkpoint(run / "checkpoint.h5").params
 x = data.test[:200]
 ev = {"bound": evaluate_lib.evaluate_bound(params, cfg, x, 100, np.random.default_rng(0)),
       "bound_b200": evaluate_lib.evaluate_bound(params, cfg, x, 200, np.random.default_rng(0))}
@@ -102,7 +104,7 @@ def learned(bmnist_data_dir, bmnist_mirror, tmp_path_factory):
 
 def test_attention_model_learns_on_real_images(bmnist_data_dir, bmnist_mirror, tmp_path):
     start, run, _ = _learn(LEARN_ATTENTION, 6, 3e-3, bmnist_data_dir, bmnist_mirror, tmp_path)
-    rows = train_lib.read_log(run)
+    rows = runs_lib.read_log(run)
     assert 195 < start < 215
     assert rows[-1]["valid_bound"] < 0.9 * start, (start, [r["valid_bound"] for r in rows])
     assert rows[-1]["train_kl"] > 1.0          # the encoder's reads reach the latents
@@ -111,7 +113,7 @@ def test_attention_model_learns_on_real_images(bmnist_data_dir, bmnist_mirror, t
 def test_one_epoch_on_real_images_lowers_the_bound_clearly(learned):
     start, run, _ = learned
     assert 195 < start < 215          # about the entropy of the mean binarized-MNIST image
-    row = train_lib.read_log(run)[0]
+    row = runs_lib.read_log(run)[0]
     assert row["valid_bound"] < 0.9 * start, (start, row)
     assert row["test_bound"] < 0.9 * start
     assert len(row["kl"]) == LEARN.T and all(k >= 0 for k in row["kl"])
@@ -158,7 +160,7 @@ def test_run_dir_layout_config_and_log(bmnist, tmp_path):
     assert best.epoch == best_epoch and best.extra["best_epoch"] == best_epoch
 
     # The same name again makes a new dir instead of clobbering this one.
-    again = train_lib._unique_run_dir(tmp_path, "run")
+    again = runs_lib.unique_run_dir(tmp_path, "run")
     assert again == tmp_path / "run-2" and again.is_dir()
     assert (run / "log.jsonl").read_text().count("\n") == 2
 
@@ -176,7 +178,7 @@ def test_noise_drawn_ahead_is_the_inline_sequence(bmnist, tmp_path, monkeypatch)
     monkeypatch.setattr(train_lib.model_lib, "loss_and_grads", recording)
     tcfg = _tcfg(tmp_path, epochs=2, subset=130, batch_size=50)   # 50, 50, 30
     train_lib.train(TINY, tcfg, log=_quiet([]), data=bmnist, progress=False)
-    rng = train_lib._new_rng(tcfg.seed)
+    rng = runs_lib.new_rng(tcfg.seed)
     expected = []
     for _ in range(2):
         rng.permutation(130)
@@ -214,7 +216,7 @@ def test_resume_is_bitwise_identical_to_a_straight_run(bmnist, tmp_path):
     assert a.rng_state == b.rng_state
     log_text = (split / "log.jsonl").read_text()
     assert log_text.startswith(first_line)          # earlier lines kept
-    rows_a, rows_b = train_lib.read_log(straight), train_lib.read_log(split)
+    rows_a, rows_b = runs_lib.read_log(straight), runs_lib.read_log(split)
     assert [r["epoch"] for r in rows_b] == [1, 2]
     for ra, rb in zip(rows_a, rows_b):
         for key in ("train_bound", "valid_bound", "test_bound", "kl", "grad_norm", "step_norm"):
@@ -242,7 +244,7 @@ def test_a_run_folder_saved_with_the_retired_workers_field_resumes(bmnist, tmp_p
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "train": old}))
 
-    saved = train_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5"))
+    saved = runs_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5"))
     assert saved == TrainConfig.from_dict({**old, "workers": 2}) and saved.ranks == 0
     with pytest.raises(ValueError, match="unknown TrainConfig fields: .'threads'."):
         TrainConfig.from_dict({**old, "threads": 2})           # only retired names are dropped
@@ -281,7 +283,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
 
     _patched_loss(monkeypatch, per_epoch + 2, nan_loss)     # epoch 2, iteration 2
     lines = []
-    with pytest.raises(train_lib.NonFiniteLossError) as info:
+    with pytest.raises(runs_lib.NonFiniteLossError) as info:
         train_lib.train(TINY, _tcfg(tmp_path, epochs=3), log=lines.append, data=bmnist,
                         progress=False)
     message = str(info.value)
@@ -293,7 +295,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
     for name, value in seen["ckpt"].items():
         assert np.array_equal(ckpt.params[name], value), name
     assert all(np.isfinite(v).all() for v in ckpt.params.values())
-    assert len(train_lib.read_log(tmp_path / "run")) == 1
+    assert len(runs_lib.read_log(tmp_path / "run")) == 1
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -305,7 +307,7 @@ def test_infinite_gradient_norm_is_caught_too(bmnist, tmp_path, monkeypatch):
         return loss, grads, stats
 
     _patched_loss(monkeypatch, 3, inf_grads)
-    with pytest.raises(train_lib.NonFiniteLossError,
+    with pytest.raises(runs_lib.NonFiniteLossError,
                        match=r"gradient norm is (inf|nan) at epoch 1"):
         train_lib.train(TINY, _tcfg(tmp_path), log=_quiet([]), data=bmnist, progress=False)
     ckpt = ckpt_lib.load_checkpoint(tmp_path / "run" / "checkpoint.h5")
@@ -321,7 +323,7 @@ def test_ctrl_c_keeps_the_last_completed_epoch_and_resumes_exactly(bmnist, tmp_p
 
     _patched_loss(monkeypatch, 200 // 50 + 3, interrupt)
     lines = []
-    with pytest.raises(train_lib.TrainingInterrupted) as info:
+    with pytest.raises(runs_lib.TrainingInterrupted) as info:
         train_lib.train(TINY, _tcfg(tmp_path, epochs=2, name="stopped"), log=lines.append,
                         data=bmnist, progress=False)
     run = tmp_path / "stopped"
@@ -369,9 +371,9 @@ def test_corrupt_checkpoint_is_a_value_error(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="damaged or truncated"):
-        train_lib.load_checkpoint(path)
+        runs_lib.load_checkpoint(path)
     with pytest.raises(ValueError, match="does not exist"):
-        train_lib.load_checkpoint(tmp_path / "missing.h5")
+        runs_lib.load_checkpoint(tmp_path / "missing.h5")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -515,7 +517,7 @@ def test_one_step_with_a_small_clip_is_loss_and_grads_then_clipped_adam(bmnist, 
     run = train_lib.train(TINY, tcfg, log=_quiet([]), data=bmnist, progress=False)
     x = np.asarray(bmnist.train[:50], np.float32)
     params = train_lib.init_model(TINY, tcfg.seed, x)
-    rng = train_lib._new_rng(tcfg.seed)
+    rng = runs_lib.new_rng(tcfg.seed)
     perm = rng.permutation(50)
     eps = rng.standard_normal((TINY.T, 50, TINY.z_dim), dtype=np.float32)
     _, grads, _ = model_lib.loss_and_grads(params, TINY, x[perm], eps)

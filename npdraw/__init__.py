@@ -35,11 +35,11 @@ __version__ = "0.1.0"
 def load(path):
     """A checkpoint's or an exported model's (cfg, params): path is an .h5 file or a run
     dir (its best.h5, else its checkpoint.h5); params are NumPy arrays {name: array}, the
-    moving average of the parameters when the checkpoint keeps one (train.model_params).
+    moving average of the parameters when the checkpoint keeps one (runs.model_params).
     ValueError, naming the file, when it cannot be read or is a classifier's."""
-    from . import train
-    ckpt = train.load_checkpoint(path)
+    from . import runs
+    ckpt = runs.load_checkpoint(path)
     if not isinstance(ckpt.cfg, DrawConfig):
-        raise ValueError(f"{train.checkpoint_file(path)} is a classifier checkpoint, not a "
+        raise ValueError(f"{runs.checkpoint_file(path)} is a classifier checkpoint, not a "
                          "DRAW model")
-    return ckpt.cfg, train.arrays_to_device(train.model_params(ckpt)[0], "cpu")
+    return ckpt.cfg, runs.arrays_to_device(runs.model_params(ckpt)[0], "cpu")

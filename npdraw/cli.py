@@ -69,9 +69,9 @@ def _run_as_ranks(ranks: int, device: str, batch_size, what: str) -> None:
 def _resumed_batch_size(run_dir) -> int:
     """The batch size recorded in RUN/checkpoint.h5 (for the rank count); 0 when it
     cannot be read (then the command runs in one process and reports why)."""
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
     try:
-        saved = train_lib.train_config_of(train_lib.load_checkpoint(Path(run_dir) /
+        saved = runs_lib.train_config_of(runs_lib.load_checkpoint(Path(run_dir) /
                                                                      "checkpoint.h5"))
     except (ValueError, TypeError, OSError):
         return 0
@@ -79,30 +79,30 @@ def _resumed_batch_size(run_dir) -> int:
 
 
 def _train_cfg_or_none(ckpt):
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
     try:
-        return train_lib.train_config_of(ckpt)
+        return runs_lib.train_config_of(ckpt)
     except (ValueError, TypeError):
         return None
 
 
 def _params_on(ckpt, device, dtype=None):
     """The checkpoint's model on ``device``: its moving average of the parameters when it
-    holds one (train.model_params), else its parameters."""
+    holds one (runs.model_params), else its parameters."""
     from npdraw import backend
-    from npdraw import train as train_lib
-    return train_lib.arrays_to_device(train_lib.model_params(ckpt)[0],
+    from npdraw import runs as runs_lib
+    return runs_lib.arrays_to_device(runs_lib.model_params(ckpt)[0],
                                       backend.resolve_device(device), dtype)
 
 
 def _checkpoint(path: Path, kind=DrawConfig):
-    """(the file a CHECKPOINT argument names (train.checkpoint_file), its checkpoint); a
+    """(the file a CHECKPOINT argument names (runs.checkpoint_file), its checkpoint); a
     usage error when it cannot be read or holds the other kind of model (``kind``:
     DrawConfig or ClassifierConfig)."""
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
     try:
-        ckpt_path = train_lib.checkpoint_file(path)
-        ckpt = train_lib.load_checkpoint(ckpt_path)
+        ckpt_path = runs_lib.checkpoint_file(path)
+        ckpt = runs_lib.load_checkpoint(ckpt_path)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'CHECKPOINT'") from None
     if not isinstance(ckpt.cfg, kind):
@@ -141,6 +141,7 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
                   (lambda: _resumed_batch_size(resume)) if resume and not batch_given
                   else (lambda: batch_size), "training")
     from npdraw import distributed
+    from npdraw import runs as runs_lib
     from npdraw import train as train_lib
 
     comm = distributed.from_environment()
@@ -175,7 +176,7 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
     try:
         data = None
         if not resume:  # the model config needs the data set's image shape
-            data = cli_options.load_data_on_ranks(train_lib, tcfg, not no_progress, comm)
+            data = cli_options.load_data_on_ranks(tcfg, not no_progress, comm)
             c, h, w = (int(s) for s in data.shape)
             read_n, write_n = attention if attention else (2, 5)
             cfg = DrawConfig(height=h, width=w, channels=c, T=T, read_n=read_n,
@@ -184,11 +185,11 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
         train_lib.train(cfg, tcfg, log=click.echo, data=data, progress=not no_progress,
                         resume_overrides=overrides, comm=comm,
                         add_peepholes=bool(resume and peepholes))
-    except train_lib.TrainingInterrupted as err:  # train() has said where to resume from
+    except runs_lib.TrainingInterrupted as err:  # train() has said where to resume from
         if comm.is_root:
             click.echo("training interrupted", err=True)
         ctx.exit(128 + err.signum)              # 130 for Ctrl-C, 143 for SIGTERM
-    except train_lib.TrainingStopped as err:    # a non-finite loss, a failed write
+    except runs_lib.TrainingStopped as err:    # a non-finite loss, a failed write
         if not comm.is_root:               # every rank stopped alike; rank 0 says why
             ctx.exit(1)
         raise click.ClickException(str(err)) from None
@@ -206,8 +207,8 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
 def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, hold, every, device):
     """Generate rows*cols images: frame_000.png... (one per glimpse), samples.gif and
     samples.png (the last frame)."""
+    from npdraw import frames as frames_lib
     from npdraw import images as images_lib
-    from npdraw import train as train_lib
 
     ckpt_path, ckpt = _checkpoint(checkpoint)
     cfg = ckpt.cfg
@@ -215,12 +216,12 @@ def sample(checkpoint, rows, cols, seed, out, boxes, scale, fps, hold, every, de
     if boxes and not cfg.attention:
         click.echo("note: this model has no attention; --boxes draws nothing", err=True)
     from npdraw.guards import check_memory
-    check_memory(train_lib.sample_bytes(cfg, rows, cols, scale),
+    check_memory(frames_lib.sample_bytes(cfg, rows, cols, scale),
                  f"{rows}x{cols} samples of T={cfg.T} glimpses at --scale {scale}")
     rng = np.random.default_rng(seed)
-    canvases, windows = train_lib.generate_samples(params, cfg, rows * cols, rng)
-    frames = train_lib.render_frames(canvases, windows, (cfg.channels, cfg.height, cfg.width),
-                                     rows, cols, boxes=boxes, scale=scale)
+    canvases, windows = frames_lib.generate_samples(params, cfg, rows * cols, rng)
+    frames = frames_lib.render_frames(canvases, windows, (cfg.channels, cfg.height, cfg.width),
+                                      rows, cols, boxes=boxes, scale=scale)
     out = cli_options.output_folder(
         Path(out) if out is not None else ckpt_path.parent / "samples", "the samples")
     with cli_options.writing(f"write the samples into {out}"):
@@ -240,21 +241,22 @@ def reconstruct(checkpoint, count, cols, seed, out, scale, fps, hold, every, sho
     """Rebuild N test images glimpse by glimpse: each frame shows every image with that
     glimpse's read window beside its canvas with the write window (frame_000.png...,
     reconstruct.gif, reconstruct.png; with --kl, kl.json)."""
+    from npdraw import frames as frames_lib
     from npdraw import images as images_lib
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
     from npdraw.guards import check_memory
 
     ckpt_path, ckpt = _checkpoint(checkpoint)
     cfg = ckpt.cfg
     tcfg = _recorded_data(ckpt, None, data_dir, mirror, None)
-    test_x, shape = train_lib.load_split(tcfg, "test", progress=True)   # the test split only
-    train_lib.check_data_shape(cfg, shape)
+    test_x, shape = runs_lib.load_split(tcfg, "test", progress=True)   # the test split only
+    runs_lib.check_data_shape(cfg, shape)
     count = min(count, len(test_x))
     rows = -(-count // min(cols, count))
-    check_memory(train_lib.sample_bytes(cfg, rows, 2 * min(cols, count), scale),
+    check_memory(frames_lib.sample_bytes(cfg, rows, 2 * min(cols, count), scale),
                  f"rebuilding {count} images over T={cfg.T} glimpses at --scale {scale}")
     params = _params_on(ckpt, device)
-    result = train_lib.reconstruction(params, cfg, test_x, count, cols, seed, scale)
+    result = frames_lib.reconstruction(params, cfg, test_x, count, cols, seed, scale)
     frames, kl = result["frames"], np.asarray(result["kl"], dtype=np.float64)
     out = cli_options.output_folder(
         Path(out) if out is not None else ckpt_path.parent / "reconstruct",
@@ -290,12 +292,11 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
     under `mpiexec -n N` the N ranks share every batch; rank 0 prints."""
     _run_as_ranks(ranks, device, lambda: batch_size, "evaluating")
     from npdraw import distributed
-    from npdraw import train as train_lib
 
     comm = distributed.from_environment()
     cli_options.check_rank_count(ranks, comm)
     try:
-        _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder,
+        _evaluate(comm, checkpoint, K, split, dataset, data_dir, mirror, folder,
                   subset, batch_size, seed, device, as_json)
     except Exception as err:           # noqa: BLE001 - one rank's failure ends them all
         if comm.size == 1:
@@ -317,33 +318,36 @@ def _recorded_data(ckpt, dataset, data_dir, mirror, folder) -> TrainConfig:
                                   "resume": "", "oldmodel": ""})
 
 
-def _evaluate(train_lib, comm, checkpoint, K, split, dataset, data_dir, mirror, folder, subset,
+def _evaluate(comm, checkpoint, K, split, dataset, data_dir, mirror, folder, subset,
               batch_size, seed, device, as_json):
+    from npdraw import runs as runs_lib
     ckpt_path, ckpt = _checkpoint(checkpoint)
     cfg = ckpt.cfg
     tcfg = _recorded_data(ckpt, dataset, data_dir, mirror, folder)
     # that split only
-    x, shape = cli_options.load_data_on_ranks(train_lib, tcfg, not as_json, comm, split)
-    train_lib.check_data_shape(cfg, shape)
+    x, shape = cli_options.load_data_on_ranks(tcfg, not as_json, comm, split)
+    runs_lib.check_data_shape(cfg, shape)
     total = len(x)
     if subset:
         from npdraw.data import spread_subset
         x = x[spread_subset(total, subset, seed)]
     from npdraw.guards import check_memory
     batch = min(batch_size, max(len(x), 1))
-    check_memory(train_lib.model_bytes(cfg, batch, np.dtype(ckpt.params["c0"].dtype).itemsize,
-                                       training=False) + 8 * K * batch,     # + log w, one per sample and example
+    from npdraw import evaluate as evaluate_lib
+    itemsize = np.dtype(ckpt.params["c0"].dtype).itemsize
+    check_memory(evaluate_lib.model_bytes(cfg, batch, itemsize, training=False)
+                 + 8 * K * batch,                    # + log w, one per sample and example
                  f"evaluating this model (T={cfg.T}) with --k {K} in batches of {batch}")
     from npdraw import backend
     comm = comm.for_device(backend.resolve_device(device))   # on GPUs: one per rank
     params = _params_on(ckpt, device)
     rng = np.random.default_rng(seed)
-    iwae, bound = train_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K, batch_size,
-                                                    rng, comm,
-                                                    progress=not as_json and comm.is_root)
+    iwae, bound = evaluate_lib.evaluate_iwae_and_bound(params, cfg, np.asarray(x), K,
+                                                       batch_size, rng, comm,
+                                                       progress=not as_json and comm.is_root)
     if not comm.is_root:
         return
-    ema = train_lib.model_params(ckpt)[1]
+    ema = runs_lib.model_params(ckpt)[1]
     result = {"checkpoint": str(ckpt_path), "epoch": int(ckpt.epoch), "dataset": tcfg.dataset,
               "split": split, "n": int(len(x)), "of": int(total),
               "subset": "spread" if len(x) < total else "all", "k": K, "seed": seed,
@@ -376,15 +380,15 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
     """Write CHECKPOINT's parameters (their moving average when it holds one; float32,
     no optimizer state) to OUT, the file to ship, with its epoch, its bounds from the
     run's log and a bound a test can check."""
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
 
     ckpt_path, ckpt = _checkpoint(checkpoint)
     test_x = None
     if check_n:
         tcfg = _recorded_data(ckpt, None, data_dir, mirror, None)
-        test_x, shape = train_lib.load_split(tcfg, "test", progress=False)
-        train_lib.check_data_shape(ckpt.cfg, shape)
-    info = train_lib.export_model(ckpt_path, out, test_x, check_n, check_seed)
+        test_x, shape = runs_lib.load_split(tcfg, "test", progress=False)
+        runs_lib.check_data_shape(ckpt.cfg, shape)
+    info = runs_lib.export_model(ckpt_path, out, test_x, check_n, check_seed)
     click.echo(f"wrote {out} (epoch {info['epoch']}): " + json.dumps(info))
 
 
@@ -398,6 +402,7 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
              epochs, batch_size, clip, seed, subset, eval_subset, name, out, resume, device,
              data_dir, mirror, dtype, no_progress):
     """Train the attentive classifier on cluttered MNIST (paper table 1); writes a run dir."""
+    from npdraw import runs as runs_lib
     from npdraw import train as train_lib
 
     overrides = ()
@@ -421,10 +426,10 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
     try:
         train_lib.train_classifier(cfg, ccfg, log=click.echo, progress=not no_progress,
                                    resume_overrides=overrides)
-    except train_lib.TrainingInterrupted as err:  # train_classifier has said where it stopped
+    except runs_lib.TrainingInterrupted as err:  # train_classifier has said where it stopped
         click.echo("training interrupted", err=True)
         ctx.exit(128 + err.signum)              # 130 for Ctrl-C, 143 for SIGTERM, as train
-    except (train_lib.NonFiniteLossError, train_lib.WriteFailed) as err:
+    except (runs_lib.NonFiniteLossError, runs_lib.WriteFailed) as err:
         raise click.ClickException(str(err)) from None
 
 
@@ -435,13 +440,15 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
                   scale, device, as_json):
     """Error rate of a classifier checkpoint on the fixed cluttered test (or valid) set."""
     from npdraw import classifier as clf
+    from npdraw import frames as frames_lib
     from npdraw import images as images_lib
     from npdraw.data import synthetic
+    from npdraw import runs as runs_lib
     from npdraw import train as train_lib
 
     ckpt_path, ckpt = _checkpoint(checkpoint, ClassifierConfig)
     cfg = ckpt.cfg
-    saved = train_lib.classify_config_of(ckpt) or ClassifyConfig()
+    saved = runs_lib.classify_config_of(ckpt) or ClassifyConfig()
     ccfg = ClassifyConfig.from_dict({**_given_over(saved, data_dir=data_dir, mirror=mirror),
                                      "eval_subset": subset, "resume": ""})
     digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size,
@@ -463,8 +470,8 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
             raise click.BadParameter(f"{rows}x{cols} pictures need {count} images; the split "
                                      f"has {len(x)}", param_hint="'--rows'/'--cols'")
         windows = clf.glimpse_windows(params, cfg, x[:count])
-        frames = train_lib.render_glimpse_frames(x[:count], windows, (1, cfg.height, cfg.width),
-                                                 rows, cols, scale)
+        frames = frames_lib.render_glimpse_frames(x[:count], windows, (1, cfg.height, cfg.width),
+                                                  rows, cols, scale)
         pictures.mkdir(parents=True, exist_ok=True)
         images_lib.save_png(pictures / "glimpses.png", frames[-1])
         images_lib.save_gif(pictures / "glimpses.gif", frames, duration=0.5, loop=0)
@@ -490,10 +497,10 @@ def plot(run_dir, out, from_epoch):
     map) and optimizer (lr, |g|, |step|) from RUN_DIR/log.jsonl, each as .png and .pdf (a
     classifier run: error_curves)."""
     from npdraw import pictures
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
 
     try:
-        rows = train_lib.read_log(run_dir, warn=lambda message: click.echo(message, err=True))
+        rows = runs_lib.read_log(run_dir, warn=lambda message: click.echo(message, err=True))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'RUN_DIR'") from None
     try:

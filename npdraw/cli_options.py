@@ -254,13 +254,15 @@ def check_rank_count(ranks: int, comm) -> None:
         raise click.ClickException(str(err)) from None
 
 
-def load_data_on_ranks(train_lib, tcfg, progress, comm, split=None):
-    """train.load_data on every rank (or, with ``split``, train.load_split: (x, shape));
+def load_data_on_ranks(tcfg, progress, comm, split=None):
+    """runs.load_data on every rank (or, with ``split``, runs.load_split: (x, shape));
     rank 0 first, so that a download or conversion into the data dir happens once (the
     others wait for it, then read its result)."""
+    from npdraw import runs
+
     def load(show):
-        return (train_lib.load_data(tcfg, show) if split is None
-                else train_lib.load_split(tcfg, split, show))
+        return (runs.load_data(tcfg, show) if split is None
+                else runs.load_split(tcfg, split, show))
     data = load(progress and comm.is_root) if comm.is_root else None
     comm.sum([0.0])                         # every rank waits here for rank 0
     return data if data is not None else load(False)

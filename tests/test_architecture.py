@@ -27,7 +27,7 @@ LAYERS = [
     ["engine_layers", "engine_attention", "engine"],   # the fast paths
     ["model", "classifier"],          # the models' public functions
     ["data", "optim", "checkpoint", "distributed"],   # what training is made of
-    ["images", "evaluate", "pictures", "monitor"],    # what a run writes or measures
+    ["images", "evaluate", "frames", "pictures", "monitor"],   # what a run writes or measures
     ["runs"],
     ["train"],
     # the command lines: npdraw's, and `python -m npdraw.reference` (the plain model
@@ -134,7 +134,7 @@ def _without_known(graph: dict) -> dict:
 def test_the_graph_is_read_from_every_kind_of_import():
     """The parser sees imports at the top, inside functions, relative and absolute."""
     assert "npdraw.data.sources" in GRAPH["npdraw.data.synthetic"]
-    assert "npdraw.data" in GRAPH["npdraw.train"]            # `from . import data` in a function
+    assert "npdraw.data" in GRAPH["npdraw.runs"]             # `from . import data` in a function
     assert "npdraw.data.synthetic" in GRAPH["npdraw.train"]  # `from .data import synthetic`
     assert "npdraw.config" in GRAPH["npdraw.cli"]            # `from npdraw.config import ...`
     assert "npdraw.backend" in GRAPH["npdraw.reference.draw"]   # `from ..backend import ...`

@@ -10,6 +10,8 @@ from npdraw import checkpoint as ckpt_lib
 from npdraw import classifier as clf
 from npdraw.data import synthetic
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
+from npdraw import frames as frames_lib
 from npdraw.config import ClassifierConfig, ClassifyConfig
 from npdraw.layers import softmax_xent_backward, softmax_xent_forward
 from npdraw.reference import classifier as ref
@@ -179,7 +181,7 @@ def test_training_learns_and_writes_the_run_dir(tmp_path):
     lines = []
     run = train_lib.train_classifier(EASY, _ccfg(tmp_path, epochs=8), log=lines.append,
                                      digits=_easy_digits(), progress=False)
-    log = train_lib.read_log(run)
+    log = runs_lib.read_log(run)
     assert [r["epoch"] for r in log] == list(range(1, 9))
     # from chance (log 2 = 0.69) to a loss of about 0.08 in 8 epochs; the bars are easy
     assert log[0]["train_loss"] > 0.6 and log[-1]["train_loss"] < 0.25 * log[0]["train_loss"]
@@ -205,8 +207,8 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path):
     assert a.epoch == b.epoch == 3
     for name in a.params:
         np.testing.assert_array_equal(a.params[name], b.params[name])
-    assert [r["test_error"] for r in train_lib.read_log(straight)] == \
-           [r["test_error"] for r in train_lib.read_log(part)]
+    assert [r["test_error"] for r in runs_lib.read_log(straight)] == \
+           [r["test_error"] for r in runs_lib.read_log(part)]
 
 
 def test_resuming_a_draw_run_as_a_classifier_is_a_clear_error(tmp_path):
@@ -226,7 +228,7 @@ def test_classifier_checkpoints_round_trip(tmp_path):
                              train_cfg=ClassifyConfig(epochs=7))
     back = ckpt_lib.load_checkpoint(tmp_path / "c.h5")
     assert back.cfg == SMALL and back.epoch == 2
-    assert train_lib.classify_config_of(back) == ClassifyConfig(epochs=7)
+    assert runs_lib.classify_config_of(back) == ClassifyConfig(epochs=7)
     for name in params:
         np.testing.assert_array_equal(back.params[name], params[name])
 
@@ -236,7 +238,7 @@ def test_glimpse_pictures_show_every_window_in_its_colour():
     x = np.zeros((4, 900), np.float32)
     windows = {"cx": np.array([[8.0] * 4, [15.5] * 4, [22.0] * 4]),
                "cy": np.full((3, 4), 15.5), "stride": np.full((3, 4), 2.0), "N": 3}
-    frames = train_lib.render_glimpse_frames(x, windows, (1, 30, 30), 2, 2, scale=2)
+    frames = frames_lib.render_glimpse_frames(x, windows, (1, 30, 30), 2, 2, scale=2)
     assert len(frames) == cfg.glimpses
     colours = [tuple(int(v) for v in c) for c in
                __import__("npdraw.images", fromlist=["x"]).series_colors(3)]
@@ -260,7 +262,7 @@ def test_ctrl_c_keeps_the_last_completed_epoch_and_resumes_exactly(tmp_path, mon
         return real(*args)
     monkeypatch.setattr(clf, "loss_and_grads", interrupted_in_epoch_2)
     lines = []
-    with pytest.raises(train_lib.TrainingInterrupted) as stopped:
+    with pytest.raises(runs_lib.TrainingInterrupted) as stopped:
         train_lib.train_classifier(EASY, _ccfg(tmp_path, name="b"), log=lines.append,
                                    digits=digits, progress=False)
     run = stopped.value.run_dir

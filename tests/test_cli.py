@@ -231,7 +231,9 @@ def test_reconstruct_draws_each_glimpse_and_ends_on_the_models_reconstruction(tr
                                                                             data_args, tmp_path):
     from npdraw import data as data_lib
     from npdraw import images as images_lib
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
+    from npdraw import evaluate as evaluate_lib
+    from npdraw import frames as frames_lib
     run, _ = trained
     out = tmp_path / "r"
     result = invoke(["reconstruct", run / "best.h5", "--n", 3, "--cols", 2, "--scale", 1,
@@ -251,11 +253,11 @@ def test_reconstruct_draws_each_glimpse_and_ends_on_the_models_reconstruction(tr
     # the canvas tiles are the model's final reconstruction of the chosen images, the image
     # tiles those images (the red windows aside)
     ckpt = ckpt_lib.load_checkpoint(run / "best.h5")
-    params = train_lib.model_params(ckpt)[0]
-    canvases, _, kl_lib = train_lib.reconstruct_images(params, ckpt.cfg, bmnist.test[chosen],
-                                                       train_lib._derived_rng(4, 3))
+    params = runs_lib.model_params(ckpt)[0]
+    canvases, _, kl_lib = frames_lib.reconstruct_images(params, ckpt.cfg, bmnist.test[chosen],
+                                                       evaluate_lib.derived_rng(4, 3))
     np.testing.assert_allclose(kl, kl_lib.T, rtol=1e-5, atol=1e-6)
-    eps = train_lib._derived_rng(4, 3).standard_normal((T, 3, ckpt.cfg.z_dim), dtype=np.float32)
+    eps = evaluate_lib.derived_rng(4, 3).standard_normal((T, 3, ckpt.cfg.z_dim), dtype=np.float32)
     _, stats = model_lib.loss_only(params, ckpt.cfg, bmnist.test[chosen], eps, return_terms=True)
     final = canvases[-1].astype(np.float64)
     x = bmnist.test[chosen]
@@ -280,7 +282,8 @@ def test_reconstruct_draws_each_glimpse_and_ends_on_the_models_reconstruction(tr
 
 def test_evaluate_subset_is_spread_over_the_split_and_says_so(trained, bmnist, data_args):
     from npdraw import data as data_lib
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
+    from npdraw import evaluate as evaluate_lib
     run, _ = trained
     result = invoke(["evaluate", run / "best.h5", "--json", "--subset", 40, "--seed", 3,
                      "--device", "cpu", "--ranks", 1, *data_args])
@@ -288,10 +291,10 @@ def test_evaluate_subset_is_spread_over_the_split_and_says_so(trained, bmnist, d
     scored = json.loads(result.output)
     assert (scored["n"], scored["of"], scored["subset"]) == (40, len(bmnist.test), "spread")
     ckpt = ckpt_lib.load_checkpoint(run / "best.h5")
-    params = train_lib.model_params(ckpt)[0]
+    params = runs_lib.model_params(ckpt)[0]
     chosen = data_lib.spread_subset(len(bmnist.test), 40, 3)
     assert chosen[-1] > len(bmnist.test) * 0.9                 # not the first 40
-    _, bound = train_lib.evaluate_iwae_and_bound(params, ckpt.cfg, bmnist.test[chosen], 1, 500,
+    _, bound = evaluate_lib.evaluate_iwae_and_bound(params, ckpt.cfg, bmnist.test[chosen], 1, 500,
                                                  np.random.default_rng(3))
     assert scored["nll_bound"] == pytest.approx(bound, rel=1e-6)
     text = invoke(["evaluate", run / "best.h5", "--subset", 40, "--device", "cpu", "--ranks", 1,
@@ -510,11 +513,11 @@ def test_attention_demo_divides_the_write_by_its_coverage():
 def test_a_ctrl_c_before_the_run_starts_exits_130(monkeypatch, tmp_path, data_args):
     """Ctrl-C in the first half second (while NumPy and the data load) gave click's
     "Aborted!" and status 1 (issue 25); it is 130, as later in the run."""
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train_lib, "load_data", interrupted)
+    monkeypatch.setattr(runs_lib, "load_data", interrupted)
     result = invoke(["train", "--niter", 2, "--subset", 20, "--out", tmp_path, "--ranks", 1,
                      "--device", "cpu", *data_args])
     assert result.exit_code == 130, result.output

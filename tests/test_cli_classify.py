@@ -138,9 +138,10 @@ def test_classify_on_the_standard_training_files(labelled_mnist_mirror, tmp_path
 def test_an_interrupted_classify_exits_as_train_does(monkeypatch, tmp_path, signum, status):
     """Ctrl-C gives 130 and SIGTERM 143, in classify as in train (issue 25)."""
     from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
 
     def interrupted(*args, **kwargs):
-        raise train_lib.TrainingInterrupted("interrupted in epoch 1", tmp_path, signum)
+        raise runs_lib.TrainingInterrupted("interrupted in epoch 1", tmp_path, signum)
     monkeypatch.setattr(train_lib, "train_classifier", interrupted)
     result = invoke(["classify", *TINY, "--out", tmp_path])
     assert result.exit_code == status, result.output

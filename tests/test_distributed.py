@@ -21,6 +21,8 @@ import pytest
 from npdraw import backend, distributed, guards, model
 from npdraw import checkpoint as ckpt_lib
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
+from npdraw import evaluate as evaluate_lib
 from npdraw.config import DrawConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,14 +205,14 @@ def test_the_single_process_communicator_changes_nothing():
 def test_evaluation_is_sharded_to_the_same_figures():
     params = model.init_params(ATT, seed=1, dtype="float64")
     x = (np.random.default_rng(7).random((11, ATT.D)) < 0.4).astype(np.float64)
-    plain_bound = train_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3))
-    plain_iwae = train_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4,
+    plain_bound = evaluate_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3))
+    plain_iwae = evaluate_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4,
                                                    np.random.default_rng(2))
 
     def work(comm, rank):
-        return (train_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3),
+        return (evaluate_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3),
                                          comm=comm),
-                train_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4,
+                evaluate_lib.evaluate_iwae_and_bound(params, ATT, x, 3, 4,
                                                   np.random.default_rng(2), comm=comm))
     for bound, iwae in _run_ranks(3, work):            # batches of 4 over 3 ranks: 1, 2, 1
         assert bound == pytest.approx(plain_bound, rel=RTOL64)
@@ -572,7 +574,7 @@ _STEP_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from npdraw import distributed, model, train as train_lib
+from npdraw import distributed, evaluate as evaluate_lib, model
 from npdraw.config import DrawConfig
 cfg, inputs, out = DrawConfig.from_dict(json.loads(sys.argv[2])), np.load(sys.argv[3]), sys.argv[4]
 params = {k[2:]: inputs[k] for k in inputs.files if k.startswith("p:")}
@@ -581,8 +583,8 @@ comm = distributed.from_environment()
 lo, hi = comm.shard(x.shape[0])
 mine = model.loss_and_grads(params, cfg, x[lo:hi], np.ascontiguousarray(eps[:, lo:hi]))
 loss, grads, stats = comm.reduce_step(params, cfg.T, mine, (hi - lo) / x.shape[0])
-bound = train_lib.evaluate_bound(params, cfg, x, 4, np.random.default_rng(3), comm=comm)
-iwae = train_lib.evaluate_iwae_and_bound(params, cfg, x, 3, 4, np.random.default_rng(2), comm=comm)
+bound = evaluate_lib.evaluate_bound(params, cfg, x, 4, np.random.default_rng(3), comm=comm)
+iwae = evaluate_lib.evaluate_iwae_and_bound(params, cfg, x, 3, 4, np.random.default_rng(2), comm=comm)
 if comm.rank == 0:
     np.savez(out, loss=loss, recon=stats["recon"], kl=stats["kl"], bound=bound, iwae=iwae,
              size=comm.size, **{"g:" + k: v for k, v in grads.items()})
@@ -603,8 +605,8 @@ def test_mpiexec_ranks_give_the_one_process_loss_gradients_and_bounds(tmp_path):
     _assert_same_step((float(got["loss"]), grads, {"recon": float(got["recon"]), "kl": got["kl"]}),
                       model.loss_and_grads(params, ATT, x, eps), RTOL64)
     assert float(got["bound"]) == pytest.approx(
-        train_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3)), rel=RTOL64)
-    np.testing.assert_allclose(got["iwae"], train_lib.evaluate_iwae_and_bound(
+        evaluate_lib.evaluate_bound(params, ATT, x, 4, np.random.default_rng(3)), rel=RTOL64)
+    np.testing.assert_allclose(got["iwae"], evaluate_lib.evaluate_iwae_and_bound(
         params, ATT, x, 3, 4, np.random.default_rng(2)), rtol=RTOL64)
 
 
@@ -666,7 +668,7 @@ def test_two_ranks_train_the_one_process_model(mpi_run, bmnist, tmp_path):
                                             eval_subset=200, seed=3, device="cpu",
                                             out=str(tmp_path), name="one"),
                           log=lambda *a: None, data=bmnist, progress=False)
-    rows, rows_one = train_lib.read_log(run), train_lib.read_log(one)
+    rows, rows_one = runs_lib.read_log(run), runs_lib.read_log(one)
     assert [r["epoch"] for r in rows] == [1, 2]
     # float32 sums regrouped (a few eps, 6e-8, per step), then carried through 10 Adam
     # steps of a recurrent model
@@ -705,7 +707,7 @@ def test_ctrl_c_on_one_rank_stops_all_and_the_resume_under_mpi_is_exact(mpi_run,
         assert np.array_equal(a.params[name], b.params[name]), name
         assert np.array_equal(a.opt_state["m"][name], b.opt_state["m"][name]), name
         assert np.array_equal(a.opt_state["v"][name], b.opt_state["v"][name]), name
-    for ra, rb in zip(train_lib.read_log(straight), train_lib.read_log(run)):
+    for ra, rb in zip(runs_lib.read_log(straight), runs_lib.read_log(run)):
         for key in ("train_bound", "valid_bound", "test_bound", "kl", "grad_norm", "step_norm"):
             assert ra[key] == rb[key], key
 
@@ -715,11 +717,11 @@ def test_ctrl_c_on_one_rank_stops_all_and_the_resume_under_mpi_is_exact(mpi_run,
 _ROOT_FAILS_EARLY = """
 import os, runpy, sys
 sys.path.insert(0, sys.argv[1])
-from npdraw import train
+from npdraw import runs
 if os.environ.get("PMI_RANK") == "0":
     def full(path, *args, **kwargs):
-        raise train.WriteFailed(f"no space left on the disk while saving {path}")
-    train._save = full
+        raise runs.WriteFailed(f"no space left on the disk while saving {path}")
+    runs.save_state = full
 sys.argv = [os.path.join(sys.argv[1], "cli.py")] + sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -760,7 +762,7 @@ def test_a_failing_rank_stops_every_rank_and_keeps_the_last_checkpoint(how, data
         assert "holds the last completed epoch (epoch 1)" in line and "--resume" in line
     assert "epoch 2/3" not in result.stdout and "done:" not in result.stdout
     assert ckpt_lib.load_checkpoint(tmp_path / "run" / "checkpoint.h5").epoch == 1
-    assert len(train_lib.read_log(tmp_path / "run")) == 1
+    assert len(runs_lib.read_log(tmp_path / "run")) == 1
 
 
 def test_a_rank_count_that_is_not_the_launchers_is_one_error_line(tmp_path):
@@ -852,10 +854,10 @@ def test_a_signal_to_the_self_started_training_stops_it_as_one_process(how, data
     assert "Traceback" not in output and "--resume" in output
     run = tmp_path / "run"
     epoch = ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch
-    assert epoch >= 2 and [r["epoch"] for r in train_lib.read_log(run)] == list(range(1, epoch + 1))
+    assert epoch >= 2 and [r["epoch"] for r in runs_lib.read_log(run)] == list(range(1, epoch + 1))
     train_lib.train(None, TrainConfig(epochs=epoch + 1, device="cpu", resume=str(run)),
                     log=lambda *a: None, data=bmnist, progress=False)
-    assert [r["epoch"] for r in train_lib.read_log(run)] == list(range(1, epoch + 2))
+    assert [r["epoch"] for r in runs_lib.read_log(run)] == list(range(1, epoch + 2))
 
 
 def _rank_pids(root: int) -> list:

@@ -14,6 +14,9 @@ from npdraw import checkpoint as ckpt_lib
 from npdraw import data as data_lib
 from npdraw import optim
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
+from npdraw import evaluate as evaluate_lib
+from npdraw import frames as frames_lib
 from npdraw.config import DrawConfig, TrainConfig
 from test_cli import invoke
 from test_distributed import REPO, TRAIN_ARGS, _run_mpi
@@ -146,11 +149,11 @@ def ema_run(bmnist, tmp_path_factory):
 
 def test_the_run_saves_and_evaluates_the_average(ema_run, bmnist, tmp_path):
     run = ema_run
-    rows = train_lib.read_log(run)
+    rows = runs_lib.read_log(run)
     assert [r["ema"] for r in rows] == [True, True]
     ckpt = ckpt_lib.load_checkpoint(run / "checkpoint.h5")
     assert ckpt.ema is not None and set(ckpt.ema) == set(ckpt.params)
-    assert train_lib.train_config_of(ckpt).ema_decay == DECAY
+    assert runs_lib.train_config_of(ckpt).ema_decay == DECAY
     assert any(not np.array_equal(ckpt.ema[k], ckpt.params[k]) for k in ckpt.params)
     for name in ckpt.params:
         assert ckpt.ema[name].dtype == ckpt.params[name].dtype == np.float32
@@ -160,18 +163,18 @@ def test_the_run_saves_and_evaluates_the_average(ema_run, bmnist, tmp_path):
     test = np.asarray(bmnist.test[:200], dtype=np.float32)
     seed = 3
     for x, key, split in ((valid, "valid_bound", 0), (test, "test_bound", 1)):
-        rng = train_lib._derived_rng(seed, 1, 2, split)
-        assert rows[1][key] == train_lib.evaluate_bound(ckpt.ema, TINY, x, train_lib.EVAL_BATCH,
+        rng = evaluate_lib.derived_rng(seed, 1, 2, split)
+        assert rows[1][key] == evaluate_lib.evaluate_bound(ckpt.ema, TINY, x, evaluate_lib.EVAL_BATCH,
                                                         rng), key
-        raw = train_lib.evaluate_bound(ckpt.params, TINY, x, train_lib.EVAL_BATCH,
-                                       train_lib._derived_rng(seed, 1, 2, split))
+        raw = evaluate_lib.evaluate_bound(ckpt.params, TINY, x, evaluate_lib.EVAL_BATCH,
+                                       evaluate_lib.derived_rng(seed, 1, 2, split))
         assert raw != rows[1][key], key
     # best.h5 holds the EMA of the epoch with the best (EMA) valid bound.
     best = ckpt_lib.load_checkpoint(run / "best.h5")
     assert best.epoch == min(rows, key=lambda r: r["valid_bound"])["epoch"]
     assert best.ema is not None
     # The samples are the EMA's.
-    train_lib._write_run_samples(tmp_path, ckpt.ema, TINY, seed)
+    frames_lib.write_run_samples(tmp_path, ckpt.ema, TINY, seed)
     assert (tmp_path / "samples.png").read_bytes() == (run / "samples.png").read_bytes()
 
 
@@ -192,16 +195,16 @@ def test_the_average_leaves_the_training_itself_alone(ema_run, bmnist, tmp_path)
         assert np.array_equal(a.params[name], b.params[name]), name
         assert np.array_equal(a.opt_state["m"][name], b.opt_state["m"][name]), name
         assert np.array_equal(a.opt_state["v"][name], b.opt_state["v"][name]), name
-    rows, rows_ema = train_lib.read_log(plain), train_lib.read_log(ema_run)
+    rows, rows_ema = runs_lib.read_log(plain), runs_lib.read_log(ema_run)
     assert [r["ema"] for r in rows] == [False, False]
     for r, r_ema in zip(rows, rows_ema):
         for key in ("train_bound", "train_recon", "kl", "grad_norm", "step_norm", "lr"):
             assert r[key] == r_ema[key], key
-    rng = train_lib._derived_rng(3, 1, 2, 0)
-    assert rows[1]["valid_bound"] == train_lib.evaluate_bound(
-        a.params, TINY, np.asarray(bmnist.valid[:200], np.float32), train_lib.EVAL_BATCH, rng)
+    rng = evaluate_lib.derived_rng(3, 1, 2, 0)
+    assert rows[1]["valid_bound"] == evaluate_lib.evaluate_bound(
+        a.params, TINY, np.asarray(bmnist.valid[:200], np.float32), evaluate_lib.EVAL_BATCH, rng)
 
-    info = train_lib.export_model(plain / "checkpoint.h5", tmp_path / "plain.h5")
+    info = runs_lib.export_model(plain / "checkpoint.h5", tmp_path / "plain.h5")
     shipped = ckpt_lib.load_checkpoint(tmp_path / "plain.h5")
     assert "ema" not in info and "ema" not in shipped.extra and shipped.ema is None
     for name, value in a.params.items():
@@ -222,7 +225,7 @@ def test_resume_continues_the_average_bit_for_bit(ema_run, bmnist, tmp_path):
         assert np.array_equal(a.ema[name], b.ema[name]), name
         assert np.array_equal(a.opt_state["m"][name], b.opt_state["m"][name]), name
         assert np.array_equal(a.opt_state["v"][name], b.opt_state["v"][name]), name
-    for ra, rb in zip(train_lib.read_log(ema_run), train_lib.read_log(split)):
+    for ra, rb in zip(runs_lib.read_log(ema_run), runs_lib.read_log(split)):
         for key in ("train_bound", "valid_bound", "test_bound", "ema", "best"):
             assert ra[key] == rb[key], key
 
@@ -261,13 +264,13 @@ def test_an_old_checkpoint_resumed_with_an_average_starts_it_from_its_params(
     for name in start:
         assert np.array_equal(initial[name], start[name]), name
     ckpt = ckpt_lib.load_checkpoint(run / "checkpoint.h5")
-    assert train_lib.train_config_of(ckpt).ema_decay == DECAY
+    assert runs_lib.train_config_of(ckpt).ema_decay == DECAY
     want = _closed_form(start, steps, DECAY)
     tol = _ema_tolerance(steps, float(np.finfo(np.float32).eps))
     for name in start:
         np.testing.assert_allclose(ckpt.ema[name], want[name], rtol=0, atol=tol, err_msg=name)
         assert np.array_equal(steps[-1][name], ckpt.params[name]), name
-    assert [r["ema"] for r in train_lib.read_log(run)] == [False, True]
+    assert [r["ema"] for r in runs_lib.read_log(run)] == [False, True]
 
 
 def test_resuming_with_decay_0_drops_the_average(ema_run, bmnist, tmp_path):
@@ -279,7 +282,7 @@ def test_resuming_with_decay_0_drops_the_average(ema_run, bmnist, tmp_path):
            lines, overrides=("ema_decay",))
     assert any("moving average of the parameters is dropped" in line for line in lines)
     assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").ema is None
-    assert [r["ema"] for r in train_lib.read_log(run)] == [True, True, False]
+    assert [r["ema"] for r in runs_lib.read_log(run)] == [True, True, False]
 
 
 def test_oldmodel_starts_from_the_average_of_a_run_that_kept_one(ema_run, bmnist, tmp_path,
@@ -310,7 +313,7 @@ def test_oldmodel_starts_from_the_average_of_a_run_that_kept_one(ema_run, bmnist
 def test_export_and_evaluate_use_the_average(ema_run, bmnist, bmnist_data_dir, bmnist_mirror,
                                              tmp_path):
     out = tmp_path / "shipped.h5"
-    info = train_lib.export_model(ema_run / "best.h5", out, bmnist.test, check_n=20,
+    info = runs_lib.export_model(ema_run / "best.h5", out, bmnist.test, check_n=20,
                                   check_seed=5)
     source = ckpt_lib.load_checkpoint(ema_run / "best.h5")
     shipped = ckpt_lib.load_checkpoint(out)
@@ -322,15 +325,15 @@ def test_export_and_evaluate_use_the_average(ema_run, bmnist, bmnist_data_dir, b
         assert np.array_equal(shipped.params[name], value), name
     assert any(not np.array_equal(shipped.params[k], source.params[k]) for k in source.params)
     assert math.isclose(shipped.extra["check"]["bound"],
-                        train_lib.fixed_noise_bound(source.ema, TINY, bmnist.test[:20], 5),
+                        evaluate_lib.fixed_noise_bound(source.ema, TINY, bmnist.test[:20], 5),
                         rel_tol=1e-12)
-    row = train_lib.read_log(ema_run)[source.epoch - 1]
+    row = runs_lib.read_log(ema_run)[source.epoch - 1]
     assert shipped.extra["valid_bound"] == row["valid_bound"]
 
     # `evaluate` of the run scores the same model (best.h5's EMA) and says so, and so
     # does `evaluate` of the shipped file, whose parameters are that average.
     spread = data_lib.spread_subset(len(bmnist.test), 20, 0)      # evaluate --subset 20
-    want = train_lib.evaluate_bound(source.ema, TINY, np.asarray(bmnist.test[spread], np.float32),
+    want = evaluate_lib.evaluate_bound(source.ema, TINY, np.asarray(bmnist.test[spread], np.float32),
                                     500, np.random.default_rng(0))
     for model in (ema_run, out):
         result = invoke(["evaluate", model, "--subset", 20, "--json", "--ranks", 1,
@@ -365,6 +368,6 @@ def test_two_ranks_keep_the_one_process_average(bmnist, bmnist_data_dir, bmnist_
         np.testing.assert_allclose(a.ema[name], b.ema[name], rtol=1e-3, atol=1e-4,
                                    err_msg=name)
     assert any(not np.allclose(a.ema[k], a.params[k], rtol=1e-3, atol=1e-4) for k in a.params)
-    row, row_one = train_lib.read_log(tmp_path / "mpi")[0], train_lib.read_log(one)[0]
+    row, row_one = runs_lib.read_log(tmp_path / "mpi")[0], runs_lib.read_log(one)[0]
     assert row["ema"] is True
     assert row["valid_bound"] == pytest.approx(row_one["valid_bound"], rel=1e-4)

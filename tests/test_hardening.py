@@ -25,6 +25,8 @@ from npdraw import images as images_lib
 from npdraw import pictures
 from npdraw import model as model_lib
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
+from npdraw import evaluate as evaluate_lib
 from npdraw.config import DrawConfig, TrainConfig
 from npdraw.data import DataError, load_splits
 
@@ -86,7 +88,7 @@ def test_full_disk_stops_with_a_sentence_and_keeps_the_previous_checkpoint(
         bmnist, tmp_path, monkeypatch):
     calls = _fail_writes_of(monkeypatch, "checkpoint.h5", 3)     # epoch 0, 1 fine; 2 fails
     lines = []
-    with pytest.raises(train_lib.WriteFailed) as info:
+    with pytest.raises(runs_lib.WriteFailed) as info:
         _train(tmp_path, bmnist, lines, epochs=3)
     run = tmp_path / "run"
     assert calls["n"] == 3
@@ -100,7 +102,7 @@ def test_full_disk_stops_with_a_sentence_and_keeps_the_previous_checkpoint(
     # The log line of epoch 2 came before the failed save; a resume drops it and goes on.
     train_lib.train(None, TrainConfig(epochs=2, device="cpu", resume=str(run)),
                     log=[].append, data=bmnist, progress=False)
-    assert [r["epoch"] for r in train_lib.read_log(run)] == [1, 2]
+    assert [r["epoch"] for r in runs_lib.read_log(run)] == [1, 2]
     assert _temps(run) == []                   # the stale temporary file was removed
 
 
@@ -129,7 +131,7 @@ def test_full_disk_through_the_cli_is_one_error_line(data_args, tmp_path, monkey
 
 def test_a_failed_log_line_is_undone(tmp_path, monkeypatch):
     log = tmp_path / "log.jsonl"
-    train_lib._append_log(log, {"epoch": 1})
+    runs_lib.append_log(log, {"epoch": 1})
     real_open = open
 
     class FullFile:
@@ -152,7 +154,7 @@ def test_a_failed_log_line_is_undone(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", lambda *a, **k: FullFile(real_open(*a, **k)))
     with pytest.raises(OSError):
-        train_lib._append_log(log, {"epoch": 2})
+        runs_lib.append_log(log, {"epoch": 2})
     monkeypatch.undo()
     assert log.read_text() == '{"epoch": 1}\n'
 
@@ -167,7 +169,7 @@ def test_a_full_disk_while_writing_the_sample_pictures(bmnist, tmp_path, monkeyp
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(images_lib, "save_gif", save_gif)
-    with pytest.raises(train_lib.WriteFailed) as info:
+    with pytest.raises(runs_lib.WriteFailed) as info:
         _train(tmp_path, bmnist, epochs=3)
     run = tmp_path / "run"
     assert str(info.value) == (
@@ -224,7 +226,7 @@ def test_a_second_writer_stops_at_once_naming_the_folder_and_the_process(
     result = invoke(["train", "--resume", run, "--epochs", 2, "--no-progress", "--device",
                      "cpu", "--ranks", 1, *data_args])
     assert result.exit_code == 0, result.output
-    assert [r["epoch"] for r in train_lib.read_log(run)] == [1, 2]
+    assert [r["epoch"] for r in runs_lib.read_log(run)] == [1, 2]
 
 
 def test_the_lock_is_released_after_a_failed_run(bmnist, tmp_path, monkeypatch):
@@ -232,7 +234,7 @@ def test_the_lock_is_released_after_a_failed_run(bmnist, tmp_path, monkeypatch):
         return float("nan"), None, None
 
     monkeypatch.setattr(model_lib, "loss_and_grads", nan_loss)
-    with pytest.raises(train_lib.NonFiniteLossError):
+    with pytest.raises(runs_lib.NonFiniteLossError):
         _train(tmp_path, bmnist)
     with guards.RunLock() as lock:            # free again
         lock.acquire(tmp_path / "run")
@@ -243,7 +245,7 @@ def test_the_log_refuses_duplicated_or_out_of_order_epochs(tmp_path):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"line 3: epoch 2 follows epoch 2; .*duplicated or "
                                          r"out-of-order"):
-        train_lib.read_log(tmp_path)
+        runs_lib.read_log(tmp_path)
     result = invoke(["plot", tmp_path])
     assert result.exit_code == 2 and "line 3: epoch 2 follows epoch 2" in result.output
 
@@ -269,7 +271,7 @@ def test_sigint_inside_a_weakref_callback_still_stops_training(bmnist, tmp_path,
 
     monkeypatch.setattr(model_lib, "loss_and_grads", interrupted_in_callback)
     lines = []
-    with pytest.raises(train_lib.TrainingInterrupted) as info:
+    with pytest.raises(runs_lib.TrainingInterrupted) as info:
         _train(tmp_path, bmnist, lines, epochs=3)
     assert info.value.signum == signal.SIGINT
     assert calls["n"] == 200 // 50 + 2                         # stopped before the next step
@@ -472,7 +474,7 @@ def test_memory_estimates_bound_the_measured_peaks(cfg):
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        estimate = train_lib.model_bytes(cfg, batch, 4, training)
+        estimate = evaluate_lib.model_bytes(cfg, batch, 4, training)
         assert peak <= estimate <= 8 * peak + 10**6, (training, peak, estimate)
 
 
@@ -528,7 +530,7 @@ def test_a_cut_off_last_log_line_is_dropped_and_real_damage_names_its_line(tmp_p
     good = "".join(json.dumps({"epoch": e}) + "\n" for e in range(1, 41))
     (tmp_path / "log.jsonl").write_text(good + '{"epoch": 41, "train_bo')
     notes = []
-    rows = train_lib.read_log(tmp_path, warn=notes.append)
+    rows = runs_lib.read_log(tmp_path, warn=notes.append)
     assert [r["epoch"] for r in rows] == list(range(1, 41))
     assert len(notes) == 1 and "cut-off last line 41" in notes[0]
     result = invoke(["plot", tmp_path])
@@ -537,7 +539,7 @@ def test_a_cut_off_last_log_line_is_dropped_and_real_damage_names_its_line(tmp_p
     lines[39] = '{"epoch": 40, "tra\n'                       # damage, not a cut-off end
     (tmp_path / "log.jsonl").write_text("".join(lines))
     with pytest.raises(ValueError, match=r"log.jsonl, line 40: not valid JSON"):
-        train_lib.read_log(tmp_path)
+        runs_lib.read_log(tmp_path)
 
 
 # ----------------------------------------------------------------------------- 8. a check
@@ -545,7 +547,7 @@ def test_a_cut_off_last_log_line_is_dropped_and_real_damage_names_its_line(tmp_p
 def test_evaluate_bound_is_the_mean_over_examples_when_batches_do_not_divide_n(bmnist):
     params = train_lib.init_model(TINY, 0, bmnist.train[:100])
     x = np.asarray(bmnist.valid[:7], np.float32)
-    got = train_lib.evaluate_bound(params, TINY, x, 3, np.random.default_rng(5))
+    got = evaluate_lib.evaluate_bound(params, TINY, x, 3, np.random.default_rng(5))
     rng = np.random.default_rng(5)
     per_example = []
     for start in (0, 3, 6):                              # the same noise, batch by batch
@@ -568,7 +570,7 @@ def test_iwae_equals_the_bound_when_every_importance_weight_is_equal(bmnist):
     params["dec_W"][:TINY.z_dim] = 0
     x = np.asarray(bmnist.valid[:20], np.float32)
     for K in (1, 3, 10):
-        iwae, bound = train_lib.evaluate_iwae_and_bound(params, TINY, x, K, 8,
+        iwae, bound = evaluate_lib.evaluate_iwae_and_bound(params, TINY, x, K, 8,
                                                         np.random.default_rng(K))
         assert iwae == pytest.approx(bound, rel=1e-5, abs=1e-4), K
 
@@ -584,7 +586,7 @@ def test_an_out_that_is_a_dangling_link_is_named_as_one(tmp_path):
     for path, what in ((link, f"a link to {tmp_path / 'gone'}, which does not exist"),
                        (plain, "a file")):
         with pytest.raises(ValueError) as err:
-            train_lib._unique_run_dir(path, "run")
+            runs_lib.unique_run_dir(path, "run")
         assert str(err.value) == (f"cannot create the run folder under --out {path}: "
                                   f"{path} is {what}, not a folder")
         with pytest.raises(click.ClickException) as err:

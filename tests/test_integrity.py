@@ -146,26 +146,26 @@ def test_the_rng_state_must_name_a_known_bit_generator(tmp_path, name):
 
 @pytest.mark.parametrize("value", [None, [1, 2]])
 def test_a_train_config_field_that_is_null_or_a_list_is_one_sentence(tmp_path, value):
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
     path = tmp_path / "m.h5"
     _save(path)
     _rewrite_attr(path, "train_config", {**TrainConfig().to_dict(), "batch_size": value})
     with pytest.raises(ValueError) as info:
-        train_lib.load_checkpoint(path)
+        runs_lib.load_checkpoint(path)
     assert str(info.value).startswith(f"checkpoint {path}: train_config is not a valid "
                                       "TrainConfig (")
     assert "\n" not in str(info.value)
 
 
 def test_a_checkpoint_without_c0_is_one_sentence(tmp_path):
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
     path = tmp_path / "m.h5"
     _save(path, opt_state=None, ema=None)
     with h5py.File(path, "r+") as f:
         del f["params/c0"]
         del f.attrs["digest"]
     with pytest.raises(ValueError) as info:
-        train_lib.load_checkpoint(path)
+        runs_lib.load_checkpoint(path)
     assert str(info.value) == f"checkpoint {path} lacks parameter 'c0' (model shape (784,))"
 
 
@@ -189,11 +189,11 @@ def test_a_damaged_converted_data_file_says_delete_it(bmnist_data_dir, bmnist_mi
 
 
 def test_a_log_line_nested_too_deeply_is_one_sentence(tmp_path):
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
     (tmp_path / "log.jsonl").write_text('{"epoch": 1}\n' + "[" * 100_000 + "]" * 100_000
                                         + "\n")
     with pytest.raises(ValueError) as info:
-        train_lib.read_log(tmp_path)
+        runs_lib.read_log(tmp_path)
     assert str(info.value) == (f"{tmp_path / 'log.jsonl'}, line 2: nested too deeply to be "
                                "an epoch record")
 
@@ -229,6 +229,6 @@ def test_an_over_long_gzip_source_is_refused_without_reading_it_whole(tmp_path, 
 
 @pytest.mark.parametrize("name", ["mtrand", "seed"])
 def test_resume_never_calls_a_name_that_is_not_a_bit_generator(name):
-    from npdraw import train as train_lib
+    from npdraw import runs as runs_lib
     with pytest.raises(ValueError, match=f"checkpoint RNG '{name}' is unknown"):
-        train_lib._rng_from_state({"bit_generator": name, "state": {}})
+        runs_lib.rng_from_state({"bit_generator": name, "state": {}})

@@ -7,6 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from npdraw import monitor
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
 from npdraw.config import DrawConfig, TrainConfig
 
 TINY = DrawConfig(T=3, read_n=2, write_n=3, enc_dim=16, dec_dim=16, z_dim=4)
@@ -27,7 +28,7 @@ def _events(run):
 
 def test_events_hold_the_logs_scalars_and_samples_and_a_resume_adds_epochs(bmnist, tmp_path):
     run = train_lib.train(TINY, _tcfg(tmp_path), log=[].append, data=bmnist, progress=False)
-    rows = train_lib.read_log(run)
+    rows = runs_lib.read_log(run)
     acc = _events(run)
     for tag, key in monitor.SCALARS:
         events = acc.Scalars(tag)
@@ -40,7 +41,7 @@ def test_events_hold_the_logs_scalars_and_samples_and_a_resume_adds_epochs(bmnis
     # A resume writes on into the same folder; --no-tensorboard (False) would stop it.
     train_lib.train(None, TrainConfig(epochs=3, device="cpu", resume=str(run)),
                     log=[].append, data=bmnist, progress=False)
-    rows = train_lib.read_log(run)
+    rows = runs_lib.read_log(run)
     events = _events(run).Scalars("bound/valid")
     assert [e.step for e in events] == [1, 2, 3]
     assert np.isclose(events[-1].value, rows[-1]["valid_bound"], rtol=1e-6)

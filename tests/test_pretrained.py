@@ -8,6 +8,8 @@ import numpy as np
 
 from npdraw import checkpoint as ckpt_lib
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
+from npdraw import evaluate as evaluate_lib
 from npdraw.config import DrawConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +25,7 @@ def test_the_shipped_model_gives_the_bound_stated_beside_it(bmnist):
     check = model.extra["check"]
     assert (check["split"], check["dtype"]) == ("test", "float64")
 
-    bound = train_lib.fixed_noise_bound(model.params, model.cfg, bmnist.test[:check["n"]],
+    bound = evaluate_lib.fixed_noise_bound(model.params, model.cfg, bmnist.test[:check["n"]],
                                         check["seed"])
     # float64 throughout: a different BLAS kernel or summation order moves the mean of
     # ~100 * (784 + 64) terms of size <= ~10 nats by far less than 1e-9 relative.
@@ -47,11 +49,11 @@ def test_the_campaign_state_and_the_shipped_model_load_and_resume(bmnist, tmp_pa
     run = tmp_path / "campaign"
     shutil.copytree(REPO / "pretrained" / "bmnist_r2w5_t64.run", run)
     for path in (SHIPPED, run / "checkpoint.h5"):
-        saved = train_lib.train_config_of(ckpt_lib.load_checkpoint(path))
+        saved = runs_lib.train_config_of(ckpt_lib.load_checkpoint(path))
         assert saved.batch_size == 100, path
     epochs = ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch
     lines = []
     train_lib.train(None, TrainConfig(epochs=epochs, device="cpu", resume=str(run)),
                     log=lines.append, data=bmnist, progress=False)
     assert f"nothing to do: the run already has {epochs} epochs" in lines
-    assert len(train_lib.read_log(run)) == epochs              # the log is kept whole
+    assert len(runs_lib.read_log(run)) == epochs              # the log is kept whole

@@ -10,6 +10,8 @@ from npdraw import checkpoint as ckpt_lib
 from npdraw import model as model_lib
 from npdraw import optim
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
+from npdraw import evaluate as evaluate_lib
 from npdraw.cli import cli
 from npdraw.config import DrawConfig, TrainConfig
 
@@ -92,7 +94,7 @@ def test_each_step_uses_the_scheduled_rate(bmnist, tmp_path, monkeypatch):
     # 4 steps an epoch; step i (0-based) of the run sits at i/4 epochs.
     assert seen == [pytest.approx(1e-3 * 0.5 ** max(0.0, i / 4 - 0.5), rel=1e-15)
                     for i in range(8)]
-    rows = train_lib.read_log(run)
+    rows = runs_lib.read_log(run)
     assert rows[-1]["lr"] == seen[-1]
 
 
@@ -100,15 +102,15 @@ def test_each_step_uses_the_scheduled_rate(bmnist, tmp_path, monkeypatch):
 
 def test_eval_every_evaluates_every_k_epochs_and_the_last(bmnist, tmp_path, monkeypatch):
     calls = []
-    real = train_lib.evaluate_bound
+    real = evaluate_lib.evaluate_bound
 
     def counting(*args, **kw):
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(train_lib, "evaluate_bound", counting)
+    monkeypatch.setattr(evaluate_lib, "evaluate_bound", counting)
     run = _train(TINY, _tcfg(tmp_path, epochs=5, eval_every=2), bmnist)
-    rows = train_lib.read_log(run)
+    rows = runs_lib.read_log(run)
     assert [r["evaluated"] for r in rows] == [False, True, False, True, True]
     assert len(calls) == 2 * 3                                 # valid and test, 3 times
     for r in rows:
@@ -127,13 +129,13 @@ def test_eval_noise_fixed_scores_every_epoch_with_the_same_noise(bmnist, tmp_pat
     """"fixed": each split's noise is the same at every epoch (and differs between the
     splits); "epoch": each epoch draws its own, the streams of every run before the field."""
     streams = []
-    real = train_lib.evaluate_bound
+    real = evaluate_lib.evaluate_bound
 
     def recording(params, cfg, x, batch_size, rng, *args, **kw):
         streams.append(rng.bit_generator.state["state"]["state"])
         return real(params, cfg, x, batch_size, rng, *args, **kw)
 
-    monkeypatch.setattr(train_lib, "evaluate_bound", recording)
+    monkeypatch.setattr(evaluate_lib, "evaluate_bound", recording)
     tcfg = _tcfg(tmp_path, epochs=2, eval_noise=eval_noise)
     run = _train(TINY, tcfg, bmnist)
     valid1, test1, valid2, test2 = streams
@@ -142,10 +144,10 @@ def test_eval_noise_fixed_scores_every_epoch_with_the_same_noise(bmnist, tmp_pat
         assert (valid1, test1) == (valid2, test2)
     else:
         assert valid1 != valid2 and test1 != test2
-        old = [train_lib._derived_rng(tcfg.seed, 1, epoch, split)
+        old = [evaluate_lib.derived_rng(tcfg.seed, 1, epoch, split)
                .bit_generator.state["state"]["state"] for epoch in (1, 2) for split in (0, 1)]
         assert streams == old
-    saved = train_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5"))
+    saved = runs_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5"))
     assert saved.eval_noise == eval_noise
 
 
@@ -170,7 +172,7 @@ def test_an_old_config_loads_as_noise_of_each_epoch_and_a_resume_may_switch_to_f
                     log=notes.append, data=bmnist, progress=False,
                     resume_overrides=("eval_noise",))
     assert "note: resuming with eval_noise 'fixed' (was 'epoch')" in notes
-    assert train_lib.train_config_of(
+    assert runs_lib.train_config_of(
         ckpt_lib.load_checkpoint(run / "checkpoint.h5")).eval_noise == "fixed"
 
 
@@ -185,8 +187,8 @@ def test_a_resumed_schedule_continues_bit_for_bit(bmnist, tmp_path):
     b = ckpt_lib.load_checkpoint(split / "checkpoint.h5")
     for name in a.params:
         assert np.array_equal(a.params[name], b.params[name]), name
-    assert [r["lr"] for r in train_lib.read_log(straight)] == \
-        [r["lr"] for r in train_lib.read_log(split)]
+    assert [r["lr"] for r in runs_lib.read_log(straight)] == \
+        [r["lr"] for r in runs_lib.read_log(split)]
 
 
 def test_resume_can_start_a_new_phase_of_the_schedule(bmnist, tmp_path):
@@ -197,9 +199,9 @@ def test_resume_can_start_a_new_phase_of_the_schedule(bmnist, tmp_path):
                     log=notes.append, data=bmnist, progress=False,
                     resume_overrides=("lr", "eval_every"))
     assert any("lr 0.0002 (was 0.001)" in n for n in notes)
-    rows = train_lib.read_log(run)
+    rows = runs_lib.read_log(run)
     assert [r["lr"] for r in rows] == [1e-3, 2e-4]
-    assert train_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5")).lr == 2e-4
+    assert runs_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5")).lr == 2e-4
     with pytest.raises(ValueError, match="a resumed run keeps its seed"):
         train_lib.train(None, TrainConfig(epochs=3, device="cpu", resume=str(run)),
                         log=notes.append, data=bmnist, progress=False,
@@ -215,8 +217,8 @@ def test_resume_can_change_the_batch_size_for_a_new_phase(bmnist, tmp_path):
                     log=notes.append, data=bmnist, progress=False,
                     resume_overrides=("batch_size",))
     assert "note: resuming with batch_size 100 (was 50)" in notes
-    assert [r["step"] for r in train_lib.read_log(run)] == [4, 6]
-    assert train_lib.train_config_of(
+    assert [r["step"] for r in runs_lib.read_log(run)] == [4, 6]
+    assert runs_lib.train_config_of(
         ckpt_lib.load_checkpoint(run / "checkpoint.h5")).batch_size == 100
 
 
@@ -225,7 +227,7 @@ def test_resume_can_change_the_batch_size_for_a_new_phase(bmnist, tmp_path):
 def test_export_keeps_the_parameters_and_a_checkable_bound(bmnist, tmp_path):
     run = _train(TINY, _tcfg(tmp_path, epochs=1), bmnist)
     out = tmp_path / "shipped.h5"
-    info = train_lib.export_model(run / "best.h5", out, bmnist.test, check_n=20, check_seed=5)
+    info = runs_lib.export_model(run / "best.h5", out, bmnist.test, check_n=20, check_seed=5)
     shipped = ckpt_lib.load_checkpoint(out)
     source = ckpt_lib.load_checkpoint(run / "best.h5")
     assert shipped.opt_state is None
@@ -233,7 +235,7 @@ def test_export_keeps_the_parameters_and_a_checkable_bound(bmnist, tmp_path):
     for name, value in source.params.items():
         assert shipped.params[name].dtype == np.float32
         assert np.array_equal(shipped.params[name], value.astype(np.float32)), name
-    row = train_lib.read_log(run)[0]
+    row = runs_lib.read_log(run)[0]
     assert shipped.extra["valid_bound"] == row["valid_bound"]
     assert shipped.extra["test_bound"] == row["test_bound"]
     check = shipped.extra["check"]

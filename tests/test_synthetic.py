@@ -8,6 +8,7 @@ import pytest
 
 from npdraw.data import synthetic
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
 from npdraw.config import DrawConfig, TrainConfig
 from npdraw.data import DataError, DataSplits, load_splits
 
@@ -219,7 +220,7 @@ def test_a_tiny_model_learns_two_digit_mnist(small_two_digit, tmp_path, monkeypa
                        eval_subset=200, seed=0, device="cpu", out=str(tmp_path),
                        name="two", lr=1e-2)
     run = train_lib.train(cfg, tcfg, log=lambda s: None, data=small_two_digit, progress=False)
-    log = train_lib.read_log(run)
+    log = runs_lib.read_log(run)
     assert draws == [500] * 4                             # a new training set every epoch
     # measured: 623 -> 603 nats over the 4 epochs
     assert log[-1]["valid_bound"] < log[0]["valid_bound"] - 10.0

@@ -16,6 +16,9 @@ import pytest
 from npdraw import checkpoint as ckpt_lib
 from npdraw import model as model_lib
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
+from npdraw import evaluate as evaluate_lib
+from npdraw import frames as frames_lib
 from npdraw.config import DrawConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,24 +58,27 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from npdraw import train as train_lib
+from npdraw import runs as runs_lib
+from npdraw import evaluate as evaluate_lib
+from npdraw import frames as frames_lib
 from npdraw.config import DrawConfig, TrainConfig
 from npdraw.data import load_splits
 data_dir, mirror, out, cfg_json, epochs, lr = sys.argv[2:8]
 cfg = DrawConfig.from_dict(json.loads(cfg_json))
 data = load_splits("bmnist", data_dir=data_dir, mirror=mirror, progress=False)
-start = train_lib.evaluate_bound(train_lib.init_model(cfg, 0, data.train[:2000]), cfg,
+start = evaluate_lib.evaluate_bound(train_lib.init_model(cfg, 0, data.train[:2000]), cfg,
                                  data.valid[:2000], 500, np.random.default_rng(0))
 tcfg = TrainConfig(epochs=int(epochs), batch_size=20, subset=2000, eval_subset=2000,
                    lr=float(lr), seed=0, device="cpu", out=out, name="learn",
                    data_dir=data_dir, mirror=mirror)
 run = train_lib.train(cfg, tcfg, log=lambda *a: None, data=data, progress=False)
-params = train_lib.load_checkpoint(run / "checkpoint.h5").params
+params = runs_lib.load_checkpoint(run / "checkpoint.h5").params
 x = data.test[:200]
-ev = {"bound": train_lib.evaluate_bound(params, cfg, x, 100, np.random.default_rng(0)),
-      "bound_b200": train_lib.evaluate_bound(params, cfg, x, 200, np.random.default_rng(0))}
-ev["iwae10"], ev["bound10"] = train_lib.evaluate_iwae_and_bound(params, cfg, x, 10, 200,
+ev = {"bound": evaluate_lib.evaluate_bound(params, cfg, x, 100, np.random.default_rng(0)),
+      "bound_b200": evaluate_lib.evaluate_bound(params, cfg, x, 200, np.random.default_rng(0))}
+ev["iwae10"], ev["bound10"] = evaluate_lib.evaluate_iwae_and_bound(params, cfg, x, 10, 200,
                                                                 np.random.default_rng(1))
-ev["iwae1"] = train_lib.evaluate_iwae(params, cfg, x, 1, 200, np.random.default_rng(2))
+ev["iwae1"] = evaluate_lib.evaluate_iwae(params, cfg, x, 1, 200, np.random.default_rng(2))
 print(json.dumps({"start": start, "run": str(run), "eval": ev}))
 """
 
@@ -98,7 +104,7 @@ def learned(bmnist_data_dir, bmnist_mirror, tmp_path_factory):
 
 def test_attention_model_learns_on_real_images(bmnist_data_dir, bmnist_mirror, tmp_path):
     start, run, _ = _learn(LEARN_ATTENTION, 6, 3e-3, bmnist_data_dir, bmnist_mirror, tmp_path)
-    rows = train_lib.read_log(run)
+    rows = runs_lib.read_log(run)
     assert 195 < start < 215
     assert rows[-1]["valid_bound"] < 0.9 * start, (start, [r["valid_bound"] for r in rows])
     assert rows[-1]["train_kl"] > 1.0          # the encoder's reads reach the latents
@@ -107,7 +113,7 @@ def test_attention_model_learns_on_real_images(bmnist_data_dir, bmnist_mirror, t
 def test_one_epoch_on_real_images_lowers_the_bound_clearly(learned):
     start, run, _ = learned
     assert 195 < start < 215          # about the entropy of the mean binarized-MNIST image
-    row = train_lib.read_log(run)[0]
+    row = runs_lib.read_log(run)[0]
     assert row["valid_bound"] < 0.9 * start, (start, row)
     assert row["test_bound"] < 0.9 * start
     assert len(row["kl"]) == LEARN.T and all(k >= 0 for k in row["kl"])
@@ -154,7 +160,7 @@ def test_run_dir_layout_config_and_log(bmnist, tmp_path):
     assert best.epoch == best_epoch and best.extra["best_epoch"] == best_epoch
 
     # The same name again makes a new dir instead of clobbering this one.
-    again = train_lib._unique_run_dir(tmp_path, "run")
+    again = runs_lib.unique_run_dir(tmp_path, "run")
     assert again == tmp_path / "run-2" and again.is_dir()
     assert (run / "log.jsonl").read_text().count("\n") == 2
 
@@ -172,7 +178,7 @@ def test_noise_drawn_ahead_is_the_inline_sequence(bmnist, tmp_path, monkeypatch)
     monkeypatch.setattr(train_lib.model_lib, "loss_and_grads", recording)
     tcfg = _tcfg(tmp_path, epochs=2, subset=130, batch_size=50)   # 50, 50, 30
     train_lib.train(TINY, tcfg, log=_quiet([]), data=bmnist, progress=False)
-    rng = train_lib._new_rng(tcfg.seed)
+    rng = runs_lib.new_rng(tcfg.seed)
     expected = []
     for _ in range(2):
         rng.permutation(130)
@@ -210,7 +216,7 @@ def test_resume_is_bitwise_identical_to_a_straight_run(bmnist, tmp_path):
     assert a.rng_state == b.rng_state
     log_text = (split / "log.jsonl").read_text()
     assert log_text.startswith(first_line)          # earlier lines kept
-    rows_a, rows_b = train_lib.read_log(straight), train_lib.read_log(split)
+    rows_a, rows_b = runs_lib.read_log(straight), runs_lib.read_log(split)
     assert [r["epoch"] for r in rows_b] == [1, 2]
     for ra, rb in zip(rows_a, rows_b):
         for key in ("train_bound", "valid_bound", "test_bound", "kl", "grad_norm", "step_norm"):
@@ -238,7 +244,7 @@ def test_a_run_folder_saved_with_the_retired_workers_field_resumes(bmnist, tmp_p
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "train": old}))
 
-    saved = train_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5"))
+    saved = runs_lib.train_config_of(ckpt_lib.load_checkpoint(run / "checkpoint.h5"))
     assert saved == TrainConfig.from_dict({**old, "workers": 2}) and saved.ranks == 0
     with pytest.raises(ValueError, match="unknown TrainConfig fields: .'threads'."):
         TrainConfig.from_dict({**old, "threads": 2})           # only retired names are dropped
@@ -277,7 +283,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
 
     _patched_loss(monkeypatch, per_epoch + 2, nan_loss)     # epoch 2, iteration 2
     lines = []
-    with pytest.raises(train_lib.NonFiniteLossError) as info:
+    with pytest.raises(runs_lib.NonFiniteLossError) as info:
         train_lib.train(TINY, _tcfg(tmp_path, epochs=3), log=lines.append, data=bmnist,
                         progress=False)
     message = str(info.value)
@@ -289,7 +295,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
     for name, value in seen["ckpt"].items():
         assert np.array_equal(ckpt.params[name], value), name
     assert all(np.isfinite(v).all() for v in ckpt.params.values())
-    assert len(train_lib.read_log(tmp_path / "run")) == 1
+    assert len(runs_lib.read_log(tmp_path / "run")) == 1
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -301,7 +307,7 @@ def test_infinite_gradient_norm_is_caught_too(bmnist, tmp_path, monkeypatch):
         return loss, grads, stats
 
     _patched_loss(monkeypatch, 3, inf_grads)
-    with pytest.raises(train_lib.NonFiniteLossError,
+    with pytest.raises(runs_lib.NonFiniteLossError,
                        match=r"gradient norm is (inf|nan) at epoch 1"):
         train_lib.train(TINY, _tcfg(tmp_path), log=_quiet([]), data=bmnist, progress=False)
     ckpt = ckpt_lib.load_checkpoint(tmp_path / "run" / "checkpoint.h5")
@@ -317,7 +323,7 @@ def test_ctrl_c_keeps_the_last_completed_epoch_and_resumes_exactly(bmnist, tmp_p
 
     _patched_loss(monkeypatch, 200 // 50 + 3, interrupt)
     lines = []
-    with pytest.raises(train_lib.TrainingInterrupted) as info:
+    with pytest.raises(runs_lib.TrainingInterrupted) as info:
         train_lib.train(TINY, _tcfg(tmp_path, epochs=2, name="stopped"), log=lines.append,
                         data=bmnist, progress=False)
     run = tmp_path / "stopped"
@@ -365,9 +371,9 @@ def test_corrupt_checkpoint_is_a_value_error(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="damaged or truncated"):
-        train_lib.load_checkpoint(path)
+        runs_lib.load_checkpoint(path)
     with pytest.raises(ValueError, match="does not exist"):
-        train_lib.load_checkpoint(tmp_path / "missing.h5")
+        runs_lib.load_checkpoint(tmp_path / "missing.h5")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -384,9 +390,9 @@ def test_iwae_is_at_least_as_tight_as_the_bound(learned):
     assert ev["bound_b200"] == pytest.approx(bound, rel=0.01)
     params = _params(run / "checkpoint.h5")
     x = np.zeros((0, LEARN.D), np.float32)
-    assert math.isnan(train_lib.evaluate_bound(params, LEARN, x, 10, np.random.default_rng(0)))
+    assert math.isnan(evaluate_lib.evaluate_bound(params, LEARN, x, 10, np.random.default_rng(0)))
     with pytest.raises(ValueError, match="at least 1"):
-        train_lib.evaluate_iwae(params, LEARN, x, 0, 10, np.random.default_rng(0))
+        evaluate_lib.evaluate_iwae(params, LEARN, x, 0, 10, np.random.default_rng(0))
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -394,11 +400,11 @@ def test_iwae_is_at_least_as_tight_as_the_bound(learned):
 def test_window_box_covers_the_filter_span():
     # centre of a 28-pixel image, stride 2, N=5: [14.5 - 5, 14.5 + 5] in 1-based coords,
     # i.e. 0-based continuous [9, 19] -> pixel columns 9..18.
-    assert train_lib.window_box(14.5, 14.5, 2.0, 5, 28, 28) == (9, 9, 18, 18)
-    assert train_lib.window_box(14.5, 14.5, 2.0, 5, 28, 28, scale=2) == (18, 18, 37, 37)
-    assert train_lib.window_box(1.0, 28.0, 100.0, 5, 28, 28) == (0, 0, 27, 27)   # clipped
-    assert train_lib.window_box(-50.0, 10.0, 1.0, 3, 28, 28) is None             # outside
-    assert train_lib.window_box(float("nan"), 10.0, 1.0, 3, 28, 28) is None
+    assert frames_lib.window_box(14.5, 14.5, 2.0, 5, 28, 28) == (9, 9, 18, 18)
+    assert frames_lib.window_box(14.5, 14.5, 2.0, 5, 28, 28, scale=2) == (18, 18, 37, 37)
+    assert frames_lib.window_box(1.0, 28.0, 100.0, 5, 28, 28) == (0, 0, 27, 27)   # clipped
+    assert frames_lib.window_box(-50.0, 10.0, 1.0, 3, 28, 28) is None             # outside
+    assert frames_lib.window_box(float("nan"), 10.0, 1.0, 3, 28, 28) is None
 
 
 def test_render_frames_draws_red_write_windows():
@@ -407,8 +413,8 @@ def test_render_frames_draws_red_write_windows():
     canvases = rng.uniform(0, 1, (T, B, 28 * 28)).astype(np.float32) * 0.0   # black images
     windows = {"cx": np.full((T, B), 14.5), "cy": np.full((T, B), 14.5),
                "stride": np.full((T, B), 1.0), "sigma": np.ones((T, B)), "N": 5}
-    frames = train_lib.render_frames(canvases, windows, (1, 28, 28), 2, 3, boxes=True, scale=2)
-    plain = train_lib.render_frames(canvases, windows, (1, 28, 28), 2, 3, boxes=False, scale=2)
+    frames = frames_lib.render_frames(canvases, windows, (1, 28, 28), 2, 3, boxes=True, scale=2)
+    plain = frames_lib.render_frames(canvases, windows, (1, 28, 28), 2, 3, boxes=False, scale=2)
     assert len(frames) == T
     assert frames[0].ndim == 3 and frames[0].shape[2] == 3 and frames[0].dtype == np.uint8
     red = (frames[0][..., 0] > 200) & (frames[0][..., 1] < 50) & (frames[0][..., 2] < 50)
@@ -416,7 +422,7 @@ def test_render_frames_draws_red_write_windows():
     assert red.sum() == 6 * 36
     assert not ((plain[0][..., 0] > 200) & (plain[0][..., 1] < 50)).any()
     with pytest.raises(ValueError, match="needs 9 images"):
-        train_lib.render_frames(canvases, None, (1, 28, 28), 3, 3)
+        frames_lib.render_frames(canvases, None, (1, 28, 28), 3, 3)
 
 
 # ----------------------------------------------------------------------------- peepholes
@@ -511,7 +517,7 @@ def test_one_step_with_a_small_clip_is_loss_and_grads_then_clipped_adam(bmnist, 
     run = train_lib.train(TINY, tcfg, log=_quiet([]), data=bmnist, progress=False)
     x = np.asarray(bmnist.train[:50], np.float32)
     params = train_lib.init_model(TINY, tcfg.seed, x)
-    rng = train_lib._new_rng(tcfg.seed)
+    rng = runs_lib.new_rng(tcfg.seed)
     perm = rng.permutation(50)
     eps = rng.standard_normal((TINY.T, 50, TINY.z_dim), dtype=np.float32)
     _, grads, _ = model_lib.loss_and_grads(params, TINY, x[perm], eps)

@@ -1,0 +1,412 @@
+"""A run folder and what it holds: the folder, its log.jsonl, its checkpoints, the resume
+of a run from them, the shipped model (export_model), and the messages of a run that
+stops early. Both epoch loops (train.py) keep their runs through these functions, so
+that a DRAW run and a classifier run are written, resumed and stopped alike.
+
+    RUN/config.json     the configs of the run as resolved
+    RUN/log.jsonl       one JSON object per completed epoch (see docs/TRAINING.md)
+    RUN/checkpoint.h5   the latest completed state (checkpoint.py)
+    RUN/best.h5         the state with the best validation score so far
+
+An epoch is committed log line first, then best.h5, then checkpoint.h5 (commit_epoch):
+a resume keeps the log lines of the epochs its checkpoint holds and drops the rest.
+
+Dimension legend
+    D  C*H*W, one image flattened
+    E  images (examples) of a split
+    P  the number of parameter values (in a flat buffer)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+
+from . import backend
+from . import checkpoint as ckpt_lib
+from . import evaluate
+from . import guards
+from .config import ClassifyConfig, DrawConfig, TrainConfig
+
+
+# ----------------------------------------------------------------------------- the stop messages
+
+class TrainingStopped(RuntimeError):
+    """Training ended before the target epoch; ``run_dir`` holds the last good checkpoint."""
+
+    def __init__(self, message: str, run_dir: Path | None = None):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+class NonFiniteLossError(TrainingStopped):
+    """A NaN or infinite loss (or gradient norm) appeared; nothing bad was saved."""
+
+
+class TrainingInterrupted(TrainingStopped):
+    """Ctrl-C or SIGTERM (``signum``); the checkpoint of the last completed epoch is on disk."""
+
+    def __init__(self, message: str, run_dir: Path | None = None, signum: int = signal.SIGINT):
+        super().__init__(message, run_dir)
+        self.signum = int(signum)
+
+
+class WriteFailed(TrainingStopped):
+    """A file of the run could not be written (a full disk, permissions); the last
+    checkpoint stands."""
+
+
+def interrupted_message(interrupt, epoch: int, ckpt_path: Path, run_dir: Path):
+    """-> (the message that a run stopped by SIGINT/SIGTERM prints, the signal number)."""
+    signum = getattr(interrupt, "signum", signal.SIGINT)
+    how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    return (f"interrupted{how} in epoch {epoch}; {ckpt_path} holds the last completed epoch "
+            f"({saved_epoch(ckpt_path)}). Continue with: --resume {run_dir}"), signum
+
+
+def write_failed_message(err, epoch: int, ckpt_path: Path) -> str:
+    """The message of a failed save (WriteFailed) or log or picture write (OSError)."""
+    if isinstance(err, WriteFailed):
+        return str(err)
+    return (guards.os_error_sentence(err, f"write the files of epoch {epoch}")
+            + f"; {ckpt_path} holds the last completed epoch ({saved_epoch(ckpt_path)})")
+
+
+def saved_epoch(path: Path):
+    try:
+        return f"epoch {int(ckpt_lib.load_checkpoint(path).epoch)}"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "unreadable"
+
+
+# ----------------------------------------------------------------------------- a run's state on a device and on disk
+
+def arrays_to_device(arrays: dict, device: str, dtype=None) -> dict:
+    """{name: array} -> owned, writable copies on ``device`` ('cpu'/'gpu'), floats cast to
+    ``dtype`` when given."""
+    out = {}
+    for name, value in arrays.items():
+        host = np.array(backend.to_numpy(value), copy=True)  # writable, owned
+        if dtype is not None and host.dtype.kind == "f":
+            host = host.astype(dtype, copy=False)
+        out[name] = backend.to_device(host, device)
+    return out
+
+
+def _to_host_dict(arrays: dict) -> dict:
+    return {name: backend.to_numpy(value) for name, value in arrays.items()}
+
+
+def _opt_state_to(state: dict, device: str, dtype=None) -> dict:
+    return {"m": arrays_to_device(state["m"], device, dtype),
+            "v": arrays_to_device(state["v"], device, dtype),
+            "step": int(state["step"])}
+
+
+def _opt_state_host(state: dict) -> dict:
+    return {"m": _to_host_dict(state["m"]), "v": _to_host_dict(state["v"]),
+            "step": int(state["step"])}
+
+
+def new_rng(seed: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def rng_from_state(state) -> np.random.Generator:
+    if isinstance(state, (str, bytes)):
+        state = json.loads(state)
+    if not isinstance(state, dict) or "bit_generator" not in state:
+        raise ValueError("checkpoint holds no usable RNG state; it cannot be resumed exactly")
+    name = state["bit_generator"]     # never call a name that is not a bit generator
+    bit_gen_cls = getattr(np.random, name, None) if name in ckpt_lib.BIT_GENERATORS else None
+    if bit_gen_cls is None:
+        raise ValueError(f"checkpoint RNG {state['bit_generator']!r} is unknown to this NumPy")
+    bit_gen = bit_gen_cls()
+    bit_gen.state = state
+    return np.random.Generator(bit_gen)
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def unique_run_dir(out: Path, name: str) -> Path:
+    """``out/name``, or ``out/name-2``, ``-3``... when taken; created here (no clobbering).
+    ValueError with one sentence when the folder cannot be made."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"cannot create the run folder under --out {out}: "
+                         f"{out} is {guards.what_blocks_a_folder(out)}, not a folder") from None
+    except OSError as err:
+        raise ValueError(guards.os_error_sentence(err, f"create the --out folder {out}")) from None
+    candidate, i = out / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            i += 1
+            candidate = out / f"{name}-{i}"
+        except OSError as err:
+            raise ValueError(guards.os_error_sentence(
+                err, f"create the run folder {candidate}")) from None
+
+
+@contextlib.contextmanager
+def alone_on_root(comm):
+    """Work that rank 0 does alone before the epoch loop (the lock, the run folder, its
+    first files). Should it fail, the other ranks would wait for rank 0 in their next
+    collective forever: under MPI its error, in one sentence, ends every rank."""
+    try:
+        yield
+    except Exception as err:                 # noqa: BLE001 - any error leaves them waiting
+        if comm.size > 1:
+            comm.abort(str(err))
+        raise
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Temporary checkpoint files left by a process that was killed mid-save (the caller
+    holds the run folder's lock, so no other process is writing them)."""
+    for tmp in run_dir.glob(".*.h5.tmp-*"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------------------- log.jsonl
+
+def read_log_file(path: Path, warn=None) -> list:
+    """The records of a log.jsonl (a missing file holds none), checked.
+
+    A last line without its newline that is not valid JSON was cut off by a crash while
+    it was written: it is dropped, with a message to ``warn`` (default: a
+    RuntimeWarning). Any other bad line, or epochs that do not increase (two processes
+    writing one log), is a ValueError naming the line.
+    """
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    rows, previous = [], None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except RecursionError:
+            raise ValueError(f"{path}, line {number}: nested too deeply to be an epoch "
+                             "record") from None
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                message = (f"{path}: dropped the cut-off last line {number} (an interrupted "
+                           "write)")
+                if warn is None:
+                    import warnings
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
+                else:
+                    warn(f"note: {message}")
+                break
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column "
+                             f"{err.colno})") from None
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise ValueError(f"{path}, line {number}: not an epoch record (no integer 'epoch')")
+        if previous is not None and epoch <= previous:
+            raise ValueError(f"{path}, line {number}: epoch {epoch} follows epoch {previous}; "
+                             "the log holds duplicated or out-of-order epochs (did two "
+                             "processes write into this run folder?)")
+        previous = epoch
+        rows.append(row)
+    return rows
+
+
+def read_log(run_dir, warn=None) -> list:
+    """The epoch records of RUN/log.jsonl (list of dicts); ValueError when absent/empty
+    or damaged (see _read_log; ``warn`` receives the note on a cut-off last line)."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise ValueError(f"no training log at {path}")
+    rows = read_log_file(path, warn)
+    if not rows:
+        raise ValueError(f"{path} holds no epochs yet")
+    return rows
+
+
+def append_log(path: Path, record: dict) -> None:
+    """Append one line to log.jsonl; a failed write (a full disk, a second Ctrl-C) is
+    undone, so the log never ends in a partial line written by this process."""
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    with open(path, "ab") as fh:
+        size = fh.tell()
+        try:
+            fh.write(line)
+            fh.flush()
+        except BaseException:
+            try:
+                fh.truncate(size)
+            except OSError:
+                pass
+            raise
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def train_config_of(ckpt) -> TrainConfig | None:
+    """The TrainConfig a checkpoint recorded, or None."""
+    tc = getattr(ckpt, "train_cfg", None)
+    if tc is None or isinstance(tc, TrainConfig):
+        return tc
+    if isinstance(tc, str):
+        tc = json.loads(tc)
+    return TrainConfig.from_dict(dict(tc))
+
+
+def classify_config_of(ckpt) -> ClassifyConfig | None:
+    """The ClassifyConfig a classifier checkpoint recorded, or None."""
+    tc = getattr(ckpt, "train_cfg", None)
+    if tc is None or isinstance(tc, ClassifyConfig):
+        return tc
+    return ClassifyConfig.from_dict(dict(json.loads(tc) if isinstance(tc, str) else tc))
+
+
+def checkpoint_file(path) -> Path:
+    """The file a checkpoint argument names: a run dir means its best.h5, else its
+    checkpoint.h5; a file means itself. ValueError if a run dir holds neither."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.h5", "checkpoint.h5"):
+            if (path / name).is_file():
+                return path / name
+        raise ValueError(f"{path} holds neither best.h5 nor checkpoint.h5")
+    return path
+
+
+def load_checkpoint(path):
+    """checkpoint.load_checkpoint with every read failure as a ValueError naming the file
+    (path: a file or a run dir, see checkpoint_file)."""
+    path = checkpoint_file(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = ckpt_lib.load_checkpoint(path)
+        ckpt_lib.check_complete(ckpt, path)   # e.g. no params/c0: one sentence, not KeyError
+        return ckpt
+    except ValueError:  # CheckpointError: its message names the file already
+        raise
+    except (OSError, KeyError, TypeError) as err:  # anything checkpoint.py did not wrap
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+
+
+def model_params(ckpt) -> tuple:
+    """(the parameters that a checkpoint's model is, whether they are a moving average):
+    its EMA {name: (P,)} when it holds one (a run with ema_decay > 0), else its params,
+    which an exported model (``export_model``) says are an average in its extra."""
+    ema = getattr(ckpt, "ema", None)
+    if ema is not None:
+        return ema, True
+    return ckpt.params, bool((getattr(ckpt, "extra", None) or {}).get("ema", False))
+
+
+def save_state(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra, ema=None) -> None:
+    """save_checkpoint (ema: the parameters' moving average, or None); a failure is a
+    WriteFailed that says what is still intact."""
+    try:
+        ckpt_lib.save_checkpoint(path, cfg, _to_host_dict(params),
+                                 opt_state=_opt_state_host(opt_state), epoch=int(epoch),
+                                 rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra,
+                                 ema=None if ema is None else _to_host_dict(ema))
+    except ckpt_lib.CheckpointError as err:
+        what = "the checkpoint" if path.name == "checkpoint.h5" else path.name
+        intact = (f"the checkpoint of epoch {epoch - 1} is intact" if epoch > 0
+                  else "no epoch had been trained yet")
+        if isinstance(err, ckpt_lib.DiskFullError):
+            message = f"no space left on {path.parent} while saving {what} of epoch {epoch}"
+        else:
+            message = f"{err} (while saving {what} of epoch {epoch})"
+        raise WriteFailed(f"{message}; {intact}", path.parent) from None
+
+
+def resumed_state(ckpt, run_dir: Path, device: str):
+    """(params, opt_state, rng, epoch, extra) of a checkpoint being resumed, on ``device``."""
+    if ckpt.opt_state is None:
+        raise ValueError(f"cannot resume: {run_dir / 'checkpoint.h5'} holds no optimizer state")
+    return (arrays_to_device(ckpt.params, device), _opt_state_to(ckpt.opt_state, device),
+            rng_from_state(ckpt.rng_state), int(ckpt.epoch), dict(ckpt.extra or {}))
+
+
+def commit_epoch(run_dir: Path, record: dict, is_best: bool, cfg, params, opt_state,
+                  epoch, rng, tcfg, extra, ema=None) -> None:
+    """An epoch's record into RUN/log.jsonl, then its state (with the EMA ``ema`` when
+    not None) into best.h5 (when best) and checkpoint.h5. The log line comes first:
+    should the saves not happen, a resume from the previous checkpoint drops this line
+    again."""
+    append_log(run_dir / "log.jsonl", record)
+    if is_best:
+        save_state(run_dir / "best.h5", cfg, params, opt_state, epoch, rng, tcfg, extra, ema)
+    save_state(run_dir / "checkpoint.h5", cfg, params, opt_state, epoch, rng, tcfg, extra, ema)
+
+
+def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
+                 check_n: int = 100, check_seed: int = 0) -> dict:
+    """Write the parameters of a checkpoint, float32 and nothing else that trains, to
+    ``out_path``: the model to ship. They are the checkpoint's moving average of its
+    parameters when it holds one (``model_params``; then ``"ema": true`` and the
+    decay are recorded), else its parameters.
+
+    The file records the model config, the epoch and, from RUN/log.jsonl beside the
+    checkpoint, that epoch's valid and test bounds. With ``test_x`` (E, D) it also
+    records ``fixed_noise_bound`` of its first ``check_n`` images (seed ``check_seed``),
+    the figure a test recomputes. Returns what it recorded (the file's ``extra``).
+    """
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    source, is_ema = model_params(ckpt)
+    params = {k: np.asarray(v, dtype=np.float32) for k, v in source.items()}
+    info = {"epoch": int(ckpt.epoch), "source": ckpt_path.name}
+    if is_ema:
+        saved = train_config_of(ckpt)
+        info.update(ema=True, ema_decay=None if saved is None else saved.ema_decay)
+    log_path = ckpt_path.parent / "log.jsonl"
+    if log_path.is_file():
+        rows = [r for r in read_log_file(log_path) if int(r.get("epoch", 0)) <= int(ckpt.epoch)]
+        if rows and int(rows[-1]["epoch"]) == int(ckpt.epoch):
+            for key in ("train_bound", "valid_bound", "test_bound", "step", "lr"):
+                info[key] = rows[-1].get(key)
+            info["hours"] = sum(float(r.get("wall_s", 0.0)) for r in rows) / 3600.0
+    if test_x is not None:
+        x = np.asarray(test_x[:check_n])
+        info["check"] = {"split": "test", "n": int(x.shape[0]), "seed": int(check_seed),
+                         "dtype": "float64",
+                         "bound": evaluate.fixed_noise_bound(params, ckpt.cfg, x, check_seed)}
+    ckpt_lib.save_checkpoint(out_path, ckpt.cfg, params, opt_state=None,
+                             epoch=int(ckpt.epoch), train_cfg=train_config_of(ckpt),
+                             extra=info)
+    return info
+
+
+# ----------------------------------------------------------------------------- the data a run reads
+
+def check_data_shape(cfg: DrawConfig, shape) -> None:
+    """ValueError unless the data set's (C, H, W) is the model's."""
+    c, h, w = (int(s) for s in shape)
+    if (cfg.channels, cfg.height, cfg.width) != (c, h, w):
+        raise ValueError(f"the model is for {cfg.channels}x{cfg.height}x{cfg.width} images, "
+                         f"the data set has {c}x{h}x{w}")
+
+
+def load_data(tcfg: TrainConfig, progress: bool):
+    """data.load_splits for the data set, folder and mirror that ``tcfg`` names."""
+    from . import data as data_lib  # imported lazily: only training/evaluation need it
+    return data_lib.load_splits(tcfg.dataset, data_dir=tcfg.data_dir, mirror=tcfg.mirror,
+                                folder=tcfg.folder, progress=progress)
+
+
+def load_split(tcfg: TrainConfig, split: str, progress: bool) -> tuple:
+    """data.load_split: one split (E, D) and the image shape, for what ``tcfg`` names."""
+    from . import data as data_lib
+    return data_lib.load_split(tcfg.dataset, split, data_dir=tcfg.data_dir, mirror=tcfg.mirror,
+                               folder=tcfg.folder, progress=progress)

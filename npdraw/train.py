@@ -222,9 +222,10 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
 
 @dataclasses.dataclass(frozen=True)
 class _Run:
-    """What stays fixed through the epochs of a DRAW run."""
-    cfg: DrawConfig
-    tcfg: TrainConfig
+    """What stays fixed through the epochs of a run (DRAW's, or the classifier's: then
+    tcfg is its ClassifyConfig)."""
+    cfg: DrawConfig | ClassifierConfig
+    tcfg: TrainConfig | ClassifyConfig
     comm: object             # distributed.SingleProcess or MPIRanks
     device: str
     dtype: np.dtype
@@ -599,11 +600,12 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
         runs.save_state(run_dir / "checkpoint.h5", cfg, state.params, state.opt_state, 0,
                         state.rng, ccfg, state.extra("best_valid_error", run_dir))
 
+    run = _Run(cfg, ccfg, one, device, dtype, run_dir, log, progress, eval_batch)
     with runs.Stops(run_dir, one, log, state.epoch) as stops:
         for epoch in range(state.epoch + 1, ccfg.epochs + 1):
             stops.epoch = epoch
-            _classifier_epoch(cfg, ccfg, state, run_dir, (train_digits, train_y), valid, test,
-                              epoch, dtype, device, log, progress, eval_batch, stop, stops)
+            _classifier_epoch(run, state, (train_digits, train_y), valid, test, epoch, stop,
+                              stops)
     log(f"done: {ccfg.epochs} epochs; best valid error {100 * state.best:.2f}% (epoch "
         f"{state.best_epoch}; {n_train} training digits); run dir {run_dir}")
     return run_dir
@@ -633,21 +635,21 @@ def _resumed_classify_config(cfg, ccfg: ClassifyConfig, ckpt, overrides, log) ->
         "resume": str(ccfg.resume), **{k: getattr(ccfg, k) for k in overrides}})
 
 
-def _classifier_epoch(cfg, ccfg, state: runs.RunState, run_dir: Path, train: tuple,
-                      valid: tuple, test: tuple, epoch: int, dtype, device: str, log,
-                      progress: bool, eval_batch: int, stop, stops) -> None:
+def _classifier_epoch(run: _Run, state: runs.RunState, train: tuple, valid: tuple,
+                      test: tuple, epoch: int, stop, stops) -> None:
     """One epoch of the classifier on digits cluttered afresh: its steps, its scores, its
     record committed and logged. train: (digits, labels); valid, test: (x, y)."""
     from . import classifier as clf
     from .data import synthetic
+    cfg, ccfg, device, eval_batch = run.cfg, run.tcfg, run.device, run.eval_batch
     t0 = time.perf_counter()
     train_digits, train_y = train
     n_train = int(train_digits.shape[0])
     train_x = synthetic.clutter(train_digits, train_digits,
                                 evaluate.derived_rng(ccfg.seed, 3, epoch), cfg.height,
-                                ccfg.distractors, ccfg.crop).astype(dtype, copy=False)
+                                ccfg.distractors, ccfg.crop).astype(run.dtype, copy=False)
     n_iter = (n_train + ccfg.batch_size - 1) // ccfg.batch_size
-    bar = Progress(f"epoch {epoch}/{ccfg.epochs}", n_iter, progress, rate_unit="it/s")
+    bar = Progress(f"epoch {epoch}/{ccfg.epochs}", n_iter, run.progress, rate_unit="it/s")
     perm = state.rng.permutation(n_train)
     loss_sum = gnorm_sum = 0.0
     errors = 0
@@ -687,11 +689,11 @@ def _classifier_epoch(cfg, ccfg, state: runs.RunState, run_dir: Path, train: tup
         "best": bool(is_best), "wall_s": time.perf_counter() - t0,
         "time": _dt.datetime.now().isoformat(timespec="seconds"),
     }
-    runs.commit_epoch(run_dir, record, is_best, cfg, state.params, state.opt_state, epoch,
-                      state.rng, ccfg, state.extra("best_valid_error", run_dir))
+    runs.commit_epoch(run.run_dir, record, is_best, cfg, state.params, state.opt_state, epoch,
+                      state.rng, ccfg, state.extra("best_valid_error", run.run_dir))
     state.epoch = epoch
-    log(f"epoch {epoch}/{ccfg.epochs}  train {record['train_loss']:.4f} "
-        f"({100 * record['train_error']:.2f}% wrong)  valid {valid_loss:.4f} "
-        f"({100 * valid_error:.2f}%)  test {test_loss:.4f} ({100 * test_error:.2f}%)  "
-        f"|g| {record['grad_norm']:.2f}  {record['wall_s']:.1f}s"
-        + ("  *best*" if is_best else ""))
+    run.log(f"epoch {epoch}/{ccfg.epochs}  train {record['train_loss']:.4f} "
+            f"({100 * record['train_error']:.2f}% wrong)  valid {valid_loss:.4f} "
+            f"({100 * valid_error:.2f}%)  test {test_loss:.4f} ({100 * test_error:.2f}%)  "
+            f"|g| {record['grad_norm']:.2f}  {record['wall_s']:.1f}s"
+            + ("  *best*" if is_best else ""))

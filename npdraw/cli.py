@@ -444,7 +444,6 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
     from npdraw import images as images_lib
     from npdraw.data import synthetic
     from npdraw import runs as runs_lib
-    from npdraw import train as train_lib
 
     ckpt_path, ckpt = _checkpoint(checkpoint, ClassifierConfig)
     cfg = ckpt.cfg
@@ -453,7 +452,7 @@ def classify_eval(checkpoint, split, subset, data_dir, mirror, batch_size, pictu
                                      "eval_subset": subset, "resume": ""})
     digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size,
                                            ccfg.train_set)
-    valid, test = train_lib.cluttered_eval_sets(ccfg, cfg, digits)
+    valid, test = synthetic.cluttered_eval_sets(ccfg, cfg, digits)
     x, y = test if split == "test" else valid
     params = _params_on(ckpt, device)
     loss, error = clf.evaluate(params, cfg, x, y, batch_size)

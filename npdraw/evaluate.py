@@ -68,7 +68,7 @@ def _per_example_floats(cfg: DrawConfig, training: bool) -> int:
     ``training``): model.forward's stacked (features, T+1, B) buffers, the (T, B, .)
     gate, posterior and sigmoid(canvas) buffers, and per glimpse the LSTM, latent,
     canvas and attention (glimpse, patch, filterbank) arrays. An upper bound: it is
-    checked against tracemalloc's peaks in tests/test_guards.py."""
+    checked against tracemalloc's peaks in tests/test_hardening.py."""
     T, D, Z, He, Hd = cfg.T, cfg.D, cfg.z_dim, cfg.enc_dim, cfg.dec_dim
     rows = 2 + Z + Hd + (cfg.read_dim if cfg.attention else D) + He
     stacked = rows * (T + 1) + T * (2 * Z + 1 + D + 4 * He + 4 * Hd)

@@ -149,3 +149,20 @@ def reconstruct(params, cfg, x, eps):
     """
     x, eps, _, _ = check_inputs(params, cfg, x, eps)
     return reference.reconstruct(params, cfg, x, eps)
+
+
+# ---------------------------------------------------------------- peepholes added
+
+PEEPHOLE_PARAMS = ("enc_peep", "dec_peep")
+
+
+def with_zero_peepholes(cfg: DrawConfig, arrays: dict) -> dict:
+    """{name: (P,)} of a model without peepholes -> those of cfg's (with them), in
+    param_shapes' order, the peepholes zero (on the arrays' device and dtype)."""
+    like = arrays["c0"]
+    xp = get_array_module(like)
+    shapes = param_shapes(cfg)
+    out = {name: arrays[name] if name in arrays else xp.zeros(shape, like.dtype)
+           for name, shape in shapes.items() if name in arrays or name in PEEPHOLE_PARAMS}
+    # names cfg lacks stay, for check_compatible to report
+    return {**out, **{name: a for name, a in arrays.items() if name not in shapes}}

@@ -21,6 +21,7 @@ import math
 import numpy as np
 
 from .backend import get_array_module
+from .config import TrainConfig
 
 
 def _check_keys(params: dict, grads: dict, what: str = "grads") -> None:
@@ -213,3 +214,10 @@ def scheduled_lr(schedule: str, lr: float, epochs_done: float, *, lr_min: float 
         frac = min(s / decay_epochs, 1.0)
         return float(lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac)))
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def learning_rate(tcfg: TrainConfig, epochs_done: float) -> float:
+    """The schedule's learning rate after ``epochs_done`` epochs (scheduled_lr)."""
+    decay_epochs = tcfg.lr_decay_epochs or max(tcfg.epochs - tcfg.lr_hold, 1e-9)
+    return scheduled_lr(tcfg.lr_schedule, tcfg.lr, epochs_done, lr_min=tcfg.lr_min,
+                        hold=tcfg.lr_hold, gamma=tcfg.lr_gamma, decay_epochs=decay_epochs)

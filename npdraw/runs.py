@@ -19,6 +19,8 @@ Dimension legend
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime as _dt
 import json
 import signal
 from pathlib import Path
@@ -27,12 +29,14 @@ import numpy as np
 
 from . import backend
 from . import checkpoint as ckpt_lib
+from . import distributed
 from . import evaluate
 from . import guards
+from . import optim
 from .config import ClassifyConfig, DrawConfig, TrainConfig
 
 
-# ----------------------------------------------------------------------------- the stop messages
+# ----------------------------------------------------------------------------- stops
 
 class TrainingStopped(RuntimeError):
     """Training ended before the target epoch; ``run_dir`` holds the last good checkpoint."""
@@ -82,7 +86,64 @@ def saved_epoch(path: Path):
         return "unreadable"
 
 
-# ----------------------------------------------------------------------------- a run's state on a device and on disk
+class Stops:
+    """How an epoch loop that ends early ends, alike for both loops.
+
+    ``with runs.Stops(run_dir, comm, log, epoch) as stops:`` around the loop, which sets
+    ``stops.epoch`` to the epoch under way (before the first: ``epoch``, the last one
+    completed) and raises ``stops.non_finite(what)`` on a loss, gradient or bound that is
+    not finite. On the way out, each message logged once:
+
+    - Ctrl-C or SIGTERM: a TrainingInterrupted that says where to resume from (under MPI,
+      a Ctrl-C that reached one rank alone ends every rank);
+    - NonFiniteLossError: raised on;
+    - WriteFailed or OSError (rank 0's files: a save, the log line, the pictures): a
+      WriteFailed that says what is intact; under MPI every rank ends, as the others
+      cannot know;
+    - any other error: under MPI it ends every rank; in one process it is raised on.
+    """
+
+    def __init__(self, run_dir: Path, comm, log, epoch: int):
+        self.run_dir, self.comm, self.log, self.epoch = run_dir, comm, log, epoch
+        self.ckpt_path = run_dir / "checkpoint.h5"
+
+    def non_finite(self, what: str) -> NonFiniteLossError:
+        """The error that stops the run; nothing from the bad epoch has been saved."""
+        return NonFiniteLossError(f"{what}; training stopped. {self.ckpt_path} still holds "
+                                  f"epoch {self.epoch - 1} (try a smaller --lr or --clip)",
+                                  self.run_dir)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, traceback) -> bool:
+        comm, epoch, ckpt_path, run_dir = self.comm, self.epoch, self.ckpt_path, self.run_dir
+        if err is None:
+            return False
+        if isinstance(err, KeyboardInterrupt):
+            msg, signum = interrupted_message(err, epoch, ckpt_path, run_dir)
+            if comm.size > 1 and not isinstance(err, distributed.Interrupted):
+                comm.abort(msg + " (a second Ctrl-C: every rank was stopped at once)")
+            self.log(msg)
+            raise TrainingInterrupted(msg, run_dir, signum) from None
+        if isinstance(err, NonFiniteLossError):
+            self.log(str(err))
+            return False
+        if isinstance(err, (WriteFailed, OSError)):
+            msg = write_failed_message(err, epoch, ckpt_path)
+            if comm.size > 1:
+                comm.abort(msg)
+            self.log(msg)
+            raise WriteFailed(msg, run_dir) from None
+        if not isinstance(err, Exception) or comm.size == 1:
+            return False
+        comm.abort(f"{type(err).__name__}: {err} (in epoch {epoch}); stopping every rank. "
+                   f"{ckpt_path} holds the last completed epoch ({saved_epoch(ckpt_path)}). "
+                   f"Continue with: --resume {run_dir}")
+        return True          # MPI_Abort does not return; a test's stand-in for it may
+
+
+# ----------------------------------------------------------------------------- state
 
 def arrays_to_device(arrays: dict, device: str, dtype=None) -> dict:
     """{name: array} -> owned, writable copies on ``device`` ('cpu'/'gpu'), floats cast to
@@ -129,7 +190,7 @@ def rng_from_state(state) -> np.random.Generator:
     return np.random.Generator(bit_gen)
 
 
-# ----------------------------------------------------------------------------- the run folder
+# ----------------------------------------------------------------------------- run folder
 
 def unique_run_dir(out: Path, name: str) -> Path:
     """``out/name``, or ``out/name-2``, ``-3``... when taken; created here (no clobbering).
@@ -177,7 +238,50 @@ def remove_stale_temps(run_dir: Path) -> None:
             pass
 
 
-# ----------------------------------------------------------------------------- log.jsonl
+def open_resumed(run_dir, lock, comm) -> tuple:
+    """(run_dir, its checkpoint.h5 loaded) of a run to resume; rank 0 locks the folder
+    first. ValueError when there is no checkpoint to resume from."""
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoint.h5"
+    if not ckpt_path.is_file():
+        raise ValueError(f"cannot resume: {ckpt_path} does not exist")
+    if comm.is_root:
+        with alone_on_root(comm):
+            lock.acquire(run_dir)
+    return run_dir, load_checkpoint(ckpt_path)
+
+
+def new_run_dir(out, name: str, kind: str, lock, comm) -> Path:
+    """The folder of a new run, out/name (or out/<kind>-<date>-<time> without a name; see
+    unique_run_dir), made and locked by rank 0; every rank gets its path."""
+    run_name = name or _dt.datetime.now().strftime(f"{kind}-%Y%m%d-%H%M%S")
+    run_dir = None
+    if comm.is_root:
+        with alone_on_root(comm):
+            run_dir = unique_run_dir(Path(out), run_name)
+            lock.acquire(run_dir)
+    return Path(comm.broadcast_text(str(run_dir) if comm.is_root else ""))
+
+
+def write_config(run_dir: Path, configs: dict, stops: bool) -> None:
+    """RUN/config.json: {name: a config's to_dict()}. ``stops``: an OSError becomes a
+    WriteFailed (DRAW's loop, whose ranks all stop on one); else it is raised as is."""
+    path = run_dir / "config.json"
+    with _write_failed_if(stops, f"write {path}", run_dir):
+        path.write_text(json.dumps(configs, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _write_failed_if(stops: bool, what: str, run_dir: Path):
+    try:
+        yield
+    except OSError as err:
+        if not stops:
+            raise
+        raise WriteFailed(guards.os_error_sentence(err, what), run_dir) from None
+
+
+# ----------------------------------------------------------------------------- log
 
 def read_log_file(path: Path, warn=None) -> list:
     """The records of a log.jsonl (a missing file holds none), checked.
@@ -251,6 +355,16 @@ def append_log(path: Path, record: dict) -> None:
             except OSError:
                 pass
             raise
+
+
+def keep_log_until(run_dir: Path, epoch: int, warn, stops: bool) -> None:
+    """Keep the lines of RUN/log.jsonl up to ``epoch`` (what the checkpoint being resumed
+    holds) and drop any written later; ``warn``: as for read_log_file, ``stops``: as for
+    write_config."""
+    path = run_dir / "log.jsonl"
+    rows = [r for r in read_log_file(path, warn=warn) if int(r["epoch"]) <= epoch]
+    with _write_failed_if(stops, f"rewrite {path}", run_dir):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -330,12 +444,48 @@ def save_state(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra, ema=
         raise WriteFailed(f"{message}; {intact}", path.parent) from None
 
 
-def resumed_state(ckpt, run_dir: Path, device: str):
-    """(params, opt_state, rng, epoch, extra) of a checkpoint being resumed, on ``device``."""
+@dataclasses.dataclass
+class RunState:
+    """What a run's epochs move on and its checkpoints keep: the parameters {name: (P,)},
+    Adam's state, the generator of the batch order (and of DRAW's training noise), the
+    last completed epoch, the best score so far and its epoch, and the parameters'
+    moving average (None without one)."""
+    params: dict
+    opt_state: dict
+    rng: np.random.Generator
+    epoch: int = 0
+    best: float = float("inf")
+    best_epoch: int = 0
+    ema: dict | None = None
+
+    def extra(self, best_key: str, run_dir: Path) -> dict:
+        """A checkpoint's extra: the best score (named ``best_key``), its epoch, the run."""
+        return {best_key: self.best, "best_epoch": self.best_epoch, "run_dir": run_dir.name}
+
+
+def fresh_run_state(params: dict, seed: int) -> RunState:
+    """Epoch 0 of a new run: Adam at its start, the generator seeded with ``seed``."""
+    return RunState(params, optim.adam_init(params), new_rng(seed))
+
+
+def resumed_run_state(ckpt, run_dir: Path, device: str, best_key: str) -> RunState:
+    """The state of a checkpoint being resumed, on ``device``; ``best_key``: as in
+    RunState.extra."""
     if ckpt.opt_state is None:
         raise ValueError(f"cannot resume: {run_dir / 'checkpoint.h5'} holds no optimizer state")
-    return (arrays_to_device(ckpt.params, device), _opt_state_to(ckpt.opt_state, device),
-            rng_from_state(ckpt.rng_state), int(ckpt.epoch), dict(ckpt.extra or {}))
+    extra = dict(ckpt.extra or {})
+    return RunState(arrays_to_device(ckpt.params, device), _opt_state_to(ckpt.opt_state, device),
+                    rng_from_state(ckpt.rng_state), int(ckpt.epoch),
+                    float(extra.get(best_key, float("inf"))), int(extra.get("best_epoch", 0)))
+
+
+def announce_resume(log, epoch: int, step: int, epochs: int) -> bool:
+    """Log where a resumed run continues; True when it already has its ``epochs``."""
+    log(f"resuming after epoch {epoch} (Adam step {step}), target {epochs} epochs")
+    if epoch >= epochs:
+        log(f"nothing to do: the run already has {epoch} epochs")
+        return True
+    return False
 
 
 def commit_epoch(run_dir: Path, record: dict, is_best: bool, cfg, params, opt_state,
@@ -388,7 +538,7 @@ def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
     return info
 
 
-# ----------------------------------------------------------------------------- the data a run reads
+# ----------------------------------------------------------------------------- data
 
 def check_data_shape(cfg: DrawConfig, shape) -> None:
     """ValueError unless the data set's (C, H, W) is the model's."""

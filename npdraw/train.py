@@ -3,13 +3,10 @@
 Two loops: ``train`` (DRAW) and ``train_classifier`` (the attentive classifier of
 cluttered MNIST, paper table 1), with the same run dir, log, checkpoints and resume.
 
-``train(cfg, tcfg)`` runs one training run into ``<out>/<name>`` (the run dir):
+``train(cfg, tcfg)`` runs one training run into ``<out>/<name>`` (the run dir), whose
+config.json, log.jsonl, checkpoint.h5 and best.h5 runs.py writes (the checkpoints with
+the params' moving average when tcfg.ema_decay > 0), and beside them:
 
-    RUN/config.json     both configs (DrawConfig and TrainConfig) as resolved
-    RUN/log.jsonl       one JSON object per completed epoch (see docs/TRAINING.md)
-    RUN/checkpoint.h5   the latest completed state (params, Adam, epoch, RNG state, and
-                        the params' moving average when tcfg.ema_decay > 0)
-    RUN/best.h5         the state with the best validation bound so far
     RUN/samples.png     a grid of generated images (final canvases)
     RUN/samples.gif     the same grid, animated over the T glimpses
 
@@ -56,12 +53,12 @@ from . import backend
 from . import checkpoint as ckpt_lib
 from . import distributed
 from . import evaluate
-from . import guards
 from . import frames as frames_lib
+from . import guards
 from . import model as model_lib
 from . import monitor
-from . import runs
 from . import optim
+from . import runs
 from .config import RESUME_OVERRIDES, ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
 from .progress import Progress
 
@@ -70,7 +67,6 @@ C0_CLIP = 1e-3
 
 
 # ----------------------------------------------------------------------------- helpers
-
 
 def _cap(x: np.ndarray, subset: int) -> np.ndarray:
     return x if not subset else x[:subset]
@@ -149,40 +145,11 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     comm = distributed.from_environment() if comm is None else comm
     if not comm.is_root:                     # rank 0 speaks for all
         log, progress = (lambda *args, **kwargs: None), False
-    resume_ckpt = None
+    resume_ckpt = run_dir = None
     if tcfg.resume:
-        run_dir = Path(tcfg.resume)
-        ckpt_path = run_dir / "checkpoint.h5"
-        if not ckpt_path.is_file():
-            raise ValueError(f"cannot resume: {ckpt_path} does not exist")
-        if comm.is_root:
-            with runs.alone_on_root(comm):
-                lock.acquire(run_dir)
-        resume_ckpt = runs.load_checkpoint(ckpt_path)
-        saved_tcfg = runs.train_config_of(resume_ckpt)
-        if saved_tcfg is None:
-            raise ValueError(f"cannot resume: {ckpt_path} records no training config")
-        if cfg is not None and cfg != resume_ckpt.cfg:
-            log("note: resuming with the checkpoint's model config; the one given is ignored")
-        cfg = resume_ckpt.cfg
-        add_peepholes = add_peepholes and not cfg.peepholes
-        if add_peepholes:   # recorded in the checkpoints from here on through cfg
-            log("note: resuming with peepholes True (was False)")
-            cfg = dataclasses.replace(cfg, peepholes=True)
-        defaults = TrainConfig()
-        where = {k: (getattr(tcfg, k) if getattr(tcfg, k) != getattr(defaults, k)
-                     else getattr(saved_tcfg, k)) for k in ("data_dir", "mirror", "folder")}
-        unknown = set(resume_overrides) - set(RESUME_OVERRIDES)
-        if unknown:
-            raise ValueError(f"a resumed run keeps its {', '.join(sorted(unknown))}; only "
-                             f"{', '.join(RESUME_OVERRIDES)} can change")
-        changed = {k: getattr(tcfg, k) for k in ("epochs", "device", "ranks",
-                                                   *resume_overrides)}
-        for k in resume_overrides:
-            if changed[k] != getattr(saved_tcfg, k):
-                log(f"note: resuming with {k} {changed[k]!r} (was {getattr(saved_tcfg, k)!r})")
-        tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), **where, **changed,
-                                      "resume": str(tcfg.resume)})
+        run_dir, resume_ckpt = runs.open_resumed(tcfg.resume, lock, comm)
+        cfg, tcfg, add_peepholes = _resumed_configs(cfg, tcfg, resume_ckpt, resume_overrides,
+                                                    add_peepholes, log)
     elif cfg is None:
         raise ValueError("train needs a model config unless it resumes a run")
 
@@ -200,272 +167,324 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     if data is None:
         data = runs.load_data(tcfg, progress)
     runs.check_data_shape(cfg, data.shape)
-    train_x = np.asarray(_cap(data.train, tcfg.subset), dtype=dtype)
-    valid_x = np.asarray(_cap(data.valid, tcfg.eval_subset), dtype=dtype)
-    test_x = np.asarray(_cap(data.test, tcfg.eval_subset), dtype=dtype)
-    n_train = int(train_x.shape[0])
-    if n_train == 0:
+    splits = _Splits(np.asarray(_cap(data.train, tcfg.subset), dtype=dtype),
+                     np.asarray(_cap(data.valid, tcfg.eval_subset), dtype=dtype),
+                     np.asarray(_cap(data.test, tcfg.eval_subset), dtype=dtype), data)
+    if splits.train.shape[0] == 0:
         raise ValueError("the training split is empty")
 
-    # ---- parameters, optimizer, RNG
     if resume_ckpt is not None:
-        params, opt_state, rng, start_epoch, extra = runs.resumed_state(resume_ckpt, run_dir,
-                                                                    device)
-        best_valid = float(extra.get("best_valid", float("inf")))
-        best_epoch = int(extra.get("best_epoch", 0))
+        state = runs.resumed_run_state(resume_ckpt, run_dir, device, "best_valid")
         if add_peepholes:
-            params, opt_state = _with_zero_peepholes(cfg, params), {
-                **opt_state, "m": _with_zero_peepholes(cfg, opt_state["m"]),
-                "v": _with_zero_peepholes(cfg, opt_state["v"])}
+            zero = model_lib.with_zero_peepholes
+            state.params = zero(cfg, state.params)
+            state.opt_state = {**state.opt_state, "m": zero(cfg, state.opt_state["m"]),
+                               "v": zero(cfg, state.opt_state["v"])}
     else:
-        params = init_model(cfg, tcfg.seed, train_x, dtype=tcfg.dtype)
-        if tcfg.oldmodel:
-            old = runs.load_checkpoint(tcfg.oldmodel)
-            # the checkpoint's model: its moving average when it keeps one, as for
-            # evaluate, sample and export
-            old_params, old_is_average = runs.model_params(old)
-            if cfg.peepholes and not any(n in old_params for n in PEEPHOLE_PARAMS):
-                # a model without peepholes: zero ones compute what it computed
-                log(f"note: --oldmodel {tcfg.oldmodel} has no peepholes: they start at zero")
-                old_params = _with_zero_peepholes(cfg, old_params)
-            try:
-                ckpt_lib.check_compatible(old_params, params)
-            except ValueError as err:
-                raise ValueError(f"--oldmodel {tcfg.oldmodel} does not fit this model "
-                                 f"({_cfg_summary(cfg)}; the checkpoint is "
-                                 f"{_cfg_summary(old.cfg)}): {err}") from err
-            if old.cfg is not None and old.cfg != cfg:
-                log(f"note: --oldmodel was trained with {_cfg_summary(old.cfg)}; "
-                    f"its parameters fit and are used for {_cfg_summary(cfg)}")
-            if old_is_average:
-                log(f"note: --oldmodel {tcfg.oldmodel}: starting from the moving average "
-                    f"of its parameters (its model)")
-            params = {name: np.asarray(old_params[name]).astype(dtype) for name in params}
-        params = runs.arrays_to_device(params, device, dtype)
-        opt_state = optim.adam_init(params)
-        rng = runs.new_rng(tcfg.seed)
-        start_epoch = 0
-        best_valid, best_epoch = float("inf"), 0
-        run_name = tcfg.name or _dt.datetime.now().strftime("draw-%Y%m%d-%H%M%S")
-        if comm.is_root:
-            with runs.alone_on_root(comm):
-                run_dir = runs.unique_run_dir(Path(tcfg.out), run_name)
-                lock.acquire(run_dir)
-        run_dir = Path(comm.broadcast_text(str(run_dir) if comm.is_root else ""))
+        state = runs.fresh_run_state(_initial_params(cfg, tcfg, splits.train, device, log),
+                                     tcfg.seed)
+        run_dir = runs.new_run_dir(tcfg.out, tcfg.name, "draw", lock, comm)
     if comm.is_root:
         runs.remove_stale_temps(run_dir)
-
-    log_path = run_dir / "log.jsonl"
-    ckpt_path = run_dir / "checkpoint.h5"
-
-    if comm.is_root:
         with runs.alone_on_root(comm):
-            try:
-                (run_dir / "config.json").write_text(json.dumps(
-                    {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
-            except OSError as err:
-                raise runs.WriteFailed(guards.os_error_sentence(
-                    err, f"write {run_dir / 'config.json'}"), run_dir) from None
-    n_params = sum(int(np.prod(np.shape(p))) for p in params.values())
+            runs.write_config(run_dir, {"model": cfg.to_dict(), "train": tcfg.to_dict()},
+                              stops=True)
+    n_params = sum(int(np.prod(np.shape(p))) for p in state.params.values())
     log(f"run dir: {run_dir}")
     log("model config: " + json.dumps(cfg.to_dict()))
     log("train config: " + json.dumps(tcfg.to_dict()))
     log(f"device {device}" + (f" ({comm.describe()})" if comm.size > 1 else "")
-        + f", dtype {dtype.name}, {n_params:,} parameters; data "
-        f"{tcfg.dataset}: {n_train} train, {valid_x.shape[0]} valid, {test_x.shape[0]} test")
-
-    def extra_now():
-        return {"best_valid": best_valid, "best_epoch": best_epoch, "run_dir": run_dir.name}
+        + f", dtype {dtype.name}, {n_params:,} parameters; data {tcfg.dataset}: "
+        f"{splits.train.shape[0]} train, {splits.valid.shape[0]} valid, "
+        f"{splits.test.shape[0]} test")
 
     if resume_ckpt is not None:
-        # Keep the log lines of the epochs the checkpoint holds; drop any written later.
         if comm.is_root:
             with runs.alone_on_root(comm):
-                rows = [r for r in runs.read_log_file(log_path, warn=log)
-                        if int(r["epoch"]) <= start_epoch]
-                try:
-                    log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-                except OSError as err:
-                    raise runs.WriteFailed(guards.os_error_sentence(err, f"rewrite {log_path}"),
-                                      run_dir) from None
-        log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
-            f"target {tcfg.epochs} epochs")
-        if start_epoch >= tcfg.epochs:
-            log(f"nothing to do: the run already has {start_epoch} epochs")
+                runs.keep_log_until(run_dir, state.epoch, log, stops=True)
+        if runs.announce_resume(log, state.epoch, state.opt_state["step"], tcfg.epochs):
             return run_dir
-    ema = _start_ema(tcfg, params, resume_ckpt, device, log)
-    if add_peepholes and ema is not None:
-        ema = _with_zero_peepholes(cfg, ema)
+    state.ema = _start_ema(tcfg, state.params, resume_ckpt, device, log)
+    if add_peepholes and state.ema is not None:
+        state.ema = model_lib.with_zero_peepholes(cfg, state.ema)
     if resume_ckpt is None and comm.is_root:
         # The epoch-0 state on disk at once: an interrupted first epoch can be resumed.
         with runs.alone_on_root(comm):
-            runs.save_state(ckpt_path, cfg, params, opt_state, 0, rng, tcfg, extra_now(), ema)
+            runs.save_state(run_dir / "checkpoint.h5", cfg, state.params, state.opt_state, 0,
+                            state.rng, tcfg, state.extra("best_valid", run_dir), state.ema)
 
-    n_iter = (n_train + tcfg.batch_size - 1) // tcfg.batch_size
-    epoch, it = start_epoch, 0
+    run = _Run(cfg, tcfg, comm, device, dtype, run_dir, log, progress, eval_batch)
+    _draw_epochs(run, state, splits, stop)
+    log(f"done: {tcfg.epochs} epochs; best valid bound {state.best:.2f} (epoch "
+        f"{state.best_epoch}); run dir {run_dir}")
+    return run_dir
 
-    def non_finite(what):
-        """The error that stops the run; nothing from the bad epoch has been saved."""
-        return runs.NonFiniteLossError(f"{what}; training stopped. {ckpt_path} still holds epoch "
-                                  f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What stays fixed through the epochs of a run (DRAW's, or the classifier's: then
+    tcfg is its ClassifyConfig)."""
+    cfg: DrawConfig | ClassifierConfig
+    tcfg: TrainConfig | ClassifyConfig
+    comm: object             # distributed.SingleProcess or MPIRanks
+    device: str
+    dtype: np.dtype
+    run_dir: Path
+    log: object              # log(message)
+    progress: bool
+    eval_batch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Splits:
+    """A run's images (E, D), capped by subset and eval_subset, and the data set they
+    come from (its fresh_train makes new training images each epoch, or is None)."""
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    source: object
+
+
+def _resumed_configs(cfg, tcfg: TrainConfig, ckpt, resume_overrides, add_peepholes: bool,
+                     log) -> tuple:
+    """(cfg, tcfg, add_peepholes) of a run resumed from ``ckpt``: its model (with zero
+    peepholes added when asked and it has none) and its TrainConfig with the new epochs,
+    device, ranks, the ``resume_overrides`` and the data's whereabouts where given."""
+    saved_tcfg = runs.train_config_of(ckpt)
+    if saved_tcfg is None:
+        raise ValueError(f"cannot resume: {Path(tcfg.resume) / 'checkpoint.h5'} records no "
+                         "training config")
+    if cfg is not None and cfg != ckpt.cfg:
+        log("note: resuming with the checkpoint's model config; the one given is ignored")
+    cfg = ckpt.cfg
+    add_peepholes = add_peepholes and not cfg.peepholes
+    if add_peepholes:   # recorded in the checkpoints from here on through cfg
+        log("note: resuming with peepholes True (was False)")
+        cfg = dataclasses.replace(cfg, peepholes=True)
+    defaults = TrainConfig()
+    where = {k: (getattr(tcfg, k) if getattr(tcfg, k) != getattr(defaults, k)
+                 else getattr(saved_tcfg, k)) for k in ("data_dir", "mirror", "folder")}
+    unknown = set(resume_overrides) - set(RESUME_OVERRIDES)
+    if unknown:
+        raise ValueError(f"a resumed run keeps its {', '.join(sorted(unknown))}; only "
+                         f"{', '.join(RESUME_OVERRIDES)} can change")
+    changed = {k: getattr(tcfg, k) for k in ("epochs", "device", "ranks", *resume_overrides)}
+    for k in resume_overrides:
+        if changed[k] != getattr(saved_tcfg, k):
+            log(f"note: resuming with {k} {changed[k]!r} (was {getattr(saved_tcfg, k)!r})")
+    tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), **where, **changed,
+                                  "resume": str(tcfg.resume)})
+    return cfg, tcfg, add_peepholes
+
+
+def _initial_params(cfg: DrawConfig, tcfg: TrainConfig, train_x: np.ndarray, device: str,
+                    log) -> dict:
+    """A new run's parameters on ``device``: init_model's, or those of --oldmodel."""
+    dtype = np.dtype(tcfg.dtype)
+    params = init_model(cfg, tcfg.seed, train_x, dtype=tcfg.dtype)
+    if tcfg.oldmodel:
+        old = runs.load_checkpoint(tcfg.oldmodel)
+        # the checkpoint's model: its moving average when it keeps one, as for
+        # evaluate, sample and export
+        old_params, old_is_average = runs.model_params(old)
+        if cfg.peepholes and not any(n in old_params for n in model_lib.PEEPHOLE_PARAMS):
+            # a model without peepholes: zero ones compute what it computed
+            log(f"note: --oldmodel {tcfg.oldmodel} has no peepholes: they start at zero")
+            old_params = model_lib.with_zero_peepholes(cfg, old_params)
+        try:
+            ckpt_lib.check_compatible(old_params, params)
+        except ValueError as err:
+            raise ValueError(f"--oldmodel {tcfg.oldmodel} does not fit this model "
+                             f"({_cfg_summary(cfg)}; the checkpoint is "
+                             f"{_cfg_summary(old.cfg)}): {err}") from err
+        if old.cfg is not None and old.cfg != cfg:
+            log(f"note: --oldmodel was trained with {_cfg_summary(old.cfg)}; "
+                f"its parameters fit and are used for {_cfg_summary(cfg)}")
+        if old_is_average:
+            log(f"note: --oldmodel {tcfg.oldmodel}: starting from the moving average "
+                f"of its parameters (its model)")
+        params = {name: np.asarray(old_params[name]).astype(dtype) for name in params}
+    return runs.arrays_to_device(params, device, dtype)
+
+
+def _draw_epochs(run: _Run, state: runs.RunState, splits: _Splits, stop) -> None:
+    """Epochs state.epoch + 1 .. tcfg.epochs, each committed when it ends; runs.Stops
+    says how a run that stops early ends. ``stop``: the run's guards.StopSignals."""
+    comm = run.comm
     noise_thread = ThreadPoolExecutor(max_workers=1)
     scope = contextlib.ExitStack()
-    board = None
     try:
-        scope.enter_context(comm.deferred_interrupts(stop))  # MPI: all ranks stop at one step
-        if tcfg.tensorboard and comm.is_root:
-            board = monitor.TensorBoardLog(run_dir, first_epoch=start_epoch + 1)
-            scope.callback(board.close)
-        for epoch in range(start_epoch + 1, tcfg.epochs + 1):
-            t0 = time.perf_counter()
-            if data.fresh_train is not None:     # data made on the fly: new every epoch
-                train_x = np.asarray(data.fresh_train(evaluate.derived_rng(tcfg.seed, 3, epoch),
-                                                      n_train), dtype=dtype)
-            bar = Progress(f"epoch {epoch}/{tcfg.epochs}", n_iter, progress, rate_unit="it/s")
-            perm = rng.permutation(n_train)
-            loss_sum = recon_sum = gnorm_sum = snorm_sum = 0.0
-            kl_sum = np.zeros(cfg.T, dtype=np.float64)
-            try:
-                next_eps = None
-                for it in range(1, n_iter + 1):
-                    stop.check()             # Ctrl-C / SIGTERM: stop between steps
-                    idx = perm[(it - 1) * tcfg.batch_size: it * tcfg.batch_size]
-                    batch_eps = (next_eps.result() if next_eps is not None   # the whole batch's
-                                 else evaluate.host_noise(rng, cfg, idx.shape[0], dtype))
-                    lo, hi = comm.shard(idx.shape[0])          # this rank's examples
-                    mine = None                                # (loss, grads, stats) of them
-                    if hi > lo:
-                        xb = backend.to_device(train_x[idx[lo:hi]], device)
-                        eps = backend.to_device(evaluate.example_noise(batch_eps, lo, hi), device)
-                        mine = model_lib.loss_and_grads(params, cfg, xb, eps)
-                    loss, grads, stats = comm.reduce_step(params, cfg.T, mine,
-                                                          (hi - lo) / idx.shape[0])
-                    # The next step's noise is drawn while this one's clipping and Adam run,
-                    # on the core they leave idle (NumPy's generator releases the GIL). The
-                    # draws come from rng in the same order as drawn inline.
-                    next_eps = None if it == n_iter else noise_thread.submit(
-                        evaluate.host_noise, rng, cfg,
-                        min(tcfg.batch_size, n_train - it * tcfg.batch_size), dtype)
-                    where = f"at epoch {epoch}, iteration {it}/{n_iter}"
-                    if not math.isfinite(loss):
-                        raise non_finite(f"loss is {loss} {where}")
-                    gnorm = optim.global_norm(grads)
-                    if not math.isfinite(gnorm):
-                        raise non_finite(f"gradient norm is {gnorm} {where}")
-                    lr = learning_rate(tcfg, epoch - 1 + (it - 1) / n_iter)
-                    params, opt_state, snorm = optim.adam_step(     # clipping folded in
-                        params, grads, opt_state, lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps,
-                        grad_scale=optim.clip_scale(gnorm, tcfg.clip))
-                    if ema is not None:
-                        optim.ema_update(ema, params, tcfg.ema_decay)
-                    loss_sum += loss
-                    recon_sum += stats["recon"]
-                    kl_sum += stats["kl"]
-                    gnorm_sum += gnorm
-                    snorm_sum += snorm
-                    bar.update(it, f"loss {loss:8.2f}")
-            finally:
-                bar.close()
-            params_norm = optim.global_norm(params)
-            if not math.isfinite(params_norm):
-                raise non_finite(f"parameters became non-finite in epoch {epoch}")
-            comm.check_same(params_norm, "the parameters' norm")
-            if ema is not None:
-                ema_norm = optim.global_norm(ema)
-                if not math.isfinite(ema_norm):
-                    raise non_finite(f"the parameters' moving average became non-finite in "
-                                     f"epoch {epoch}")
-                comm.check_same(ema_norm, "the norm of the parameters' moving average")
-            backend.synchronize(backend.get_array_module(*params.values()))
-            model = params if ema is None else ema        # what is evaluated and shown
-            train_time = time.perf_counter() - t0
-
-            t1 = time.perf_counter()
-            evaluated = is_eval_epoch(epoch, tcfg)
-            valid_bound = test_bound = float("nan")
-            if evaluated:
-                shown = progress and comm.is_root
-                valid_bound = evaluate.evaluate_bound(model, cfg, valid_x, eval_batch,
-                                                      evaluate.eval_noise_rng(tcfg, epoch, 0),
-                                                      comm, progress=shown, label="valid")
-                test_bound = evaluate.evaluate_bound(model, cfg, test_x, eval_batch,
-                                                     evaluate.eval_noise_rng(tcfg, epoch, 1),
-                                                     comm, progress=shown, label="test")
-            eval_time = time.perf_counter() - t1
-            train_bound = loss_sum / n_iter
-            if evaluated and not math.isfinite(valid_bound) and valid_x.shape[0] > 0:
-                raise non_finite(f"validation bound is {valid_bound} after epoch {epoch}")
-            # Without a validation split the train bound decides; with one, only the
-            # epochs that were evaluated can be the best.
-            score = (train_bound if valid_x.shape[0] == 0
-                     else valid_bound if evaluated else float("inf"))
-            is_best = score < best_valid
-            if is_best:
-                best_valid, best_epoch = score, epoch
-
-            kl = kl_sum / n_iter
-            record = {
-                "epoch": epoch,
-                "step": int(opt_state["step"]),
-                "train_bound": train_bound,
-                "train_recon": recon_sum / n_iter,
-                "train_kl": float(kl.sum()),
-                "valid_bound": None if math.isnan(valid_bound) else valid_bound,
-                "test_bound": None if math.isnan(test_bound) else test_bound,
-                "kl": [float(v) for v in kl],
-                "grad_norm": gnorm_sum / n_iter,
-                "step_norm": snorm_sum / n_iter,
-                "lr": lr,
-                "evaluated": bool(evaluated),
-                "ema": ema is not None,      # valid/test/best are the moving average's
-                "train_time_s": train_time,
-                "eval_time_s": eval_time,
-                "examples_per_s": n_train / max(train_time, 1e-9),
-                "best": bool(is_best),
-            }
-            samples = (frames_lib.write_run_samples(run_dir, model, cfg, tcfg.seed)
-                       if comm.is_root else None)
-            record["wall_s"] = time.perf_counter() - t0
-            record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
-            if comm.is_root:
-                runs.commit_epoch(run_dir, record, is_best, cfg, params, opt_state, epoch, rng,
-                              tcfg, extra_now(), ema)
-            if board is not None:            # a view of the log line just written
-                board.epoch(record, samples)
-            log(f"epoch {epoch}/{tcfg.epochs}  train {train_bound:.2f}  "
-                + ("EMA " if ema is not None else "") + "valid "
-                f"{_fmt(record['valid_bound'])}  test {_fmt(record['test_bound'])}  "
-                f"(recon {record['train_recon']:.2f} + KL {record['train_kl']:.2f})  "
-                f"|g| {record['grad_norm']:.2f}  |step| {record['step_norm']:.4f}  "
-                f"{record['wall_s']:.1f}s  {record['examples_per_s']:.0f} ex/s"
-                + ("  *best*" if is_best else ""))
-    except KeyboardInterrupt as interrupt:
-        msg, signum = runs.interrupted_message(interrupt, epoch, ckpt_path, run_dir)
-        if comm.size > 1 and not isinstance(interrupt, distributed.Interrupted):
-            comm.abort(msg + " (a second Ctrl-C: every rank was stopped at once)")
-        log(msg)
-        raise runs.TrainingInterrupted(msg, run_dir, signum) from None
-    except runs.NonFiniteLossError as err:
-        log(str(err))
-        raise
-    except (runs.WriteFailed, OSError) as err:    # rank 0's files: a save, the log line, pictures
-        msg = runs.write_failed_message(err, epoch, ckpt_path)
-        if comm.size > 1:                    # the other ranks cannot know: stop them all
-            comm.abort(msg)
-        log(msg)
-        raise runs.WriteFailed(msg, run_dir) from None
-    except Exception as error:               # noqa: BLE001 - under MPI: stop every rank
-        if comm.size == 1:
-            raise
-        comm.abort(f"{type(error).__name__}: {error} (in epoch {epoch}); stopping every rank. "
-                   f"{ckpt_path} holds the last completed epoch ({runs.saved_epoch(ckpt_path)}). "
-                   f"Continue with: --resume {run_dir}")
+        with runs.Stops(run.run_dir, comm, run.log, state.epoch) as stops:
+            scope.enter_context(comm.deferred_interrupts(stop))  # MPI: all ranks stop at one step
+            board = None
+            if run.tcfg.tensorboard and comm.is_root:
+                board = monitor.TensorBoardLog(run.run_dir, first_epoch=state.epoch + 1)
+                scope.callback(board.close)
+            for epoch in range(state.epoch + 1, run.tcfg.epochs + 1):
+                stops.epoch = epoch
+                _draw_epoch(run, state, splits, epoch, stop, stops, noise_thread, board)
     finally:
         scope.close()
         noise_thread.shutdown(wait=True)
-    log(f"done: {tcfg.epochs} epochs; best valid bound {best_valid:.2f} (epoch {best_epoch}); "
-        f"run dir {run_dir}")
-    return run_dir
+
+
+def _draw_epoch(run: _Run, state: runs.RunState, splits: _Splits, epoch: int, stop, stops,
+                noise_thread, board) -> None:
+    """One epoch: its steps, the scores of its model, its record committed and logged."""
+    cfg, tcfg, comm = run.cfg, run.tcfg, run.comm
+    t0 = time.perf_counter()
+    train_x = splits.train
+    if splits.source.fresh_train is not None:     # data made on the fly: new every epoch
+        train_x = np.asarray(splits.source.fresh_train(
+            evaluate.derived_rng(tcfg.seed, 3, epoch), train_x.shape[0]), dtype=run.dtype)
+    means = _draw_steps(run, state, train_x, epoch, stop, stops, noise_thread)
+    model = _finite_model(run, state, epoch, stops)   # what is evaluated and shown
+    train_time = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    evaluated = is_eval_epoch(epoch, tcfg)
+    valid_bound = test_bound = float("nan")
+    if evaluated:
+        shown = run.progress and comm.is_root
+        valid_bound = evaluate.evaluate_bound(model, cfg, splits.valid, run.eval_batch,
+                                              evaluate.eval_noise_rng(tcfg, epoch, 0), comm,
+                                              progress=shown, label="valid")
+        test_bound = evaluate.evaluate_bound(model, cfg, splits.test, run.eval_batch,
+                                             evaluate.eval_noise_rng(tcfg, epoch, 1), comm,
+                                             progress=shown, label="test")
+    eval_time = time.perf_counter() - t1
+    train_bound = means["train_bound"]
+    if evaluated and not math.isfinite(valid_bound) and splits.valid.shape[0] > 0:
+        raise stops.non_finite(f"validation bound is {valid_bound} after epoch {epoch}")
+    # Without a validation split the train bound decides; with one, only the
+    # epochs that were evaluated can be the best.
+    score = (train_bound if splits.valid.shape[0] == 0
+             else valid_bound if evaluated else float("inf"))
+    is_best = score < state.best
+    if is_best:
+        state.best, state.best_epoch = score, epoch
+
+    kl = means["kl"]
+    record = {
+        "epoch": epoch,
+        "step": int(state.opt_state["step"]),
+        "train_bound": train_bound,
+        "train_recon": means["train_recon"],
+        "train_kl": float(kl.sum()),
+        "valid_bound": None if math.isnan(valid_bound) else valid_bound,
+        "test_bound": None if math.isnan(test_bound) else test_bound,
+        "kl": [float(v) for v in kl],
+        "grad_norm": means["grad_norm"],
+        "step_norm": means["step_norm"],
+        "lr": means["lr"],
+        "evaluated": bool(evaluated),
+        "ema": state.ema is not None,      # valid/test/best are the moving average's
+        "train_time_s": train_time,
+        "eval_time_s": eval_time,
+        "examples_per_s": train_x.shape[0] / max(train_time, 1e-9),
+        "best": bool(is_best),
+    }
+    samples = (frames_lib.write_run_samples(run.run_dir, model, cfg, tcfg.seed)
+               if comm.is_root else None)
+    record["wall_s"] = time.perf_counter() - t0
+    record["time"] = _dt.datetime.now().isoformat(timespec="seconds")
+    if comm.is_root:
+        runs.commit_epoch(run.run_dir, record, is_best, cfg, state.params, state.opt_state,
+                          epoch, state.rng, tcfg, state.extra("best_valid", run.run_dir),
+                          state.ema)
+    state.epoch = epoch
+    if board is not None:            # a view of the log line just written
+        board.epoch(record, samples)
+    run.log(f"epoch {epoch}/{tcfg.epochs}  train {train_bound:.2f}  "
+            + ("EMA " if state.ema is not None else "") + "valid "
+            f"{_fmt(record['valid_bound'])}  test {_fmt(record['test_bound'])}  "
+            f"(recon {record['train_recon']:.2f} + KL {record['train_kl']:.2f})  "
+            f"|g| {record['grad_norm']:.2f}  |step| {record['step_norm']:.4f}  "
+            f"{record['wall_s']:.1f}s  {record['examples_per_s']:.0f} ex/s"
+            + ("  *best*" if is_best else ""))
+
+
+def _draw_steps(run: _Run, state: runs.RunState, train_x: np.ndarray, epoch: int, stop,
+                stops, noise_thread) -> dict:
+    """An epoch's Adam steps over ``train_x`` (E, D) in the order state.rng draws; state's
+    params, Adam state and EMA move on. -> the means over its steps of the bound, L^x, KL
+    (T,), |g| and |step|, and the last step's learning rate."""
+    cfg, tcfg, comm, device, dtype = run.cfg, run.tcfg, run.comm, run.device, run.dtype
+    rng, params, opt_state, ema = state.rng, state.params, state.opt_state, state.ema
+    n_train = int(train_x.shape[0])
+    n_iter = (n_train + tcfg.batch_size - 1) // tcfg.batch_size
+    bar = Progress(f"epoch {epoch}/{tcfg.epochs}", n_iter, run.progress, rate_unit="it/s")
+    perm = rng.permutation(n_train)
+    loss_sum = recon_sum = gnorm_sum = snorm_sum = 0.0
+    kl_sum = np.zeros(cfg.T, dtype=np.float64)
+    try:
+        next_eps = None
+        for it in range(1, n_iter + 1):
+            stop.check()             # Ctrl-C / SIGTERM: stop between steps
+            idx = perm[(it - 1) * tcfg.batch_size: it * tcfg.batch_size]
+            batch_eps = (next_eps.result() if next_eps is not None   # the whole batch's
+                         else evaluate.host_noise(rng, cfg, idx.shape[0], dtype))
+            lo, hi = comm.shard(idx.shape[0])          # this rank's examples
+            mine = None                                # (loss, grads, stats) of them
+            if hi > lo:
+                xb = backend.to_device(train_x[idx[lo:hi]], device)
+                eps = backend.to_device(evaluate.example_noise(batch_eps, lo, hi), device)
+                mine = model_lib.loss_and_grads(params, cfg, xb, eps)
+            loss, grads, stats = comm.reduce_step(params, cfg.T, mine, (hi - lo) / idx.shape[0])
+            # The next step's noise is drawn while this one's clipping and Adam run, on
+            # the core they leave idle (NumPy's generator releases the GIL). The draws
+            # come from rng in the same order as drawn inline.
+            next_eps = None if it == n_iter else noise_thread.submit(
+                evaluate.host_noise, rng, cfg,
+                min(tcfg.batch_size, n_train - it * tcfg.batch_size), dtype)
+            gnorm = _finite_step(loss, grads, stops, epoch, it, n_iter)
+            lr = optim.learning_rate(tcfg, epoch - 1 + (it - 1) / n_iter)
+            params, opt_state, snorm = optim.adam_step(     # clipping folded in
+                params, grads, opt_state, lr, tcfg.beta1, tcfg.beta2, tcfg.adam_eps,
+                grad_scale=optim.clip_scale(gnorm, tcfg.clip))
+            state.params, state.opt_state = params, opt_state
+            if ema is not None:
+                optim.ema_update(ema, params, tcfg.ema_decay)
+            loss_sum += loss
+            recon_sum += stats["recon"]
+            kl_sum += stats["kl"]
+            gnorm_sum += gnorm
+            snorm_sum += snorm
+            bar.update(it, f"loss {loss:8.2f}")
+    finally:
+        bar.close()
+    return {"train_bound": loss_sum / n_iter, "train_recon": recon_sum / n_iter,
+            "kl": kl_sum / n_iter, "grad_norm": gnorm_sum / n_iter,
+            "step_norm": snorm_sum / n_iter, "lr": lr}
+
+
+def _finite_step(loss: float, grads: dict, stops, epoch: int, it: int, n_iter: int) -> float:
+    """The global norm of a step's gradients; stops.non_finite unless it and the loss
+    are finite (both loops)."""
+    if not math.isfinite(loss):
+        raise stops.non_finite(f"loss is {loss} at epoch {epoch}, iteration {it}/{n_iter}")
+    gnorm = optim.global_norm(grads)
+    if not math.isfinite(gnorm):
+        raise stops.non_finite(f"gradient norm is {gnorm} at epoch {epoch}, iteration "
+                               f"{it}/{n_iter}")
+    return gnorm
+
+
+def _finite_model(run: _Run, state: runs.RunState, epoch: int, stops) -> dict:
+    """The run's model after ``epoch``, the EMA when it keeps one, else the params; their
+    norms checked finite and alike on every rank."""
+    params_norm = optim.global_norm(state.params)
+    if not math.isfinite(params_norm):
+        raise stops.non_finite(f"parameters became non-finite in epoch {epoch}")
+    run.comm.check_same(params_norm, "the parameters' norm")
+    if state.ema is not None:
+        ema_norm = optim.global_norm(state.ema)
+        if not math.isfinite(ema_norm):
+            raise stops.non_finite(f"the parameters' moving average became non-finite in "
+                                   f"epoch {epoch}")
+        run.comm.check_same(ema_norm, "the norm of the parameters' moving average")
+    backend.synchronize(backend.get_array_module(*state.params.values()))
+    return state.params if state.ema is None else state.ema
 
 
 def _start_ema(tcfg: TrainConfig, params: dict, resume_ckpt, device: str, log):
@@ -487,33 +506,10 @@ def _start_ema(tcfg: TrainConfig, params: dict, resume_ckpt, device: str, log):
     return optim.ema_init(params)
 
 
-def learning_rate(tcfg: TrainConfig, epochs_done: float) -> float:
-    """The schedule's learning rate after ``epochs_done`` epochs (optim.scheduled_lr)."""
-    decay_epochs = tcfg.lr_decay_epochs or max(tcfg.epochs - tcfg.lr_hold, 1e-9)
-    return optim.scheduled_lr(tcfg.lr_schedule, tcfg.lr, epochs_done, lr_min=tcfg.lr_min,
-                              hold=tcfg.lr_hold, gamma=tcfg.lr_gamma,
-                              decay_epochs=decay_epochs)
-
-
 def is_eval_epoch(epoch: int, tcfg: TrainConfig) -> bool:
     """Whether the valid and test splits are evaluated after ``epoch``: every
     ``eval_every`` epochs, and always after the run's last epoch."""
     return epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
-
-
-PEEPHOLE_PARAMS = ("enc_peep", "dec_peep")
-
-
-def _with_zero_peepholes(cfg: DrawConfig, arrays: dict) -> dict:
-    """{name: (P,)} of a model without peepholes -> those of cfg's (with them), in
-    param_shapes' order, the peepholes zero (on the arrays' device and dtype)."""
-    like = arrays["c0"]
-    xp = backend.get_array_module(like)
-    shapes = model_lib.param_shapes(cfg)
-    out = {name: arrays[name] if name in arrays else xp.zeros(shape, like.dtype)
-           for name, shape in shapes.items() if name in arrays or name in PEEPHOLE_PARAMS}
-    # names cfg lacks stay, for check_compatible to report
-    return {**out, **{name: a for name, a in arrays.items() if name not in shapes}}
 
 
 def _cfg_summary(cfg) -> str:
@@ -526,35 +522,6 @@ def _cfg_summary(cfg) -> str:
 
 
 # ----------------------------------------------------------------------------- classifier
-
-
-def cluttered_eval_sets(ccfg: ClassifyConfig, cfg: ClassifierConfig, digits):
-    """The fixed cluttered validation and test sets, of the first eval_subset digits of each
-    split (all with 0) -> ((valid_x, valid_y), (test_x, test_y)), float32 (M, H*W)."""
-    from .data import synthetic
-    if ccfg.eval_subset:
-        digits = synthetic.LabelledDigits(
-            digits.train_x, digits.train_y, digits.valid_x[:ccfg.eval_subset],
-            digits.valid_y[:ccfg.eval_subset], digits.test_x[:ccfg.eval_subset],
-            digits.test_y[:ccfg.eval_subset])
-    return synthetic.cluttered_splits(digits, cfg.height, ccfg.distractors, ccfg.crop)
-
-
-def _resumed_classify_config(ccfg: ClassifyConfig, saved: ClassifyConfig,
-                             overrides=()) -> ClassifyConfig:
-    """The saved run's settings, with the new epochs and device, the fields named in
-    ``overrides`` (only "lr": a lower rate for the next phase), and data_dir and mirror
-    where the new ones differ from the defaults."""
-    if set(overrides) - {"lr"}:
-        raise ValueError(f"a resumed classifier run keeps its "
-                         f"{', '.join(sorted(set(overrides) - {'lr'}))}; only lr can change")
-    defaults = ClassifyConfig()
-    where = {k: (getattr(ccfg, k) if getattr(ccfg, k) != getattr(defaults, k)
-                 else getattr(saved, k)) for k in ("data_dir", "mirror")}
-    return ClassifyConfig.from_dict({**saved.to_dict(), **where, "epochs": ccfg.epochs,
-                                     "device": ccfg.device, "resume": str(ccfg.resume),
-                                     **{k: getattr(ccfg, k) for k in overrides}})
-
 
 def train_classifier(cfg: ClassifierConfig | None, ccfg: ClassifyConfig, log=print, *,
                      digits=None, progress: bool = True, eval_batch: int = evaluate.EVAL_BATCH,
@@ -582,22 +549,11 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
     """train_classifier()'s body; ``stop``: a guards.StopSignals, ``lock``: a guards.RunLock."""
     from . import classifier as clf
     from .data import synthetic
-    resume_ckpt = None
+    one = distributed.SingleProcess()        # the classifier trains in one process
+    resume_ckpt = run_dir = None
     if ccfg.resume:
-        run_dir = Path(ccfg.resume)
-        ckpt_path = run_dir / "checkpoint.h5"
-        if not ckpt_path.is_file():
-            raise ValueError(f"cannot resume: {ckpt_path} does not exist")
-        lock.acquire(run_dir)
-        resume_ckpt = runs.load_checkpoint(ckpt_path)
-        saved = runs.classify_config_of(resume_ckpt)
-        if saved is None or not isinstance(resume_ckpt.cfg, ClassifierConfig):
-            raise ValueError(f"cannot resume: {ckpt_path} is not a classifier run")
-        if cfg is not None and cfg != resume_ckpt.cfg:
-            log("note: resuming with the checkpoint's model config; the one given is ignored")
-        if "lr" in resume_overrides and ccfg.lr != saved.lr:
-            log(f"note: resuming with lr {ccfg.lr!r} (was {saved.lr!r})")
-        cfg, ccfg = resume_ckpt.cfg, _resumed_classify_config(ccfg, saved, resume_overrides)
+        run_dir, resume_ckpt = runs.open_resumed(ccfg.resume, lock, one)
+        cfg, ccfg = _resumed_classify_config(cfg, ccfg, resume_ckpt, resume_overrides, log)
     elif cfg is None:
         raise ValueError("train_classifier needs a model config unless it resumes a run")
     if cfg.height != cfg.width:
@@ -612,127 +568,132 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
         digits = synthetic.load_labelled_mnist(ccfg.data_dir, ccfg.mirror, ccfg.valid_size,
                                                ccfg.train_set)
     train_digits, train_y = _cap(digits.train_x, ccfg.subset), _cap(digits.train_y, ccfg.subset)
-    (valid_x, valid_y), (test_x, test_y) = cluttered_eval_sets(ccfg, cfg, digits)
+    valid, test = synthetic.cluttered_eval_sets(ccfg, cfg, digits)
     n_train = int(train_digits.shape[0])
     if n_train == 0:
         raise ValueError("the training split is empty")
 
     if resume_ckpt is not None:
-        params, opt_state, rng, start_epoch, extra = runs.resumed_state(resume_ckpt, run_dir,
-                                                                    device)
-        clf.check_params(params, cfg)
-        best_error = float(extra.get("best_valid_error", float("inf")))
-        best_epoch = int(extra.get("best_epoch", 0))
+        state = runs.resumed_run_state(resume_ckpt, run_dir, device, "best_valid_error")
+        clf.check_params(state.params, cfg)
     else:
-        params = runs.arrays_to_device(clf.init_params(cfg, ccfg.seed, ccfg.dtype), device, dtype)
-        opt_state = optim.adam_init(params)
-        rng = runs.new_rng(ccfg.seed)
-        start_epoch, best_error, best_epoch = 0, float("inf"), 0
-        run_name = ccfg.name or _dt.datetime.now().strftime("classify-%Y%m%d-%H%M%S")
-        run_dir = runs.unique_run_dir(Path(ccfg.out), run_name)
-        lock.acquire(run_dir)
+        state = runs.fresh_run_state(
+            runs.arrays_to_device(clf.init_params(cfg, ccfg.seed, ccfg.dtype), device, dtype),
+            ccfg.seed)
+        run_dir = runs.new_run_dir(ccfg.out, ccfg.name, "classify", lock, one)
     runs.remove_stale_temps(run_dir)
-    log_path, ckpt_path = run_dir / "log.jsonl", run_dir / "checkpoint.h5"
-    (run_dir / "config.json").write_text(json.dumps(
-        {"model": cfg.to_dict(), "classify": ccfg.to_dict()}, indent=2) + "\n")
-    n_params = sum(int(np.prod(np.shape(p))) for p in params.values())
+    runs.write_config(run_dir, {"model": cfg.to_dict(), "classify": ccfg.to_dict()},
+                      stops=False)
+    n_params = sum(int(np.prod(np.shape(p))) for p in state.params.values())
     log(f"run dir: {run_dir}")
     log("model config: " + json.dumps(cfg.to_dict()))
     log("classify config: " + json.dumps(ccfg.to_dict()))
     log(f"device {device}, dtype {dtype.name}, {n_params:,} parameters; cluttered MNIST: "
         f"{n_train} train digits ({ccfg.train_set}; the paper had 60,000), "
-        f"{valid_x.shape[0]} valid, "
-        f"{test_x.shape[0]} test")
-
-    def extra_now():
-        return {"best_valid_error": best_error, "best_epoch": best_epoch, "run_dir": run_dir.name}
+        f"{valid[0].shape[0]} valid, {test[0].shape[0]} test")
 
     if resume_ckpt is not None:
-        rows = [r for r in runs.read_log_file(log_path, warn=log) if int(r["epoch"]) <= start_epoch]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
-            f"target {ccfg.epochs} epochs")
-        if start_epoch >= ccfg.epochs:
-            log(f"nothing to do: the run already has {start_epoch} epochs")
+        runs.keep_log_until(run_dir, state.epoch, log, stops=False)
+        if runs.announce_resume(log, state.epoch, state.opt_state["step"], ccfg.epochs):
             return run_dir
     else:
-        runs.save_state(ckpt_path, cfg, params, opt_state, 0, rng, ccfg, extra_now())
+        runs.save_state(run_dir / "checkpoint.h5", cfg, state.params, state.opt_state, 0,
+                        state.rng, ccfg, state.extra("best_valid_error", run_dir))
 
-    n_iter = (n_train + ccfg.batch_size - 1) // ccfg.batch_size
-    epoch = start_epoch
-
-    def non_finite(what):
-        return runs.NonFiniteLossError(f"{what}; training stopped. {ckpt_path} still holds epoch "
-                                  f"{epoch - 1} (try a smaller --lr or --clip)", run_dir)
-    try:
-        for epoch in range(start_epoch + 1, ccfg.epochs + 1):
-            t0 = time.perf_counter()
-            train_x = synthetic.clutter(train_digits, train_digits,
-                                        evaluate.derived_rng(ccfg.seed, 3, epoch), cfg.height,
-                                        ccfg.distractors, ccfg.crop).astype(dtype, copy=False)
-            bar = Progress(f"epoch {epoch}/{ccfg.epochs}", n_iter, progress, rate_unit="it/s")
-            perm = rng.permutation(n_train)
-            loss_sum = gnorm_sum = 0.0
-            errors = 0
-            try:
-                for it in range(1, n_iter + 1):
-                    stop.check()             # Ctrl-C / SIGTERM: stop between steps
-                    idx = perm[(it - 1) * ccfg.batch_size: it * ccfg.batch_size]
-                    xb = backend.to_device(train_x[idx], device)
-                    yb = backend.to_device(train_y[idx], device)
-                    loss, grads, stats = clf.loss_and_grads(params, cfg, xb, yb)
-                    where = f"at epoch {epoch}, iteration {it}/{n_iter}"
-                    if not math.isfinite(loss):
-                        raise non_finite(f"loss is {loss} {where}")
-                    gnorm = optim.global_norm(grads)
-                    if not math.isfinite(gnorm):
-                        raise non_finite(f"gradient norm is {gnorm} {where}")
-                    params, opt_state, _ = optim.adam_step(
-                        params, grads, opt_state, ccfg.lr, ccfg.beta1, ccfg.beta2,
-                        ccfg.adam_eps, grad_scale=optim.clip_scale(gnorm, ccfg.clip))
-                    loss_sum += loss * idx.shape[0]
-                    errors += stats["errors"]
-                    gnorm_sum += gnorm
-                    bar.update(it, f"loss {loss:7.4f}")
-            finally:
-                bar.close()
-            train_time = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            valid_loss, valid_error = clf.evaluate(params, cfg, valid_x, valid_y, eval_batch)
-            test_loss, test_error = clf.evaluate(params, cfg, test_x, test_y, eval_batch)
-            if not math.isfinite(valid_loss):
-                raise non_finite(f"validation loss is {valid_loss} after epoch {epoch}")
-            is_best = valid_error < best_error
-            if is_best:
-                best_error, best_epoch = valid_error, epoch
-            record = {
-                "epoch": epoch, "step": int(opt_state["step"]),
-                "train_loss": loss_sum / n_train, "train_error": errors / n_train,
-                "valid_loss": valid_loss, "valid_error": valid_error,
-                "test_loss": test_loss, "test_error": test_error,
-                "train_digits": n_train, "grad_norm": gnorm_sum / n_iter, "lr": ccfg.lr,
-                "train_time_s": train_time, "eval_time_s": time.perf_counter() - t1,
-                "best": bool(is_best), "wall_s": time.perf_counter() - t0,
-                "time": _dt.datetime.now().isoformat(timespec="seconds"),
-            }
-            runs.commit_epoch(run_dir, record, is_best, cfg, params, opt_state, epoch, rng, ccfg,
-                          extra_now())
-            log(f"epoch {epoch}/{ccfg.epochs}  train {record['train_loss']:.4f} "
-                f"({100 * record['train_error']:.2f}% wrong)  valid {valid_loss:.4f} "
-                f"({100 * valid_error:.2f}%)  test {test_loss:.4f} ({100 * test_error:.2f}%)  "
-                f"|g| {record['grad_norm']:.2f}  {record['wall_s']:.1f}s"
-                + ("  *best*" if is_best else ""))
-    except KeyboardInterrupt as interrupt:
-        msg, signum = runs.interrupted_message(interrupt, epoch, ckpt_path, run_dir)
-        log(msg)
-        raise runs.TrainingInterrupted(msg, run_dir, signum) from None
-    except runs.NonFiniteLossError as err:
-        log(str(err))
-        raise
-    except (runs.WriteFailed, OSError) as err:    # a save or the log line
-        msg = runs.write_failed_message(err, epoch, ckpt_path)
-        log(msg)
-        raise runs.WriteFailed(msg, run_dir) from None
-    log(f"done: {ccfg.epochs} epochs; best valid error {100 * best_error:.2f}% (epoch "
-        f"{best_epoch}; {n_train} training digits); run dir {run_dir}")
+    run = _Run(cfg, ccfg, one, device, dtype, run_dir, log, progress, eval_batch)
+    with runs.Stops(run_dir, one, log, state.epoch) as stops:
+        for epoch in range(state.epoch + 1, ccfg.epochs + 1):
+            stops.epoch = epoch
+            _classifier_epoch(run, state, (train_digits, train_y), valid, test, epoch, stop,
+                              stops)
+    log(f"done: {ccfg.epochs} epochs; best valid error {100 * state.best:.2f}% (epoch "
+        f"{state.best_epoch}; {n_train} training digits); run dir {run_dir}")
     return run_dir
+
+
+def _resumed_classify_config(cfg, ccfg: ClassifyConfig, ckpt, overrides, log) -> tuple:
+    """(cfg, ccfg) of a classifier run resumed from ``ckpt``: its model, and its settings
+    with the new epochs and device, the fields named in ``overrides`` (only "lr": a
+    lower rate for the next phase), and data_dir and mirror where the new ones differ
+    from the defaults."""
+    saved = runs.classify_config_of(ckpt)
+    if saved is None or not isinstance(ckpt.cfg, ClassifierConfig):
+        raise ValueError(f"cannot resume: {Path(ccfg.resume) / 'checkpoint.h5'} is not a "
+                         "classifier run")
+    if cfg is not None and cfg != ckpt.cfg:
+        log("note: resuming with the checkpoint's model config; the one given is ignored")
+    if "lr" in overrides and ccfg.lr != saved.lr:
+        log(f"note: resuming with lr {ccfg.lr!r} (was {saved.lr!r})")
+    if set(overrides) - {"lr"}:
+        raise ValueError(f"a resumed classifier run keeps its "
+                         f"{', '.join(sorted(set(overrides) - {'lr'}))}; only lr can change")
+    defaults = ClassifyConfig()
+    where = {k: (getattr(ccfg, k) if getattr(ccfg, k) != getattr(defaults, k)
+                 else getattr(saved, k)) for k in ("data_dir", "mirror")}
+    return ckpt.cfg, ClassifyConfig.from_dict({
+        **saved.to_dict(), **where, "epochs": ccfg.epochs, "device": ccfg.device,
+        "resume": str(ccfg.resume), **{k: getattr(ccfg, k) for k in overrides}})
+
+
+def _classifier_epoch(run: _Run, state: runs.RunState, train: tuple, valid: tuple,
+                      test: tuple, epoch: int, stop, stops) -> None:
+    """One epoch of the classifier on digits cluttered afresh: its steps, its scores, its
+    record committed and logged. train: (digits, labels); valid, test: (x, y)."""
+    from . import classifier as clf
+    from .data import synthetic
+    cfg, ccfg, device, eval_batch = run.cfg, run.tcfg, run.device, run.eval_batch
+    t0 = time.perf_counter()
+    train_digits, train_y = train
+    n_train = int(train_digits.shape[0])
+    train_x = synthetic.clutter(train_digits, train_digits,
+                                evaluate.derived_rng(ccfg.seed, 3, epoch), cfg.height,
+                                ccfg.distractors, ccfg.crop).astype(run.dtype, copy=False)
+    n_iter = (n_train + ccfg.batch_size - 1) // ccfg.batch_size
+    bar = Progress(f"epoch {epoch}/{ccfg.epochs}", n_iter, run.progress, rate_unit="it/s")
+    perm = state.rng.permutation(n_train)
+    loss_sum = gnorm_sum = 0.0
+    errors = 0
+    try:
+        for it in range(1, n_iter + 1):
+            stop.check()             # Ctrl-C / SIGTERM: stop between steps
+            idx = perm[(it - 1) * ccfg.batch_size: it * ccfg.batch_size]
+            xb = backend.to_device(train_x[idx], device)
+            yb = backend.to_device(train_y[idx], device)
+            loss, grads, stats = clf.loss_and_grads(state.params, cfg, xb, yb)
+            gnorm = _finite_step(loss, grads, stops, epoch, it, n_iter)
+            state.params, state.opt_state, _ = optim.adam_step(
+                state.params, grads, state.opt_state, ccfg.lr, ccfg.beta1, ccfg.beta2,
+                ccfg.adam_eps, grad_scale=optim.clip_scale(gnorm, ccfg.clip))
+            loss_sum += loss * idx.shape[0]
+            errors += stats["errors"]
+            gnorm_sum += gnorm
+            bar.update(it, f"loss {loss:7.4f}")
+    finally:
+        bar.close()
+    train_time = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    valid_loss, valid_error = clf.evaluate(state.params, cfg, *valid, eval_batch)
+    test_loss, test_error = clf.evaluate(state.params, cfg, *test, eval_batch)
+    if not math.isfinite(valid_loss):
+        raise stops.non_finite(f"validation loss is {valid_loss} after epoch {epoch}")
+    is_best = valid_error < state.best
+    if is_best:
+        state.best, state.best_epoch = valid_error, epoch
+    record = {
+        "epoch": epoch, "step": int(state.opt_state["step"]),
+        "train_loss": loss_sum / n_train, "train_error": errors / n_train,
+        "valid_loss": valid_loss, "valid_error": valid_error,
+        "test_loss": test_loss, "test_error": test_error,
+        "train_digits": n_train, "grad_norm": gnorm_sum / n_iter, "lr": ccfg.lr,
+        "train_time_s": train_time, "eval_time_s": time.perf_counter() - t1,
+        "best": bool(is_best), "wall_s": time.perf_counter() - t0,
+        "time": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    runs.commit_epoch(run.run_dir, record, is_best, cfg, state.params, state.opt_state, epoch,
+                      state.rng, ccfg, state.extra("best_valid_error", run.run_dir))
+    state.epoch = epoch
+    run.log(f"epoch {epoch}/{ccfg.epochs}  train {record['train_loss']:.4f} "
+            f"({100 * record['train_error']:.2f}% wrong)  valid {valid_loss:.4f} "
+            f"({100 * valid_error:.2f}%)  test {test_loss:.4f} ({100 * test_error:.2f}%)  "
+            f"|g| {record['grad_norm']:.2f}  {record['wall_s']:.1f}s"
+            + ("  *best*" if is_best else ""))

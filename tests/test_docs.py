@@ -92,3 +92,24 @@ def test_the_readme_python_example_runs(monkeypatch, capsys):
     assert scope["images"].shape == (16, 28, 28)
     assert np.abs(scope["reconstruction"] - scope["x"]).mean() < 0.1
     assert np.isfinite(scope["loss"]).all() and capsys.readouterr().out
+
+
+def test_design_md_names_every_module():
+    """docs/DESIGN.md's rooms name every module of npdraw (a subpackage's under its
+    folder), so a new room cannot go undrawn."""
+    rooms = (REPO_ROOT / "docs" / "DESIGN.md").read_text().split("## Rooms", 1)[1]
+    rooms = rooms.split("\n## ", 1)[0]
+    words = set(re.findall(r"[\w.]+/?", rooms))
+    package = REPO_ROOT / "npdraw"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        folder = f"{rel.parent}/" if rel.parent.name else None
+        if rel.name == "__init__.py" and folder:      # a subpackage: its folder's line
+            wanted = [folder]
+        else:
+            wanted = [rel.name] + ([folder] if folder else [])
+        if not set(wanted) <= words:
+            missing.append(str(rel))
+    assert not missing, f"docs/DESIGN.md's rooms do not name {missing}"
+    assert len(words) > 50      # the block was read at all

@@ -59,8 +59,8 @@ def test_cosine_goes_from_lr_to_lr_min_over_its_decay_epochs():
 
 def test_cosine_without_decay_epochs_runs_until_the_last_epoch():
     tcfg = TrainConfig(lr=1e-3, lr_schedule="cosine", lr_min=0.0, epochs=10)
-    assert train_lib.learning_rate(tcfg, 5.0) == pytest.approx(5e-4, rel=1e-15)
-    assert train_lib.learning_rate(tcfg, 10.0) == pytest.approx(0.0, abs=1e-18)
+    assert optim.learning_rate(tcfg, 5.0) == pytest.approx(5e-4, rel=1e-15)
+    assert optim.learning_rate(tcfg, 10.0) == pytest.approx(0.0, abs=1e-18)
 
 
 @pytest.mark.parametrize("field, value, text", [

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import TRAIN_SETS
+from ..config import TRAIN_SETS, ClassifierConfig, ClassifyConfig
 from .idx import parse_idx
 from .sources import (MNIST_URL, DataError, DataSplits, locate, read_maybe_gzip,
                       resolve_data_dir, resolve_mirror)
@@ -225,3 +225,14 @@ def cluttered_splits(digits: LabelledDigits, size: int = 100,
                        (digits.test_x, digits.test_y, TEST_CLUTTER_SEED)):
         out.append((clutter(x, x, np.random.default_rng(seed), size, distractors, crop), y))
     return tuple(out)
+
+
+def cluttered_eval_sets(ccfg: ClassifyConfig, cfg: ClassifierConfig, digits):
+    """The fixed cluttered validation and test sets, of the first eval_subset digits of each
+    split (all with 0) -> ((valid_x, valid_y), (test_x, test_y)), float32 (E, H*W)."""
+    if ccfg.eval_subset:
+        digits = LabelledDigits(
+            digits.train_x, digits.train_y, digits.valid_x[:ccfg.eval_subset],
+            digits.valid_y[:ccfg.eval_subset], digits.test_x[:ccfg.eval_subset],
+            digits.test_y[:ccfg.eval_subset])
+    return cluttered_splits(digits, cfg.height, ccfg.distractors, ccfg.crop)

@@ -533,9 +533,20 @@ def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
                          "dtype": "float64",
                          "bound": evaluate.fixed_noise_bound(params, ckpt.cfg, x, check_seed)}
     ckpt_lib.save_checkpoint(out_path, ckpt.cfg, params, opt_state=None,
-                             epoch=int(ckpt.epoch), train_cfg=train_config_of(ckpt),
+                             epoch=int(ckpt.epoch), train_cfg=_portable(train_config_of(ckpt)),
                              extra=info)
     return info
+
+
+def _portable(tcfg: TrainConfig | None) -> TrainConfig | None:
+    """The training config as a shipped model records it: without the training machine's
+    folders (a folder mirror, an absolute data folder), which mean nothing elsewhere and
+    would name that machine; a URL mirror is kept."""
+    if tcfg is None:
+        return None
+    mirror = tcfg.mirror if tcfg.mirror.startswith(("http://", "https://")) else ""
+    data_dir = tcfg.data_dir if not Path(tcfg.data_dir).is_absolute() else TrainConfig.data_dir
+    return dataclasses.replace(tcfg, mirror=mirror, data_dir=data_dir)
 
 
 # ----------------------------------------------------------------------------- data

@@ -246,3 +246,17 @@ def test_export_keeps_the_parameters_and_a_checkable_bound(bmnist, tmp_path):
     per_example, _ = model_lib.loss_only(params64, TINY, bmnist.test[:20].astype(np.float64),
                                          eps)
     assert math.isclose(check["bound"], float(np.mean(per_example)), rel_tol=1e-12)
+
+
+def test_export_leaves_out_the_training_machines_folders(bmnist, tmp_path):
+    """A shipped model must not name the machine it was trained on: a folder mirror and
+    an absolute data folder are dropped from its recorded config; a URL mirror stays."""
+    folders = dict(mirror=str(tmp_path / "mirror"), data_dir=str(tmp_path / "data"))
+    run = _train(TINY, _tcfg(tmp_path, **folders), bmnist)
+    assert runs_lib.train_config_of(ckpt_lib.load_checkpoint(run / "best.h5")).mirror
+    runs_lib.export_model(run / "best.h5", tmp_path / "shipped.h5")
+    shipped = runs_lib.train_config_of(ckpt_lib.load_checkpoint(tmp_path / "shipped.h5"))
+    assert (shipped.mirror, shipped.data_dir) == ("", "data")
+    assert shipped.batch_size == 50 and shipped.seed == 3           # the rest as trained
+    url = TrainConfig(mirror="https://example.org/bmnist", data_dir="local")
+    assert runs_lib._portable(url) == url

@@ -220,6 +220,25 @@ def gemm_probe(matmul, make, sync, n: int):
     return probe
 
 
+def random_square(xp):
+    """make(n, seed) for gemm_probe: an n x n float32 array of normal noise on xp's device."""
+    return lambda n, seed: xp.asarray(np.random.default_rng(seed).standard_normal((n, n)),
+                                      dtype=xp.float32)
+
+
+def blas_peak(n: int, reps: int) -> dict:
+    """NumPy's GEMM peak on this CPU, measured now as ``_run`` measures it: the best of
+    ``reps`` n^3 float32 matmuls on the BLAS threads in force, or one thread's best
+    times the usable cores, whichever is higher (see ``_run``)."""
+    probe = gemm_probe(lambda a, b: a @ b, random_square(np), lambda: None, n)
+    flop = 2.0 * n ** 3 / 1e9
+    best = flop / min(gemm_times(probe, reps))
+    per_core = flop / min(_single_core_gemm_secs(probe, reps))
+    cores = usable_cores()
+    return {"n": n, "reps": reps, "best_gflops": best, "single_core_best_gflops": per_core,
+            "cores": cores, "peak_gflops": max(best, per_core * cores)}
+
+
 def gemm_times(probe, reps: int) -> list:
     """Seconds of ``reps`` runs of ``probe``, after one warm-up."""
     probe()
@@ -618,10 +637,8 @@ def _run(args, comm) -> dict:
     n, reps = args.gemm_n, args.gemm_reps
     # One matmul of each also takes its turn in every repetition of the step timing below, so
     # that the peak is measured under the same conditions as the steps.
-    probes = {"npdraw_blas": gemm_probe(
-        lambda a, b: a @ b,
-        lambda n_, s: xp.asarray(np.random.default_rng(s).standard_normal((n_, n_)), dtype=xp.float32),
-        lambda: backend.synchronize(xp), n)}
+    probes = {"npdraw_blas": gemm_probe(lambda a, b: a @ b, random_square(xp),
+                                        lambda: backend.synchronize(xp), n)}
     if torch is not None:
         tdev = _torch_device(device)
         probes["torch"] = gemm_probe(
@@ -829,25 +846,36 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def start_ranks(ranks: int, device: str, batch: int, script: str, argv: list, launch: bool):
+    """npdraw's ranks for a benchmark script: with launch, this process becomes `mpiexec -n R
+    python script argv` when ranks are to be started (as `cli.py train` does); else the
+    communicator of this process, checked against ``ranks``. -> the communicator, or None
+    (said on stderr) when the device or the ranks cannot be had."""
+    from npdraw import backend
+    try:
+        device = backend.resolve_device(device)
+        count, mpiexec, note = distributed.launch_plan(ranks, device, batch)
+        comm = distributed.from_environment()
+        if not launch or mpiexec is None:
+            distributed.check_rank_count(ranks, comm)
+    except ValueError as exc:  # --device gpu without a GPU, --ranks that cannot be had
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    if note:
+        print(note.replace("one process", "npdraw in one process", 1), file=sys.stderr)
+    if launch and mpiexec is not None:
+        distributed.exec_as_ranks(count, mpiexec, script, argv)
+    return comm
+
+
 def main(argv: list[str] | None = None, launch: bool = False) -> int:
     """The benchmark; launch: start npdraw's ranks (this process becomes `mpiexec -n R
     python bench/run.py argv`, as `cli.py train` does), else time in this process."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    from npdraw import backend
-    try:
-        device = backend.resolve_device(args.device)
-        count, mpiexec, note = distributed.launch_plan(args.ranks, device, args.batch)
-        comm = distributed.from_environment()
-        if not launch or mpiexec is None:
-            distributed.check_rank_count(args.ranks, comm)
-    except ValueError as exc:  # --device gpu without a GPU, --ranks that cannot be had
-        print(f"error: {exc}", file=sys.stderr)
+    comm = start_ranks(args.ranks, args.device, args.batch, __file__, argv, launch)
+    if comm is None:
         return 2
-    if note:
-        print(note.replace("one process", "npdraw in one process", 1), file=sys.stderr)
-    if launch and mpiexec is not None:
-        distributed.exec_as_ranks(count, mpiexec, __file__, argv)
     if not comm.is_root:
         follow(args, comm)
         return 0

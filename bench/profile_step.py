@@ -316,20 +316,21 @@ class _Wrapped:
         return False
 
 
-def _as_counted(tree):
+def _each_array(tree, convert):
+    """tree (an array, or dicts of them and other values) with convert applied to each array."""
     if isinstance(tree, np.ndarray):
-        return tree.view(_Counted)
+        return convert(tree)
     if isinstance(tree, dict):
-        return {k: _as_counted(v) for k, v in tree.items()}
+        return {k: _each_array(v, convert) for k, v in tree.items()}
     return tree
+
+
+def _as_counted(tree):
+    return _each_array(tree, lambda a: a.view(_Counted))
 
 
 def _as_plain(tree):
-    if isinstance(tree, np.ndarray):
-        return np.asarray(tree)
-    if isinstance(tree, dict):
-        return {k: _as_plain(v) for k, v in tree.items()}
-    return tree
+    return _each_array(tree, np.asarray)     # asarray drops the subclass, as a view
 
 
 def count_step(runner) -> _Profile:
@@ -490,8 +491,9 @@ def run(args, comm) -> dict:
         finally:
             runner.close()
         gemm = entry["categories"]["gemm"]
-        entry["gemm_gflops"] = gemm["gemm_flops"] / gemm["ms"] / 1e6 if gemm["ms"] > 0 else None
-        entry["gemm_peak_fraction"] = None if entry["gemm_gflops"] is None else entry["gemm_gflops"] / peak
+        gflops = gemm["gemm_flops"] / gemm["ms"] / 1e6 if gemm["ms"] > 0 else None
+        entry["gemm_gflops"] = gflops
+        entry["gemm_peak_fraction"] = None if gflops is None else gflops / peak
         # The whole step's share of peak, as bench/run.py gives it: count_flops / step time
         entry["step_peak_fraction"] = entry["flops_per_step"] / entry["step_ms_plain"] / 1e6 / peak
         result["profiles"].append(entry)
@@ -546,7 +548,8 @@ def format_report(r: dict) -> str:
                          f"{e['gemm_gflops']:.1f} GFLOP/s, {100 * e['gemm_peak_fraction']:.0f}% of "
                          f"peak; the whole step: {100 * e['step_peak_fraction']:.0f}% of peak "
                          f"(count_flops {e['flops_per_step'] / 1e9:.2f} GFLOP / plain step)")
-        lines.append(f"  the {e['inline_gemms']} inline GEMMs replay in {e['gemm_replay_ms']:.1f} ms "
+        lines.append(f"  the {e['inline_gemms']} inline GEMMs replay in "
+                     f"{e['gemm_replay_ms']:.1f} ms "
                      f"of the engine body's {e['engine_body_ms']:.1f} ms in the step (the rest: "
                      "its slicing, copies and small sums, in 'unattributed')")
         if e["categories"]["unattributed"]["ms"] < 0:

@@ -383,17 +383,34 @@ def _torch_device(device: str) -> str:
     return "cuda" if device == "gpu" else "cpu"
 
 
-class TorchRunner:
-    """The PyTorch peer loaded with npdraw's parameters; ``step()`` is one training step."""
+# The PyTorch peers: the model as written (eager), and the same module under
+# torch.compile's defaults, what a PyTorch user tries first for speed (forward and
+# backward compiled; clipping and Adam stay as they are).
+PEERS = {"eager": "torch", "compiled": "torch_compiled"}   # --peers name -> figures' key
 
-    def __init__(self, cfg, params, x, eps, device: str):
+
+def torch_model(cfg, params, device: str, compiled: bool = False):
+    """-> (the TorchDraw module loaded with npdraw's params, the callable to run: the
+    module itself, or torch.compile of it)."""
+    import torch
+    from bench.torch_draw import TorchDraw
+    dtype = torch.float64 if params["c0"].dtype == np.float64 else torch.float32
+    module = TorchDraw(cfg).to(device=_torch_device(device), dtype=dtype).load_from_npdraw(params)
+    return module, (torch.compile(module) if compiled else module)
+
+
+class TorchRunner:
+    """The PyTorch peer loaded with npdraw's parameters; ``step()`` is one training step.
+    compiled: run the module under torch.compile (the first step compiles, unless an
+    earlier compile of the same model is reused)."""
+
+    def __init__(self, cfg, params, x, eps, device: str, compiled: bool = False):
         import torch
-        from bench.torch_draw import TorchDraw, make_optimizer
+        from bench.torch_draw import make_optimizer
         self.torch = torch
         self.dev = _torch_device(device)
-        dtype = torch.float64 if params["c0"].dtype == np.float64 else torch.float32
-        self.model = TorchDraw(cfg).to(device=self.dev, dtype=dtype).load_from_npdraw(params)
-        self.opt = make_optimizer(self.model, lr=LR, betas=(BETA1, BETA2), eps=ADAM_EPS)
+        self.module, self.model = torch_model(cfg, params, device, compiled)
+        self.opt = make_optimizer(self.module, lr=LR, betas=(BETA1, BETA2), eps=ADAM_EPS)
         self.x = torch.from_numpy(x).to(self.dev)
         self.eps = torch.from_numpy(eps).to(self.dev)
         self.last_loss = None
@@ -404,9 +421,11 @@ class TorchRunner:
         self.last_loss = float(loss.item())  # waits for the device, as logging the loss does
         return self.last_loss
 
-    def activation_bytes(self) -> int:
+    def activation_bytes(self) -> int | None:
         """Bytes of the tensors autograd saves for backward in one forward (parameters and inputs excluded)."""
         torch = self.torch
+        if self.model is not self.module:
+            return None            # a compiled graph saves its tensors out of the hooks' sight
         skip = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         skip |= {self.x.untyped_storage().data_ptr(), self.eps.untyped_storage().data_ptr()}
         seen = {}
@@ -423,13 +442,15 @@ class TorchRunner:
         return int(sum(seen.values()))
 
 
-def check_peer(npdraw, cfg, params32, x32, eps32, seed: int, device: str, check_batch: int) -> dict:
+def check_peer(npdraw, cfg, params32, x32, eps32, seed: int, device: str, check_batch: int,
+               compiled: bool = False) -> dict:
     """Does the peer compute npdraw's model? float32 loss at the benchmark batch, float64 loss+grads.
 
-    Returns {"ok", "loss_rel_f32", "loss_rel_f64", "grad_rel_f64": {name: rel}, "activation_bytes"}.
+    Returns {"ok", "loss_rel_f32", "loss_rel_f64", "grad_rel_f64": {name: rel}, "activation_bytes"},
+    and with compiled (the peer under torch.compile) "compile_s": the seconds of its first
+    float32 forward and backward, which compile them.
     """
     import torch
-    from bench.torch_draw import TorchDraw
     from npdraw import backend
 
     dev = _torch_device(device)
@@ -438,14 +459,18 @@ def check_peer(npdraw, cfg, params32, x32, eps32, seed: int, device: str, check_
         p_dev = {k: backend.to_device(v, device) for k, v in params.items()}
         loss_n, grads_n, stats = npdraw.loss_and_grads(
             p_dev, cfg, backend.to_device(x, device), backend.to_device(eps, device))
-        dtype = torch.float64 if x.dtype == np.float64 else torch.float32
-        model = TorchDraw(cfg).to(device=dev, dtype=dtype).load_from_npdraw(params)
+        module, model = torch_model(cfg, params, device, compiled)
+        start = time.perf_counter()
         loss_t = model(torch.from_numpy(x).to(dev), torch.from_numpy(eps).to(dev))
         loss_t.backward()
-        return float(loss_n), grads_n, stats, float(loss_t.item()), model.grads_as_npdraw()
+        loss_t = float(loss_t.item())
+        stats = dict(stats, peer_s=time.perf_counter() - start)
+        return float(loss_n), grads_n, stats, loss_t, module.grads_as_npdraw()
 
     out = {}
     loss_n, _g, stats, loss_t, _gt = both(params32, x32, eps32)
+    if compiled:
+        out["compile_s"] = stats["peer_s"]
     out["loss_npdraw_f32"], out["loss_torch_f32"] = loss_n, loss_t
     out["loss_rel_f32"] = abs(loss_n - loss_t) / max(abs(loss_t), 1e-300)
     out["activation_bytes"] = int(stats["activation_bytes"])
@@ -493,6 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="npdraw's MPI ranks sharing each batch, as in train (0: one per core "
                           "on a CPU, 1 on a GPU; 1: one process)")
     run.add_argument("--no-torch", action="store_true", help="time npdraw alone")
+    run.add_argument("--peers", default="eager", type=_peer_list, metavar="LIST",
+                     help="the PyTorch peers to time, comma-separated: eager (the module as "
+                          "written), compiled (under torch.compile; its first compile is "
+                          "reported on its own); default eager")
+    run.add_argument("--batches", type=_batch_list, metavar="LIST",
+                     help="batch sizes, comma-separated (e.g. 100,500): each is timed, and each "
+                          "side's best examples/s and the ratio of those are reported "
+                          "(replaces --batch)")
     run.add_argument("--gemm-n", type=int, default=2048,
                      help="size of the matmul that measures peak")
     run.add_argument("--gemm-reps", type=int, default=5,
@@ -510,9 +543,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _peer_list(text: str) -> list:
+    peers = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in peers if name not in PEERS]
+    if unknown or not peers:
+        raise argparse.ArgumentTypeError(f"peers are {', '.join(PEERS)}, not {text!r}")
+    return list(dict.fromkeys(peers))
+
+
+def _batch_list(text: str) -> list:
+    try:
+        batches = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes are whole numbers, not {text!r}") from None
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError("batch sizes must be at least 1")
+    return list(dict.fromkeys(batches))
+
+
 def parse_args(argv):
     p = build_parser()
     args = p.parse_args(argv)
+    args.batches = args.batches or [args.batch]
+    args.batch = args.batches[0]
+    if args.no_torch:
+        args.peers = []
     for name in ("steps", "batch", "T", "gemm_n", "gemm_reps", "check_batch"):
         if getattr(args, name) < 1:
             flag = "glimpses" if name == "T" else name.replace("_", "-")
@@ -578,14 +633,15 @@ def run(args, comm=None) -> dict:
             restore()
 
 
-def _models(args, npdraw):
-    """(name, cfg, params on the host, x, eps) of each model to time, the same on every rank."""
+def _models(args, npdraw, batch=None):
+    """(name, cfg, params on the host, x, eps) of each model to time, at ``batch`` examples
+    (args.batch by default), the same on every rank."""
     from npdraw import backend
     for name in (list(MODELS) if args.model == "both" else [args.model]):
         cfg = npdraw.DrawConfig(T=args.T, attention=MODELS[name])
         params = npdraw.init_params(cfg, args.seed, dtype=args.dtype)
         params = {k: backend.to_numpy(v) for k, v in params.items()}
-        x, eps = make_inputs(cfg, args.batch, args.seed, args.dtype)
+        x, eps = make_inputs(cfg, batch or args.batch, args.seed, args.dtype)
         yield name, cfg, params, x, eps
 
 
@@ -597,8 +653,9 @@ def follow(args, comm) -> None:
     comm = comm.for_device(device)
     restore = set_threads(args.threads, torch_too=False) if args.threads else None
     try:
-        for _name, cfg, params, x, eps in _models(args, npdraw):
-            NpdrawRunner(npdraw, cfg, params, x, eps, device, comm).follow()
+        for B in args.batches:
+            for _name, cfg, params, x, eps in _models(args, npdraw, B):
+                NpdrawRunner(npdraw, cfg, params, x, eps, device, comm).follow()
     finally:
         if restore is not None:
             restore()
@@ -625,7 +682,8 @@ def _run(args, comm) -> dict:
         "blas": blas_info() if device == "cpu" else [],
         "threads": {"torch": None if torch is None else torch.get_num_threads()},
         "env": {k: v for k, v in env.items() if v is not None},
-        "settings": {"batch": args.batch, "T": args.T, "dtype": args.dtype, "steps": args.steps,
+        "settings": {"batch": args.batch, "batches": args.batches, "peers": args.peers,
+                     "T": args.T, "dtype": args.dtype, "steps": args.steps,
                      "warmup": args.warmup, "settle": args.settle, "clip": CLIP, "lr": LR,
                      "seed": args.seed, "ranks": comm.size, "freed_memory_retained": retained},
     }
@@ -653,20 +711,24 @@ def _run(args, comm) -> dict:
     core_secs = _single_core_gemm_secs(probes["npdraw_blas"], reps) if device == "cpu" else []
 
     ok = True
-    result["models"] = {}
-    for name, cfg, params, x, eps in _models(args, npdraw):
-        B = args.batch
-        flops = count_flops(cfg, B)
-        entry = {"config": cfg.to_dict(), "flops_per_step": flops,
-                 "flop_terms_forward": flop_terms(cfg, B)}
-
-        runner = NpdrawRunner(npdraw, cfg, params, x, eps, device, comm)
-        try:
-            ok = _time_model(args, npdraw, cfg, params, x, eps, device, torch, runner, probes,
-                             gemm_secs, entry, flops) and ok
-        finally:
-            runner.close()
-        result["models"][name] = entry
+    # models: the first batch's entries; with several batches, batches: every batch's
+    result["models"], sweep = {}, {}
+    for B in args.batches:
+        for name, cfg, params, x, eps in _models(args, npdraw, B):
+            flops = count_flops(cfg, B)
+            entry = {"config": cfg.to_dict(), "batch": B, "flops_per_step": flops,
+                     "flop_terms_forward": flop_terms(cfg, B)}
+            runner = NpdrawRunner(npdraw, cfg, params, x, eps, device, comm)
+            try:
+                ok = _time_model(args, npdraw, cfg, params, x, eps, device, torch, runner,
+                                 probes, gemm_secs, entry, flops, B) and ok
+            finally:
+                runner.close()
+            result["models"].setdefault(name, entry)
+            sweep.setdefault(name, []).append(entry)
+    if len(args.batches) > 1:
+        result["batches"] = sweep
+        result["best_batch"] = {name: best_batch(entries) for name, entries in sweep.items()}
 
     for k, probe in probes.items():
         gemm_secs[k] += gemm_times(probe, reps)
@@ -687,33 +749,55 @@ def _run(args, comm) -> dict:
         result["gemm"]["cores"] = cores
         peak = max(peak, per_core * cores)
     result["gemm"]["peak_gflops"] = peak
-    for entry in result["models"].values():
-        for impl in ("npdraw", "torch"):
+    for entry in (e for entries in sweep.values() for e in entries):
+        for impl in ("npdraw", *PEERS.values()):
             if impl in entry:
                 entry[impl]["peak_fraction"] = entry[impl]["gflops"] / peak
     result["ok"] = ok
     return result
 
 
+def best_batch(entries: list) -> dict:
+    """Each side's best examples/s over one model's batch sizes, and npdraw's over each
+    peer's: {impl: {"batch", "examples_per_s"}, "ratio_npdraw_over_<peer>": float}."""
+    best = {}
+    for impl in ("npdraw", *PEERS.values()):
+        timed = [e for e in entries if impl in e]
+        if timed:
+            top = max(timed, key=lambda e: e[impl]["examples_per_s"])
+            best[impl] = {"batch": top["batch"], "examples_per_s": top[impl]["examples_per_s"]}
+    for key in PEERS.values():
+        if key in best and "npdraw" in best:
+            best[f"ratio_npdraw_over_{key}"] = (best["npdraw"]["examples_per_s"]
+                                                / best[key]["examples_per_s"])
+    return best
+
+
 def _time_model(args, npdraw, cfg, params, x, eps, device, torch, runner, probes, gemm_secs,
-                entry, flops) -> bool:
-    """Check and time one model into ``entry``; False when the peer disagrees."""
+                entry, flops, B) -> bool:
+    """Check and time one model at batch B into ``entry``; False when a peer disagrees."""
     ok = True
-    B = args.batch
     steppers = {"npdraw": runner}
     # Over ranks, the timed step must compute what the in-process model computes.
     loss_timed, _g, stats = runner.loss_and_grads()
-    if torch is not None:
-        check = check_peer(npdraw, cfg, params, x, eps, args.seed, device, args.check_batch)
+    for peer in (args.peers if torch is not None else []):
+        key, compiled = PEERS[peer], peer == "compiled"
+        check = check_peer(npdraw, cfg, params, x, eps, args.seed, device, args.check_batch,
+                           compiled)
         check["loss_timed_rel_f32"] = (abs(float(loss_timed) - check["loss_npdraw_f32"])
                                        / max(abs(check["loss_npdraw_f32"]), 1e-300))
         check["ok"] = check["ok"] and check["loss_timed_rel_f32"] < LOSS_RTOL_F32
-        entry["check"] = check
+        entry["check" if key == "torch" else f"check_{key}"] = check
         check.pop("activation_bytes")
-        if check["ok"]:
-            steppers["torch"] = TorchRunner(cfg, params, x, eps, device)
-        else:
+        if not check["ok"]:
             ok = False
+            continue
+        steppers[key] = TorchRunner(cfg, params, x, eps, device, compiled)
+        if compiled:    # the check compiled this model; a recompile would show here
+            entry["compile_s"] = check["compile_s"]
+            start = time.perf_counter()
+            steppers[key].step()
+            entry["compiled_first_step_s"] = time.perf_counter() - start
     act_bytes = int(stats["activation_bytes"])
 
     turns = {k: r.step for k, r in steppers.items()}
@@ -724,19 +808,22 @@ def _time_model(args, npdraw, cfg, params, x, eps, device, torch, runner, probes
     entry["npdraw"] = _impl_figures(times["npdraw"], B, flops)
     entry["npdraw"]["activation_bytes_per_example"] = act_bytes / B
     entry["npdraw"]["final_loss"] = steppers["npdraw"].last_loss
-    if "torch" in steppers:
-        entry["torch"] = _impl_figures(times["torch"], B, flops)
-        entry["torch"]["activation_bytes_per_example"] = steppers["torch"].activation_bytes() / B
-        entry["torch"]["final_loss"] = steppers["torch"].last_loss
-        entry["ratio_npdraw_over_torch"] = (entry["npdraw"]["examples_per_s"]
-                                            / entry["torch"]["examples_per_s"])
-        # The same ratio from the best step of each, and as the median of the per-repetition
-        # ratios (each pair ran back to back, so slow drifts of the machine cancel).
-        entry["ratio_best"] = entry["torch"]["ms_min"] / entry["npdraw"]["ms_min"]
-        entry["ratio_paired_median"] = statistics.median(
-            t / n for n, t in zip(times["npdraw"], times["torch"]))
-    else:
-        entry["ratio_npdraw_over_torch"] = entry["ratio_best"] = entry["ratio_paired_median"] = None
+    for key in PEERS.values():
+        suffix = "" if key == "torch" else key[len("torch"):]           # "", "_compiled"
+        names = (f"ratio_npdraw_over_{key}", f"ratio_best{suffix}", f"ratio_paired_median{suffix}")
+        if key not in steppers:
+            if key == "torch" or f"check_{key}" in entry:
+                entry.update(dict.fromkeys(names, None))
+            continue
+        entry[key] = _impl_figures(times[key], B, flops)
+        act_peer = steppers[key].activation_bytes()
+        entry[key]["activation_bytes_per_example"] = None if act_peer is None else act_peer / B
+        entry[key]["final_loss"] = steppers[key].last_loss
+        # The ratio of the medians, of the best step of each, and the median of the
+        # per-repetition ratios (each pair ran back to back, so slow drifts cancel).
+        entry[names[0]] = entry["npdraw"]["examples_per_s"] / entry[key]["examples_per_s"]
+        entry[names[1]] = entry[key]["ms_min"] / entry["npdraw"]["ms_min"]
+        entry[names[2]] = statistics.median(t / n for n, t in zip(times["npdraw"], times[key]))
     if args.profile:
         entry["profile"] = profile_npdraw(steppers["npdraw"], args.profile)
     return ok
@@ -764,6 +851,67 @@ def _fmt_bytes(n: float) -> str:
         n /= 1024.0
 
 
+# how the report names each side
+_IMPL_LABELS = {"npdraw": "npdraw", "torch": "torch", "torch_compiled": "compiled"}
+
+
+def _format_check(chk: dict, what: str) -> str:
+    grads = ", ".join(f"{k} {v:.1e}" for k, v in chk["grad_rel_f64"].items())
+    return (f"  check vs {what}: loss f32 {chk['loss_npdraw_f32']:.6f} vs "
+            f"{chk['loss_torch_f32']:.6f} (rel {chk['loss_rel_f32']:.1e}); f64 loss rel "
+            f"{chk['loss_rel_f64']:.1e}, grads rel {grads} -> "
+            + ("OK" if chk["ok"] else "DISAGREE: no ratio"))
+
+
+def _format_model(name: str, e: dict, several: bool) -> list:
+    """The report's lines of one model at one batch size."""
+    c = e["config"]
+    arch = (f"read {c['read_n']}x{c['read_n']}, write {c['write_n']}x{c['write_n']}"
+            if c["attention"] else "no attention")
+    lines = ["", f"[{name}" + (f", batch {e['batch']}" if several else "") + "] "
+             f"{c['height']}x{c['width']}x{c['channels']}, {arch}, "
+             f"enc/dec {c['enc_dim']}/{c['dec_dim']}, z {c['z_dim']}; "
+             f"{e['flops_per_step'] / 1e9:.2f} GFLOP/step"]
+    for key, what in (("check", "torch"), ("check_torch_compiled", "torch.compile")):
+        if e.get(key) is not None:
+            lines.append(_format_check(e[key], what))
+    if "compile_s" in e:
+        lines.append(f"  torch.compile: first compile {e['compile_s']:.1f} s (forward and backward, "
+                     f"float32, this batch; not in the step times), then the timed model's "
+                     f"first step {e['compiled_first_step_s']:.2f} s")
+    lines.append(f"  {'':8s} {'ms/step':>9s} {'(best)':>9s} {'ex/s':>8s} {'GFLOP/s':>8s} "
+                 f"{'of peak':>8s} {'act/example':>12s}")
+    for impl, label in _IMPL_LABELS.items():
+        f = e.get(impl)
+        if f is None:
+            continue
+        act = f["activation_bytes_per_example"]
+        lines.append(f"  {label:8s} {f['ms_per_step']:9.1f} {f['ms_min']:9.1f} "
+                     f"{f['examples_per_s']:8.1f} {f['gflops']:8.2f} "
+                     f"{100 * f['peak_fraction']:7.1f}% "
+                     f"{'-' if act is None else _fmt_bytes(act):>12s}")
+    for key, suffix in (("torch", ""), ("torch_compiled", "_compiled")):
+        if e.get(f"ratio_npdraw_over_{key}") is not None:
+            lines.append(f"  npdraw/{_IMPL_LABELS[key]} throughput: "
+                         f"{e[f'ratio_npdraw_over_{key}']:.2f}x (medians; best steps "
+                         f"{e[f'ratio_best{suffix}']:.2f}x, median of paired steps "
+                         f"{e[f'ratio_paired_median{suffix}']:.2f}x)")
+    if e.get("profile"):
+        lines.append("  profile of npdraw steps (cProfile, by tottime):")
+        lines.extend("    " + ln for ln in e["profile"].rstrip().splitlines())
+    return lines
+
+
+def _format_best(best: dict) -> list:
+    """The lines of each side's best batch size, and the ratio there."""
+    line = "  best batch: " + ", ".join(
+        f"{_IMPL_LABELS[impl]} {b['examples_per_s']:.1f} ex/s at {b['batch']}"
+        for impl, b in best.items() if impl in _IMPL_LABELS)
+    ratios = [f"npdraw/{_IMPL_LABELS[key]} {best[f'ratio_npdraw_over_{key}']:.2f}x"
+              for key in ("torch", "torch_compiled") if f"ratio_npdraw_over_{key}" in best]
+    return [line] + (["  at each side's best batch: " + ", ".join(ratios)] if ratios else [])
+
+
 def format_report(r: dict) -> str:
     d = r["device"]
     s = r["settings"]
@@ -788,7 +936,8 @@ def format_report(r: dict) -> str:
                  + (f"; one core {g['single_core_best_gflops']:.1f} x {g['cores']} cores"
                     if "single_core_best_gflops" in g else "")
                  + f"; peak = {g['peak_gflops']:.1f}")
-    lines.append(f"step = loss_and_grads + clip({s['clip']}) + Adam; batch {s['batch']}, T {s['T']}, "
+    lines.append(f"step = loss_and_grads + clip({s['clip']}) + Adam; batch "
+                 f"{', '.join(map(str, s.get('batches') or [s['batch']]))}, T {s['T']}, "
                  f"{s['dtype']}, median of {s['steps']} after {s['warmup']} warm-up, A/B interleaved")
     if s.get("ranks", 1) > 1:
         lines.append(f"npdraw splits each batch over {s['ranks']} MPI ranks with their share of "
@@ -796,40 +945,14 @@ def format_report(r: dict) -> str:
     if s.get("freed_memory_retained"):
         lines.append("malloc keeps freed memory for reuse, as `train` sets it, for both sides "
                      "(npdraw.backend.retain_freed_memory)")
-    for name, e in r["models"].items():
-        c = e["config"]
-        lines.append("")
-        arch = (f"read {c['read_n']}x{c['read_n']}, write {c['write_n']}x{c['write_n']}"
-                if c["attention"] else "no attention")
-        lines.append(f"[{name}] {c['height']}x{c['width']}x{c['channels']}, {arch}, "
-                     f"enc/dec {c['enc_dim']}/{c['dec_dim']}, z {c['z_dim']}; "
-                     f"{e['flops_per_step'] / 1e9:.2f} GFLOP/step")
-        chk = e.get("check")
-        if chk is not None:
-            grads = ", ".join(f"{k} {v:.1e}" for k, v in chk["grad_rel_f64"].items())
-            lines.append(f"  check vs torch: loss f32 {chk['loss_npdraw_f32']:.6f} vs "
-                         f"{chk['loss_torch_f32']:.6f} (rel {chk['loss_rel_f32']:.1e}); f64 loss rel "
-                         f"{chk['loss_rel_f64']:.1e}, grads rel {grads} -> "
-                         + ("OK" if chk["ok"] else "DISAGREE: no ratio"))
-        lines.append(f"  {'':8s} {'ms/step':>9s} {'(best)':>9s} {'ex/s':>8s} {'GFLOP/s':>8s} "
-                     f"{'of peak':>8s} {'act/example':>12s}")
-        for impl in ("npdraw", "torch"):
-            f = e.get(impl)
-            if f is None:
-                continue
-            lines.append(f"  {impl:8s} {f['ms_per_step']:9.1f} {f['ms_min']:9.1f} "
-                         f"{f['examples_per_s']:8.1f} {f['gflops']:8.2f} "
-                         f"{100 * f['peak_fraction']:7.1f}% "
-                         f"{_fmt_bytes(f['activation_bytes_per_example']):>12s}")
-        if e["ratio_npdraw_over_torch"] is not None:
-            lines.append(f"  npdraw/torch throughput: {e['ratio_npdraw_over_torch']:.2f}x "
-                         f"(medians; best steps {e['ratio_best']:.2f}x, "
-                         f"median of paired steps {e['ratio_paired_median']:.2f}x)")
-        if e.get("profile"):
-            lines.append("  profile of npdraw steps (cProfile, by tottime):")
-            lines.extend("    " + ln for ln in e["profile"].rstrip().splitlines())
-    if any((e.get(i) or {}).get("peak_fraction", 0) > 1.0 for e in r["models"].values()
-           for i in ("npdraw", "torch")):
+    sweep = r.get("batches") or {name: [e] for name, e in r["models"].items()}
+    for name, entries in sweep.items():
+        for e in entries:
+            lines.extend(_format_model(name, e, several=len(entries) > 1))
+        if name in r.get("best_batch", {}):
+            lines.extend(_format_best(r["best_batch"][name]))
+    if any((e.get(i) or {}).get("peak_fraction", 0) > 1.0 for entries in sweep.values()
+           for e in entries for i in ("npdraw", *PEERS.values())):
         lines.append("")
         lines.append("note: a fraction of peak above 100% means every peak measurement met a busy "
                      "machine (run again), or, without attention, that the FLOP count includes "
@@ -873,7 +996,7 @@ def main(argv: list[str] | None = None, launch: bool = False) -> int:
     python bench/run.py argv`, as `cli.py train` does), else time in this process."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    comm = start_ranks(args.ranks, args.device, args.batch, __file__, argv, launch)
+    comm = start_ranks(args.ranks, args.device, min(args.batches), __file__, argv, launch)
     if comm is None:
         return 2
     if not comm.is_root:

@@ -182,6 +182,61 @@ def test_bench_gpu_device(capsys):
 def test_bench_rejects_bad_sizes():
     with pytest.raises(SystemExit):
         bench_run.main(["--steps", "0"])
+    for bad in (["--batches", "100,0"], ["--batches", "a"], ["--peers", "eager,jit"]):
+        with pytest.raises(SystemExit):
+            bench_run.parse_args(bad)
+    args = bench_run.parse_args(["--batches", "500,100,500", "--peers", "compiled,eager"])
+    assert args.batches == [500, 100] and args.batch == 500 and args.peers == ["compiled", "eager"]
+    assert bench_run.parse_args(["--no-torch", "--peers", "compiled"]).peers == []
+
+
+def test_best_batch_takes_each_sides_best():
+    def entry(B, npdraw, torch):
+        return {"batch": B, "npdraw": {"examples_per_s": npdraw},
+                "torch": {"examples_per_s": torch}}
+    best = bench_run.best_batch([entry(100, 300.0, 200.0), entry(500, 900.0, 150.0)])
+    assert best["npdraw"] == {"batch": 500, "examples_per_s": 900.0}
+    assert best["torch"] == {"batch": 100, "examples_per_s": 200.0}
+    assert best["ratio_npdraw_over_torch"] == 4.5 and "torch_compiled" not in best
+
+
+def test_bench_batches_report_each_batch_and_the_best(capsys):
+    rc, r = _run_json(capsys, TINY + ["--model", "no-attention", "--batches", "4,8"])
+    assert rc == 0 and r["ok"] is True and r["settings"]["batches"] == [4, 8]
+    entries = r["batches"]["no-attention"]
+    assert [e["batch"] for e in entries] == [4, 8]
+    assert r["models"]["no-attention"]["batch"] == 4           # the first, as table.py reads it
+    best = r["best_batch"]["no-attention"]
+    sides = ["npdraw"] + (["torch"] if r["torch"] is not None else [])
+    for side in sides:
+        top = max(entries, key=lambda e: e[side]["examples_per_s"])
+        assert best[side] == {"batch": top["batch"], "examples_per_s": top[side]["examples_per_s"]}
+    if r["torch"] is not None:
+        assert best["ratio_npdraw_over_torch"] == (best["npdraw"]["examples_per_s"]
+                                                   / best["torch"]["examples_per_s"])
+    text = bench_run.format_report(r)
+    assert "[no-attention, batch 4]" in text and "[no-attention, batch 8]" in text
+    assert "best batch: npdraw" in text
+
+
+def test_bench_compiled_peer_agrees_and_reports_its_compile_on_its_own(capsys):
+    """torch.compile beside eager: the same agreement check, its first compile time in a
+    field of its own, and its ratio beside eager's. Compiling takes a minute or more."""
+    rc, r = _run_json(capsys, TINY + ["--model", "no-attention", "--peers", "eager,compiled",
+                                      "--threads", "1", "--ranks", "1"])
+    assert rc == 0 and r["ok"] is True and r["settings"]["peers"] == ["eager", "compiled"]
+    e = r["models"]["no-attention"]
+    chk = e["check_torch_compiled"]
+    assert chk["ok"] is True and chk["loss_rel_f32"] < bench_run.LOSS_RTOL_F32
+    assert chk["loss_rel_f64"] < bench_run.RTOL_F64
+    assert all(v < bench_run.RTOL_F64 for v in chk["grad_rel_f64"].values())
+    assert e["compile_s"] > 0 and e["compiled_first_step_s"] > 0
+    assert EXPECTED_IMPL_KEYS <= set(e["torch_compiled"]) and len(e["torch_compiled"]["ms_all"]) == 1
+    assert e["torch_compiled"]["activation_bytes_per_example"] is None
+    assert e["ratio_npdraw_over_torch_compiled"] > 0 and e["ratio_npdraw_over_torch"] > 0
+    text = bench_run.format_report(r)
+    assert "check vs torch.compile" in text and "first compile" in text
+    assert "npdraw/compiled throughput" in text and "npdraw/torch throughput" in text
 
 
 # ------------------------------------------------------------------ the PyTorch peer (optional)

@@ -27,8 +27,10 @@ Run from the repository root:
     python bench/run.py --T 8 --steps 3    # quicker
     python bench/run.py --json             # the same figures as JSON
     python bench/run.py --ranks 1          # npdraw in one process
+    python bench/run.py --peers eager,compiled   # torch.compile beside eager
+    python bench/run.py --batches 100,500  # and each side at its best batch size
 
-Exit status: 0 done, 1 the peer disagreed with npdraw, 2 bad usage or no such device.
+Exit status: 0 done, 1 a peer disagreed with npdraw, 2 bad usage or no such device.
 """
 from __future__ import annotations
 

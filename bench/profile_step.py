@@ -493,7 +493,8 @@ def run(args, comm) -> dict:
         gemm = entry["categories"]["gemm"]
         gflops = gemm["gemm_flops"] / gemm["ms"] / 1e6 if gemm["ms"] > 0 else None
         entry["gemm_gflops"] = gflops
-        entry["gemm_peak_fraction"] = None if gflops is None else gflops / peak
+        # rank 0's GEMMs have its share of the cores: against its share of the peak
+        entry["gemm_peak_fraction"] = None if gflops is None else gflops / (peak / comm.size)
         # The whole step's share of peak, as bench/run.py gives it: count_flops / step time
         entry["step_peak_fraction"] = entry["flops_per_step"] / entry["step_ms_plain"] / 1e6 / peak
         result["profiles"].append(entry)
@@ -544,9 +545,10 @@ def format_report(r: dict) -> str:
         lines.append(f"  {'total':36s} {e['step_ms_profiled']:9.2f} 100.0%")
         gemm = e["categories"]["gemm"]
         if e["gemm_gflops"] is not None:
+            share = "peak" if s["ranks"] == 1 else f"rank 0's share of peak (1/{s['ranks']})"
             lines.append(f"  GEMMs: {gemm['gemm_flops'] / 1e9:.2f} GFLOP at "
                          f"{e['gemm_gflops']:.1f} GFLOP/s, {100 * e['gemm_peak_fraction']:.0f}% of "
-                         f"peak; the whole step: {100 * e['step_peak_fraction']:.0f}% of peak "
+                         f"{share}; the whole step: {100 * e['step_peak_fraction']:.0f}% of peak "
                          f"(count_flops {e['flops_per_step'] / 1e9:.2f} GFLOP / plain step)")
         lines.append(f"  the {e['inline_gemms']} inline GEMMs replay in "
                      f"{e['gemm_replay_ms']:.1f} ms "

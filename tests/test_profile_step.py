@@ -152,4 +152,6 @@ def test_profile_under_two_ranks():
     allreduce = r["profiles"][0]["categories"]["allreduce"]
     n_params = len(npdraw.init_params(npdraw.DrawConfig(T=2), 0))
     assert allreduce["ms"] >= 0 and allreduce["ops"] >= n_params + 1
+    e = r["profiles"][0]                           # rank 0's GEMMs against its share of peak
+    assert e["gemm_peak_fraction"] == pytest.approx(e["gemm_gflops"] / (r["gemm"]["peak_gflops"] / 2))
     assert "rank 0 of 2 MPI ranks" in profile_step.format_report(r)

@@ -385,7 +385,9 @@ def gemm_replay(specs, rng_seed: int = 0):
 
 def profile_runner(runner, steps: int, warmup: int) -> dict:
     """Profile one runner (rank 0's, under ranks) -> the figures of one model and batch.
-    Runs warmup + 1 (counted) + 2 * steps steps of the runner."""
+    Runs max(warmup, 1) + 1 (counted) + 2 * steps steps of the runner: the counted step
+    comes after one at least, which builds the engine's cached constants."""
+    warmup = max(warmup, 1)
     for _ in range(warmup):
         runner.step()
     counted = count_step(runner)
@@ -447,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gemm-reps", type=int, default=5, help="peak-measuring matmuls")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the figures as Markdown tables, for bench/README.md")
     return p
 
 
@@ -560,6 +564,31 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(r: dict) -> str:
+    """One Markdown table a profile (model and batch), with a line saying where and when."""
+    d, s, g = r["device"], r["settings"], r["gemm"]
+    where = f"{s['ranks']} MPI ranks (rank 0's figures)" if s["ranks"] > 1 else "one process"
+    blocks = []
+    for e in r["profiles"]:
+        lines = [f"**{e['model']}, batch {e['batch']}** ({r['date'][:10]}, {d['cpu']}, "
+                 f"{d['cores']} cores, {where}, {s['dtype']}, T {s['T']}): step "
+                 f"{e['step_ms_profiled']:.0f} ms profiled, {e['step_ms_plain']:.0f} ms plain; "
+                 f"GEMM peak {g['peak_gflops']:.0f} GFLOP/s, the step "
+                 f"{100 * e['step_peak_fraction']:.0f}% of it",
+                 "",
+                 "| category | ms/step | share | NumPy ops | MB moved | passes |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for key, cat in e["categories"].items():
+            if key == "allreduce" and s["ranks"] == 1:
+                lines.append(f"| {cat['label']} | n/a | | | | |")
+                continue
+            lines.append(f"| {cat['label']} | {cat['ms']:.1f} | "
+                         f"{100 * cat['ms'] / e['step_ms_profiled']:.0f}% | {cat['ops']} | "
+                         f"{cat['bytes'] / 1e6:.1f} | {cat['passes']:.2f} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def main(argv: list[str] | None = None, launch: bool = False) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -579,7 +608,10 @@ def main(argv: list[str] | None = None, launch: bool = False) -> int:
     finally:
         if restore is not None:
             restore()
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_markdown(result) if args.markdown else format_report(result))
     return 0
 
 

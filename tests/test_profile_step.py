@@ -132,6 +132,10 @@ def test_cli_text_and_json(capsys):
     for _key, label in profile_step.CATEGORIES:
         assert label in out
     assert "n/a (one process)" in out
+    assert profile_step.main(TINY_CLI + ["--batch", "4", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("**attention, batch 4**") and table[2].startswith("| category |")
+    assert len(table) == 4 + len(KEYS) and all(row.count("|") == 7 for row in table[2:])
 
 
 def test_cli_rejects_bad_sizes():

@@ -435,11 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time and memory traffic of one npdraw training step, by category.")
     p.add_argument("--batch", type=int, action="append",
                    help="batch size; repeat for several (default: 100)")
-    p.add_argument("--model", choices=["both", "attention", "no-attention"], default="attention")
+    p.add_argument("--model", choices=["both", "attention", "no-attention"], default="attention",
+                   help="which models to profile (default: attention)")
     p.add_argument("--glimpses", "--T", dest="T", type=int, default=64, help="glimpses T")
     p.add_argument("--steps", type=int, default=5, help="profiled steps (and as many plain ones)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="floating-point precision of the steps")
     p.add_argument("--ranks", type=int, default=1,
                    help="npdraw's MPI ranks sharing each batch, as in train (0: one per core; "
                         "1, the default: one process)")
@@ -447,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set the BLAS thread count (0: leave it as it is)")
     p.add_argument("--gemm-n", type=int, default=2048, help="size of the peak-measuring matmul")
     p.add_argument("--gemm-reps", type=int, default=5, help="peak-measuring matmuls")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random batch, parameters and noise")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--markdown", action="store_true",
                    help="print the figures as Markdown tables, for bench/README.md")

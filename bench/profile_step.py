@@ -92,7 +92,6 @@ class _Profile:
     def __init__(self):
         self.seconds = dict.fromkeys([key for key, _ in CATEGORIES] + [_ENGINE], 0.0)
         self.stack = []           # [category, seconds of wrapped calls inside]
-        self.counting = False
         self.bytes = dict.fromkeys(self.seconds, 0)
         self.ops = dict.fromkeys(self.seconds, 0)
         self.flops = dict.fromkeys(self.seconds, 0)

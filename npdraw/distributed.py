@@ -483,12 +483,17 @@ def launch_command(ranks: int, mpiexec: str, script: str, args) -> tuple:
 
 
 def exec_as_ranks(ranks: int, mpiexec: str, script: str, args) -> None:
-    """Replace this process by `launch_command`'s mpiexec (os.execve: the pid the user
-    sees stays, and signals to it reach every rank); what was printed is flushed first."""
+    """Run `launch_command`'s mpiexec under npdraw.launcher, which stays the process the
+    user started (signals to it reach every rank; a killed rank is one sentence and
+    exit 1), and exit with the job's status; what was printed is flushed first."""
+    from . import launcher
     argv, environ = launch_command(ranks, mpiexec, script, args)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv[0], argv, environ)
+    status = launcher.run(argv, environ)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)            # nothing of this process's own is left to run or save
 
 
 # Ranks started on this machine, at most this many per core: more only share the cores

@@ -35,10 +35,9 @@ detected by the launcher, which ends the others.
 
 On one machine, `python cli.py train` starts its ranks itself: `launch_command` is the
 `mpiexec -n R` command line that runs the same script again as R ranks, one per core
-(`resolve_ranks`). MPICH's launcher (Hydra, the `mpiexec` of the `mpich` wheel) forwards
-SIGINT and SIGTERM to every rank and exits with the ranks' status, so the process the
-user started, replaced by mpiexec with `os.execve`, stops like one process
-(docs/DESIGN.md, item 15, has the measurements).
+(`resolve_ranks`), and npdraw/launcher.py runs it as a child of the process the user
+started, which passes signals on to every rank, reports a killed rank in one sentence
+and removes MPICH's shared memory after it (docs/DESIGN.md, item 15, says why).
 """
 from __future__ import annotations
 

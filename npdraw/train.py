@@ -647,12 +647,12 @@ def _append_log(path: Path, record: dict) -> None:
         try:
             fh.write(line)
             fh.flush()
-        except BaseException:
+        except BaseException as err:
             try:
                 fh.truncate(size)
             except OSError:
                 pass
-            raise
+            raise guards.naming(err, path)   # a full disk's OSError names no file
 
 
 @contextlib.contextmanager
@@ -735,11 +735,11 @@ def _save(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra, ema=None)
                                  rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra,
                                  ema=None if ema is None else _to_host_dict(ema))
     except ckpt_lib.CheckpointError as err:
-        what = "the checkpoint" if path.name == "checkpoint.h5" else path.name
+        what = f"the checkpoint {path}" if path.name == "checkpoint.h5" else str(path)
         intact = (f"the checkpoint of epoch {epoch - 1} is intact" if epoch > 0
                   else "no epoch had been trained yet")
         if isinstance(err, ckpt_lib.DiskFullError):
-            message = f"no space left on {path.parent} while saving {what} of epoch {epoch}"
+            message = f"no space left on the device while saving {what} of epoch {epoch}"
         else:
             message = f"{err} (while saving {what} of epoch {epoch})"
         raise WriteFailed(f"{message}; {intact}", path.parent) from None
@@ -928,7 +928,7 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     if comm.is_root:
         with _alone_on_root(comm):
             try:
-                (run_dir / "config.json").write_text(json.dumps(
+                images_lib.save_text(run_dir / "config.json", json.dumps(   # atomic
                     {"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
             except OSError as err:
                 raise WriteFailed(guards.os_error_sentence(
@@ -951,7 +951,7 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
                 rows = [r for r in _read_log(log_path, warn=log)
                         if int(r["epoch"]) <= start_epoch]
                 try:
-                    log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                    images_lib.save_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))
                 except OSError as err:
                     raise WriteFailed(guards.os_error_sentence(err, f"rewrite {log_path}"),
                                       run_dir) from None
@@ -1402,7 +1402,7 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
         lock.acquire(run_dir)
     _remove_stale_temps(run_dir)
     log_path, ckpt_path = run_dir / "log.jsonl", run_dir / "checkpoint.h5"
-    (run_dir / "config.json").write_text(json.dumps(
+    images_lib.save_text(run_dir / "config.json", json.dumps(   # atomic; an OSError names it
         {"model": cfg.to_dict(), "classify": ccfg.to_dict()}, indent=2) + "\n")
     n_params = sum(int(np.prod(np.shape(p))) for p in params.values())
     log(f"run dir: {run_dir}")
@@ -1418,7 +1418,7 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
 
     if resume_ckpt is not None:
         rows = [r for r in _read_log(log_path, warn=log) if int(r["epoch"]) <= start_epoch]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        images_lib.save_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))
         log(f"resuming after epoch {start_epoch} (Adam step {opt_state['step']}), "
             f"target {ccfg.epochs} epochs")
         if start_epoch >= ccfg.epochs:

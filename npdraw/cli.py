@@ -46,10 +46,10 @@ _PROGRAM = None
 
 def _run_as_ranks(ranks: int, device: str, batch_size, what: str) -> None:
     """Start this command as MPI ranks on this machine when that is what --ranks asks for
-    (0: one per core on a CPU): this process becomes `mpiexec -n R python cli.py <the
-    same arguments>` (or `... python -m npdraw ...`, or the npdraw script: the way it was
-    started; os.execve, so its pid stays the one the user sees; MPICH's mpiexec passes
-    SIGINT and SIGTERM on to every rank and exits with their status). Without MPI it
+    (0: one per core on a CPU): this process runs `mpiexec -n R python cli.py <the same
+    arguments>` (or `... python -m npdraw ...`, or the npdraw script: the way it was
+    started) under npdraw.launcher, which passes SIGINT and SIGTERM on to every rank,
+    and exits with the job's status. Without MPI it
     prints one line saying how to install it and returns: one process. Only when started
     through main(): called from Python (click's test runner) it returns.
     batch_size: a function giving the batch size that the automatic count depends on."""

@@ -35,10 +35,9 @@ detected by the launcher, which ends the others.
 
 On one machine, `python cli.py train` starts its ranks itself: `launch_command` is the
 `mpiexec -n R` command line that runs the same script again as R ranks, one per core
-(`resolve_ranks`). MPICH's launcher (Hydra, the `mpiexec` of the `mpich` wheel) forwards
-SIGINT and SIGTERM to every rank and exits with the ranks' status, so the process the
-user started, replaced by mpiexec with `os.execve`, stops like one process
-(docs/DESIGN.md, item 15, has the measurements).
+(`resolve_ranks`), and npdraw/launcher.py runs it as a child of the process the user
+started, which passes signals on to every rank, reports a killed rank in one sentence
+and removes MPICH's shared memory after it (docs/DESIGN.md, item 15, says why).
 """
 from __future__ import annotations
 
@@ -483,12 +482,17 @@ def launch_command(ranks: int, mpiexec: str, script: str, args) -> tuple:
 
 
 def exec_as_ranks(ranks: int, mpiexec: str, script: str, args) -> None:
-    """Replace this process by `launch_command`'s mpiexec (os.execve: the pid the user
-    sees stays, and signals to it reach every rank); what was printed is flushed first."""
+    """Run `launch_command`'s mpiexec under npdraw.launcher, which stays the process the
+    user started (signals to it reach every rank; a killed rank is one sentence and
+    exit 1), and exit with the job's status; what was printed is flushed first."""
+    from . import launcher
     argv, environ = launch_command(ranks, mpiexec, script, args)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv[0], argv, environ)
+    status = launcher.run(argv, environ)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)            # nothing of this process's own is left to run or save
 
 
 # Ranks started on this machine, at most this many per core: more only share the cores

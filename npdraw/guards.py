@@ -45,6 +45,15 @@ def os_error_sentence(err: OSError, wanted: str) -> str:
     return f"cannot {wanted}: {reason[0].lower() + reason[1:]}"
 
 
+def naming(err: BaseException, path) -> BaseException:
+    """``err``, when an OSError, with ``path`` as its file name: a write's ENOSPC names no
+    file, and an atomic write's names its temporary; os_error_sentence then names the
+    file meant. -> err, for ``raise guards.naming(err, path)``."""
+    if isinstance(err, OSError):
+        err.filename = os.fspath(path)
+    return err
+
+
 # ----------------------------------------------------------------------------- run folder lock
 
 class RunFolderBusy(ValueError):

@@ -26,6 +26,7 @@ import imageio.v3 as iio
 import numpy as np
 
 from .backend import to_numpy
+from .guards import naming
 
 
 class ImageNotFoundError(ValueError, FileNotFoundError):
@@ -173,10 +174,10 @@ def _write_atomically(path: str, data: bytes) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        raise naming(err, path)       # a full disk's OSError names no file, or the temporary
 
 
 def save_png(path, array_uint8) -> None:

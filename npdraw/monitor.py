@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .guards import naming
+
 FOLDER = "tensorboard"
 # (TensorBoard tag, log.jsonl key): the scalars of each epoch, its number as the step.
 SCALARS = (
@@ -55,14 +57,20 @@ class TensorBoardLog:
         """Write one log.jsonl record's scalars (the missing and non-finite ones left out)
         and ``samples``, a uint8 (H, W, 3) picture, at step record["epoch"]."""
         step = int(record["epoch"])
-        for tag, key in SCALARS:
-            value = record.get(key)
-            if value is not None and math.isfinite(float(value)):
-                self.writer.add_scalar(tag, float(value), step)
-        if samples is not None:
-            self.writer.add_image(SAMPLES_TAG, np.asarray(samples, np.uint8), step,
-                                  dataformats="HWC")
-        self.writer.flush()
+        try:
+            for tag, key in SCALARS:
+                value = record.get(key)
+                if value is not None and math.isfinite(float(value)):
+                    self.writer.add_scalar(tag, float(value), step)
+            if samples is not None:
+                self.writer.add_image(SAMPLES_TAG, np.asarray(samples, np.uint8), step,
+                                      dataformats="HWC")
+            self.writer.flush()
+        except OSError as err:            # a full disk's names no file: name the folder
+            raise naming(err, self.folder) from None
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except OSError as err:
+            raise naming(err, self.folder) from None

@@ -32,6 +32,7 @@ from . import checkpoint as ckpt_lib
 from . import distributed
 from . import evaluate
 from . import guards
+from . import images as images_lib
 from . import optim
 from .config import ClassifyConfig, DrawConfig, TrainConfig
 
@@ -268,7 +269,7 @@ def write_config(run_dir: Path, configs: dict, stops: bool) -> None:
     WriteFailed (DRAW's loop, whose ranks all stop on one); else it is raised as is."""
     path = run_dir / "config.json"
     with _write_failed_if(stops, f"write {path}", run_dir):
-        path.write_text(json.dumps(configs, indent=2) + "\n")
+        images_lib.save_text(path, json.dumps(configs, indent=2) + "\n")   # atomic
 
 
 @contextlib.contextmanager
@@ -349,12 +350,12 @@ def append_log(path: Path, record: dict) -> None:
         try:
             fh.write(line)
             fh.flush()
-        except BaseException:
+        except BaseException as err:
             try:
                 fh.truncate(size)
             except OSError:
                 pass
-            raise
+            raise guards.naming(err, path)   # a full disk's OSError names no file
 
 
 def keep_log_until(run_dir: Path, epoch: int, warn, stops: bool) -> None:
@@ -364,7 +365,7 @@ def keep_log_until(run_dir: Path, epoch: int, warn, stops: bool) -> None:
     path = run_dir / "log.jsonl"
     rows = [r for r in read_log_file(path, warn=warn) if int(r["epoch"]) <= epoch]
     with _write_failed_if(stops, f"rewrite {path}", run_dir):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        images_lib.save_text(path, "".join(json.dumps(r) + "\n" for r in rows))   # atomic
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -434,11 +435,11 @@ def save_state(path: Path, cfg, params, opt_state, epoch, rng, tcfg, extra, ema=
                                  rng_state=rng.bit_generator.state, train_cfg=tcfg, extra=extra,
                                  ema=None if ema is None else _to_host_dict(ema))
     except ckpt_lib.CheckpointError as err:
-        what = "the checkpoint" if path.name == "checkpoint.h5" else path.name
+        what = f"the checkpoint {path}" if path.name == "checkpoint.h5" else str(path)
         intact = (f"the checkpoint of epoch {epoch - 1} is intact" if epoch > 0
                   else "no epoch had been trained yet")
         if isinstance(err, ckpt_lib.DiskFullError):
-            message = f"no space left on {path.parent} while saving {what} of epoch {epoch}"
+            message = f"no space left on the device while saving {what} of epoch {epoch}"
         else:
             message = f"{err} (while saving {what} of epoch {epoch})"
         raise WriteFailed(f"{message}; {intact}", path.parent) from None

@@ -26,7 +26,7 @@ LAYERS = [
     ["reference"],                    # the plain models, to be read first
     ["engine_layers", "engine_attention", "engine"],   # the fast paths
     ["model", "classifier"],          # the models' public functions
-    ["data", "optim", "checkpoint", "distributed"],   # what training is made of
+    ["data", "optim", "checkpoint", "launcher", "distributed"],   # what training is made of
     ["images", "evaluate", "frames", "pictures", "monitor"],   # what a run writes or measures
     ["runs"],
     ["train"],

@@ -524,6 +524,19 @@ def test_a_ctrl_c_before_the_run_starts_exits_130(monkeypatch, tmp_path, data_ar
     assert "Aborted!" not in result.output and "interrupted" in result.output
 
 
+@pytest.mark.parametrize("program", [["cli.py"], ["-m", "npdraw"]])
+def test_a_ctrl_c_while_python_loads_the_command_line_exits_130(program, tmp_path):
+    """Ctrl-C while click and NumPy load, before any command runs, printed a traceback
+    (issue 25): a click whose import is interrupted stands in for it."""
+    (tmp_path / "click").mkdir()
+    (tmp_path / "click" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    result = subprocess.run([sys.executable, *program, "train", "--help"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "interrupted\n" and result.stdout == ""
+
+
 # ----------------------------------------------------------------------------- misc
 
 def test_bench_command_exists_exactly_when_bench_run_does():

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npdraw import backend, distributed, guards, model
+from npdraw import backend, distributed, guards, launcher, model
 from npdraw import checkpoint as ckpt_lib
 from npdraw import train as train_lib
 from npdraw import runs as runs_lib
@@ -836,16 +836,17 @@ def _stopped(proc, lines, send):
 @pytest.mark.parametrize("how", ["sigint-to-the-pid", "sigterm-to-the-group"])
 def test_a_signal_to_the_self_started_training_stops_it_as_one_process(how, data_args, bmnist,
                                                                        tmp_path):
-    """`python cli.py train` became `mpiexec -n 2 ...` under the same pid; Ctrl-C (SIGINT
-    to that pid, as a campaign sends it) and SIGTERM (to the whole group, as schedulers
-    send it) reach every rank through mpiexec: the run stops at one step, exits 130 or
-    143, keeps the checkpoint and log of its last completed epoch, and resumes."""
+    """`python cli.py train` started `mpiexec -n 2 ...` under npdraw.launcher, which stays
+    the pid the user sees; Ctrl-C (SIGINT to that pid, as a campaign sends it) and SIGTERM
+    (to the whole group, as schedulers send it) reach every rank: the run stops at one
+    step, exits 130 or 143, keeps the checkpoint and log of its last completed epoch, and
+    resumes."""
     sigint = how.startswith("sigint")
     proc, lines = _start_training([*_train_args(data_args, tmp_path, "run", 1000),
                                    "--ranks", 2], start_new_session=True)
-    cmdline = Path(f"/proc/{proc.pid}/cmdline")
-    if cmdline.exists():                                   # Linux: the same pid is mpiexec now
-        assert "mpiexec" in cmdline.read_bytes().split(b"\0")[0].decode()
+    if Path("/proc/self/stat").exists():             # Linux: the pid is mpiexec's parent
+        assert any(b"mpiexec" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0]
+                   for child in launcher._children(proc.pid))
     code, output = _stopped(proc, lines, (lambda p: os.kill(p.pid, signal.SIGINT)) if sigint
                             else (lambda p: os.killpg(p.pid, signal.SIGTERM)))
     assert code == (130 if sigint else 143), output
@@ -905,3 +906,118 @@ def test_ctrl_c_while_the_ranks_still_import_stops_them_as_one_process(data_args
     assert proc.returncode == 130, output
     assert "interrupted" in output and "Traceback" not in output, output
     assert "BAD TERMINATION" not in output and "Aborted!" not in output, output
+
+
+# ---------------------------------------------------------------- a rank that dies (npdraw.launcher)
+
+def _wait_for(condition, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_killed_rank_ends_the_job_in_one_sentence_and_leaves_no_shared_memory(
+        rank, data_args, tmp_path):
+    """Issue 25, item 3: kill -9 of a rank printed MPICH's 9-line "BAD TERMINATION"
+    banner, exited 9 and left its 2 MB /dev/shm/mpich_shm_* segment behind each time."""
+    proc, lines = _start_training([*_train_args(data_args, tmp_path, "run", 1000),
+                                   "--ranks", 2], start_new_session=True)
+    try:
+        ranks = {launcher._rank_of(pid): pid for pid in _rank_pids(proc.pid)}
+        assert sorted(ranks) == [0, 1], ranks
+        segments = set().union(*(launcher._mapped_segments(pid) for pid in ranks.values()))
+        assert segments, "MPICH's shared memory was not found"
+        os.kill(ranks[rank], signal.SIGKILL)
+        killed = time.monotonic()
+        lines += proc.stdout.readlines()
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = "".join(lines)
+    assert code == 1, output
+    assert took < 15, took
+    epoch = ckpt_lib.load_checkpoint(tmp_path / "run" / "checkpoint.h5").epoch
+    assert epoch >= 1
+    assert [l for l in output.splitlines() if l.startswith("Error")] == [
+        f"Error: rank {rank} was killed (SIGKILL, signal 9); the run stops; the last "
+        f"checkpoint (epoch {epoch}) is intact: resume with --resume {tmp_path / 'run'}"]
+    for banner in ("BAD TERMINATION", "=====", "YOUR APPLICATION", "FAQ", "Traceback"):
+        assert banner not in output, output
+    assert not [name for name in segments if (launcher.SHM_DIR / name).exists()]
+    assert not _rank_pids(proc.pid) and not launcher._children(proc.pid)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_ctrl_c_before_the_ranks_exist_still_stops_them(data_args, tmp_path):
+    """SIGINT to the run's pid just after it started mpiexec, before the ranks are
+    spawned: mpiexec passes a Ctrl-C only to the ranks it has, so the run went on
+    training; the launcher holds it for each rank until the rank notes signals."""
+    _mpiexec()
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"),
+                             *map(str, _train_args(data_args, tmp_path, "early", 1000)),
+                             "--ranks", "2"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: launcher._children(proc.pid) or proc.poll() is not None,
+                  "mpiexec did not start")
+        os.kill(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, output
+    assert "interrupted" in output and "Traceback" not in output, output
+    assert "epoch 2/" not in output and "BAD TERMINATION" not in output, output
+
+
+def test_the_launcher_drops_mpichs_banner_and_keeps_everything_else():
+    report = launcher.Launcher([], {})
+    filt = launcher.OutputFilter(report)
+    banner = (b"epoch 3/9 done\n\n" + b"=" * 83 + b"\n"
+              b"=   BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES\n"
+              b"=   PID 4242 RUNNING AT vm\n=   EXIT CODE: 9\n"
+              b"=   CLEANING UP REMAINING PROCESSES\n"
+              b"=   YOU CAN IGNORE THE BELOW CLEANUP MESSAGES\n" + b"=" * 83 + b"\n"
+              b"YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)\n"
+              b"This typically refers to a problem with your application.\n"
+              b"Please see the FAQ page for debugging suggestions\n")
+    out = b"".join(filt.feed(banner[i:i + 7]) for i in range(0, len(banner), 7)) + filt.finish()
+    assert out == b"epoch 3/9 done\n"
+    assert (report.saw_banner, report.banner_pid, report.banner_code) == (True, 4242, 9)
+    assert report.exit_string == "Killed (signal 9)"
+    report.ranks = {4242: 1}
+    assert report._dead_rank() == (1, 9, 9)
+    # a run dir is noted; a progress bar's partial line passes at once; blank lines and
+    # an ordinary traceback pass whole
+    other = launcher.OutputFilter(report)
+    assert other.feed(b"run dir: /r/x\n") == b"run dir: /r/x\n" and report.run_dir == "/r/x"
+    assert other.feed(b"\r 40% |####") == b"\r 40% |####"
+    assert other.feed(b"## |\n\nnext\n") == b"## |\n\nnext\n"
+    trace = b"Traceback (most recent call last):\n  File \"x\", line 1\nValueError: bad\n"
+    assert other.feed(trace) == trace
+    # a rank's KeyboardInterrupt traceback is dropped once a signal was passed on
+    report.forwarded = signal.SIGINT
+    assert other.feed(b"Traceback (most recent call last):\n  File \"x\"\nKeyboardInterrupt\n") == b""
+
+
+def test_the_launcher_removes_only_orphaned_segments_of_its_job(tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "SHM_DIR", tmp_path)
+    old = tmp_path / "mpich_shm_old_0"
+    old.write_bytes(b"x")                            # another job's, from before the start
+    before, started = launcher._segments_now(), time.time()
+    for name in ("mpich_shm_ours_0", "mpich_shm_live_0", "mpich_shm_new_0", "other_0"):
+        (tmp_path / name).write_bytes(b"x")
+    report = launcher.Launcher([], {})
+    report.segments = {"mpich_shm_ours_0", "mpich_shm_live_0"}
+    monkeypatch.setattr(launcher, "segments_in_use", lambda: {"mpich_shm_live_0"})
+    assert report.remove_leftover_segments(before, started) == ["mpich_shm_new_0",
+                                                                "mpich_shm_ours_0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mpich_shm_live_0",
+                                                         "mpich_shm_old_0", "other_0"]

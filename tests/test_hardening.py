@@ -4,6 +4,7 @@ evaluate_bound's mean). Tiny models on real binarized MNIST; seconds in all."""
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,8 +93,9 @@ def test_full_disk_stops_with_a_sentence_and_keeps_the_previous_checkpoint(
         _train(tmp_path, bmnist, lines, epochs=3)
     run = tmp_path / "run"
     assert calls["n"] == 3
-    assert str(info.value) == (f"no space left on {run} while saving the checkpoint of epoch "
-                               "2; the checkpoint of epoch 1 is intact")
+    assert str(info.value) == (f"no space left on the device while saving the checkpoint "
+                               f"{run / 'checkpoint.h5'} of epoch 2; the checkpoint of epoch 1 "
+                               "is intact")
     assert lines[-1] == str(info.value)
     assert ckpt_lib.load_checkpoint(run / "checkpoint.h5").epoch == 1
     assert _temps(run) == []
@@ -124,8 +126,9 @@ def test_full_disk_through_the_cli_is_one_error_line(data_args, tmp_path, monkey
     result = invoke(["train", *TINY_ARGS, "--epochs", 2, "--name", "full", "--out", tmp_path,
                      *data_args])
     assert result.exit_code == 1, result.output
-    assert (f"Error: no space left on {tmp_path / 'full'} while saving the checkpoint of "
-            "epoch 0; no epoch had been trained yet") in result.output
+    assert (f"Error: no space left on the device while saving the checkpoint "
+            f"{tmp_path / 'full' / 'checkpoint.h5'} of epoch 0; no epoch had been trained "
+            "yet") in result.output
     assert "Traceback" not in result.output and _temps(tmp_path / "full") == []
 
 
@@ -190,6 +193,123 @@ def test_a_full_disk_while_converting_a_data_set(tmp_path, monkeypatch):
                                         r"space left on the device"):
         bmnist._write_h5_atomically(tmp_path / "x.h5", {"a": np.zeros((3, 4), np.uint8)}, {})
     assert sorted(os.listdir(tmp_path)) == []
+
+
+# A full disk's OSError from write() names no file (errno and text only): every message
+# of one must still name the file (issue 25, "some out-of-space messages omit the file").
+
+class _FullFile:
+    """A file object whose writes fail as on a full disk, naming no file."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _full_for(monkeypatch, module, names):
+    """``open`` in ``module`` gives _FullFile for the files whose name starts with one of
+    ``names`` (an atomic write's temporary starts with its file's name)."""
+    real_open = open
+
+    def fake(path, *args, **kwargs):
+        fh = real_open(path, *args, **kwargs)
+        return _FullFile(fh) if os.path.basename(os.fspath(path)).startswith(names) else fh
+    monkeypatch.setattr(module, "open", fake, raising=False)
+
+
+def test_a_full_disk_while_saving_best_h5_names_it(bmnist, tmp_path, monkeypatch):
+    _fail_writes_of(monkeypatch, "best.h5", 1)
+    with pytest.raises(runs_lib.WriteFailed) as info:
+        _train(tmp_path, bmnist, epochs=2)
+    assert f"no space left on the device while saving {tmp_path / 'run' / 'best.h5'} " \
+           "of epoch 1" in str(info.value)
+
+
+def test_a_full_disk_while_appending_to_the_log_names_it(bmnist, tmp_path, monkeypatch):
+    import builtins
+    _full_for(monkeypatch, builtins, ("log.jsonl",))
+    with pytest.raises(runs_lib.WriteFailed) as info:
+        _train(tmp_path, bmnist, epochs=2)
+    assert str(info.value).startswith(
+        "cannot write the files of epoch 1: no space left on the device "
+        f"({tmp_path / 'run' / 'log.jsonl'})"), str(info.value)
+
+
+@pytest.mark.parametrize("name", ["config.json", "samples"])
+def test_a_full_disk_while_writing_config_or_pictures_names_the_file(name, bmnist, tmp_path,
+                                                                     monkeypatch):
+    _full_for(monkeypatch, images_lib, (name,))
+    with pytest.raises(runs_lib.WriteFailed) as info:
+        _train(tmp_path, bmnist, epochs=2)
+    message = str(info.value)
+    assert "no space left on the device" in message and ".tmp-" not in message, message
+    if name == "config.json":
+        assert message.startswith(f"cannot write {tmp_path / 'run' / 'config.json'}: ")
+    else:
+        assert re.search(re.escape(f"({tmp_path / 'run'}{os.sep}samples") + r"\.(png|gif)\)",
+                         message), message
+
+
+def test_a_full_disk_while_writing_samples_through_the_cli_names_the_file(
+        tiny_run, tmp_path, monkeypatch):
+    _full_for(monkeypatch, images_lib, ("frame_",))
+    result = invoke(["sample", tiny_run, "--rows", 1, "--cols", 1, "--out", tmp_path / "s"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: cannot write the samples into {tmp_path / 's'}: "
+                                    f"no space left on the device ({tmp_path / 's'}{os.sep}"
+                                    "frame_"), result.output
+
+
+def test_a_full_disk_while_exporting_names_the_file(tiny_run, tmp_path, monkeypatch, data_args):
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt_lib, "_write_file", full)
+    out = tmp_path / "model.h5"
+    result = invoke(["export", tiny_run, out, *data_args])
+    assert result.exit_code == 1, result.output
+    assert "no space left" in result.output and str(out) in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_full_disk_while_downloading_names_the_folder(tmp_path, monkeypatch):
+    from npdraw.data import sources
+    (tmp_path / "src.bin").write_bytes(b"x" * 1000)
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(sources.os, "fdopen", lambda *a, **k: _FullFile(real_fdopen(*a, **k)))
+    with pytest.raises(DataError) as info:
+        sources._stream_to_temp((tmp_path / "src.bin").as_uri(), tmp_path / "cache", False)
+    assert str(info.value) == (f"cannot save the download of {(tmp_path / 'src.bin').as_uri()}"
+                               f" in {tmp_path / 'cache'}: no space left on the device; "
+                               "nothing was saved")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_full_disk_under_tensorboard_names_its_folder(tmp_path, monkeypatch):
+    from npdraw import monitor
+    board = monitor.TensorBoardLog(tmp_path)
+    try:
+        def full():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(board.writer, "flush", full)
+        with pytest.raises(OSError) as info:
+            board.epoch({"epoch": 1, "train_bound": 90.0})
+        assert guards.os_error_sentence(info.value, "write the files of epoch 1") == (
+            f"cannot write the files of epoch 1: no space left on the device "
+            f"({tmp_path / 'tensorboard'})")
+    finally:
+        monkeypatch.undo()
+        board.close()
 
 
 # ----------------------------------------------------------------------------- 2. second writer

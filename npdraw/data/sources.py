@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..guards import os_error_sentence
 from ..progress import Progress
 
 DEFAULT_DATA_DIR = "data"
@@ -139,6 +140,16 @@ class _NotFound(Exception):
     """The URL answered, but has no such file: the next candidate may."""
 
 
+def _write_part(out, chunk, url: str, directory: Path) -> None:
+    """Write ``chunk`` to the download's temporary file (None: flush it); a full disk is a
+    DataError naming the folder (its OSError names no file)."""
+    try:
+        out.write(chunk) if chunk is not None else out.flush()
+    except OSError as err:
+        raise DataError(os_error_sentence(err, f"save the download of {url} in {directory}")
+                        + "; nothing was saved") from None
+
+
 def _stream_to_temp(url: str, directory: Path, progress: bool) -> Path:
     """Download ``url`` into a new hidden temporary file in ``directory``.
 
@@ -176,7 +187,7 @@ def _stream_to_temp(url: str, directory: Path, progress: bool) -> Path:
                         chunk = read(_CHUNK)
                         if not chunk:
                             break
-                        out.write(chunk)
+                        _write_part(out, chunk, url, directory)
                         bar.update(bar.done + len(chunk))
                         elapsed = time.monotonic() - start
                         if elapsed > RATE_GRACE and bar.done < MIN_DOWNLOAD_RATE * elapsed:
@@ -187,6 +198,7 @@ def _stream_to_temp(url: str, directory: Path, progress: bool) -> Path:
                                 "the mirror option at a local copy")
                 finally:
                     bar.close()
+            _write_part(out, None, url, directory)
             # urllib returns b"" (no exception) when the peer closes early, so the
             # byte count is the only reliable sign of a cut-short download.
             if total is not None and bar.done != total:

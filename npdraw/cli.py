@@ -337,7 +337,8 @@ def _evaluate(comm, checkpoint, K, split, dataset, data_dir, mirror, folder, sub
     itemsize = np.dtype(ckpt.params["c0"].dtype).itemsize
     check_memory(evaluate_lib.model_bytes(cfg, batch, itemsize, training=False)
                  + 8 * K * batch,                    # + log w, one per sample and example
-                 f"evaluating this model (T={cfg.T}) with --k {K} in batches of {batch}")
+                 f"evaluating this model (T={cfg.T}) with --k {K} in batches of {batch}",
+                 data_bytes=np.asarray(x).nbytes)
     from npdraw import backend
     comm = comm.for_device(backend.resolve_device(device))   # on GPUs: one per rank
     params = _params_on(ckpt, device)

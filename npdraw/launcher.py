@@ -59,6 +59,14 @@ _TRAILERS = (b"This typically refers to a problem with your application.",
              b"Please see the FAQ page for debugging suggestions")
 _ABORT_NOTICE = re.compile(rb"^Abort\(\d+\) on node \d+ \(rank \d+ in comm \d+\): "
                            rb"application called MPI_Abort")
+# A rank whose peer died fails in MPI and aborts with an error stack, often before mpiexec
+# has reported the death (then there is no banner): its head names the rank, its lines
+# follow as "function(line)....: text".
+_MPI_FATAL = re.compile(rb"^Abort\(\d+\) on node \d+ \(rank (\d+) in comm \d+\): (Fatal error.*)$")
+_STACK_LINE = re.compile(rb"^[A-Za-z_]\w*\(\d+\)\.*: ")
+# Lines in which the ranks themselves say why they stop (rank 0's account, or a failing
+# rank's): the job's status is then theirs.
+_RANKS_SPOKE = re.compile(rb"^(Error: |interrupted|training interrupted)")
 # Hydra's notes when it passes on a Ctrl-C (where signals go through mpiexec)
 _HYDRA_NOTE = re.compile(rb"^\[mpiexec@[^]]*\] (Sending Ctrl-C to processes as requested|"
                          rb"Press Ctrl-C again to force abort)\s*$")
@@ -82,6 +90,7 @@ class OutputFilter:
         self._blank = b""              # a blank line held: the banner starts with one
         self._traceback = []           # a traceback held until its last line is known
         self._passed_partial = False   # part of the current line is already out
+        self._in_stack = False         # inside an MPI error stack
 
     def feed(self, data: bytes) -> bytes:
         out = []
@@ -109,6 +118,20 @@ class OutputFilter:
 
     def _line(self, line: bytes) -> bytes:
         text = line.rstrip(b"\r\n")
+        if self._in_stack:
+            if _STACK_LINE.match(text):
+                return b""
+            self._in_stack = False
+            if not text.strip():
+                return b""
+        fatal = _MPI_FATAL.match(text)
+        if fatal:                      # kept for the sentence, not shown
+            self._report.mpi_failures.append((int(fatal.group(1)),
+                                              fatal.group(2).decode(errors="replace")))
+            self._in_stack = True
+            return b""
+        if _RANKS_SPOKE.match(text):
+            self._report.ranks_spoke = True
         if self._traceback:
             self._traceback.append(line)
             if text[:1] in (b" ", b"\t") or not text:
@@ -193,6 +216,19 @@ def _mapped_segments(pid: int) -> set:
     return names
 
 
+def _state_of(pid: int):
+    """(state letter or None when gone, wait status of a zombie or None) of ``pid``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None, None
+    state = fields[0].decode(errors="replace") if fields else None
+    # field 52, exit_code (Linux 3.5+), is the wait status once the process has ended
+    status = int(fields[49]) if state == "Z" and len(fields) > 49 else None
+    return state, status
+
+
 def _catches_sigterm(pid: int) -> bool:
     """Whether process ``pid`` has a handler for SIGTERM (its SigCgt mask in /proc)."""
     try:
@@ -245,6 +281,9 @@ class Launcher:
         self.forwarded = None          # the first signal passed on to mpiexec
         self.run_dir = None            # from the output's "run dir: " line
         self.saw_banner = False
+        self.ranks_spoke = False       # a rank said why the job stops
+        self.mpi_failures = []         # (rank, "Fatal error ...") of ranks failing in MPI
+        self.gone = {}                 # rank pid -> (when it was seen gone, its wait status)
         self.banner_pid = self.banner_code = None
         self.exit_string = ""
         self.ranks = {}                # pid -> rank, as seen while the job ran
@@ -334,7 +373,13 @@ class Launcher:
                     if rank is not None:
                         self.ranks[pid] = rank
         for pid in list(self.ranks):
-            self.segments |= _mapped_segments(pid)
+            if pid in self.gone:
+                continue
+            state, status = _state_of(pid)
+            if state in (None, "Z"):   # ended (a zombie still shows how, until reaped)
+                self.gone[pid] = (time.monotonic(), status)
+            else:
+                self.segments |= _mapped_segments(pid)
 
     def _kill_rest(self):
         """SIGKILL to mpiexec, its proxies and every rank seen (each in a group of its own)."""
@@ -397,15 +442,29 @@ class Launcher:
     # -- what the user is told
 
     def _dead_rank(self):
-        """(rank or None, signal number or None, exit code or None) of the rank whose end
-        mpiexec reported."""
-        rank = self.ranks.get(self.banner_pid) if self.banner_pid is not None else None
-        found = _SIGNAL_STRING.search(self.exit_string.encode())
-        signum = int(found.group(1)) if found else None
-        return rank, signum, self.banner_code
+        """(rank or None, signal number or None, exit code or None) of the rank that died
+        first: the one mpiexec's banner names, else the first seen gone of those that did
+        not fail in MPI themselves (None when none is known)."""
+        if self.saw_banner:
+            rank = self.ranks.get(self.banner_pid) if self.banner_pid is not None else None
+            found = _SIGNAL_STRING.search(self.exit_string.encode())
+            return rank, int(found.group(1)) if found else None, self.banner_code
+        failed = {rank for rank, _ in self.mpi_failures}
+        ended = sorted((when, pid) for pid, (when, _) in self.gone.items()
+                       if self.ranks[pid] not in failed)
+        if not ended or not self.mpi_failures:
+            return None
+        pid = ended[0][1]
+        status = self.gone[pid][1]
+        if status is None:
+            return self.ranks[pid], None, None
+        return self.ranks[pid], (status & 0x7F) or None, (status >> 8) & 0xFF
 
     def _outcome(self, status: int) -> int:
-        if not self.saw_banner and status in (0, 1, 2, 130, 143):
+        if status == 0:
+            return 0
+        dead = self._dead_rank()
+        if self.ranks_spoke and (dead is None or dead[1] is None):
             return status                      # the ranks said what happened
         if self.forwarded is not None:         # ranks ended by the signal passed on
             name = signal.Signals(self.forwarded).name
@@ -413,10 +472,14 @@ class Launcher:
             _say(f"interrupted ({name}); the ranks ended before they could stop together; "
                  + self._where(), prefix="")
             return code
-        if not self.saw_banner:
-            _say(f"mpiexec ended with status {status}; " + self._where())
+        if dead is None:
+            if self.mpi_failures:
+                rank, what = self.mpi_failures[0]
+                _say(f"rank {rank} failed in MPI ({what}); the run stops; " + self._where())
+            else:
+                _say(f"mpiexec ended with status {status}; " + self._where())
             return 1
-        rank, signum, code = self._dead_rank()
+        rank, signum, code = dead
         who = f"rank {rank}" if rank is not None else (
             f"a rank (pid {self.banner_pid})" if self.banner_pid is not None else "a rank")
         if signum is not None:
@@ -424,8 +487,10 @@ class Launcher:
                 what = f"was killed ({signal.Signals(signum).name}, signal {signum})"
             except ValueError:
                 what = f"was killed (signal {signum})"
+        elif code:
+            what = f"ended alone with status {code}"
         else:
-            what = f"ended alone with status {code}" if code is not None else "ended alone"
+            what = "was killed or crashed"
         _say(f"{who} {what}; the run stops; " + self._where())
         return 1
 

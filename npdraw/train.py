@@ -162,7 +162,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     guards.check_memory(evaluate.model_bytes(cfg, tcfg.batch_size, dtype.itemsize,
                                              training=True, ema=tcfg.ema_decay > 0),
                         f"training this model ({_cfg_summary(cfg)}) with batches of "
-                        f"{tcfg.batch_size}")
+                        f"{tcfg.batch_size}", data_bytes=0 if data is None else  # on --resume: later
+                        sum(a.nbytes for a in (data.train, data.valid, data.test)))
 
     if data is None:
         data = runs.load_data(tcfg, progress)

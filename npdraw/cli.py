@@ -385,6 +385,11 @@ def export(checkpoint, out, check_n, check_seed, data_dir, mirror):
         tcfg = _recorded_data(ckpt, None, data_dir, mirror, None)
         test_x, shape = train_lib.load_split(tcfg, "test", progress=False)
         train_lib.check_data_shape(ckpt.cfg, shape)
+        from npdraw.guards import check_memory
+        cfg, n = ckpt.cfg, min(check_n, len(test_x))   # a float64 forward and its noise
+        check_memory(train_lib.model_bytes(cfg, n, 8, training=False) + 8 * cfg.T * n * cfg.z_dim,
+                     f"exporting this model (T={cfg.T}) with a check of {n} test images",
+                     data_bytes=np.asarray(test_x).nbytes)
     info = train_lib.export_model(ckpt_path, out, test_x, check_n, check_seed)
     click.echo(f"wrote {out} (epoch {info['epoch']}): " + json.dumps(info))
 

@@ -298,6 +298,7 @@ class Launcher:
             self._expected = 1 << 30   # unknown: keep looking
         self.signals = []              # every SIGINT and SIGTERM received, in order
         self._sent = {}                # rank pid -> how many of them it was sent
+        self._ready = set()            # ranks seen catching SIGTERM
         # Signals go to the ranks themselves where /proc shows them (Linux), else to
         # mpiexec, which passes them on to the ranks it has started.
         self.direct = os.path.exists(f"/proc/{os.getpid()}/status")
@@ -322,8 +323,12 @@ class Launcher:
         signal only to the ranks it has started by then)."""
         for pid in self.ranks:
             sent = self._sent.get(pid, 0)
-            if sent >= len(self.signals) or not _catches_sigterm(pid):
+            if sent >= len(self.signals):
                 continue
+            if pid not in self._ready:     # once it noted signals, a rank gets them at once
+                if not _catches_sigterm(pid):
+                    continue
+                self._ready.add(pid)
             for signum in self.signals[sent:]:
                 try:
                     os.kill(pid, signum)

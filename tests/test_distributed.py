@@ -991,6 +991,36 @@ def test_a_signal_before_the_ranks_exist_still_stops_them(signum, data_args, tmp
     assert "epoch 2/" not in output and "BAD TERMINATION" not in output, output
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_two_rank_evaluate_at_once(signum, mpi_run, data_args):
+    """Issue 25, item 2: `evaluate --ranks 2` noted a Ctrl-C in its ranks and never acted
+    on it (its ranks reduce only at the end): it ran on to the end and exited 0."""
+    run, _ = mpi_run
+    _mpiexec()
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "evaluate",
+                             str(run / "checkpoint.h5"), "--k", "500", "--ranks", "2",
+                             *map(str, data_args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: len(_rank_pids(proc.pid)) == 2 or proc.poll() is not None,
+                  "the ranks did not start")
+        time.sleep(1.0)
+        os.kill(proc.pid, signum)
+        sent = time.monotonic()
+        output, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signum, output
+    assert took < 15, took
+    assert output.splitlines().count("interrupted") == 1, output
+    for noise in ("Traceback", "NLL bound", "BAD TERMINATION", "Abort("):
+        assert noise not in output, output
+
+
 def test_the_launcher_drops_mpichs_banner_and_keeps_everything_else():
     report = launcher.Launcher([], {})
     filt = launcher.OutputFilter(report)

@@ -294,6 +294,7 @@ def evaluate(checkpoint, K, split, dataset, data_dir, mirror, folder, subset, ba
     from npdraw import distributed
 
     comm = distributed.from_environment()
+    distributed.stop_at_once_on_signals()         # under MPI: Ctrl-C was noted, never acted on
     cli_options.check_rank_count(ranks, comm)
     try:
         _evaluate(comm, checkpoint, K, split, dataset, data_dir, mirror, folder,

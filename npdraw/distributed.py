@@ -433,6 +433,26 @@ def end_every_rank(status: int) -> None:
     os._exit(status)                          # not reached with a real MPI
 
 
+def stop_at_once_on_signals() -> None:
+    """For a command under MPI that writes nothing (evaluate): SIGINT or SIGTERM ends every
+    rank at once with 130 or 143 (MPI_Abort), rank 0 saying "interrupted"; one noted while
+    the rank started acts now. Its reductions come only at the end, so a stop carried by
+    them would come when the work is done; nothing is lost by ending at once."""
+    if launched_ranks() <= 1:
+        return
+
+    def stop(signum, frame):
+        if os.environ.get("PMI_RANK", "0") == "0":
+            sys.stderr.write("interrupted\n")
+        end_every_rank(128 + signum)
+
+    pending = guards.take_early_signal()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    if pending:
+        stop(pending, None)
+
+
 def under_launcher(environ=None) -> bool:
     """True when mpiexec, mpirun, srun or `launch_command` started this process (even as
     one rank): the count is then the launcher's, and nothing launches again."""

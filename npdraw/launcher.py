@@ -45,6 +45,7 @@ SHM_PREFIX = "mpich_shm_"
 # launcher kills what is left (a rank stuck where mpiexec's signal cannot end it).
 END_GRACE_S = 5.0
 POLL_S = 0.1
+MAPS_EVERY = 20                 # polls between two readings of the ranks' maps
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1
 
@@ -290,8 +291,14 @@ class Launcher:
         self.proxies = set()           # mpiexec's children (hydra_pmi_proxy)
         self.segments = set()          # the MPICH segments the ranks mapped
         self._proc = None
+        self._polls = 0
+        try:                           # the rank count, from mpiexec's "-n R"
+            self._expected = int(self.argv[self.argv.index("-n") + 1])
+        except (ValueError, IndexError):
+            self._expected = 1 << 30   # unknown: keep looking
         self.signals = []              # every SIGINT and SIGTERM received, in order
         self._sent = {}                # rank pid -> how many of them it was sent
+        self._ready = set()            # ranks seen catching SIGTERM
         # Signals go to the ranks themselves where /proc shows them (Linux), else to
         # mpiexec, which passes them on to the ranks it has started.
         self.direct = os.path.exists(f"/proc/{os.getpid()}/status")
@@ -316,8 +323,12 @@ class Launcher:
         signal only to the ranks it has started by then)."""
         for pid in self.ranks:
             sent = self._sent.get(pid, 0)
-            if sent >= len(self.signals) or not _catches_sigterm(pid):
+            if sent >= len(self.signals):
                 continue
+            if pid not in self._ready:     # once it noted signals, a rank gets them at once
+                if not _catches_sigterm(pid):
+                    continue
+                self._ready.add(pid)
             for signum in self.signals[sent:]:
                 try:
                     os.kill(pid, signum)
@@ -363,22 +374,26 @@ class Launcher:
                 return
 
     def _watch(self):
-        """Note the ranks (pid -> rank) and the segments they map."""
-        proxies = _children(self._proc.pid)
-        self.proxies.update(proxies)
-        for proxy in proxies:
-            for pid in _children(proxy):
-                if pid not in self.ranks:
-                    rank = _rank_of(pid)
-                    if rank is not None:
-                        self.ranks[pid] = rank
+        """Note the ranks (pid -> rank), which of them have ended, and the segments they
+        map. /proc is scanned for new ranks only until all have been seen, and the maps
+        read every MAPS_EVERY polls: the poll costs the ranks' cores little."""
+        if len(self.ranks) < self._expected:
+            proxies = _children(self._proc.pid)
+            self.proxies.update(proxies)
+            for proxy in proxies:
+                for pid in _children(proxy):
+                    if pid not in self.ranks:
+                        rank = _rank_of(pid)
+                        if rank is not None:
+                            self.ranks[pid] = rank
+        self._polls += 1
         for pid in list(self.ranks):
             if pid in self.gone:
                 continue
             state, status = _state_of(pid)
             if state in (None, "Z"):   # ended (a zombie still shows how, until reaped)
                 self.gone[pid] = (time.monotonic(), status)
-            else:
+            elif not self.segments or self._polls % MAPS_EVERY == 0:
                 self.segments |= _mapped_segments(pid)
 
     def _kill_rest(self):
@@ -449,13 +464,19 @@ class Launcher:
             rank = self.ranks.get(self.banner_pid) if self.banner_pid is not None else None
             found = _SIGNAL_STRING.search(self.exit_string.encode())
             return rank, int(found.group(1)) if found else None, self.banner_code
+        if not self.mpi_failures:
+            return None
         failed = {rank for rank, _ in self.mpi_failures}
         ended = sorted((when, pid) for pid, (when, _) in self.gone.items()
                        if self.ranks[pid] not in failed)
-        if not ended or not self.mpi_failures:
-            return None
-        pid = ended[0][1]
-        status = self.gone[pid][1]
+        if ended:                      # seen gone first, without an MPI error of its own
+            pid = ended[0][1]
+        else:                          # gone between two polls: the one rank without one
+            silent = [pid for pid, rank in self.ranks.items() if rank not in failed]
+            if len(silent) != 1:
+                return None
+            pid = silent[0]
+        status = self.gone.get(pid, (None, None))[1]
         if status is None:
             return self.ranks[pid], None, None
         return self.ranks[pid], (status & 0x7F) or None, (status >> 8) & 0xFF

@@ -530,6 +530,11 @@ def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
             info["hours"] = sum(float(r.get("wall_s", 0.0)) for r in rows) / 3600.0
     if test_x is not None:
         x = np.asarray(test_x[:check_n])
+        cfg, n = ckpt.cfg, int(x.shape[0])               # a float64 forward and its noise
+        guards.check_memory(evaluate.model_bytes(cfg, n, 8, training=False)
+                            + 8 * cfg.T * n * cfg.z_dim,
+                            f"exporting this model (T={cfg.T}) with a check of {n} test images",
+                            data_bytes=np.asarray(test_x).nbytes)
         info["check"] = {"split": "test", "n": int(x.shape[0]), "seed": int(check_seed),
                          "dtype": "float64",
                          "bound": evaluate.fixed_noise_bound(params, ckpt.cfg, x, check_seed)}

@@ -961,9 +961,10 @@ def test_a_killed_rank_ends_the_job_in_one_sentence_and_leaves_no_shared_memory(
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
-def test_ctrl_c_before_the_ranks_exist_still_stops_them(data_args, tmp_path):
-    """SIGINT to the run's pid just after it started mpiexec, before the ranks are
-    spawned: mpiexec passes a Ctrl-C only to the ranks it has, so the run went on
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_the_ranks_exist_still_stops_them(signum, data_args, tmp_path):
+    """SIGINT or SIGTERM to the run's pid just after it started mpiexec, before the ranks
+    are spawned: mpiexec passes a signal only to the ranks it has, so the run went on
     training; the launcher holds it for each rank until the rank notes signals."""
     _mpiexec()
     proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"),
@@ -971,17 +972,55 @@ def test_ctrl_c_before_the_ranks_exist_still_stops_them(data_args, tmp_path):
                              "--ranks", "2"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait_for(lambda: launcher._children(proc.pid) or proc.poll() is not None,
-                  "mpiexec did not start")
-        os.kill(proc.pid, signal.SIGINT)
+        def cmdline(pid):
+            try:
+                return Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                return b""
+
+        def started():                       # mpiexec -launcher fork ... (not --version)
+            return proc.poll() is not None or any(
+                b"-launcher" in cmdline(child) for child in launcher._children(proc.pid))
+        _wait_for(started, "mpiexec did not start")
+        os.kill(proc.pid, signum)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 130, output
+    assert proc.returncode == 128 + signum, output
     assert "interrupted" in output and "Traceback" not in output, output
     assert "epoch 2/" not in output and "BAD TERMINATION" not in output, output
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_two_rank_evaluate_at_once(signum, mpi_run, data_args):
+    """Issue 25, item 2: `evaluate --ranks 2` noted a Ctrl-C in its ranks and never acted
+    on it (its ranks reduce only at the end): it ran on to the end and exited 0."""
+    run, _ = mpi_run
+    _mpiexec()
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "evaluate",
+                             str(run / "checkpoint.h5"), "--k", "500", "--ranks", "2",
+                             *map(str, data_args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: len(_rank_pids(proc.pid)) == 2 or proc.poll() is not None,
+                  "the ranks did not start")
+        time.sleep(1.0)
+        os.kill(proc.pid, signum)
+        sent = time.monotonic()
+        output, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signum, output
+    assert took < 15, took
+    assert output.splitlines().count("interrupted") == 1, output
+    for noise in ("Traceback", "NLL bound", "BAD TERMINATION", "Abort("):
+        assert noise not in output, output
 
 
 def test_the_launcher_drops_mpichs_banner_and_keeps_everything_else():
@@ -1030,7 +1069,11 @@ def test_a_peer_failing_in_mpi_first_still_names_the_killed_rank(capsys):
     assert report._outcome(143) == 1
     assert capsys.readouterr().err == ("Error: rank 0 was killed (SIGKILL, signal 9); the run "
                                        "stops; nothing was written\n")
-    report.gone = {}                          # nothing seen: the MPI failure is the news
+    report.gone = {}                          # both gone between two polls: the silent one
+    assert report._outcome(143) == 1
+    assert capsys.readouterr().err == ("Error: rank 0 was killed or crashed; the run stops; "
+                                       "nothing was written\n")
+    report.ranks = {101: 1}                   # rank 0 never seen: the MPI failure is the news
     assert report._outcome(143) == 1
     assert capsys.readouterr().err.startswith("Error: rank 1 failed in MPI (Fatal error in "
                                               "internal_Allreduce_c")

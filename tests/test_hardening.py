@@ -556,9 +556,11 @@ def test_absurd_sizes_are_refused_with_the_estimate_and_the_limit(
     huge = DrawConfig(**{**ckpt.cfg.to_dict(), "T": 10**7})
     path = tmp_path / "huge.h5"
     ckpt_lib.save_checkpoint(path, huge, ckpt.params, epoch=1)
-    for args in (["sample", path, "--out", tmp_path / "s"], ["evaluate", path, *data_args]):
+    for args in (["sample", path, "--out", tmp_path / "s"], ["evaluate", path, *data_args],
+                 ["export", path, tmp_path / "out.h5", *data_args]):    # issue 25, item 7
         result = invoke(args)
         assert result.exit_code == 1 and limit in result.output, result.output
+    assert not (tmp_path / "out.h5").exists()
 
 
 def test_fps_must_fit_a_gif(tiny_run, tmp_path):

@@ -11,8 +11,9 @@ reordering); the equations are npdraw/layers.py's (Graves 2013 eq 7-11 for the
 peepholes). tests/test_engine_numba.py checks them against the NumPy path.
 
 Layout: features first (axis=0), the engine's: a, gates, da (4Hs, B) as blocks
-[i, f, o, g] of Hs rows; c_prev, c, tanh_c, h, dh, dc (Hs, B), any strides (h and dh
-are views into the engine's stacked buffers); peepholes p_* (Hs,).
+[i, f, o, g] of Hs rows; c_prev, c, tanh_c, h, dh, dc (Hs, B); peepholes p_* (Hs,).
+Any strides work; the loops vectorise where the arrays are C-contiguous, as the engine's
+are but h (a view into its stacked buffer), which is only written.
 `half` and `one` come typed as the arrays' dtype, so float32 stays float32
 (a Python literal would promote every product to float64).
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# Serial loops: parallel=True made the backward twice as slow on the 2-core machine
+# (thread hand-off on a (256, 100) cell), and `train` runs one rank, one thread, a core.
 _jit = numba.njit(cache=True, fastmath=False)
 
 

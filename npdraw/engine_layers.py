@@ -29,7 +29,7 @@ from .layers import (_kl_terms_kernel, _lstm_cell_backward_kernel, _lstm_cell_ke
 
 # ---------------------------------------------------------------- kernels
 # The LSTM cells' elementwise work on NumPy, features first, runs NumPy's in-place
-# sequences by default, or npdraw.engine_numba's one-pass kernels (the `numba` extra)
+# sequences by default, or npdraw.engine_numba's fused kernels (the `numba` extra)
 # when env NPDRAW_KERNELS=numba (read once, on import) or set_kernels("numba") asks.
 
 KERNELS = ("numpy", "numba")

@@ -10,6 +10,10 @@ NumPy's own, so the results are the NumPy path's to the bit (no fastmath: no FMA
 reordering); the equations are npdraw/layers.py's (Graves 2013 eq 7-11 for the
 peepholes). tests/test_engine_numba.py checks them against the NumPy path.
 
+Dimension legend
+    B  batch
+    Hs  the hidden size of one LSTM (He or Hd)
+
 Layout: features first (axis=0), the engine's: a, gates, da (4Hs, B) as blocks
 [i, f, o, g] of Hs rows; c_prev, c, tanh_c, h, dh, dc (Hs, B); peepholes p_* (Hs,).
 Any strides work; the loops vectorise where the arrays are C-contiguous, as the engine's

@@ -146,6 +146,23 @@ def test_numpy_kernels_are_the_default_and_untouched(monkeypatch, counted, name)
     assert loss == pytest.approx(loss_r, rel=AGREE64)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_default_cells_are_the_numpy_sequences_to_the_bit(monkeypatch, counted, dtype):
+    """By default lstm_cell_forward/backward (axis=0) give exactly what the in-place NumPy
+    functions they had before give, called directly."""
+    monkeypatch.setattr(el, "_numba", None)
+    a, c_prev, dh, dc, _ = _cell_inputs(dtype, 7)
+    (h, c), cache = el.lstm_cell_forward(a.copy(), c_prev, axis=0)
+    da, dc_prev = el.lstm_cell_backward(dh, dc, cache)
+    gates, c_want, tanh_c, h_want = el._lstm_cell_numpy(a.copy(), c_prev, 0)
+    da_want = np.empty_like(a)
+    dc_prev_want = el._lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, da_want, 0)
+    for got, want in ((h, h_want), (c, c_want), (cache[0], gates), (cache[2], tanh_c),
+                      (da, da_want), (dc_prev, dc_prev_want)):
+        assert got.dtype == dtype and np.array_equal(got, want)
+    assert sum(counted.values()) == 0
+
+
 def test_float32_engine_on_numba_kernels_keeps_float32(numba_kernels):
     """A float32 model stays float32 through the Numba kernels, near the float64 loss."""
     cfg = ALL_CONFIGS["attn_grey_nonsquare_peepholes"]

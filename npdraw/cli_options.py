@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from pathlib import Path
 
 import click
@@ -235,6 +236,12 @@ class Group(SectionedGroup):
     in MPI_Finalize while the others wait in a collective."""
 
     def invoke(self, ctx):
+        if os.environ.get("NPDRAW_KERNELS"):    # kernels that cannot be had: one sentence, first
+            from npdraw import engine_layers
+            try:
+                engine_layers.kernels()
+            except ValueError as err:
+                raise click.ClickException(str(err)) from None
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:

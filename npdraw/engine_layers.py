@@ -18,12 +18,74 @@ Each `*_forward` returns `(out, cache)` and its `*_backward` takes `(dout, cache
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .backend import get_array_module
 from .layers import (_kl_terms_kernel, _lstm_cell_backward_kernel, _lstm_cell_kernel,
                      _peephole_lstm_cell_backward_kernel, _peephole_lstm_cell_kernel,
                      _reparam_kernel)
+
+# ---------------------------------------------------------------- kernels
+# The LSTM cells' elementwise work on NumPy, features first, runs NumPy's in-place
+# sequences by default, or npdraw.engine_numba's fused kernels (the `numba` extra)
+# when env NPDRAW_KERNELS=numba (read once, on import) or set_kernels("numba") asks.
+
+KERNELS = ("numpy", "numba")
+KERNELS_VARIABLE = "NPDRAW_KERNELS"
+
+
+class _Unavailable:
+    """Stands in for npdraw.engine_numba when it was asked for but cannot load: the
+    first cell that would run it raises the sentence (ValueError) instead."""
+
+    def __init__(self, sentence):
+        self.sentence = sentence
+
+    def __getattr__(self, name):
+        raise ValueError(self.sentence)
+
+
+def _load_kernels(name, source):
+    """'numpy' -> None, 'numba' -> npdraw.engine_numba; else ValueError, one sentence."""
+    if name not in KERNELS:
+        raise ValueError(f"{source} names kernels {name!r}; choose 'numpy' or 'numba'")
+    if name == "numpy":
+        return None
+    try:
+        from . import engine_numba
+    except ImportError as err:
+        raise ValueError(f"{source} asks for Numba kernels, but numba cannot be imported "
+                         f"({err}); install it with: pip install numba") from None
+    return engine_numba
+
+
+def set_kernels(name: str) -> None:
+    """Run the engine's LSTM cells on NumPy with 'numpy' (the default) or 'numba'
+    kernels; a ValueError (one sentence) for another name or numba missing."""
+    global _numba
+    _numba = _load_kernels(name, f"set_kernels({name!r})")
+
+
+def kernels() -> str:
+    """The kernels selected: 'numpy' or 'numba'; a ValueError (one sentence) when
+    NPDRAW_KERNELS asked for kernels that cannot be had."""
+    if isinstance(_numba, _Unavailable):
+        raise ValueError(_numba.sentence)
+    return "numpy" if _numba is None else "numba"
+
+
+def _kernels_from_environment():
+    name = os.environ.get(KERNELS_VARIABLE, "").strip() or "numpy"
+    try:
+        return _load_kernels(name, f"{KERNELS_VARIABLE}={name}")
+    except ValueError as err:          # raised where the kernels are used, not on import
+        return _Unavailable(str(err))
+
+
+_numba = _kernels_from_environment()   # npdraw.engine_numba or _Unavailable; None: NumPy's
+
 
 # ---------------------------------------------------------------- linear
 
@@ -49,6 +111,11 @@ def _blocks(a, width, count, axis):
 
 def _span(a, start, stop, axis):
     return a[start:stop] if axis == 0 else a[..., start:stop]
+
+
+def _gate_blocks(a):
+    """The four row blocks [i, f, o, g] of a features-first (4Hs, B) array."""
+    return _blocks(a, a.shape[0] // 4, 4, 0)
 
 
 # On NumPy the same equations run as in-place ufunc calls over whole gate blocks: the
@@ -116,7 +183,11 @@ def lstm_cell_forward(a, c_prev, axis=-1, gates_out=None, h_out=None):
     """
     Hs = c_prev.shape[axis]
     if get_array_module(a) is np:
-        gates, c, tanh_c, h = _lstm_cell_numpy(a, c_prev, axis, gates_out, h_out)
+        if _numba is not None and axis == 0:
+            gates = np.empty_like(a) if gates_out is None else gates_out
+            gates, c, tanh_c, h = _numba.lstm_cell(a, c_prev, gates, h_out, _gate_blocks)
+        else:
+            gates, c, tanh_c, h = _lstm_cell_numpy(a, c_prev, axis, gates_out, h_out)
         return (h, c), (gates, c_prev, tanh_c, axis)
     i, f, o, g, c, tanh_c, h = _lstm_cell_kernel(*_blocks(a, Hs, 4, axis), c_prev)
     if h_out is not None:
@@ -137,6 +208,8 @@ def lstm_cell_backward(dh, dc, cache, out=None):
     if out is None:
         shape = (4 * Hs, dh.shape[1]) if axis == 0 else (dh.shape[0], 4 * Hs)
         out = xp.empty(shape, dh.dtype)
+    if xp is np and _numba is not None and axis == 0:
+        return out, _numba.lstm_cell_backward(dh, dc, gates, c_prev, tanh_c, out, _gate_blocks)
     if xp is np:
         return out, _lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, out, axis)
     grads = _lstm_cell_backward_kernel(dh, dc, *gates, c_prev, tanh_c)
@@ -222,6 +295,11 @@ def peephole_lstm_cell_forward(a, c_prev, peep, axis=-1, gates_out=None, h_out=N
     """
     Hs = c_prev.shape[axis]
     peeps = _peep_blocks(peep, Hs, axis)
+    if get_array_module(a) is np and _numba is not None and axis == 0:
+        gates = np.empty_like(a) if gates_out is None else gates_out
+        gates, c, tanh_c, h = _numba.peephole_lstm_cell(a, c_prev, _blocks(peep, Hs, 3, -1),
+                                                        gates, h_out, _gate_blocks)
+        return (h, c), (tuple(_gate_blocks(gates)), c_prev, c, tanh_c, peep, axis)
     if get_array_module(a) is np:
         gates, c, tanh_c, h = _peephole_lstm_cell_numpy(a, c_prev, peeps, axis, gates_out, h_out)
         return (h, c), (tuple(_blocks(gates, Hs, 4, axis)), c_prev, c, tanh_c, peep, axis)
@@ -252,7 +330,10 @@ def peephole_lstm_cell_backward(dh, dc, cache, out=None):
         shape = (4 * Hs, dh.shape[1]) if axis == 0 else (dh.shape[0], 4 * Hs)
         out = xp.empty(shape, dh.dtype)
     peeps = _peep_blocks(peep, Hs, axis)
-    if xp is np:
+    if xp is np and _numba is not None and axis == 0:
+        dc_prev = _numba.peephole_lstm_cell_backward(dh, dc, gates, c_prev, tanh_c,
+                                                     _blocks(peep, Hs, 3, -1), out, _gate_blocks)
+    elif xp is np:
         dc_prev = _peephole_lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, peeps,
                                                      out, axis)
     else:

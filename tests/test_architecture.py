@@ -24,7 +24,7 @@ LAYERS = [
     ["threads", "backend", "config", "guards", "progress"],
     ["layers"],                       # the paired forward/backward ops
     ["reference"],                    # the plain models, to be read first
-    ["engine_layers", "engine_attention", "engine"],   # the fast paths
+    ["engine_numba", "engine_layers", "engine_attention", "engine"],   # the fast paths
     ["model", "classifier"],          # the models' public functions
     ["data", "optim", "checkpoint", "launcher", "distributed"],   # what training is made of
     ["images", "evaluate", "frames", "pictures", "monitor"],   # what a run writes or measures

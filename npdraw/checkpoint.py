@@ -316,6 +316,21 @@ def expected_shapes(cfg) -> dict:
     return {name: tuple(int(n) for n in shape) for name, shape in param_shapes(cfg).items()}
 
 
+def _check_memory_of(f, shapes: dict, path) -> None:
+    """CheckpointError when the arrays that the file's config gives its model (parameters,
+    Adam's two moments, the moving average, as far as the file has them; 8 bytes a value
+    at most) would not fit in memory: the declared shapes are checked against the config,
+    so a config claiming a huge model, with datasets declared to match it, would
+    otherwise be allocated as it is read."""
+    from .guards import MemoryEstimateError, check_memory
+    values = sum(int(np.prod(s)) for s in shapes.values())
+    copies = 1 + (2 if "optimizer" in f else 0) + (1 if "ema" in f else 0)
+    try:
+        check_memory(8 * values * copies, f"reading its {values:,} parameters")
+    except MemoryEstimateError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+
+
 def _read_arrays(group, where: str, path, shapes: Optional[dict]) -> dict:
     """The datasets of a group as NumPy arrays. With ``shapes`` (name -> expected shape),
     each dataset's declared shape and dtype are checked before anything is read: a
@@ -477,6 +492,7 @@ def _read(f, path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: bad model config: {e}") from None
     if "optimizer" in f and "step" not in _need_group(f, "optimizer", path).attrs:
         raise CheckpointError(f"checkpoint {path}: optimizer has no 'step' attribute")
+    _check_memory_of(f, shapes, path)
     arrays = _read_raw(f, shapes, path)
     digest = None
     if DIGEST_ATTR in f.attrs:

@@ -567,8 +567,13 @@ def _run_mpi(ranks, args, timeout=180):
     rank. The timeout only keeps a hang from stalling the suite; a hang fails."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1"}
-    return subprocess.run([_mpiexec(), "-n", str(ranks), sys.executable, *map(str, args)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    before, started = launcher._segments_now(), time.time()
+    try:
+        return subprocess.run([_mpiexec(), "-n", str(ranks), sys.executable, *map(str, args)],
+                              cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    finally:    # a rank that aborts leaves MPICH's segment (2 MB) in /dev/shm: remove it
+        launcher.Launcher([], {}).remove_leftover_segments(before, started)
 
 
 _STEP_SCRIPT = """

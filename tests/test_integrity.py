@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from npdraw import checkpoint as ckpt_lib
+from npdraw import guards
 from npdraw import model as model_lib
 from npdraw import optim
 from npdraw.config import DrawConfig, TrainConfig
@@ -123,6 +124,22 @@ def test_a_huge_declared_dataset_is_refused_before_reading(tmp_path, where):
         ckpt_lib.load_checkpoint(path)
     assert str(info.value).startswith(f"checkpoint {path}: array {where} is declared with "
                                       "shape (1000000000,), but ")
+
+
+def test_a_config_claiming_a_huge_model_is_refused_before_reading(tmp_path, monkeypatch):
+    """The declared shapes are checked against the config, so a config claiming a huge
+    model (datasets declared to match it, chunks never written: a small file) was read
+    whole: the arrays the config implies are checked against the memory first."""
+    path = tmp_path / "m.h5"
+    _save(path)
+    with h5py.File(path, "r+") as f:
+        f["config"].attrs["enc_dim"] = 10**5
+        del f.attrs["digest"]                    # as a hand-made file without a digest
+    monkeypatch.setattr(guards, "total_memory", lambda: 16 * 10**9)
+    with pytest.raises(ckpt_lib.CheckpointError) as info:
+        ckpt_lib.load_checkpoint(path)
+    assert str(info.value).startswith(f"checkpoint {path}: reading its ")
+    assert "would need about" in str(info.value) and "limit of 12.0 GB" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- RNG, configs

@@ -136,26 +136,8 @@ def test_a_failed_log_line_is_undone(tmp_path, monkeypatch):
     log = tmp_path / "log.jsonl"
     runs_lib.append_log(log, {"epoch": 1})
     real_open = open
-
-    class FullFile:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-        def write(self, data):
-            self.fh.write(data[:7])                   # part of the line reaches the file
-            self.fh.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr("builtins.open", lambda *a, **k: FullFile(real_open(*a, **k)))
+    monkeypatch.setattr("builtins.open",                  # part of the line reaches the file
+                        lambda *a, **k: _FullFile(real_open(*a, **k), keep=7))
     with pytest.raises(OSError):
         runs_lib.append_log(log, {"epoch": 2})
     monkeypatch.undo()
@@ -199,10 +181,11 @@ def test_a_full_disk_while_converting_a_data_set(tmp_path, monkeypatch):
 # of one must still name the file (issue 25, "some out-of-space messages omit the file").
 
 class _FullFile:
-    """A file object whose writes fail as on a full disk, naming no file."""
+    """A file object whose writes fail as on a full disk, naming no file, after the first
+    ``keep`` bytes of a write have reached the file."""
 
-    def __init__(self, fh):
-        self.fh = fh
+    def __init__(self, fh, keep: int = 0):
+        self.fh, self.keep = fh, keep
 
     def __getattr__(self, name):
         return getattr(self.fh, name)
@@ -214,6 +197,9 @@ class _FullFile:
         self.fh.close()
 
     def write(self, data):
+        if self.keep:
+            self.fh.write(data[:self.keep])
+            self.fh.flush()
         raise OSError(errno.ENOSPC, "No space left on device")
 
 

@@ -464,15 +464,13 @@ def parse_args(argv):
         p.error("--batch, --steps, --glimpses, --gemm-n and --gemm-reps must be at least 1")
     if args.warmup < 0 or args.ranks < 0 or args.threads < 0:
         p.error("--warmup, --ranks and --threads must not be negative")
-    args.device = "cpu"
     return args
 
 
 def _runs(args, npdraw, comm):
     """(model name, batch, cfg, runner) of every profile, the same order on every rank."""
     for B in args.batch:
-        for name, cfg, params, x, eps in bench_run._models(
-                argparse.Namespace(**{**vars(args), "batch": B}), npdraw):
+        for name, cfg, params, x, eps in bench_run._models(args, npdraw, B):
             yield name, B, cfg, bench_run.NpdrawRunner(npdraw, cfg, params, x, eps, "cpu", comm)
 
 

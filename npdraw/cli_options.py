@@ -236,13 +236,13 @@ class Group(SectionedGroup):
     in MPI_Finalize while the others wait in a collective."""
 
     def invoke(self, ctx):
-        if os.environ.get("NPDRAW_KERNELS"):    # kernels that cannot be had: one sentence, first
-            from npdraw import engine_layers
-            try:
-                engine_layers.kernels()
-            except ValueError as err:
-                raise click.ClickException(str(err)) from None
         try:
+            from npdraw import engine_layers
+            if os.environ.get(engine_layers.KERNELS_VARIABLE):   # unavailable: one sentence
+                try:
+                    engine_layers.kernels()
+                except ValueError as err:
+                    raise click.ClickException(str(err)) from None
             return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

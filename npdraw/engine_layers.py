@@ -294,15 +294,16 @@ def peephole_lstm_cell_forward(a, c_prev, peep, axis=-1, gates_out=None, h_out=N
     a (4Hs, B), c_prev (Hs, B); gates_out receives the activations [i, f, o, g]).
     """
     Hs = c_prev.shape[axis]
-    peeps = _peep_blocks(peep, Hs, axis)
-    if get_array_module(a) is np and _numba is not None and axis == 0:
-        gates = np.empty_like(a) if gates_out is None else gates_out
-        gates, c, tanh_c, h = _numba.peephole_lstm_cell(a, c_prev, _blocks(peep, Hs, 3, -1),
-                                                        gates, h_out, _gate_blocks)
-        return (h, c), (tuple(_gate_blocks(gates)), c_prev, c, tanh_c, peep, axis)
     if get_array_module(a) is np:
-        gates, c, tanh_c, h = _peephole_lstm_cell_numpy(a, c_prev, peeps, axis, gates_out, h_out)
+        if _numba is not None and axis == 0:
+            gates = np.empty_like(a) if gates_out is None else gates_out
+            gates, c, tanh_c, h = _numba.peephole_lstm_cell(
+                a, c_prev, _blocks(peep, Hs, 3, -1), gates, h_out, _gate_blocks)
+        else:
+            gates, c, tanh_c, h = _peephole_lstm_cell_numpy(
+                a, c_prev, _peep_blocks(peep, Hs, axis), axis, gates_out, h_out)
         return (h, c), (tuple(_blocks(gates, Hs, 4, axis)), c_prev, c, tanh_c, peep, axis)
+    peeps = _peep_blocks(peep, Hs, axis)
     i, f, o, g, c, tanh_c, h = _peephole_lstm_cell_kernel(*_blocks(a, Hs, 4, axis), c_prev,
                                                           *peeps)
     gates = (i, f, o, g)
@@ -329,15 +330,15 @@ def peephole_lstm_cell_backward(dh, dc, cache, out=None):
     if out is None:
         shape = (4 * Hs, dh.shape[1]) if axis == 0 else (dh.shape[0], 4 * Hs)
         out = xp.empty(shape, dh.dtype)
-    peeps = _peep_blocks(peep, Hs, axis)
     if xp is np and _numba is not None and axis == 0:
         dc_prev = _numba.peephole_lstm_cell_backward(dh, dc, gates, c_prev, tanh_c,
                                                      _blocks(peep, Hs, 3, -1), out, _gate_blocks)
     elif xp is np:
-        dc_prev = _peephole_lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c, peeps,
-                                                     out, axis)
+        dc_prev = _peephole_lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c,
+                                                     _peep_blocks(peep, Hs, axis), out, axis)
     else:
-        grads = _peephole_lstm_cell_backward_kernel(dh, dc, *gates, c_prev, tanh_c, *peeps)
+        grads = _peephole_lstm_cell_backward_kernel(dh, dc, *gates, c_prev, tanh_c,
+                                                    *_peep_blocks(peep, Hs, axis))
         for block, grad in zip(_blocks(out, Hs, 4, axis), grads[:4]):
             block[...] = grad
         dc_prev = grads[4]

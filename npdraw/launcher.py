@@ -138,7 +138,7 @@ class OutputFilter:
             if text[:1] in (b" ", b"\t") or not text:
                 return b""
             held, self._traceback = b"".join(self._traceback), []
-            if text.startswith(b"KeyboardInterrupt") and self._report.forwarded:
+            if text.startswith(b"KeyboardInterrupt") and self._report.signals:
                 return b""             # a rank interrupted before npdraw took over
             return held
         if text.startswith(b"Traceback (most recent call last):"):
@@ -279,7 +279,6 @@ class Launcher:
 
     def __init__(self, argv, environ):
         self.argv, self.environ = list(argv), dict(environ)
-        self.forwarded = None          # the first signal passed on to mpiexec
         self.run_dir = None            # from the output's "run dir: " line
         self.saw_banner = False
         self.ranks_spoke = False       # a rank said why the job stops
@@ -306,8 +305,6 @@ class Launcher:
     # -- signals
 
     def _on_signal(self, signum, frame):
-        if self.forwarded is None:
-            self.forwarded = signum
         # a hang-up becomes SIGTERM: the ranks stop as a scheduler asks them to
         self.signals.append(signal.SIGTERM if signum == signal.SIGHUP else signum)
         if not self.direct and self._proc is not None:
@@ -487,9 +484,9 @@ class Launcher:
         dead = self._dead_rank()
         if self.ranks_spoke and (dead is None or dead[1] is None):
             return status                      # the ranks said what happened
-        if self.forwarded is not None:         # ranks ended by the signal passed on
-            name = signal.Signals(self.forwarded).name
-            code = 143 if self.forwarded == signal.SIGTERM else 130
+        if self.signals:                       # ranks ended by the signal passed on
+            name = signal.Signals(self.signals[0]).name
+            code = 128 + self.signals[0]       # 130 for SIGINT, 143 for SIGTERM (a hang-up's too)
             _say(f"interrupted ({name}); the ranks ended before they could stop together; "
                  + self._where(), prefix="")
             return code

@@ -1054,7 +1054,7 @@ def test_the_launcher_drops_mpichs_banner_and_keeps_everything_else():
     trace = b"Traceback (most recent call last):\n  File \"x\", line 1\nValueError: bad\n"
     assert other.feed(trace) == trace
     # a rank's KeyboardInterrupt traceback is dropped once a signal was passed on
-    report.forwarded = signal.SIGINT
+    report.signals = [signal.SIGINT]
     assert other.feed(b"Traceback (most recent call last):\n  File \"x\"\nKeyboardInterrupt\n") == b""
 
 
@@ -1083,7 +1083,16 @@ def test_a_peer_failing_in_mpi_first_still_names_the_killed_rank(capsys):
     assert capsys.readouterr().err.startswith("Error: rank 1 failed in MPI (Fatal error in "
                                               "internal_Allreduce_c")
     report.ranks_spoke = True                 # "Error: rank 1 of 2: ..." and MPI_Abort
-    assert report._outcome(1) == 1 and capsys.readouterr().err == ""
+    assert report._outcome(7) == 7 and capsys.readouterr().err == ""   # their status, as is
+
+
+def test_a_hang_up_is_passed_on_and_reported_as_sigterm(capsys):
+    """SIGHUP reaches the ranks as SIGTERM, so the job's status is SIGTERM's 143."""
+    report = launcher.Launcher([], {})
+    report._on_signal(signal.SIGHUP, None)
+    assert report.signals == [signal.SIGTERM]
+    assert report._outcome(1) == 143
+    assert capsys.readouterr().err.startswith("interrupted (SIGTERM)")
 
 
 def test_the_launcher_removes_only_orphaned_segments_of_its_job(tmp_path, monkeypatch):

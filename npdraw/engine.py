@@ -28,7 +28,7 @@ from . import engine_attention as att
 from .backend import fuse, get_array_module, to_numpy
 from .config import DrawConfig
 from .engine_layers import (latent_backward, latent_forward, linear_forward, lstm_cell_backward,
-                            lstm_cell_forward, peephole_lstm_cell_backward,
+                            lstm_cell_forward, numba_kernels, peephole_lstm_cell_backward,
                             peephole_lstm_cell_forward)
 from .layers import bce_backward, bce_forward
 
@@ -51,15 +51,28 @@ def _glimpse_error_into(x, canvas, sig_out, x_hat_out):
         return
     np.multiply(canvas, 0.5, out=sig_out)
     np.tanh(sig_out, out=sig_out)
+    kernels = numba_kernels()
+    if kernels is not None:        # the rest in one pass (npdraw/engine_numba.py)
+        B = x.shape[0]
+        kernels.glimpse_error(x.reshape(B, -1), sig_out.reshape(B, -1), x_hat_out.reshape(B, -1))
+        return
     sig_out += 1.0
     sig_out *= 0.5
     np.subtract(x, sig_out, out=x_hat_out)
 
 
 @fuse
-def _glimpse_error_backward(dcanvas, dx_hat, sig):
-    """Add eq 3's path to dL/dc_{t-1}: dcanvas - dx_hat * sigmoid'(c_{t-1})."""
+def _glimpse_error_backward_kernel(dcanvas, dx_hat, sig):
     return dcanvas - dx_hat * sig * (1.0 - sig)
+
+
+def _glimpse_error_backward(dcanvas, dx_hat, sig):
+    """Add eq 3's path to dL/dc_{t-1}: dcanvas - dx_hat * sigmoid'(c_{t-1}), all (B, D).
+    The Numba kernels write it over dcanvas, which the backward owns."""
+    kernels = numba_kernels() if get_array_module(dcanvas) is np else None
+    if kernels is not None:
+        return kernels.glimpse_error_backward(dcanvas, dx_hat, sig)
+    return _glimpse_error_backward_kernel(dcanvas, dx_hat, sig)
 
 
 # ---------------------------------------------------------------- read and write

@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import fuse, get_array_module
+from .engine_layers import numba_kernels
 
 P_ATTENTION = 5
 
@@ -171,9 +172,13 @@ def _pixel_steps(xp, index, dtype, A):
     u depends on the index alone, so its rows are looked up in an (A + 1, A) table
     (row 0 unused) rather than computed by a broadcast subtraction.
     """
-    table = _constant(xp, "pixel steps", A, dtype,
-                      lambda A: np.arange(1, A + 1)[None, :] - np.arange(A + 1)[:, None])
-    return xp.take(table, index, axis=0)
+    return xp.take(_step_table(xp, dtype, A), index, axis=0)
+
+
+def _step_table(xp, dtype, A):
+    """(A + 1, A): row k holds a - k for a = 1..A (row 0 unused)."""
+    return _constant(xp, "pixel steps", A, dtype,
+                     lambda A: np.arange(1, A + 1)[None, :] - np.arange(A + 1)[:, None])
 
 
 @fuse
@@ -201,6 +206,12 @@ def _gaussian_rows(mu, sigma2, A):
     """
     xp = get_array_module(mu)
     B, M = mu.shape
+    kernels = numba_kernels() if xp is np else None
+    if kernels is not None:        # the same rows in three passes (npdraw/engine_numba.py)
+        neg_inv_two_var = (-0.5 / sigma2).reshape(B, -1)
+        F, index, twice_gap = kernels.gaussian_rows(mu, neg_inv_two_var,
+                                                    _step_table(xp, mu.dtype, A), A)
+        return F, (F, index, twice_gap, sigma2)
     # fmax/fmin rather than clip: a NaN centre still picks a valid row, and stays NaN below.
     nearest = xp.fmin(xp.fmax(xp.rint(mu), 1), A)
     twice_gap = 2 * (nearest - mu)                                        # 2d, (B, M)
@@ -235,13 +246,18 @@ def _gaussian_rows_backward(dF, cache):
     F, index, twice_gap, sigma2 = cache
     xp = get_array_module(F)
     B, M, A = F.shape
-    ones = _ones(xp, A, F.dtype)
-    steps = _pixel_steps(xp, index, F.dtype, A)
-    s = ((dF * F).reshape(B * M, A) @ ones).reshape(B, M, 1)
-    dl_u = _dlogits_times_steps(dF, F, s, steps)
-    first = (dl_u.reshape(B * M, A) @ ones).reshape(B, M)                 # S1
-    second = ((dl_u * steps).reshape(B * M, A) @ ones).reshape(B, M)      # S2
-    second += twice_gap * first
+    kernels = numba_kernels() if xp is np else None
+    if kernels is not None:        # S1 and S2 + 2d S1 in one pass (npdraw/engine_numba.py)
+        first, second = kernels.gaussian_sums_backward(dF, F, index, twice_gap,
+                                                       _step_table(xp, F.dtype, A))
+    else:
+        ones = _ones(xp, A, F.dtype)
+        steps = _pixel_steps(xp, index, F.dtype, A)
+        s = ((dF * F).reshape(B * M, A) @ ones).reshape(B, M, 1)
+        dl_u = _dlogits_times_steps(dF, F, s, steps)
+        first = (dl_u.reshape(B * M, A) @ ones).reshape(B, M)                 # S1
+        second = ((dl_u * steps).reshape(B * M, A) @ ones).reshape(B, M)      # S2
+        second += twice_gap * first
     inv_var = 1.0 / sigma2
     if sigma2.ndim == 1:
         dmu = first * inv_var[:, None]

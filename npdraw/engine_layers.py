@@ -76,6 +76,13 @@ def kernels() -> str:
     return "numpy" if _numba is None else "numba"
 
 
+def numba_kernels():
+    """npdraw.engine_numba when the Numba kernels are selected, else None (NumPy's), for
+    the engine's other elementwise chains (eq 3, the attention filters); a ValueError
+    (one sentence) from its first use when they were asked for and cannot be had."""
+    return _numba
+
+
 def _kernels_from_environment():
     name = os.environ.get(KERNELS_VARIABLE, "").strip() or "numpy"
     try:

@@ -1,18 +1,23 @@
-"""Numba kernels for the engine's LSTM cells: the only module in npdraw that imports numba.
+"""Numba kernels for the engine's elementwise chains: the only module in npdraw that imports numba.
 
 Optional (the `numba` extra) and off by default: env NPDRAW_KERNELS=numba, or
-engine_layers.set_kernels("numba"), selects them (npdraw/engine_layers.py dispatches).
-Each kernel fuses the in-place NumPy sequence of npdraw/engine_layers.py
-(`_lstm_cell_numpy`, ...) into fewer passes over memory, writing into the same
-preallocated arrays, so the cache (and everything downstream of it) holds what the NumPy
-path's holds. The operations, their order and dtype are the NumPy path's and tanh is
-NumPy's own, so the results are the NumPy path's to the bit (no fastmath: no FMA, no
-reordering); the equations are npdraw/layers.py's (Graves 2013 eq 7-11 for the
-peepholes). tests/test_engine_numba.py checks them against the NumPy path.
+engine_layers.set_kernels("numba"), selects them (npdraw/engine_layers.py dispatches the
+LSTM cells; npdraw/engine_attention.py the filters' rows, eq 25-26; npdraw/engine.py
+eq 3's glimpse error, through engine_layers.numba_kernels()).
+Each kernel fuses an in-place NumPy sequence (`_lstm_cell_numpy`, ...) into fewer passes
+over memory, writing into the same preallocated arrays, so the cache (and everything
+downstream of it) holds what the NumPy path's holds. For the LSTM cells and eq 3 the
+operations, their order and dtype are the NumPy path's and tanh is NumPy's own, so the
+results are the NumPy path's to the bit (no fastmath: no FMA, no reordering); the
+equations are npdraw/layers.py's (Graves 2013 eq 7-11 for the peepholes). The filters'
+row sums run in another order than NumPy's (BLAS), so there the results differ by
+rounding. tests/test_engine_numba.py checks every kernel against the NumPy path.
 
 Dimension legend
     B  batch
     Hs  the hidden size of one LSTM (He or Hd)
+    M  filter rows handled together, A one image axis (as in npdraw/engine_attention.py)
+    D  C*H*W, one image flattened
 
 Layout: features first (axis=0), the engine's: a, gates, da (4Hs, B) as blocks
 [i, f, o, g] of Hs rows; c_prev, c, tanh_c, h, dh, dc (Hs, B); peepholes p_* (Hs,).
@@ -174,3 +179,126 @@ def peephole_lstm_cell_backward(dh, dc, gates, c_prev, tanh_c, peeps, out, block
     _peephole_backward(dh, dc, *gates, c_prev, tanh_c, *peeps, *blocks(out), dc_prev,
                        out.dtype.type(1.0))
     return dc_prev
+
+
+# ---------------------------------------------------------------- attention (eq 25-26)
+# npdraw/engine_attention.py's _gaussian_rows and its backward, in three passes over the
+# (B, M, A) filters where NumPy takes about ten: the logits in one kernel, NumPy's SIMD exp
+# in place, the row sums and the normalisation in another. The row sums run in a loop, in
+# order, where NumPy's run in BLAS, so results differ from the NumPy path's by rounding
+# (tests/test_engine_numba.py bounds it). Shapes: mu, twice_gap, index (B, M);
+# neg_inv_two_var (B, 1) or (B, M); steps the (A + 1, A) table u = a - index.
+
+@_jit
+def _gaussian_logits(mu, neg_inv_two_var, steps, F, twice_gap, index, one, two, A):
+    """F <- -u (u + 2d) / (2 sigma^2) around the nearest pixel a* (see _gaussian_rows);
+    twice_gap <- 2d = 2 (a* - mu); index <- a*. A NaN centre takes a* = 1, as fmax does."""
+    B, M = mu.shape
+    per_row = neg_inv_two_var.shape[1] > 1
+    for b in range(B):
+        for m in range(M):
+            nearest = np.rint(mu[b, m])
+            if not nearest >= one:                  # below 1, or NaN
+                nearest = one
+            if nearest > A:
+                nearest = A
+            gap = two * (nearest - mu[b, m])
+            k = int(nearest)
+            twice_gap[b, m], index[b, m] = gap, k
+            scale = neg_inv_two_var[b, m if per_row else 0]
+            for a in range(F.shape[2]):
+                u = steps[k, a]
+                F[b, m, a] = scale * u * (u + gap)
+
+
+@_jit
+def _normalise_rows(F, one):
+    """Each row of F (B, M, A) divided by its sum (eq 25-26's normalisers Z)."""
+    B, M, A = F.shape
+    for b in range(B):
+        for m in range(M):
+            total = one - one
+            for a in range(A):
+                total += F[b, m, a]
+            inv = one / total
+            for a in range(A):
+                F[b, m, a] *= inv
+
+
+@_jit
+def _gaussian_sums_backward(dF, F, index, twice_gap, steps, first, second, zero):
+    """Per row, with the softmax backward dl = F (dF - s), s = sum_a F dF:
+    first <- S1 = sum_a dl u, second <- S2 + 2d S1 with S2 = sum_a dl u^2."""
+    B, M, A = F.shape
+    for b in range(B):
+        for m in range(M):
+            s = zero
+            for a in range(A):
+                s += dF[b, m, a] * F[b, m, a]
+            s1, s2 = zero, zero
+            k = index[b, m]
+            for a in range(A):
+                u = steps[k, a]
+                dl_u = (dF[b, m, a] - s) * F[b, m, a] * u
+                s1 += dl_u
+                s2 += dl_u * u
+            first[b, m] = s1
+            second[b, m] = s2 + twice_gap[b, m] * s1
+
+
+def gaussian_rows(mu, neg_inv_two_var, steps, A):
+    """As engine_attention._gaussian_rows' body -> (F (B, M, A), index, twice_gap)."""
+    B, M = mu.shape
+    F = np.empty((B, M, A), mu.dtype)
+    twice_gap = np.empty_like(mu)
+    index = np.empty((B, M), np.intp)
+    dt = mu.dtype.type
+    _gaussian_logits(mu, neg_inv_two_var, steps, F, twice_gap, index, dt(1), dt(2), dt(A))
+    np.exp(F, out=F)
+    _normalise_rows(F, dt(1))
+    return F, index, twice_gap
+
+
+def gaussian_sums_backward(dF, F, index, twice_gap, steps):
+    """-> (S1, S2 + 2d S1), each (B, M), as engine_attention._gaussian_rows_backward has them."""
+    first = np.empty(F.shape[:2], F.dtype)
+    second = np.empty_like(first)
+    _gaussian_sums_backward(dF, F, index, twice_gap, steps, first, second, F.dtype.type(0))
+    return first, second
+
+
+# ---------------------------------------------------------------- eq 3
+# npdraw/engine.py's glimpse error on (B, D) views: NumPy's SIMD tanh first, then one
+# pass; the operations and their order are the NumPy path's, so the results are its own.
+
+@_jit
+def _sigmoid_and_error(x, sig, x_hat, half, one):
+    """sig holds tanh(c/2): sig <- (sig + 1) / 2 = sigmoid(c); x_hat <- x - sig."""
+    B, D = sig.shape
+    for b in range(B):
+        for d in range(D):
+            s = (sig[b, d] + one) * half
+            sig[b, d] = s
+            x_hat[b, d] = x[b, d] - s
+
+
+@_jit
+def _error_backward(dcanvas, dx_hat, sig, one):
+    """dcanvas <- dcanvas - dx_hat sig (1 - sig), in place."""
+    B, D = sig.shape
+    for b in range(B):
+        for d in range(D):
+            s = sig[b, d]
+            dcanvas[b, d] = dcanvas[b, d] - dx_hat[b, d] * s * (one - s)
+
+
+def glimpse_error(x, sig, x_hat):
+    """x (B, D); sig (B, D) holding tanh(c/2) -> sigmoid(c) in place, x_hat (B, D) <- x - sig."""
+    dt = sig.dtype.type
+    _sigmoid_and_error(x, sig, x_hat, dt(0.5), dt(1))
+
+
+def glimpse_error_backward(dcanvas, dx_hat, sig):
+    """dcanvas (B, D) <- dcanvas - dx_hat * sig * (1 - sig), in place; -> dcanvas."""
+    _error_backward(dcanvas, dx_hat, sig, sig.dtype.type(1))
+    return dcanvas

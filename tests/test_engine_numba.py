@@ -1,6 +1,7 @@
-"""npdraw.engine_numba (the optional Numba LSTM-cell kernels) against the NumPy path of
-npdraw.engine_layers, the whole engine on them against the reference, and the switch
-(env NPDRAW_KERNELS, engine_layers.set_kernels) that selects them."""
+"""npdraw.engine_numba (the optional Numba kernels: the LSTM cells, the attention filters'
+rows, eq 3's glimpse error) against the NumPy path of npdraw.engine_layers,
+engine_attention and engine, the whole engine on them against the reference, and the
+switch (env NPDRAW_KERNELS, engine_layers.set_kernels) that selects them."""
 import ast
 import os
 import subprocess
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 import npdraw
+from npdraw import engine, engine_numba, reference
+from npdraw import engine_attention as att
 from npdraw import engine_layers as el
-from npdraw import engine_numba, reference
 from gradcheck import rel_err
 from test_model import generic_point
 from test_reference import ALL_CONFIGS, PEEPHOLE_CONFIGS, _check_engine_against_reference
@@ -20,6 +22,9 @@ from test_reference import ALL_CONFIGS, PEEPHOLE_CONFIGS, _check_engine_against_
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("lstm_cell", "lstm_cell_backward", "peephole_lstm_cell",
            "peephole_lstm_cell_backward")
+OTHER_KERNELS = ("gaussian_rows", "gaussian_sums_backward", "glimpse_error",
+                 "glimpse_error_backward")
+U32 = 2.0 ** -24
 
 AGREE64 = 1e-12
 # float32: each output is a chain of at most 12 rounded operations (a product, sum or
@@ -33,8 +38,8 @@ AGREE32 = 64 * 2.0 ** -24
 @pytest.fixture
 def counted(monkeypatch):
     """engine_numba's four entry points, each counting its calls: -> the counts."""
-    calls = dict.fromkeys(KERNELS, 0)
-    for name in KERNELS:
+    calls = dict.fromkeys(KERNELS + OTHER_KERNELS, 0)
+    for name in KERNELS + OTHER_KERNELS:
         def counting(*args, _kernel=getattr(engine_numba, name), _name=name):
             calls[_name] += 1
             return _kernel(*args)
@@ -117,10 +122,18 @@ def test_engine_on_numba_kernels_matches_the_reference(numba_kernels, name):
     in float64, with and without attention and peepholes; the kernels really ran."""
     _check_engine_against_reference(name)
     forward, backward = KERNELS[2:] if name in PEEPHOLE_CONFIGS else KERNELS[:2]
-    T = ALL_CONFIGS[name].T
+    cfg = ALL_CONFIGS[name]
+    T = cfg.T
     assert numba_kernels[forward] >= 2 * T and numba_kernels[backward] == 2 * T
     other = set(KERNELS) - {forward, backward}
     assert all(numba_kernels[k] == 0 for k in other)
+    # eq 3 every glimpse; the filters of every window (T + 1 read, T write; one
+    # softmax for both axes when H == W, one each otherwise), forward and backward
+    assert numba_kernels["glimpse_error"] >= T and numba_kernels["glimpse_error_backward"] == T
+    axes = 1 if cfg.height == cfg.width else 2
+    windows = (T + 1) * axes if cfg.attention else 0
+    assert numba_kernels["gaussian_sums_backward"] == windows
+    assert numba_kernels["gaussian_rows"] >= windows
 
 
 @pytest.mark.parametrize("name", ["attn_grey_nonsquare_peepholes", "noattn_colour"])
@@ -231,3 +244,93 @@ def test_only_engine_numba_imports_numba():
             if any(n.split(".")[0] == "numba" for n in names):
                 importers.append(path.name)
     assert importers == ["engine_numba.py"]
+
+
+# ---------------------------------------------------------------- attention and eq 3
+
+def _filter_inputs(dtype, seed, per_row, B=6, M=9, A=11):
+    """Centres inside, outside and at the edges of the image, one NaN and one infinite,
+    variances from tiny to wide; sigma2 (B,) or, per_row, (B, M); and a gradient dF."""
+    rng = np.random.default_rng(seed)
+    mu = rng.uniform(-4, A + 5, (B, M))
+    mu[0, :3] = [1.0, A, 0.5]
+    mu[1, 0], mu[2, 1], mu[3, 2] = np.nan, np.inf, -np.inf
+    sigma2 = np.exp(rng.uniform(-6, 3, (B, M) if per_row else B))
+    dF = rng.standard_normal((B, M, A))
+    return mu.astype(dtype), sigma2.astype(dtype), dF.astype(dtype), A
+
+
+def _filters(kernels, mu, sigma2, dF, A):
+    """_gaussian_rows and its backward on the given kernels -> (F, index, 2d, dmu, dsigma2)."""
+    el.set_kernels(kernels)
+    with np.errstate(invalid="ignore"):          # the NaN and infinite centres
+        F, cache = att._gaussian_rows(mu, sigma2, A)
+        dmu, dsigma2 = att._gaussian_rows_backward(dF, cache)
+    return F, cache[1], cache[2], dmu, dsigma2
+
+
+def _agree_where_finite(got, want, tol):
+    """NaN where the other is NaN, and the rest within tol (rel_err)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    keep = ~np.isnan(want)
+    assert rel_err(got[keep], want[keep]) < tol, rel_err(got[keep], want[keep])
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_numba_filters_equal_the_numpy_filters_in_float64(numba_kernels, per_row):
+    """Eq 25-26 and their backward: the same nearest pixels and gaps exactly, the filters
+    and gradients to 1e-12 (the row sums run in another order), NaN where NumPy's is."""
+    for seed in range(3):
+        inputs = _filter_inputs(np.float64, seed, per_row)
+        want = _filters("numpy", *inputs)
+        got = _filters("numba", *inputs)
+        assert numba_kernels["gaussian_rows"] == numba_kernels["gaussian_sums_backward"] == seed + 1
+        assert np.array_equal(got[1], want[1]) and got[1].dtype == want[1].dtype
+        assert np.array_equal(got[2], want[2], equal_nan=True)
+        for g, w in zip(got[:1] + got[3:], want[:1] + want[3:]):
+            _agree_where_finite(g, w, AGREE64)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_numba_filters_in_float32_are_as_close_as_numpy_float32(numba_kernels, per_row):
+    """float32: a filter row is exp(l) / Z with Z a sum of A positive terms; summed in
+    another order, Z moves by at most 2 (A - 1) u, so F by that plus two roundings. The
+    gradients are sums with cancellation: the Numba path's error against float64 must stay
+    within twice the NumPy path's own float32 error, plus a few ulp."""
+    for seed in range(3):
+        inputs32 = _filter_inputs(np.float32, seed, per_row)
+        A = inputs32[-1]
+        exact = _filters("numpy", *[a.astype(np.float64) for a in inputs32[:3]], A)
+        want = _filters("numpy", *inputs32)
+        got = _filters("numba", *inputs32)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2], equal_nan=True)
+        _agree_where_finite(got[0], want[0], (2 * (A - 1) + 2) * U32)
+        for g, w, e in zip(got[3:], want[3:], exact[3:]):
+            keep = ~np.isnan(e)
+            numpy_error = rel_err(w[keep], e[keep])
+            assert rel_err(g[keep], e[keep]) <= 2 * numpy_error + 8 * U32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_glimpse_error_is_the_numpy_one_to_the_bit(numba_kernels, dtype):
+    """Eq 3 and its backward on Numba give NumPy's results exactly (the same operations in
+    the same order after NumPy's own tanh), written where NumPy writes them; the read's
+    x_hat is a strided view of the image buffer, as in the engine."""
+    rng = np.random.default_rng(3)
+    B, C, H, W = 4, 2, 5, 3
+    x = rng.random((B, C, H, W)).astype(dtype)
+    canvas = rng.normal(0, 3, (B, C, H, W)).astype(dtype)
+    dcanvas, dx_hat = rng.standard_normal((2, B, C * H * W)).astype(dtype)
+    results = {}
+    for kernels in ("numpy", "numba"):
+        el.set_kernels(kernels)
+        images = np.zeros((B, 2 * C, H, W), dtype)
+        sig = np.empty((B, C, H, W), dtype)
+        engine._glimpse_error_into(x, canvas, sig, images[:, C:])
+        back = engine._glimpse_error_backward(dcanvas.copy(), dx_hat, sig.reshape(B, -1))
+        results[kernels] = (sig, images, back)
+    assert numba_kernels["glimpse_error"] == numba_kernels["glimpse_error_backward"] == 1
+    for got, want in zip(results["numba"], results["numpy"]):
+        assert got.dtype == dtype and np.array_equal(got, want)
+    assert not results["numba"][1][:, :C].any()          # x's planes left alone

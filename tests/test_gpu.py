@@ -144,7 +144,7 @@ def test_fused_kernels_match_their_numpy_form():
                (layers._peephole_lstm_cell_backward_kernel, 11),
                (layers._reparam_kernel, 3), (layers._kl_terms_kernel, 2),
                (layers._bce_kernel, 2), (layers._bce_backward_kernel, 3),
-               (engine._glimpse_error, 2), (engine._glimpse_error_backward, 3),
+               (engine._glimpse_error, 2), (engine._glimpse_error_backward_kernel, 3),
                (engine_attention._window_params_kernel, 4),
                (engine_attention._window_params_kernel_backward, 4),
                (engine_attention._gaussian_exp, 3), (engine_attention._dlogits_times_steps, 4)]

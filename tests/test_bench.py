@@ -151,6 +151,7 @@ def test_bench_ranks_in_one_process_agree_with_the_model():
     assert loss == want_loss and stats["activation_bytes"] == want_stats["activation_bytes"]
     for name in want_grads:
         assert np.array_equal(grads[name], want_grads[name]), name
+    assert runner.allreduce_seconds(3) == []       # no all-reduce in one process
     runner.close()                                 # nothing to tell in one process
 
 

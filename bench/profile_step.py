@@ -12,6 +12,16 @@ all-reduce under ranks, clipping and Adam). For each batch size and model:
   one step (shapes, strides, aliasing and ``out=`` as recorded in the counted step
   below) on arrays of noise. What no category claims is "unattributed", so the
   lines sum to the profiled step by construction.
+* **The all-reduce under ranks.** In the step, rank 0's all-reduce call also waits for
+  the other ranks to finish their share of the step. So the call (the communicator's
+  ``_allreduce_flat``) is wrapped on its own, and after the profiled steps the bare
+  all-reduce is timed with the ranks lined up (``NpdrawRunner.allreduce_seconds``: a
+  barrier, then the same call on a zero buffer of the flat buffer's size and dtype;
+  max(steps, 5) of them, median taken). "allreduce" is ``reduce_step``'s own time
+  (packing the gradients into the flat buffer, unpacking) plus the call's time up to
+  that median; "waiting for the other ranks" is the rest of the call's time, 0 if the
+  median exceeds it. The two add up to the wrapped ``reduce_step``; in one process
+  there is no call and no wait.
 * **Memory traffic.** One more step runs on arrays of an ndarray subclass that
   counts, for every NumPy operation (each ufunc call, matmul and reduction included,
   each array function such as concatenate or take, each slice assignment and astype),
@@ -58,10 +68,15 @@ CATEGORIES = [
     ("weight_layout", "weight layout (transposes)"),
     ("input_check", "input checks"),
     ("clip_adam", "clipping and Adam"),
-    ("allreduce", "allreduce"),
+    ("allreduce", "allreduce (packing, bare MPI call)"),
+    ("rank_wait", "waiting for the other ranks"),
     ("unattributed", "unattributed"),
 ]
 _ENGINE = "engine body"   # forward/backward's own lines: inline GEMMs and glue
+# Under ranks, the communicator's all-reduce call in the step (``_allreduce_flat``): split
+# after the steps into the bare all-reduce ("allreduce") and the wait ("rank_wait").
+_CALL = "allreduce call"
+BARE_REPEATS = 5          # bare all-reduces timed under ranks, at least (median taken)
 
 
 def _targets(runner):
@@ -82,6 +97,8 @@ def _targets(runner):
     found += [(model, "check_inputs", "input_check")]
     found += [(optim, name, "clip_adam") for name in ("global_norm", "clip_scale", "adam_step")]
     found += [(runner.comm, "reduce_step", "allreduce")]
+    if runner.comm.size > 1:     # the MPI (or NCCL) call inside reduce_step, on its own
+        found += [(runner.comm, "_allreduce_flat", _CALL)]
     return found
 
 
@@ -90,7 +107,7 @@ class _Profile:
     operations of every NumPy call, charged to the innermost wrapped call."""
 
     def __init__(self):
-        self.seconds = dict.fromkeys([key for key, _ in CATEGORIES] + [_ENGINE], 0.0)
+        self.seconds = dict.fromkeys([key for key, _ in CATEGORIES] + [_ENGINE, _CALL], 0.0)
         self.stack = []           # [category, seconds of wrapped calls inside]
         self.bytes = dict.fromkeys(self.seconds, 0)
         self.ops = dict.fromkeys(self.seconds, 0)
@@ -124,6 +141,8 @@ class _Profile:
 
     def charge(self, nbytes, flops=0, gemm_spec=None):
         category = self.stack[-1][0] if self.stack else "unattributed"
+        if category == _CALL:    # (the MPI call runs no NumPy operation)
+            category = "allreduce"
         if category == _ENGINE:
             category = "gemm" if gemm_spec is not None else "unattributed"
             if gemm_spec is not None:
@@ -382,10 +401,20 @@ def gemm_replay(specs, rng_seed: int = 0):
     return replay
 
 
+def split_allreduce(call_ms: float, bare_ms: float) -> tuple:
+    """(into "allreduce", into "rank_wait") of the all-reduce call's ms a step in the
+    step: up to the bare all-reduce's median (ranks lined up by a barrier) is the
+    all-reduce itself, the rest waiting for the other ranks; both add up to call_ms, and
+    neither is negative (a bare median above the call, noise, leaves no wait)."""
+    own = min(bare_ms, call_ms)
+    return own, call_ms - own
+
+
 def profile_runner(runner, steps: int, warmup: int) -> dict:
     """Profile one runner (rank 0's, under ranks) -> the figures of one model and batch.
     Runs max(warmup, 1) + 1 (counted) + 2 * steps steps of the runner: the counted step
-    comes after one at least, which builds the engine's cached constants."""
+    comes after one at least, which builds the engine's cached constants. Under ranks,
+    then max(steps, BARE_REPEATS) bare all-reduces (``NpdrawRunner.allreduce_seconds``)."""
     warmup = max(warmup, 1)
     for _ in range(warmup):
         runner.step()
@@ -402,12 +431,17 @@ def profile_runner(runner, steps: int, warmup: int) -> dict:
             start = time.perf_counter()
             runner.step()
             profiled.append(time.perf_counter() - start)
+    bare = runner.allreduce_seconds(max(steps, BARE_REPEATS)) if runner.comm.size > 1 else []
     replay = gemm_replay(counted.inline_gemms)
     replay_secs = bench_run.gemm_times(replay, steps)
 
     step_ms = 1000.0 * statistics.fmean(profiled)      # means add up; medians would not
     ms = {key: 1000.0 * timed.seconds[key] / steps for key, _ in CATEGORIES}
     ms["gemm"] += 1000.0 * statistics.median(replay_secs)
+    call_ms = 1000.0 * timed.seconds[_CALL] / steps
+    bare_ms = 1000.0 * statistics.median(bare) if bare else 0.0
+    into_allreduce, ms["rank_wait"] = split_allreduce(call_ms, bare_ms)
+    ms["allreduce"] += into_allreduce     # reduce_step's own time (packing) + the bare call
     ms["unattributed"] = step_ms - sum(v for k, v in ms.items() if k != "unattributed")
     counted.bytes["unattributed"] += counted.bytes[_ENGINE]
     counted.ops["unattributed"] += counted.ops[_ENGINE]
@@ -423,6 +457,8 @@ def profile_runner(runner, steps: int, warmup: int) -> dict:
             "engine_body_ms": 1000.0 * timed.seconds[_ENGINE] / steps,
             "gemm_replay_ms": 1000.0 * statistics.median(replay_secs),
             "inline_gemms": len(counted.inline_gemms), "activation_bytes": act,
+            "allreduce_call_ms": call_ms, "allreduce_bare_ms": [1000.0 * t for t in bare],
+            "allreduce_bare_median_ms": bare_ms if bare else None,
             "categories": categories, "steps_run": warmup + 1 + 2 * steps}
 
 
@@ -540,7 +576,7 @@ def format_report(r: dict) -> str:
         lines.append(f"  {'category':36s} {'ms/step':>9s} {'share':>6s} {'NumPy ops':>9s} "
                      f"{'MB moved':>10s} {'passes':>7s}")
         for key, cat in e["categories"].items():
-            if key == "allreduce" and s["ranks"] == 1:
+            if key in ("allreduce", "rank_wait") and s["ranks"] == 1:
                 lines.append(f"  {cat['label']:36s} {'n/a (one process)':>17s}")
                 continue
             lines.append(f"  {cat['label']:36s} {cat['ms']:9.2f} "
@@ -554,6 +590,12 @@ def format_report(r: dict) -> str:
                          f"{e['gemm_gflops']:.1f} GFLOP/s, {100 * e['gemm_peak_fraction']:.0f}% of "
                          f"{share}; the whole step: {100 * e['step_peak_fraction']:.0f}% of peak "
                          f"(count_flops {e['flops_per_step'] / 1e9:.2f} GFLOP / plain step)")
+        if e.get("allreduce_bare_ms"):
+            lines.append(f"  the all-reduce call took {e['allreduce_call_ms']:.1f} ms a step in the "
+                         f"step, {e['allreduce_bare_median_ms']:.1f} ms alone (median of "
+                         f"{len(e['allreduce_bare_ms'])}, the ranks lined up by a barrier): "
+                         "that much in 'allreduce' (with the packing), the rest in 'waiting for "
+                         "the other ranks'")
         lines.append(f"  the {e['inline_gemms']} inline GEMMs replay in "
                      f"{e['gemm_replay_ms']:.1f} ms "
                      f"of the engine body's {e['engine_body_ms']:.1f} ms in the step (the rest: "
@@ -579,7 +621,7 @@ def format_markdown(r: dict) -> str:
                  "| category | ms/step | share | NumPy ops | MB moved | passes |",
                  "|---|---:|---:|---:|---:|---:|"]
         for key, cat in e["categories"].items():
-            if key == "allreduce" and s["ranks"] == 1:
+            if key in ("allreduce", "rank_wait") and s["ranks"] == 1:
                 lines.append(f"| {cat['label']} | n/a | | | | |")
                 continue
             lines.append(f"| {cat['label']} | {cat['ms']:.1f} | "

@@ -295,7 +295,7 @@ def make_inputs(cfg, B: int, seed: int, dtype: str):
 # ------------------------------------------------------------------ npdraw side
 
 # Commands from rank 0 to the other ranks (one int, broadcast before each call).
-STEP, LOSS_AND_GRADS, DONE = 1, 2, 0
+STEP, LOSS_AND_GRADS, BARE_ALLREDUCE, DONE = 1, 2, 3, 0
 # How often a waiting rank looks for rank 0's next command: it sleeps in between, so that
 # rank 0's own turns (the peer, the GEMM probes) have the cores; at most this late.
 POLL_S = 0.0005
@@ -305,9 +305,9 @@ class NpdrawRunner:
     """Holds npdraw's parameters and Adam state on a device; ``step()`` is one training step.
 
     comm: the ranks (npdraw.distributed) that share each batch as in `train`; with more
-    than one, rank 0 drives (``step``, ``loss_and_grads``, ``close``) and every other rank
-    calls ``follow()``, which does the same calls as rank 0 asks for them. Every rank holds
-    the same parameters, batch and noise (the same seeds)."""
+    than one, rank 0 drives (``step``, ``loss_and_grads``, ``allreduce_seconds``, ``close``)
+    and every other rank calls ``follow()``, which does the same calls as rank 0 asks for
+    them. Every rank holds the same parameters, batch and noise (the same seeds)."""
 
     def __init__(self, npdraw, cfg, params, x, eps, device: str, comm=None):
         from npdraw import backend, optim
@@ -363,10 +363,40 @@ class NpdrawRunner:
         self._tell(LOSS_AND_GRADS)
         return self._loss_and_grads()
 
+    def allreduce_seconds(self, repeats: int) -> list:
+        """Rank 0: the seconds of ``repeats`` bare all-reduces (rank 0's timings), with the
+        ranks lined up, so that none waits for another's share of a step: every rank
+        passes a barrier, then times the communicator's all-reduce (``_allreduce_flat``,
+        the step's call) of a zero buffer of the size and dtype of the step's flat buffer;
+        one untimed first. The step's own buffer is left alone. Every rank runs them
+        (``follow``). One process: [] (there is no all-reduce). Needs a step first: the
+        step builds the buffer that fixes the size."""
+        if self.comm.size == 1:
+            return []
+        if getattr(self.comm, "_buffer", None) is None:
+            raise RuntimeError("allreduce_seconds: take a step first (it sizes the buffer)")
+        self._tell(BARE_ALLREDUCE)
+        return self._allreduce_seconds(repeats)
+
+    def _allreduce_seconds(self, repeats: int = 0) -> list:
+        count = np.array([repeats], dtype=np.int64)
+        self.comm.comm.Bcast(count, root=0)              # rank 0's count, to every rank
+        probe = self.xp.zeros_like(self.comm._buffer.flat)
+        seconds = []
+        for i in range(int(count[0]) + 1):
+            self.comm.comm.Barrier()
+            start = time.perf_counter()
+            self.comm._allreduce_flat(probe)
+            self._sync(self.xp)
+            if i > 0:                                    # the first touches the new buffer
+                seconds.append(time.perf_counter() - start)
+        return seconds
+
     def follow(self) -> None:
         """Ranks other than 0: do what rank 0 asks until it is done with this model,
         sleeping while they wait."""
-        calls = {STEP: self._step, LOSS_AND_GRADS: self._loss_and_grads}
+        calls = {STEP: self._step, LOSS_AND_GRADS: self._loss_and_grads,
+                 BARE_ALLREDUCE: self._allreduce_seconds}
         while True:
             request = self.comm.comm.Ibcast(self._command, root=0)
             while not request.Test():

@@ -151,6 +151,7 @@ def test_bench_ranks_in_one_process_agree_with_the_model():
     assert loss == want_loss and stats["activation_bytes"] == want_stats["activation_bytes"]
     for name in want_grads:
         assert np.array_equal(grads[name], want_grads[name]), name
+    assert runner.allreduce_seconds(3) == []       # no all-reduce in one process
     runner.close()                                 # nothing to tell in one process
 
 
@@ -217,6 +218,11 @@ def test_bench_batches_report_each_batch_and_the_best(capsys):
     text = bench_run.format_report(r)
     assert "[no-attention, batch 4]" in text and "[no-attention, batch 8]" in text
     assert "best batch: npdraw" in text
+    from bench import table
+    cells = _table_cells(table.rows(r)[0], table.HEADER)
+    sides = cells["best batch ex/s (batch): npdraw / eager / compiled"].split(" / ")
+    assert sides[0] == f"{best['npdraw']['examples_per_s']:.0f} ({best['npdraw']['batch']})"
+    assert sides[2] == "-"                                      # no compiled peer this run
 
 
 def test_bench_compiled_peer_agrees_and_reports_its_compile_on_its_own(capsys):
@@ -237,6 +243,77 @@ def test_bench_compiled_peer_agrees_and_reports_its_compile_on_its_own(capsys):
     text = bench_run.format_report(r)
     assert "check vs torch.compile" in text and "first compile" in text
     assert "npdraw/compiled throughput" in text and "npdraw/torch throughput" in text
+    from bench import table
+    cells = _table_cells(table.rows(r)[0], table.HEADER)
+    assert cells["torch.compile ms/step"] == f"{e['torch_compiled']['ms_per_step']:.0f}"
+    assert cells["speed-up vs torch.compile"] == f"{e['ratio_npdraw_over_torch_compiled']:.2f}x"
+
+
+def _table_cells(row: str, header: str) -> dict:
+    """{column name: cell} of one Markdown row under the table's header line."""
+    names = [c.strip() for c in header.splitlines()[0].strip("|").split("|")]
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    assert len(cells) == len(names), row
+    return dict(zip(names, cells))
+
+
+def _figures(ms, ex_s):
+    return {"ms_per_step": ms, "examples_per_s": ex_s, "gflops": 128.4, "peak_fraction": 0.61}
+
+
+def test_table_shows_the_compiled_peer_and_each_sides_best_batch():
+    """A hand-made run's JSON (the fields bench/run.py writes with --peers eager,compiled
+    --batches 100,500), formatted: the compiled peer's columns and the best batches."""
+    from bench import table
+    r = {"date": "2026-12-04T10:00:00+00:00", "settings": {"ranks": 2},
+         "device": {"kind": "cpu", "cpu": "AMD EPYC", "cores": 2},
+         "blas": [{"user_api": "blas", "internal_api": "openblas", "architecture": "SkylakeX"}],
+         "models": {"attention": {"npdraw": _figures(290.2, 344.6), "torch": _figures(623.4, 160.4),
+                                  "torch_compiled": _figures(364.1, 274.6),
+                                  "ratio_npdraw_over_torch": 2.148,
+                                  "ratio_npdraw_over_torch_compiled": 1.254}},
+         "best_batch": {"attention": {
+             "npdraw": {"batch": 500, "examples_per_s": 346.2},
+             "torch": {"batch": 500, "examples_per_s": 242.1},
+             "torch_compiled": {"batch": 100, "examples_per_s": 313.0},
+             "ratio_npdraw_over_torch": 1.43, "ratio_npdraw_over_torch_compiled": 1.106}}}
+    (row,) = table.rows(r)
+    cells = _table_cells(row, table.HEADER)
+    assert cells["npdraw ms/step"] == "290" and cells["PyTorch eager ms/step"] == "623"
+    assert cells["speed-up vs eager"] == "2.15x"
+    assert cells["torch.compile ms/step"] == "364" and cells["speed-up vs torch.compile"] == "1.25x"
+    assert cells["best batch ex/s (batch): npdraw / eager / compiled"] == \
+        "346 (500) / 242 (500) / 313 (100)"
+    assert cells["speed-up at best batches: vs eager / vs compiled"] == "1.43x / 1.11x"
+    # a best batch without the compiled peer: its places are "-"
+    del r["best_batch"]["attention"]["torch_compiled"]
+    del r["best_batch"]["attention"]["ratio_npdraw_over_torch_compiled"]
+    cells = _table_cells(table.rows(r)[0], table.HEADER)
+    assert cells["best batch ex/s (batch): npdraw / eager / compiled"] == "346 (500) / 242 (500) / -"
+    assert cells["speed-up at best batches: vs eager / vs compiled"] == "1.43x / -"
+
+
+def test_table_row_of_a_run_without_the_new_fields_shows_dashes():
+    """An older run's JSON (eager peer only, one batch, "workers"): its row, with "-" in
+    the compiled peer's and the best batch's columns."""
+    from bench import table
+    r = {"date": "2026-11-29T10:00:00+00:00", "settings": {"workers": 2},
+         "device": {"cpu": "AMD EPYC", "cores": 2},
+         "blas": [{"user_api": "blas", "internal_api": "openblas", "architecture": "Haswell"}],
+         "models": {"no-attention": {"npdraw": _figures(354.0, 282.5), "torch": _figures(721.0, 138.7),
+                                     "ratio_npdraw_over_torch": 2.03}}}
+    (row,) = table.rows(r)
+    cells = _table_cells(row, table.HEADER)
+    assert cells["npdraw processes"] == "2" and cells["speed-up vs eager"] == "2.03x"
+    assert cells["PyTorch eager ms/step"] == "721"
+    for column in ("torch.compile ms/step", "speed-up vs torch.compile",
+                   "best batch ex/s (batch): npdraw / eager / compiled",
+                   "speed-up at best batches: vs eager / vs compiled"):
+        assert cells[column] == "-", column
+    r["models"]["no-attention"].pop("torch")               # --no-torch: no peer at all
+    r["models"]["no-attention"]["ratio_npdraw_over_torch"] = None
+    cells = _table_cells(table.rows(r)[0], table.HEADER)
+    assert cells["PyTorch eager ms/step"] == "-" and cells["speed-up vs eager"] == "-"
 
 
 # ------------------------------------------------------------------ the PyTorch peer (optional)

@@ -73,6 +73,8 @@ def test_categories_sum_to_the_step_and_npdraw_is_left_as_it_was(attention, one_
         assert cats[key]["ops"] > 0, key
     assert (cats["filterbank"]["ops"] > 0) == attention
     assert cats["allreduce"]["ops"] == 0
+    assert cats["rank_wait"]["ms"] == 0 and cats["rank_wait"]["ops"] == 0     # no other ranks
+    assert r["allreduce_bare_ms"] == [] and r["allreduce_call_ms"] == 0
     # the counted matmuls are the model's GEMMs: count_flops, less what the engine skips
     # without attention (x's rows of enc_W: projected once, no input gradient), plus a
     # little (the bias rows of the stacked GEMMs, the filterbank's row sums)
@@ -124,6 +126,9 @@ def test_cli_text_and_json(capsys):
     assert r["settings"]["ranks"] == 1 and r["gemm"]["peak_gflops"] > 0
     for e in r["profiles"]:
         assert list(e["categories"]) == KEYS
+        wait = e["categories"]["rank_wait"]
+        assert wait["ms"] == 0 and wait["ops"] == 0 and wait["bytes"] == 0
+        assert e["allreduce_bare_ms"] == [] and e["allreduce_bare_median_ms"] is None
         assert e["step_peak_fraction"] > 0 and e["flops_per_step"] == bench_run.count_flops(
             npdraw.DrawConfig(T=2), e["batch"])
     assert profile_step.main(TINY_CLI + ["--batch", "4", "--model", "no-attention"]) == 0
@@ -131,7 +136,7 @@ def test_cli_text_and_json(capsys):
     assert "[no-attention, batch 4]" in out and "GEMM peak" in out and "of peak" in out
     for _key, label in profile_step.CATEGORIES:
         assert label in out
-    assert "n/a (one process)" in out
+    assert out.count("n/a (one process)") == 2       # allreduce and the wait for the ranks
     assert profile_step.main(TINY_CLI + ["--batch", "4", "--markdown"]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0].startswith("**attention, batch 4**") and table[2].startswith("| category |")
@@ -143,9 +148,16 @@ def test_cli_rejects_bad_sizes():
         profile_step.main(["--batch", "0"])
 
 
+def test_split_allreduce_adds_up_and_never_goes_negative():
+    assert profile_step.split_allreduce(10.0, 1.5) == (1.5, 8.5)
+    assert profile_step.split_allreduce(1.0, 1.5) == (1.0, 0.0)    # noise: no wait
+    assert profile_step.split_allreduce(0.0, 0.0) == (0.0, 0.0)
+
+
 def test_profile_under_two_ranks():
     """--ranks 2 starts two MPI ranks; rank 0's allreduce charges its packing of every
-    gradient and the in-place Allreduce of the flat buffer."""
+    gradient and the in-place Allreduce of the flat buffer; its call's time in the step is
+    split into the bare all-reduce (timed with the ranks lined up) and the wait."""
     assert distributed.mpi_available(), "the ranks need pip install -e \".[mpi]\" (the README's)"
     result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "profile_step.py"),
                              *TINY_CLI, "--batch", "8", "--ranks", "2", "--json"],
@@ -155,7 +167,26 @@ def test_profile_under_two_ranks():
     assert r["settings"]["ranks"] == 2
     allreduce = r["profiles"][0]["categories"]["allreduce"]
     n_params = len(npdraw.init_params(npdraw.DrawConfig(T=2), 0))
-    assert allreduce["ms"] >= 0 and allreduce["ops"] >= n_params + 1
-    e = r["profiles"][0]                           # rank 0's GEMMs against its share of peak
+    assert allreduce["ms"] > 0 and allreduce["ops"] >= n_params + 1
+    e = r["profiles"][0]
+    cats = e["categories"]
+    assert list(cats) == KEYS
+    wait = cats["rank_wait"]
+    assert wait["ms"] >= 0 and wait["ops"] == 0 and wait["bytes"] == 0
+    assert all(cat["ms"] >= 0 for key, cat in cats.items() if key != "unattributed")
+    total = sum(cat["ms"] for cat in cats.values())
+    assert abs(total - e["step_ms_profiled"]) <= 1e-9 * e["step_ms_profiled"]
+    # the bare all-reduces: max(steps, BARE_REPEATS) of them, each taking time; the call's
+    # time in the step is the bare median (at most) plus the wait
+    bare = e["allreduce_bare_ms"]
+    assert len(bare) == max(1, profile_step.BARE_REPEATS) and min(bare) > 0
+    assert e["allreduce_bare_median_ms"] == pytest.approx(float(np.median(bare)))
+    assert e["allreduce_call_ms"] > 0
+    assert wait["ms"] == pytest.approx(max(0.0, e["allreduce_call_ms"] - np.median(bare)))
+    assert allreduce["ms"] >= min(e["allreduce_call_ms"], np.median(bare))
+    report = profile_step.format_report(r)
+    assert "waiting for the other ranks" in report and "the all-reduce call took" in report
+    assert "n/a" not in report
+    # rank 0's GEMMs against its share of peak
     assert e["gemm_peak_fraction"] == pytest.approx(e["gemm_gflops"] / (r["gemm"]["peak_gflops"] / 2))
     assert "rank 0 of 2 MPI ranks" in profile_step.format_report(r)

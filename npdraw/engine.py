@@ -159,11 +159,12 @@ def _cell_forward(peep, a, c_prev, h_out):
     return peephole_lstm_cell_forward(a, c_prev, peep, axis=0, gates_out=a, h_out=h_out)
 
 
-def _cell_backward(dh, dc, cache, out, dpeep):
-    """-> (da into out, dc_prev); the peepholes' gradient, if any, is added into dpeep."""
+def _cell_backward(dh, dc, cache, out, slot, dpeep):
+    """-> (da, written into out[:, slot] too, dc_prev); the peepholes' gradient, if any,
+    is added into dpeep."""
     if dpeep is None:
-        return lstm_cell_backward(dh, dc, cache, out=out)
-    da, dc_prev, dpeep_step = peephole_lstm_cell_backward(dh, dc, cache, out=out)
+        return lstm_cell_backward(dh, dc, cache, out=out, slot=slot)
+    da, dc_prev, dpeep_step = peephole_lstm_cell_backward(dh, dc, cache, out=out, slot=slot)
     dpeep += dpeep_step
     return da, dc_prev
 
@@ -314,8 +315,6 @@ def backward(params, cfg, cache):
         heads_W = params["write_W"]
         dheads = xp.empty((T, B, Pw), dtype)
 
-    da_enc_step = xp.empty((4 * He, B), dtype)
-    da_dec_step = xp.empty((4 * Hd, B), dtype)
     dcanvas = bce_backward(inv_B, bce_cache)             # d loss / d c_T
     dh_dec_next = xp.zeros((Hd, B), dtype)               # from step t+1's uses of h_dec_t
     dc_dec = xp.zeros((Hd, B), dtype)
@@ -337,12 +336,12 @@ def backward(params, cfg, cache):
         else:
             dheads[t] = dcanvas
         dh_dec = heads_W @ dheads[t].T + dh_dec_next
-        # into a contiguous scratch, then one copy: ufuncs crawl over the strided slice
-        da_dec[:, t], dc_dec = _cell_backward(dh_dec, dc_dec, dec_cache, da_dec_step, dpeep_dec)
+        # da into its slot of the stacked buffer (see lstm_cell_backward)
+        da_dec_step, dc_dec = _cell_backward(dh_dec, dc_dec, dec_cache, da_dec, t, dpeep_dec)
         ddec_in = params["dec_W"] @ da_dec_step                          # [dz, dh_dec_{t-1}]
         dq_all[:, t] = latent_backward(ddec_in[:Z], inv_B, latent_cache, out=dq_step)
         dh_enc = params["q_W"] @ dq_step + dh_enc_next
-        da_enc[:, t], dc_enc = _cell_backward(dh_enc, dc_enc, enc_cache, da_enc_step, dpeep_enc)
+        da_enc_step, dc_enc = _cell_backward(dh_enc, dc_enc, enc_cache, da_enc, t, dpeep_enc)
         denc_in = enc_W @ da_enc_step                    # [dh_dec_{t-1}, dr, dh_enc_{t-1}]
         dh_enc_next = denc_in[Hd + R:]
         dh_dec_next = ddec_in[Z:] + denc_in[:Hd]

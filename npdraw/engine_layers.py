@@ -203,15 +203,25 @@ def lstm_cell_forward(a, c_prev, axis=-1, gates_out=None, h_out=None):
     return (h, c), ((i, f, o, g), c_prev, tanh_c, axis)
 
 
-def lstm_cell_backward(dh, dc, cache, out=None):
+def lstm_cell_backward(dh, dc, cache, out=None, slot=None):
     """dh, dc: (B, Hs) gradients w.r.t. h and c -> (da (B, 4Hs), dc_prev (B, Hs)).
 
-    Transposed, as the forward was. out: optional array to receive da (the model
-    passes one contiguous scratch array, reused every glimpse).
+    Transposed, as the forward was. out: optional array to receive da.
+    slot: features first only, out then (4Hs, T, B), the engine's stacked buffer: da goes
+    into out[:, slot]. The Numba kernels write it there; the other paths compute it in a
+    contiguous array, returned as da, and copy it in (ufuncs crawl over the strided slot).
     """
     xp = get_array_module(dh)
     gates, c_prev, tanh_c, axis = cache
     Hs = c_prev.shape[axis]
+    if slot is not None:
+        if xp is np and _numba is not None and axis == 0:
+            dc_prev = _numba.lstm_cell_backward(dh, dc, gates, c_prev, tanh_c, out,
+                                                _gate_blocks, slot)
+            return out[:, slot], dc_prev
+        da, dc_prev = lstm_cell_backward(dh, dc, cache)
+        out[:, slot] = da
+        return da, dc_prev
     if out is None:
         shape = (4 * Hs, dh.shape[1]) if axis == 0 else (dh.shape[0], 4 * Hs)
         out = xp.empty(shape, dh.dtype)
@@ -324,22 +334,29 @@ def peephole_lstm_cell_forward(a, c_prev, peep, axis=-1, gates_out=None, h_out=N
     return (h, c), (gates, c_prev, c, tanh_c, peep, axis)
 
 
-def peephole_lstm_cell_backward(dh, dc, cache, out=None):
+def peephole_lstm_cell_backward(dh, dc, cache, out=None, slot=None):
     """dh, dc: (B, Hs) gradients w.r.t. h and c
     -> (da (B, 4Hs), dc_prev (B, Hs), dpeep (3Hs,)), dpeep summed over the batch:
     dp_i = sum_b da_i c_{t-1},  dp_f = sum_b da_f c_{t-1},  dp_o = sum_b da_o c_t.
 
-    Transposed, as the forward was. out: optional array to receive da.
+    Transposed, as the forward was. out, slot: as for lstm_cell_backward.
     """
     xp = get_array_module(dh)
     gates, c_prev, c, tanh_c, peep, axis = cache
     Hs = c_prev.shape[axis]
+    on_numba = xp is np and _numba is not None and axis == 0
+    if slot is not None and not on_numba:
+        da, dc_prev, dpeep = peephole_lstm_cell_backward(dh, dc, cache)
+        out[:, slot] = da
+        return da, dc_prev, dpeep
     if out is None:
         shape = (4 * Hs, dh.shape[1]) if axis == 0 else (dh.shape[0], 4 * Hs)
         out = xp.empty(shape, dh.dtype)
-    if xp is np and _numba is not None and axis == 0:
+    if on_numba:
         dc_prev = _numba.peephole_lstm_cell_backward(dh, dc, gates, c_prev, tanh_c,
-                                                     _blocks(peep, Hs, 3, -1), out, _gate_blocks)
+                                                     _blocks(peep, Hs, 3, -1), out, _gate_blocks,
+                                                     slot)
+        out = out if slot is None else out[:, slot]
     elif xp is np:
         dc_prev = _peephole_lstm_cell_backward_numpy(dh, dc, gates, c_prev, tanh_c,
                                                      _peep_blocks(peep, Hs, axis), out, axis)

@@ -56,19 +56,20 @@ def _lstm_state(i_, f_, o_, g_, c_prev, c, half):
 
 
 @_jit
-def _lstm_backward(dh, dc, i_, f_, o_, g_, c_prev, tanh_c, da_i, da_f, da_o, da_g, dc_prev,
-                   one):
-    """-> da's blocks, dc_prev = dc_total f."""
+def _lstm_backward(dh, dc, i_, f_, o_, g_, c_prev, tanh_c, da_i, da_f, da_o, da_g, slot,
+                   dc_prev, one):
+    """-> da's blocks at [:, slot] (each (Hs, S, B), C-contiguous: the engine's stacked
+    buffer, or one array with S = 1), dc_prev = dc_total f."""
     Hs, B = c_prev.shape
     for j in range(Hs):
         for b in range(B):
             i, f, o, g = i_[j, b], f_[j, b], o_[j, b], g_[j, b]
             t, dhj = tanh_c[j, b], dh[j, b]
             dc_total = (one - t * t) * o * dhj + dc[j, b]
-            da_i[j, b] = dc_total * g * ((one - i) * i)                  # sigmoid' = s (1 - s)
-            da_f[j, b] = dc_total * c_prev[j, b] * ((one - f) * f)
-            da_o[j, b] = dhj * t * ((one - o) * o)
-            da_g[j, b] = (one - g * g) * i * dc_total                    # tanh' = 1 - g^2
+            da_i[j, slot, b] = dc_total * g * ((one - i) * i)            # sigmoid' = s (1 - s)
+            da_f[j, slot, b] = dc_total * c_prev[j, b] * ((one - f) * f)
+            da_o[j, slot, b] = dhj * t * ((one - o) * o)
+            da_g[j, slot, b] = (one - g * g) * i * dc_total              # tanh' = 1 - g^2
             dc_prev[j, b] = dc_total * f
 
 
@@ -111,8 +112,9 @@ def _peephole_output(o_, tanh_c, h, half):
 
 @_jit
 def _peephole_backward(dh, dc, i_, f_, o_, g_, c_prev, tanh_c, p_i, p_f, p_o,
-                       da_i, da_f, da_o, da_g, dc_prev, one):
-    """-> da's blocks, dc_prev (c_t fed o, c_{t-1} fed i and f)."""
+                       da_i, da_f, da_o, da_g, slot, dc_prev, one):
+    """-> da's blocks at [:, slot], as _lstm_backward's, dc_prev (c_t fed o, c_{t-1}
+    fed i and f)."""
     Hs, B = c_prev.shape
     for j in range(Hs):
         for b in range(B):
@@ -122,8 +124,8 @@ def _peephole_backward(dh, dc, i_, f_, o_, g_, c_prev, tanh_c, p_i, p_f, p_o,
             dc_total = (one - t * t) * o * dhj + dc[j, b] + do * p_o[j]      # eq 10
             di = dc_total * g * i * (one - i)
             df = dc_total * c_prev[j, b] * f * (one - f)
-            da_i[j, b], da_f[j, b], da_o[j, b] = di, df, do
-            da_g[j, b] = (one - g * g) * i * dc_total
+            da_i[j, slot, b], da_f[j, slot, b], da_o[j, slot, b] = di, df, do
+            da_g[j, slot, b] = (one - g * g) * i * dc_total
             dc_prev[j, b] = dc_total * f + di * p_i[j] + df * p_f[j]        # eq 7-8
 
 
@@ -145,10 +147,19 @@ def lstm_cell(a, c_prev, gates, h_out, blocks):
     return gates, c, tanh_c, np.multiply(o, tanh_c, out=h_out)
 
 
-def lstm_cell_backward(dh, dc, gates, c_prev, tanh_c, out, blocks):
-    """As engine_layers._lstm_cell_backward_numpy: da into out; -> dc_prev."""
+def _slot_of(out, slot):
+    """out (4Hs, B) and slot None, or out (4Hs, S, B) and a slot -> (a C-contiguous
+    (4Hs, S, B) array, the slot): da is written at [:, slot] with unit strides, where
+    NumPy would have to copy a (4Hs, B) result into the strided out[:, slot]."""
+    return (out[:, None], 0) if slot is None else (out, slot)
+
+
+def lstm_cell_backward(dh, dc, gates, c_prev, tanh_c, out, blocks, slot=None):
+    """As engine_layers._lstm_cell_backward_numpy: da into out, or into out[:, slot]
+    (see _slot_of); -> dc_prev."""
     dc_prev = np.empty_like(c_prev)
-    _lstm_backward(dh, dc, *blocks(gates), c_prev, tanh_c, *blocks(out), dc_prev,
+    out, slot = _slot_of(out, slot)
+    _lstm_backward(dh, dc, *blocks(gates), c_prev, tanh_c, *blocks(out), slot, dc_prev,
                    out.dtype.type(1.0))
     return dc_prev
 
@@ -172,11 +183,13 @@ def peephole_lstm_cell(a, c_prev, peeps, gates, h_out, blocks):
     return gates, c, tanh_c, h
 
 
-def peephole_lstm_cell_backward(dh, dc, gates, c_prev, tanh_c, peeps, out, blocks):
+def peephole_lstm_cell_backward(dh, dc, gates, c_prev, tanh_c, peeps, out, blocks,
+                                slot=None):
     """As engine_layers._peephole_lstm_cell_backward_numpy, gates its tuple of blocks:
-    da into out; -> dc_prev."""
+    da into out, or into out[:, slot] (see _slot_of); -> dc_prev."""
     dc_prev = np.empty_like(c_prev)
-    _peephole_backward(dh, dc, *gates, c_prev, tanh_c, *peeps, *blocks(out), dc_prev,
+    out, slot = _slot_of(out, slot)
+    _peephole_backward(dh, dc, *gates, c_prev, tanh_c, *peeps, *blocks(out), slot, dc_prev,
                        out.dtype.type(1.0))
     return dc_prev
 

@@ -334,3 +334,26 @@ def test_numba_glimpse_error_is_the_numpy_one_to_the_bit(numba_kernels, dtype):
     for got, want in zip(results["numba"], results["numpy"]):
         assert got.dtype == dtype and np.array_equal(got, want)
     assert not results["numba"][1][:, :C].any()          # x's planes left alone
+
+
+@pytest.mark.parametrize("kernels", ["numpy", "numba"])
+@pytest.mark.parametrize("peepholes", [False, True])
+def test_a_cell_backward_writes_its_slot_of_the_stacked_buffer(monkeypatch, kernels, peepholes):
+    """slot=t puts da into out[:, t] of a (4Hs, T, B) buffer, as the engine keeps it, and
+    nothing elsewhere; the da returned and dc_prev (and dpeep) are the slot-less call's."""
+    monkeypatch.setattr(el, "_numba", el._numba)
+    el.set_kernels(kernels)
+    a, c_prev, dh, dc, peep = _cell_inputs(np.float64, 4)
+    if peepholes:
+        _, cache = el.peephole_lstm_cell_forward(a, c_prev, peep, axis=0)
+        backward = el.peephole_lstm_cell_backward
+    else:
+        _, cache = el.lstm_cell_forward(a, c_prev, axis=0)
+        backward = el.lstm_cell_backward
+    want = backward(dh, dc, cache)
+    stacked = np.full((a.shape[0], 3, a.shape[1]), -7.0)
+    got = backward(dh, dc, cache, out=stacked, slot=1)
+    assert np.array_equal(stacked[:, 1], want[0])
+    assert (stacked[:, [0, 2]] == -7.0).all()
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)

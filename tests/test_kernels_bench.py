@@ -1,0 +1,52 @@
+"""bench/kernels.py: npdraw's step on NumPy's and Numba's kernels, side by side.
+
+No timing is asserted (the machine is shared): only that both ran, in turns, agreed, and
+that a disagreement is reported."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # bench/ is not part of the installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from npdraw import distributed, engine_layers  # noqa: E402
+
+from bench import kernels  # noqa: E402
+
+TINY = ["--glimpses", "2", "--batch", "6", "--rounds", "3"]
+
+
+def test_both_kernels_run_in_turns_and_agree(capsys, monkeypatch):
+    calls = []
+    real = engine_layers.set_kernels
+    monkeypatch.setattr(engine_layers, "set_kernels", lambda k: (calls.append(k), real(k)))
+    assert kernels.main([*TINY, "--ranks", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["agree"] and r["loss_rel_diff"] < kernels.LOSS_RTOL
+    assert all(len(r["ms"][k]) == 3 and min(r["ms"][k]) > 0 for k in kernels.KINDS)
+    assert r["ratio_medians"] > 0 and r["ratio_paired_median"] > 0
+    # the availability probe, the check's two steps, then turns NumPy Numba / Numba NumPy
+    # (each set before its untimed and timed steps), and NumPy's again at the end
+    assert calls == ["numba", "numpy", "numpy", "numba", "numpy", "numba", "numba", "numpy",
+                     "numpy", "numba", "numpy"]
+    assert engine_layers.kernels() == "numpy"
+
+
+def test_a_disagreement_is_reported_with_exit_1(capsys, monkeypatch):
+    monkeypatch.setattr(kernels, "LOSS_RTOL", 0.0)       # no difference passes 0 < 0
+    assert kernels.main([*TINY, "--ranks", "1"]) == 1
+    assert "DISAGREE" in capsys.readouterr().out
+
+
+def test_under_two_ranks():
+    """--ranks 2 starts two MPI ranks that switch kernels and step together."""
+    assert distributed.mpi_available(), "the ranks need pip install -e \".[mpi]\" (the README's)"
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "kernels.py"), *TINY,
+                           "--ranks", "2", "--json"], capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)
+    assert r["settings"]["ranks"] == 2 and r["agree"]
+    assert all(len(r["ms"][k]) == 3 for k in kernels.KINDS)

@@ -303,7 +303,6 @@ def backward(params, cfg, cache):
     da_enc = xp.empty((4 * He, T, B), dtype)
     da_dec = xp.empty((4 * Hd, T, B), dtype)
     dq_all = xp.empty((2 * Z, T, B), dtype)
-    dq_step = xp.empty((2 * Z, B), dtype)
     if cfg.attention:
         C, H, W, Nr = cfg.channels, cfg.height, cfg.width, cfg.read_n
         heads_W, _ = _decoder_heads(params)
@@ -339,7 +338,7 @@ def backward(params, cfg, cache):
         # da into its slot of the stacked buffer (see lstm_cell_backward)
         da_dec_step, dc_dec = _cell_backward(dh_dec, dc_dec, dec_cache, da_dec, t, dpeep_dec)
         ddec_in = params["dec_W"] @ da_dec_step                          # [dz, dh_dec_{t-1}]
-        dq_all[:, t] = latent_backward(ddec_in[:Z], inv_B, latent_cache, out=dq_step)
+        dq_step = latent_backward(ddec_in[:Z], inv_B, latent_cache, out=dq_all, slot=t)
         dh_enc = params["q_W"] @ dq_step + dh_enc_next
         da_enc_step, dc_enc = _cell_backward(dh_enc, dc_enc, enc_cache, da_enc, t, dpeep_enc)
         denc_in = enc_W @ da_enc_step                    # [dh_dec_{t-1}, dr, dh_enc_{t-1}]

@@ -463,14 +463,25 @@ def latent_forward(q, eps, axis=-1, z_out=None):
     axis=0: all transposed, features first (q (2Z, B), eps (Z, B), z (Z, B)).
     z_out: optional array shaped like eps to write z into (see reparam_forward).
     """
+    if axis == 0 and z_out is not None and get_array_module(q) is np and _numba is not None:
+        (z, kl), (noise, var) = _numba.latent(q, eps, z_out)
+        return (z, kl), ((noise, 0), (q[:eps.shape[0]], var, 0))
     z, reparam_cache = reparam_forward(q, eps, axis, z_out=z_out)
     kl, kl_cache = kl_forward(q, axis)
     return (z, kl), (reparam_cache, kl_cache)
 
 
-def latent_backward(dz, dkl, cache, out=None):
+def latent_backward(dz, dkl, cache, out=None, slot=None):
     """dz: (B, Z), dkl: (B,) or scalar -> dq (B, 2Z) (written into `out` if given).
 
-    Transposed, as the forward was."""
+    Transposed, as the forward was. slot: features first, with a number dkl only: out is
+    then (2Z, T, B) and dq goes into out[:, slot], as lstm_cell_backward's da does."""
     reparam_cache, kl_cache = cache
+    (noise, axis), (mu, var, _) = reparam_cache, kl_cache
+    if slot is not None:
+        if get_array_module(dz) is np and _numba is not None:
+            return _numba.latent_backward(dz, dkl, mu, var, noise, out, slot)
+        dq = latent_backward(dz, dkl, cache)
+        out[:, slot] = dq
+        return dq
     return reparam_backward(dz, reparam_cache, dq=kl_backward(dkl, kl_cache, out=out))

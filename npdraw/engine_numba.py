@@ -315,3 +315,60 @@ def glimpse_error_backward(dcanvas, dx_hat, sig):
     """dcanvas (B, D) <- dcanvas - dx_hat * sig * (1 - sig), in place; -> dcanvas."""
     _error_backward(dcanvas, dx_hat, sig, sig.dtype.type(1))
     return dcanvas
+
+
+# ---------------------------------------------------------------- the latent (eq 6, 10-11)
+# npdraw/engine_layers.py's latent_forward and latent_backward, features first: NumPy's
+# SIMD exp for sigma and sigma^2, the rest in one pass each way, in the NumPy path's order
+# (its KL sum over the Z rows runs row after row, as this loop does), so the results are
+# its own. Shapes: mu, log_sigma, eps, noise, var, z (Z, B); kl (B,); dq (2Z, S, B).
+
+@_jit
+def _latent_rest(mu, log_sigma, eps, noise, var, z, kl, half, minus_half_z):
+    """noise <- sigma eps, z <- mu + noise; kl <- sum_j 0.5 (mu^2 + sigma^2) - log sigma
+    - Z/2."""
+    Z, B = mu.shape
+    for b in range(B):
+        kl[b] = minus_half_z - minus_half_z
+    for j in range(Z):
+        for b in range(B):
+            n = noise[j, b] * eps[j, b]
+            noise[j, b] = n
+            z[j, b] = mu[j, b] + n
+            m = mu[j, b]
+            kl[b] += (m * m + var[j, b]) * half - log_sigma[j, b]
+    for b in range(B):
+        kl[b] += minus_half_z
+
+
+@_jit
+def _latent_backward(dz, dkl, mu, var, noise, dq, slot, one):
+    """dq[:, slot] <- [dkl mu + dz | dkl (sigma^2 - 1) + dz sigma eps]."""
+    Z, B = mu.shape
+    for j in range(Z):
+        for b in range(B):
+            dq[j, slot, b] = mu[j, b] * dkl + dz[j, b]
+            dq[Z + j, slot, b] = (var[j, b] - one) * dkl + dz[j, b] * noise[j, b]
+
+
+def latent(q, eps, z_out):
+    """As engine_layers.latent_forward with axis=0: q (2Z, B), eps (Z, B), z_out (Z, B)
+    -> (z, kl (B,)), (noise, var)."""
+    Z = eps.shape[0]
+    mu, log_sigma = q[:Z], q[Z:]
+    noise = np.exp(log_sigma)
+    var = np.multiply(log_sigma, 2.0)
+    np.exp(var, out=var)
+    kl = np.empty(q.shape[1], q.dtype)
+    dt = q.dtype.type
+    _latent_rest(mu, log_sigma, eps, noise, var, z_out, kl, dt(0.5), dt(-0.5 * Z))
+    return (z_out, kl), (noise, var)
+
+
+def latent_backward(dz, dkl, mu, var, noise, out, slot=None):
+    """As engine_layers.latent_backward with axis=0, dkl a number: dq into out (2Z, B), or
+    into out[:, slot] of a (2Z, S, B) buffer (see _slot_of)."""
+    out3, slot3 = _slot_of(out, slot)
+    dt = mu.dtype.type
+    _latent_backward(dz, dt(dkl), mu, var, noise, out3, slot3, dt(1))
+    return out if slot is None else out[:, slot]

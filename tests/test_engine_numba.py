@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("lstm_cell", "lstm_cell_backward", "peephole_lstm_cell",
            "peephole_lstm_cell_backward")
 OTHER_KERNELS = ("gaussian_rows", "gaussian_sums_backward", "glimpse_error",
-                 "glimpse_error_backward")
+                 "glimpse_error_backward", "latent", "latent_backward")
 U32 = 2.0 ** -24
 
 AGREE64 = 1e-12
@@ -130,6 +130,7 @@ def test_engine_on_numba_kernels_matches_the_reference(numba_kernels, name):
     # eq 3 every glimpse; the filters of every window (T + 1 read, T write; one
     # softmax for both axes when H == W, one each otherwise), forward and backward
     assert numba_kernels["glimpse_error"] >= T and numba_kernels["glimpse_error_backward"] == T
+    assert numba_kernels["latent"] >= T and numba_kernels["latent_backward"] == T
     axes = 1 if cfg.height == cfg.width else 2
     windows = (T + 1) * axes if cfg.attention else 0
     assert numba_kernels["gaussian_sums_backward"] == windows
@@ -357,3 +358,30 @@ def test_a_cell_backward_writes_its_slot_of_the_stacked_buffer(monkeypatch, kern
     assert (stacked[:, [0, 2]] == -7.0).all()
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_latent_is_the_numpy_one_to_the_bit(numba_kernels, dtype):
+    """Eq 6 and 10-11, forward and backward, features first as the engine runs them: z
+    written into its strided slot, the KL, and dq into its slot of the stacked (2Z, T, B)
+    buffer, all NumPy's to the bit; the other slots are left alone."""
+    rng = np.random.default_rng(8)
+    Z, B = 5, 4
+    q = rng.normal(0, 1.5, (2 * Z, B)).astype(dtype)
+    eps = rng.standard_normal((B, Z)).astype(dtype).T          # a transposed view, as there
+    dz = rng.standard_normal((Z, B)).astype(dtype)
+    results = {}
+    for kernels in ("numpy", "numba"):
+        el.set_kernels(kernels)
+        z_slots = np.zeros((Z, 3, B), dtype)
+        (z, kl), cache = el.latent_forward(q, eps, axis=0, z_out=z_slots[:, 1])
+        stacked = np.full((2 * Z, 3, B), -7.0, dtype)
+        dq = el.latent_backward(dz, 0.25, cache, out=stacked, slot=2)
+        assert z is z_slots[:, 1] or np.shares_memory(z, z_slots)
+        results[kernels] = (z_slots, kl, stacked, np.array(dq))
+    assert numba_kernels["latent"] == numba_kernels["latent_backward"] == 1
+    for got, want in zip(results["numba"], results["numpy"]):
+        assert got.dtype == dtype and np.array_equal(got, want)
+    z_slots, _, stacked, dq = results["numba"]
+    assert not z_slots[:, [0, 2]].any() and (stacked[:, :2] == -7.0).all()
+    assert np.array_equal(stacked[:, 2], dq)

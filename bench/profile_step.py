@@ -513,14 +513,15 @@ def _runs(args, npdraw, comm):
 def run(args, comm) -> dict:
     """Rank 0's work: the peak, then every profile. The other ranks run ``follow``."""
     import npdraw
-    from npdraw import backend
+    from npdraw import backend, engine_layers
     retained = backend.retain_freed_memory()        # as train and bench/run.py do
     result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "device": bench_run.device_description("cpu"), "blas": bench_run.blas_info(),
               "settings": {"batches": args.batch, "T": args.T, "dtype": args.dtype,
                            "steps": args.steps, "warmup": args.warmup, "ranks": comm.size,
                            "threads": args.threads,
-                           "seed": args.seed, "freed_memory_retained": retained},
+                           "seed": args.seed, "freed_memory_retained": retained,
+                           "kernels": engine_layers.kernels()},
               "gemm": bench_run.blas_peak(args.gemm_n, args.gemm_reps), "profiles": []}
     peak = result["gemm"]["peak_gflops"]
     for name, B, cfg, runner in _runs(args, npdraw, comm):

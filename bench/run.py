@@ -51,7 +51,7 @@ if str(_REPO_ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first, 
 
 import numpy as np  # noqa: E402
 
-from npdraw import distributed  # noqa: E402
+from npdraw import distributed, engine_layers  # noqa: E402
 from npdraw.distributed import usable_cores  # noqa: E402
 
 LOSS_RTOL_F32 = 1e-4
@@ -717,7 +717,8 @@ def _run(args, comm) -> dict:
         "settings": {"batch": args.batch, "batches": args.batches, "peers": args.peers,
                      "T": args.T, "dtype": args.dtype, "steps": args.steps,
                      "warmup": args.warmup, "settle": args.settle, "clip": CLIP, "lr": LR,
-                     "seed": args.seed, "ranks": comm.size, "freed_memory_retained": retained},
+                     "seed": args.seed, "ranks": comm.size, "freed_memory_retained": retained,
+                     "kernels": engine_layers.kernels()},      # NPDRAW_KERNELS: numpy or numba
     }
     if result["blas"]:
         result["threads"]["blas"] = result["blas"][0].get("num_threads")
@@ -961,6 +962,7 @@ def format_report(r: dict) -> str:
         if "OPENBLAS_CORETYPE" in r["env"] or "OPENBLAS_L2_SIZE" in r["env"]:
             lines.append("  note: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE pin an older OpenBLAS kernel; for a fair "
                          "measure run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/run.py")
+    lines.append(f"npdraw's elementwise kernels: {s.get('kernels', 'numpy')}")
     g = r["gemm"]
     lines.append(f"GEMM ({g['n']}^3 float32 matmul, {g['reps']} runs, median/best GFLOP/s): "
                  + ", ".join(f"{k} {g['median_gflops'][k]:.1f}/{g['best_gflops'][k]:.1f}"

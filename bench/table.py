@@ -7,6 +7,9 @@
 
 One row per model and run, at the run's first batch size (its ``models``):
 
+* "npdraw processes": its MPI ranks, with ", Numba kernels" when the run had
+  NPDRAW_KERNELS=numba (``settings["kernels"]``);
+
 * "PyTorch eager ms/step", "speed-up vs eager": the eager peer's median step and
   npdraw's examples/s over its (``ratio_npdraw_over_torch``);
 * "torch.compile ms/step", "speed-up vs torch.compile": the same for the peer under
@@ -63,6 +66,13 @@ def _best(best) -> tuple:
     return sides, ratios
 
 
+def _processes(settings: dict) -> str:
+    """npdraw's processes, and its kernels when they were Numba's (NPDRAW_KERNELS=numba);
+    results of earlier versions name their worker processes "workers"."""
+    count = str(settings.get("ranks", settings.get("workers", 1)))
+    return count + (", Numba kernels" if settings.get("kernels") == "numba" else "")
+
+
 def rows(result: dict) -> list[str]:
     """One Markdown row per model in one run's JSON."""
     device = result["device"]
@@ -76,8 +86,7 @@ def rows(result: dict) -> list[str]:
         best_sides, best_ratios = _best((result.get("best_batch") or {}).get(model))
         lines.append("| " + " | ".join([
             result["date"][:10], where, _blas_kernel(result),
-            # results of earlier versions name their worker processes "workers"
-            str(result["settings"].get("ranks", result["settings"].get("workers", 1))), model,
+            _processes(result["settings"]), model,
             f"{ours['ms_per_step']:.0f}", f"{ours['examples_per_s']:.0f}",
             _ms(figures.get("torch")), _ratio(figures.get("ratio_npdraw_over_torch")),
             _ms(figures.get("torch_compiled")),

@@ -98,6 +98,8 @@ def test_bench_runs_end_to_end_json(capsys):
     assert g["peak_gflops"] >= max(max(g["best_gflops"].values()),
                                    g["single_core_best_gflops"] * g["cores"]) * (1 - 1e-12)
     assert set(r["models"]) == {"attention", "no-attention"}
+    from npdraw import engine_layers
+    assert r["settings"]["kernels"] == engine_layers.kernels()
     for name, e in r["models"].items():
         assert e["config"]["T"] == 2 and e["config"]["attention"] == (name == "attention")
         assert e["flops_per_step"] == bench_run.count_flops(npdraw.DrawConfig(T=2, attention=(
@@ -285,6 +287,9 @@ def test_table_shows_the_compiled_peer_and_each_sides_best_batch():
     assert cells["best batch ex/s (batch): npdraw / eager / compiled"] == \
         "346 (500) / 242 (500) / 313 (100)"
     assert cells["speed-up at best batches: vs eager / vs compiled"] == "1.43x / 1.11x"
+    assert cells["npdraw processes"] == "2"
+    r["settings"]["kernels"] = "numba"                     # NPDRAW_KERNELS=numba
+    assert _table_cells(table.rows(r)[0], table.HEADER)["npdraw processes"] == "2, Numba kernels"
     # a best batch without the compiled peer: its places are "-"
     del r["best_batch"]["attention"]["torch_compiled"]
     del r["best_batch"]["attention"]["ratio_npdraw_over_torch_compiled"]

@@ -78,8 +78,9 @@ def kernels() -> str:
 
 def numba_kernels():
     """npdraw.engine_numba when the Numba kernels are selected, else None (NumPy's), for
-    the engine's other elementwise chains (eq 3, the attention filters); a ValueError
-    (one sentence) from its first use when they were asked for and cannot be had."""
+    the engine's elementwise chains outside this module (eq 3, the attention filters); a
+    ValueError (one sentence) from its first use when they were asked for and cannot be
+    had."""
     return _numba
 
 
@@ -479,7 +480,7 @@ def latent_backward(dz, dkl, cache, out=None, slot=None):
     reparam_cache, kl_cache = cache
     (noise, axis), (mu, var, _) = reparam_cache, kl_cache
     if slot is not None:
-        if get_array_module(dz) is np and _numba is not None:
+        if get_array_module(dz) is np and _numba is not None and axis == 0:
             return _numba.latent_backward(dz, dkl, mu, var, noise, out, slot)
         dq = latent_backward(dz, dkl, cache)
         out[:, slot] = dq

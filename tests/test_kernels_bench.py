@@ -50,3 +50,16 @@ def test_under_two_ranks():
     r = json.loads(done.stdout)
     assert r["settings"]["ranks"] == 2 and r["agree"]
     assert all(len(r["ms"][k]) == 3 for k in kernels.KINDS)
+
+
+def test_without_numba_it_says_so_in_one_sentence(capsys, monkeypatch):
+    def refuse(name):
+        if name == "numba":
+            raise ValueError("set_kernels('numba') asks for Numba kernels, but numba cannot "
+                             "be imported (No module named numba); install it with: pip "
+                             "install numba")
+    monkeypatch.setattr(engine_layers, "set_kernels", refuse)
+    assert kernels.main(TINY) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: set_kernels('numba') asks for Numba kernels, but numba cannot be "
+                   "imported (No module named numba); install it with: pip install numba"]

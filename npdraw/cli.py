@@ -157,10 +157,11 @@ def train(ctx, dataset, attention, T, lr, lr_schedule, lr_min, lr_hold, lr_gamma
         if ignored and comm.is_root:
             click.echo("note: --resume takes the model and training settings from the "
                        f"checkpoint; ignoring {', '.join(ignored)}", err=True)
-        overrides = tuple(p for p in cli_options.given_options(ctx) if p in schedule)
+        overrides = tuple(p for p in cli_options.given_options(ctx)   # epochs: the new total
+                          if p in schedule or p == "epochs")
         tcfg = TrainConfig(epochs=epochs, device=device, ranks=ranks, data_dir=data_dir,
                            mirror=mirror, folder=folder, resume=str(resume),
-                           **{p: schedule[p] for p in overrides})
+                           **{p: schedule[p] for p in overrides if p in schedule})
         cfg = None
     else:
         tcfg = TrainConfig(dataset=dataset, data_dir=data_dir, mirror=mirror, folder=folder,
@@ -413,7 +414,7 @@ def classify(ctx, glimpses, read_n, hidden, size, distractors, crop, valid_size,
         if ignored:
             click.echo("note: --resume takes the model and training settings from the "
                        f"checkpoint; ignoring {', '.join(ignored)}", err=True)
-        overrides = ("lr",) if "lr" in cli_options.given_options(ctx) else ()
+        overrides = tuple(p for p in ("lr", "epochs") if p in cli_options.given_options(ctx))
         cfg = None
         ccfg = ClassifyConfig(epochs=epochs, device=device, data_dir=data_dir, mirror=mirror,
                               resume=str(resume), lr=lr)

@@ -141,7 +141,8 @@ CHECKPOINT_ARGUMENT = click.argument("checkpoint", type=click.Path(exists=True, 
 def epochs_option(default: int):
     """--epochs of train and classify, which differ in the default only."""
     return click.option("--epochs", type=click.IntRange(min=1), default=default,
-                        show_default=True, help="Total epochs (with --resume: the new total).")
+                        show_default=True, help="Total epochs (with --resume: the new "
+                        "total; without it, the run's own).")
 
 
 def data_options(recorded: bool):

@@ -34,7 +34,7 @@ from . import evaluate
 from . import guards
 from . import images as images_lib
 from . import optim
-from .config import ClassifyConfig, DrawConfig, TrainConfig
+from .config import RESUME_OVERRIDES, ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
 
 
 # ----------------------------------------------------------------------------- stops
@@ -386,6 +386,76 @@ def classify_config_of(ckpt) -> ClassifyConfig | None:
     if tc is None or isinstance(tc, ClassifyConfig):
         return tc
     return ClassifyConfig.from_dict(dict(json.loads(tc) if isinstance(tc, str) else tc))
+
+
+def resumed_epochs(new: int, saved: int, given: bool, default: int) -> int:
+    """The total epochs of a resumed run: ``new`` when given (the CLI says so by naming
+    "epochs" among the overrides; a caller of the library by a total other than the
+    config's ``default``), else the run's own, ``saved``: a --resume without --epochs
+    carries on to the total the run was started with."""
+    return new if given or new != default else saved
+
+
+def resumed_configs(cfg, tcfg: TrainConfig, ckpt, resume_overrides, add_peepholes: bool,
+                     log) -> tuple:
+    """(cfg, tcfg, add_peepholes) of a run resumed from ``ckpt``: its model (with zero
+    peepholes added when asked and it has none) and its TrainConfig with the new device,
+    ranks, the ``resume_overrides``, the data's whereabouts where given, and the epochs
+    of resumed_epochs."""
+    saved_tcfg = train_config_of(ckpt)
+    if saved_tcfg is None:
+        raise ValueError(f"cannot resume: {Path(tcfg.resume) / 'checkpoint.h5'} records no "
+                         "training config")
+    if cfg is not None and cfg != ckpt.cfg:
+        log("note: resuming with the checkpoint's model config; the one given is ignored")
+    cfg = ckpt.cfg
+    add_peepholes = add_peepholes and not cfg.peepholes
+    if add_peepholes:   # recorded in the checkpoints from here on through cfg
+        log("note: resuming with peepholes True (was False)")
+        cfg = dataclasses.replace(cfg, peepholes=True)
+    defaults = TrainConfig()
+    where = {k: (getattr(tcfg, k) if getattr(tcfg, k) != getattr(defaults, k)
+                 else getattr(saved_tcfg, k)) for k in ("data_dir", "mirror", "folder")}
+    unknown = set(resume_overrides) - set(RESUME_OVERRIDES)
+    if unknown:
+        raise ValueError(f"a resumed run keeps its {', '.join(sorted(unknown))}; only "
+                         f"{', '.join(RESUME_OVERRIDES)} can change")
+    changed = {k: getattr(tcfg, k) for k in ("device", "ranks", *resume_overrides)}
+    changed["epochs"] = resumed_epochs(tcfg.epochs, saved_tcfg.epochs,
+                                       "epochs" in resume_overrides, defaults.epochs)
+    for k in resume_overrides:
+        if changed[k] != getattr(saved_tcfg, k):
+            log(f"note: resuming with {k} {changed[k]!r} (was {getattr(saved_tcfg, k)!r})")
+    tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), **where, **changed,
+                                  "resume": str(tcfg.resume)})
+    return cfg, tcfg, add_peepholes
+
+
+def resumed_classify_config(cfg, ccfg: ClassifyConfig, ckpt, overrides, log) -> tuple:
+    """(cfg, ccfg) of a classifier run resumed from ``ckpt``: its model, and its settings
+    with the new device, the fields named in ``overrides`` (only "lr", a lower rate for
+    the next phase, and "epochs", see resumed_epochs), and data_dir and mirror where the
+    new ones differ from the defaults."""
+    saved = classify_config_of(ckpt)
+    if saved is None or not isinstance(ckpt.cfg, ClassifierConfig):
+        raise ValueError(f"cannot resume: {Path(ccfg.resume) / 'checkpoint.h5'} is not a "
+                         "classifier run")
+    if cfg is not None and cfg != ckpt.cfg:
+        log("note: resuming with the checkpoint's model config; the one given is ignored")
+    if "lr" in overrides and ccfg.lr != saved.lr:
+        log(f"note: resuming with lr {ccfg.lr!r} (was {saved.lr!r})")
+    if set(overrides) - {"lr", "epochs"}:
+        raise ValueError(f"a resumed classifier run keeps its "
+                         f"{', '.join(sorted(set(overrides) - {'lr', 'epochs'}))}; only "
+                         "lr and epochs can change")
+    defaults = ClassifyConfig()
+    where = {k: (getattr(ccfg, k) if getattr(ccfg, k) != getattr(defaults, k)
+                 else getattr(saved, k)) for k in ("data_dir", "mirror")}
+    return ckpt.cfg, ClassifyConfig.from_dict({
+        **saved.to_dict(), **where, "device": ccfg.device, "resume": str(ccfg.resume),
+        **{k: getattr(ccfg, k) for k in overrides},
+        "epochs": resumed_epochs(ccfg.epochs, saved.epochs, "epochs" in overrides,
+                                 defaults.epochs)})
 
 
 def checkpoint_file(path) -> Path:

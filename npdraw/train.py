@@ -59,7 +59,7 @@ from . import model as model_lib
 from . import monitor
 from . import optim
 from . import runs
-from .config import RESUME_OVERRIDES, ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
+from .config import ClassifierConfig, ClassifyConfig, DrawConfig, TrainConfig
 from .progress import Progress
 
 # c0 = logit(clip(mean training image, C0_CLIP, 1 - C0_CLIP)); see init_model.
@@ -105,8 +105,8 @@ def train(cfg: DrawConfig | None, tcfg: TrainConfig, log=print, *, data=None,
 
     cfg: the model (height/width/channels must match the data). With ``tcfg.resume`` set
     to a run dir, the model and training settings come from RUN/checkpoint.h5 and
-    ``cfg`` may be None; of ``tcfg`` only epochs (the new total), device and ranks are
-    taken, the fields named in ``resume_overrides`` (a subset of
+    ``cfg`` may be None; of ``tcfg`` only epochs (the new total, unless left at the
+    default: see runs.resumed_epochs), device and ranks are taken, the fields named in ``resume_overrides`` (a subset of
     config.RESUME_OVERRIDES: the learning-rate schedule, eval_every, ema_decay and
     eval_noise, for
     the next phase of a long run), and data_dir, mirror and folder where they differ from
@@ -148,8 +148,8 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     resume_ckpt = run_dir = None
     if tcfg.resume:
         run_dir, resume_ckpt = runs.open_resumed(tcfg.resume, lock, comm)
-        cfg, tcfg, add_peepholes = _resumed_configs(cfg, tcfg, resume_ckpt, resume_overrides,
-                                                    add_peepholes, log)
+        cfg, tcfg, add_peepholes = runs.resumed_configs(cfg, tcfg, resume_ckpt,
+                                                        resume_overrides, add_peepholes, log)
     elif cfg is None:
         raise ValueError("train needs a model config unless it resumes a run")
 
@@ -244,38 +244,6 @@ class _Splits:
     valid: np.ndarray
     test: np.ndarray
     source: object
-
-
-def _resumed_configs(cfg, tcfg: TrainConfig, ckpt, resume_overrides, add_peepholes: bool,
-                     log) -> tuple:
-    """(cfg, tcfg, add_peepholes) of a run resumed from ``ckpt``: its model (with zero
-    peepholes added when asked and it has none) and its TrainConfig with the new epochs,
-    device, ranks, the ``resume_overrides`` and the data's whereabouts where given."""
-    saved_tcfg = runs.train_config_of(ckpt)
-    if saved_tcfg is None:
-        raise ValueError(f"cannot resume: {Path(tcfg.resume) / 'checkpoint.h5'} records no "
-                         "training config")
-    if cfg is not None and cfg != ckpt.cfg:
-        log("note: resuming with the checkpoint's model config; the one given is ignored")
-    cfg = ckpt.cfg
-    add_peepholes = add_peepholes and not cfg.peepholes
-    if add_peepholes:   # recorded in the checkpoints from here on through cfg
-        log("note: resuming with peepholes True (was False)")
-        cfg = dataclasses.replace(cfg, peepholes=True)
-    defaults = TrainConfig()
-    where = {k: (getattr(tcfg, k) if getattr(tcfg, k) != getattr(defaults, k)
-                 else getattr(saved_tcfg, k)) for k in ("data_dir", "mirror", "folder")}
-    unknown = set(resume_overrides) - set(RESUME_OVERRIDES)
-    if unknown:
-        raise ValueError(f"a resumed run keeps its {', '.join(sorted(unknown))}; only "
-                         f"{', '.join(RESUME_OVERRIDES)} can change")
-    changed = {k: getattr(tcfg, k) for k in ("epochs", "device", "ranks", *resume_overrides)}
-    for k in resume_overrides:
-        if changed[k] != getattr(saved_tcfg, k):
-            log(f"note: resuming with {k} {changed[k]!r} (was {getattr(saved_tcfg, k)!r})")
-    tcfg = TrainConfig.from_dict({**saved_tcfg.to_dict(), **where, **changed,
-                                  "resume": str(tcfg.resume)})
-    return cfg, tcfg, add_peepholes
 
 
 def _initial_params(cfg: DrawConfig, tcfg: TrainConfig, train_x: np.ndarray, device: str,
@@ -554,7 +522,7 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
     resume_ckpt = run_dir = None
     if ccfg.resume:
         run_dir, resume_ckpt = runs.open_resumed(ccfg.resume, lock, one)
-        cfg, ccfg = _resumed_classify_config(cfg, ccfg, resume_ckpt, resume_overrides, log)
+        cfg, ccfg = runs.resumed_classify_config(cfg, ccfg, resume_ckpt, resume_overrides, log)
     elif cfg is None:
         raise ValueError("train_classifier needs a model config unless it resumes a run")
     if cfg.height != cfg.width:
@@ -610,30 +578,6 @@ def _train_classifier(cfg, ccfg, log, digits, progress, eval_batch, resume_overr
     log(f"done: {ccfg.epochs} epochs; best valid error {100 * state.best:.2f}% (epoch "
         f"{state.best_epoch}; {n_train} training digits); run dir {run_dir}")
     return run_dir
-
-
-def _resumed_classify_config(cfg, ccfg: ClassifyConfig, ckpt, overrides, log) -> tuple:
-    """(cfg, ccfg) of a classifier run resumed from ``ckpt``: its model, and its settings
-    with the new epochs and device, the fields named in ``overrides`` (only "lr": a
-    lower rate for the next phase), and data_dir and mirror where the new ones differ
-    from the defaults."""
-    saved = runs.classify_config_of(ckpt)
-    if saved is None or not isinstance(ckpt.cfg, ClassifierConfig):
-        raise ValueError(f"cannot resume: {Path(ccfg.resume) / 'checkpoint.h5'} is not a "
-                         "classifier run")
-    if cfg is not None and cfg != ckpt.cfg:
-        log("note: resuming with the checkpoint's model config; the one given is ignored")
-    if "lr" in overrides and ccfg.lr != saved.lr:
-        log(f"note: resuming with lr {ccfg.lr!r} (was {saved.lr!r})")
-    if set(overrides) - {"lr"}:
-        raise ValueError(f"a resumed classifier run keeps its "
-                         f"{', '.join(sorted(set(overrides) - {'lr'}))}; only lr can change")
-    defaults = ClassifyConfig()
-    where = {k: (getattr(ccfg, k) if getattr(ccfg, k) != getattr(defaults, k)
-                 else getattr(saved, k)) for k in ("data_dir", "mirror")}
-    return ckpt.cfg, ClassifyConfig.from_dict({
-        **saved.to_dict(), **where, "epochs": ccfg.epochs, "device": ccfg.device,
-        "resume": str(ccfg.resume), **{k: getattr(ccfg, k) for k in overrides}})
 
 
 def _classifier_epoch(run: _Run, state: runs.RunState, train: tuple, valid: tuple,

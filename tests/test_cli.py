@@ -101,6 +101,7 @@ def test_train_without_attention_and_resume_through_the_cli(data_args, tmp_path,
     assert result.exit_code == 0, result.output
     assert "ignoring seed" in result.output           # the model and data settings stay
     assert "resuming with lr 0.002 (was 0.001)" in result.output   # a new phase's rate
+    assert "resuming with epochs 2 (was 1)" in result.output       # --epochs: the new total
     assert not (tmp_path / "data").exists()           # the recorded data dir was used
     rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and [r["lr"] for r in rows] == [1e-3, 2e-3]

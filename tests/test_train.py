@@ -538,3 +538,28 @@ def test_one_step_with_a_small_clip_is_loss_and_grads_then_clipped_adam(bmnist, 
         np.testing.assert_allclose(got.opt_state["v"][name],
                                    (1 - tcfg.beta2) * (scale * grads[name]) ** 2,
                                    rtol=1e-5, atol=1e-30, err_msg=name)
+
+
+def test_a_resume_keeps_the_runs_own_total_unless_a_new_one_is_given():
+    """--resume without --epochs carries on to the total the run was started with (it took
+    the option's default, 20, before); given (the CLI names it among the overrides), or a
+    library caller's total other than the default, it is the new total. Both loops."""
+    import types
+    from npdraw.config import ClassifierConfig, ClassifyConfig
+    saved = TrainConfig(epochs=300, lr=1e-3)
+    ckpt = types.SimpleNamespace(cfg=DrawConfig(T=2), train_cfg=saved.to_dict())
+    notes = []
+
+    def total(tcfg, overrides=()):
+        return runs_lib.resumed_configs(None, tcfg, ckpt, overrides, False, notes.append)[1].epochs
+    assert total(TrainConfig(resume="run")) == 300
+    assert total(TrainConfig(resume="run", epochs=20), ("epochs",)) == 20
+    assert notes == ["note: resuming with epochs 20 (was 300)"]
+    assert total(TrainConfig(resume="run", epochs=40)) == 40
+    clf = types.SimpleNamespace(cfg=ClassifierConfig(), train_cfg=ClassifyConfig(epochs=7).to_dict())
+
+    def clf_total(ccfg, overrides=()):
+        return runs_lib.resumed_classify_config(None, ccfg, clf, overrides, notes.append)[1].epochs
+    assert clf_total(ClassifyConfig(resume="run")) == 7
+    assert clf_total(ClassifyConfig(resume="run", epochs=100), ("epochs",)) == 100
+    assert clf_total(ClassifyConfig(resume="run", epochs=9)) == 9

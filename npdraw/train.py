@@ -52,6 +52,7 @@ import numpy as np
 from . import backend
 from . import checkpoint as ckpt_lib
 from . import distributed
+from . import engine_layers
 from . import evaluate
 from . import frames as frames_lib
 from . import guards
@@ -195,6 +196,7 @@ def _train(cfg, tcfg, log, data, progress, eval_batch, resume_overrides, comm, s
     log("model config: " + json.dumps(cfg.to_dict()))
     log("train config: " + json.dumps(tcfg.to_dict()))
     log(f"device {device}" + (f" ({comm.describe()})" if comm.size > 1 else "")
+        + (", Numba kernels" if device == "cpu" and engine_layers.kernels() == "numba" else "")
         + f", dtype {dtype.name}, {n_params:,} parameters; data {tcfg.dataset}: "
         f"{splits.train.shape[0]} train, {splits.valid.shape[0]} valid, "
         f"{splits.test.shape[0]} test")

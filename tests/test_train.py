@@ -563,3 +563,17 @@ def test_a_resume_keeps_the_runs_own_total_unless_a_new_one_is_given():
     assert clf_total(ClassifyConfig(resume="run")) == 7
     assert clf_total(ClassifyConfig(resume="run", epochs=100), ("epochs",)) == 100
     assert clf_total(ClassifyConfig(resume="run", epochs=9)) == 9
+
+
+def test_the_log_says_when_the_numba_kernels_run(bmnist, tmp_path, monkeypatch):
+    """NPDRAW_KERNELS=numba (here set_kernels) is named on the device line; NumPy's, the
+    default, is not."""
+    from npdraw import engine_layers
+    monkeypatch.setattr(engine_layers, "_numba", engine_layers._numba)
+    for kernels in ("numpy", "numba"):
+        engine_layers.set_kernels(kernels)
+        lines = []
+        train_lib.train(TINY, _tcfg(tmp_path, epochs=1, name=kernels), log=lines.append,
+                        data=bmnist, progress=False)
+        (device,) = [line for line in lines if line.startswith("device ")]
+        assert ("Numba kernels" in device) == (kernels == "numba"), device

@@ -27,8 +27,6 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # `python bench/kernels.py` puts bench/ first
     sys.path.insert(0, str(_REPO_ROOT))
 
-import numpy as np  # noqa: E402
-
 from bench import run as bench_run  # noqa: E402
 
 KINDS = ("numpy", "numba")

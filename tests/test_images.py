@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from npdraw.images import (ImageNotFoundError, draw_box, image_grid, load_image, save_frames,
-                           save_gif, save_png, series_colors, to_uint8, upscale)
+                           save_gif, save_png, to_uint8, upscale)
 
 
 def test_to_uint8_clips_and_rounds():

@@ -416,6 +416,11 @@ def resumed_configs(cfg, tcfg: TrainConfig, ckpt, resume_overrides, add_peephole
     defaults = TrainConfig()
     where = {k: (getattr(tcfg, k) if getattr(tcfg, k) != getattr(defaults, k)
                  else getattr(saved_tcfg, k)) for k in ("data_dir", "mirror", "folder")}
+    if where["mirror"] == saved_tcfg.mirror and _missing_folder(saved_tcfg.mirror):
+        # a run moved to another machine (a committed run's state): its folder is not here
+        log(f"note: the run's mirror folder {saved_tcfg.mirror} is not on this machine; "
+            "resuming without it (give --mirror for another)")
+        where["mirror"] = ""
     unknown = set(resume_overrides) - set(RESUME_OVERRIDES)
     if unknown:
         raise ValueError(f"a resumed run keeps its {', '.join(sorted(unknown))}; only "
@@ -612,6 +617,11 @@ def export_model(ckpt_path, out_path, test_x: np.ndarray | None = None,
                              epoch=int(ckpt.epoch), train_cfg=_portable(train_config_of(ckpt)),
                              extra=info)
     return info
+
+
+def _missing_folder(mirror: str) -> bool:
+    """Whether ``mirror`` names a local folder that does not exist (not a URL, not blank)."""
+    return bool(mirror) and "://" not in mirror and not Path(mirror).expanduser().is_dir()
 
 
 def _portable(tcfg: TrainConfig | None) -> TrainConfig | None:

@@ -577,3 +577,25 @@ def test_the_log_says_when_the_numba_kernels_run(bmnist, tmp_path, monkeypatch):
                         data=bmnist, progress=False)
         (device,) = [line for line in lines if line.startswith("device ")]
         assert ("Numba kernels" in device) == (kernels == "numba"), device
+
+
+def test_a_resume_elsewhere_drops_a_mirror_folder_that_is_not_there(tmp_path):
+    """A run's state moved to another machine (pretrained/*.run) records the training
+    machine's mirror folder: absent here, the resume goes on without it, and says so; a
+    folder that exists, or a mirror given anew, is kept."""
+    import types
+    notes = []
+
+    def mirror_of(saved_mirror, given=""):
+        saved = TrainConfig(mirror=saved_mirror)
+        ckpt = types.SimpleNamespace(cfg=DrawConfig(T=2), train_cfg=saved.to_dict())
+        tcfg = TrainConfig(resume="run", mirror=given)
+        return runs_lib.resumed_configs(None, tcfg, ckpt, (), False, notes.append)[1].mirror
+    gone = str(tmp_path / "elsewhere" / "binarized_mnist")
+    assert mirror_of(gone) == ""
+    assert notes == [f"note: the run's mirror folder {gone} is not on this machine; resuming "
+                     "without it (give --mirror for another)"]
+    assert mirror_of(str(tmp_path)) == str(tmp_path)
+    assert mirror_of("https://example.org/data/") == "https://example.org/data/"
+    assert mirror_of(gone, given=str(tmp_path)) == str(tmp_path)
+    assert len(notes) == 1

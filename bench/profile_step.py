@@ -412,13 +412,14 @@ def split_allreduce(call_ms: float, bare_ms: float) -> tuple:
 
 def profile_runner(runner, steps: int, warmup: int) -> dict:
     """Profile one runner (rank 0's, under ranks) -> the figures of one model and batch.
-    Runs max(warmup, 1) + 1 (counted) + 2 * steps steps of the runner: the counted step
-    comes after one at least, which builds the engine's cached constants. Under ranks,
-    then max(steps, BARE_REPEATS) bare all-reduces (``NpdrawRunner.allreduce_seconds``)."""
+    Runs max(warmup, 1) + 2 * steps + 1 (counted) steps of the runner: the warm-up builds
+    the engine's cached constants, and the counted step comes last (the steps right after
+    it ran 20-35 ms slower, the plain ones then looking slower than the profiled). Under
+    ranks, then max(steps, BARE_REPEATS) bare all-reduces
+    (``NpdrawRunner.allreduce_seconds``)."""
     warmup = max(warmup, 1)
     for _ in range(warmup):
         runner.step()
-    counted = count_step(runner)
     plain = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -431,6 +432,7 @@ def profile_runner(runner, steps: int, warmup: int) -> dict:
             start = time.perf_counter()
             runner.step()
             profiled.append(time.perf_counter() - start)
+    counted = count_step(runner)                      # last: see the docstring
     bare = runner.allreduce_seconds(max(steps, BARE_REPEATS)) if runner.comm.size > 1 else []
     replay = gemm_replay(counted.inline_gemms)
     replay_secs = bench_run.gemm_times(replay, steps)

@@ -1022,6 +1022,9 @@ def start_ranks(ranks: int, device: str, batch: int, script: str, argv: list, la
         print(note.replace("one process", "npdraw in one process", 1), file=sys.stderr)
     if launch and mpiexec is not None:
         distributed.exec_as_ranks(count, mpiexec, script, argv)
+    # a rank: Ctrl-C or SIGTERM ends every rank at once (MPI noted it and never acted on it:
+    # a benchmark ran on to its end and exited 0); in one process, nothing changes
+    distributed.stop_at_once_on_signals()
     return comm
 
 

@@ -3,9 +3,14 @@
 No timing is asserted (the machine is shared): only that both ran, in turns, agreed, and
 that a disagreement is reported."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # bench/ is not part of the installed package
@@ -63,3 +68,57 @@ def test_without_numba_it_says_so_in_one_sentence(capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: set_kernels('numba') asks for Numba kernels, but numba cannot be "
                    "imported (No module named numba); install it with: pip install numba"]
+
+
+def _ranks_below(root: int) -> int:
+    """How many processes below ``root`` run bench/kernels.py (the ranks; not mpiexec)."""
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path("/proc", pid, "cmdline").read_bytes().split(b"\0")
+            if b"kernels.py" not in b" ".join(argv) or b"mpiexec" in argv[0]:
+                continue
+            parent = int(pid)
+            for _ in range(5):
+                parent = int(Path("/proc", str(parent), "stat").read_text().rsplit(")", 1)[1]
+                             .split()[1])
+                if parent == root:
+                    count += 1
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+    return count
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_ranks_at_once(signum):
+    """Under two ranks a Ctrl-C or SIGTERM was noted by every rank and never acted on:
+    the benchmark ran on to its end and exited 0. Now it ends at once, 128 + the signal,
+    one "interrupted" and no traceback (bench/profile_step.py and bench/run.py start their
+    ranks the same way)."""
+    assert distributed.mpi_available(), "the ranks need pip install -e \".[mpi]\" (the README's)"
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "bench" / "kernels.py"),
+                             "--glimpses", "2", "--batch", "6", "--rounds", "1000000",
+                             "--ranks", "2"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _ranks_below(proc.pid) < 2 and proc.poll() is None:
+            assert time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.01)
+        time.sleep(3.0)                          # past their imports, into the turns
+        os.kill(proc.pid, signum)
+        sent = time.monotonic()
+        output, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signum, output
+    assert took < 15, took
+    # one sentence: rank 0's "interrupted", or the launcher's when the ranks' abort won
+    # the race ("interrupted (SIGTERM); the ranks ended before they could stop together")
+    assert len([line for line in output.splitlines() if line.startswith("interrupted")]) == 1, \
+        output
+    assert "Traceback" not in output and "BAD TERMINATION" not in output, output

@@ -139,7 +139,9 @@ def test_bench_times_npdraw_as_ranks_like_train():
         assert e["check"]["loss_timed_rel_f32"] < bench_run.LOSS_RTOL_F32
     assert "npdraw splits each batch over 2 MPI ranks" in bench_run.format_report(r)
     from bench import table
-    assert "| 2 | attention |" in table.rows(r)[0]
+    cells = _table_cells(table.rows(r)[0], table.HEADER)
+    assert cells["model"] == "attention"
+    assert cells["npdraw processes"] in ("2", "2, Numba kernels")   # NPDRAW_KERNELS may be set
 
 
 def test_bench_ranks_in_one_process_agree_with_the_model():

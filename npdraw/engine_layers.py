@@ -78,7 +78,7 @@ def kernels() -> str:
 
 def numba_kernels():
     """npdraw.engine_numba when the Numba kernels are selected, else None (NumPy's), for
-    the elementwise chains outside this module (eq 3, the attention filters, Adam); a
+    the engine's elementwise chains outside this module (eq 3, the attention filters); a
     ValueError (one sentence) from its first use when they were asked for and cannot be
     had."""
     return _numba

@@ -2,13 +2,12 @@
 
 Optional (the `numba` extra) and off by default: env NPDRAW_KERNELS=numba, or
 engine_layers.set_kernels("numba"), selects them (npdraw/engine_layers.py dispatches the
-LSTM cells and the latent; npdraw/engine_attention.py the filters' rows, eq 25-26;
-npdraw/engine.py eq 3's glimpse error; npdraw/optim.py Adam's step, the last three
-through engine_layers.numba_kernels()).
+LSTM cells; npdraw/engine_attention.py the filters' rows, eq 25-26; npdraw/engine.py
+eq 3's glimpse error, through engine_layers.numba_kernels()).
 Each kernel fuses an in-place NumPy sequence (`_lstm_cell_numpy`, ...) into fewer passes
 over memory, writing into the same preallocated arrays, so the cache (and everything
-downstream of it) holds what the NumPy path's holds. For the LSTM cells, eq 3, the
-latent and Adam the operations, their order and dtype are the NumPy path's and tanh is NumPy's own, so the
+downstream of it) holds what the NumPy path's holds. For the LSTM cells and eq 3 the
+operations, their order and dtype are the NumPy path's and tanh is NumPy's own, so the
 results are the NumPy path's to the bit (no fastmath: no FMA, no reordering); the
 equations are npdraw/layers.py's (Graves 2013 eq 7-11 for the peepholes). The filters'
 row sums run in another order than NumPy's (BLAS), so there the results differ by
@@ -373,33 +372,3 @@ def latent_backward(dz, dkl, mu, var, noise, out, slot=None):
     dt = mu.dtype.type
     _latent_backward(dz, dt(dkl), mu, var, noise, out3, slot3, dt(1))
     return out if slot is None else out[:, slot]
-
-
-# ---------------------------------------------------------------- Adam (npdraw/optim.py)
-# optim.adam_step's chain for one parameter, in one pass: the NumPy path's operations in
-# its order (sqrt is IEEE's either way), so the new parameter and moments are its own to
-# the bit; the update's sum of squares, in float64 in this loop's order, differs from
-# NumPy's chunked sum by rounding. Shapes: p, g, m, v and the new arrays (P,), flat views.
-
-@_jit
-def _adam(p, g, m, v, p_new, m_new, v_new, beta1, scale1, beta2, scale2, eps_t, neg_lr_t):
-    total = 0.0
-    for i in range(p.shape[0]):
-        gi = g[i]
-        mi = m[i] * beta1 + gi * scale1                  # m <- b1 m + (1 - b1) g
-        vi = v[i] * beta2 + gi * gi * scale2             # v <- b2 v + (1 - b2) g^2
-        step = mi / (np.sqrt(vi) + eps_t) * neg_lr_t
-        m_new[i], v_new[i] = mi, vi
-        p_new[i] = p[i] + step
-        total += float(step) * float(step)
-    return total
-
-
-def adam(p, g, m, v, beta1, scale1, beta2, scale2, eps_t, neg_lr_t):
-    """One parameter's Adam step, as optim.adam_step's loop body on NumPy; the scalars
-    typed as p's dtype -> (new p, new m, new v, the update's sum of squares)."""
-    p_new, m_new, v_new = np.empty_like(p), np.empty_like(p), np.empty_like(p)
-    total = _adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
-                  p_new.reshape(-1), m_new.reshape(-1), v_new.reshape(-1), beta1, scale1,
-                  beta2, scale2, eps_t, neg_lr_t)
-    return p_new, m_new, v_new, total

@@ -21,7 +21,6 @@ import math
 import numpy as np
 
 from .backend import get_array_module
-from .engine_layers import numba_kernels
 from .config import TrainConfig
 
 
@@ -143,14 +142,6 @@ def adam_step(params: dict, grads: dict, state: dict, lr: float,
         xp = get_array_module(p)
         dt = p.dtype.type
         g = grads[name].astype(p.dtype, copy=False)
-        kernels = numba_kernels() if xp is np else None
-        if kernels is not None:      # the same chain in one pass (npdraw/engine_numba.py)
-            new_params[name], new_m[name], new_v[name], sq = kernels.adam(
-                p, g, state["m"][name], state["v"][name], dt(beta1),
-                dt((1.0 - beta1) * grad_scale), dt(beta2),
-                dt((1.0 - beta2) * grad_scale * grad_scale), dt(eps_t), dt(-lr_t))
-            update_sq_sums.append(sq)
-            continue
         # Each new array is written once and then updated in place, through one scratch
         # array per parameter: a handful of passes in all.
         scratch = xp.empty_like(p)                         # (0-d parameters stay arrays)

@@ -923,6 +923,24 @@ def _wait_for(condition, what, timeout=60):
         time.sleep(0.005)
 
 
+def signal_once_ranks_run(proc, signum, ranks_up, settle):
+    """Once ranks_up() (or proc ended), ``settle`` seconds more, then signum to proc ->
+    (its output, the seconds it took to end after the signal). Its process group is
+    killed if it outlives the wait."""
+    try:
+        _wait_for(lambda: ranks_up() or proc.poll() is not None, "the ranks did not start",
+                  timeout=120)
+        time.sleep(settle)
+        os.kill(proc.pid, signum)
+        sent = time.monotonic()
+        output, _ = proc.communicate(timeout=60)
+        return output, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
 @pytest.mark.parametrize("rank", [1, 0])
 def test_a_killed_rank_ends_the_job_in_one_sentence_and_leaves_no_shared_memory(
@@ -1009,18 +1027,8 @@ def test_a_signal_stops_a_two_rank_evaluate_at_once(signum, mpi_run, data_args):
                              str(run / "checkpoint.h5"), "--k", "500", "--ranks", "2",
                              *map(str, data_args)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        _wait_for(lambda: len(_rank_pids(proc.pid)) == 2 or proc.poll() is not None,
-                  "the ranks did not start")
-        time.sleep(1.0)
-        os.kill(proc.pid, signum)
-        sent = time.monotonic()
-        output, _ = proc.communicate(timeout=60)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    output, took = signal_once_ranks_run(proc, signum, lambda: len(_rank_pids(proc.pid)) == 2,
+                                         settle=1.0)
     assert proc.returncode == 128 + signum, output
     assert took < 15, took
     assert output.splitlines().count("interrupted") == 1, output

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ if str(REPO_ROOT) not in sys.path:  # bench/ is not part of the installed packag
 from npdraw import distributed, engine_layers  # noqa: E402
 
 from bench import kernels  # noqa: E402
+from test_distributed import signal_once_ranks_run  # noqa: E402
 
 TINY = ["--glimpses", "2", "--batch", "6", "--rounds", "3"]
 
@@ -101,20 +101,8 @@ def test_a_signal_stops_the_ranks_at_once(signum):
                              "--glimpses", "2", "--batch", "6", "--rounds", "1000000",
                              "--ranks", "2"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while _ranks_below(proc.pid) < 2 and proc.poll() is None:
-            assert time.monotonic() < deadline, "the ranks did not start"
-            time.sleep(0.01)
-        time.sleep(3.0)                          # past their imports, into the turns
-        os.kill(proc.pid, signum)
-        sent = time.monotonic()
-        output, _ = proc.communicate(timeout=60)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    output, took = signal_once_ranks_run(proc, signum, lambda: _ranks_below(proc.pid) >= 2,
+                                         settle=3.0)     # past their imports, into the turns
     assert proc.returncode == 128 + signum, output
     assert took < 15, took
     # one sentence: rank 0's "interrupted", or the launcher's when the ranks' abort won

@@ -206,9 +206,9 @@ def _gaussian_rows(mu, sigma2, A):
     """
     xp = get_array_module(mu)
     B, M = mu.shape
+    neg_inv_two_var = (-0.5 / sigma2).reshape(B, -1)                     # (B, 1 or M)
     kernels = numba_kernels() if xp is np else None
     if kernels is not None:        # the same rows in three passes (npdraw/engine_numba.py)
-        neg_inv_two_var = (-0.5 / sigma2).reshape(B, -1)
         F, index, twice_gap = kernels.gaussian_rows(mu, neg_inv_two_var,
                                                     _step_table(xp, mu.dtype, A), A)
         return F, (F, index, twice_gap, sigma2)
@@ -216,9 +216,8 @@ def _gaussian_rows(mu, sigma2, A):
     nearest = xp.fmin(xp.fmax(xp.rint(mu), 1), A)
     twice_gap = 2 * (nearest - mu)                                        # 2d, (B, M)
     index = nearest.astype(np.intp)
-    neg_inv_two_var = (-0.5 / sigma2).reshape(B, -1, 1)                  # (B, 1 or M, 1)
     F = _gaussian_exp(_pixel_steps(xp, index, mu.dtype, A), twice_gap[:, :, None],
-                      neg_inv_two_var)
+                      neg_inv_two_var[:, :, None])
     Z = F.reshape(B * M, A) @ _ones(xp, A, mu.dtype)                      # (B*M,) row sums
     F *= (1.0 / Z).reshape(B, M, 1)
     # Only F is cached full-size: u is looked up again, cheaper than keeping it in memory.

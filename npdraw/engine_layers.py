@@ -28,7 +28,8 @@ from .layers import (_kl_terms_kernel, _lstm_cell_backward_kernel, _lstm_cell_ke
                      _reparam_kernel)
 
 # ---------------------------------------------------------------- kernels
-# The LSTM cells' elementwise work on NumPy, features first, runs NumPy's in-place
+# The engine's elementwise chains on NumPy, features first (the LSTM cells and the latent
+# here, eq 3 and the attention filters through numba_kernels), run NumPy's in-place
 # sequences by default, or npdraw.engine_numba's fused kernels (the `numba` extra)
 # when env NPDRAW_KERNELS=numba (read once, on import) or set_kernels("numba") asks.
 
@@ -62,7 +63,7 @@ def _load_kernels(name, source):
 
 
 def set_kernels(name: str) -> None:
-    """Run the engine's LSTM cells on NumPy with 'numpy' (the default) or 'numba'
+    """Run the engine's elementwise chains on NumPy with 'numpy' (the default) or 'numba'
     kernels; a ValueError (one sentence) for another name or numba missing."""
     global _numba
     _numba = _load_kernels(name, f"set_kernels({name!r})")

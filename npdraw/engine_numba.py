@@ -19,8 +19,8 @@ Dimension legend
     M  filter rows handled together, A one image axis (as in npdraw/engine_attention.py)
     D  C*H*W, one image flattened
 
-Layout: features first (axis=0), the engine's: a, gates, da (4Hs, B) as blocks
-[i, f, o, g] of Hs rows; c_prev, c, tanh_c, h, dh, dc (Hs, B); peepholes p_* (Hs,).
+Layout: features first (axis=0), the engine's: a, gates (4Hs, B) and da (4Hs, B), or
+its slot of the stacked (4Hs, T, B) buffer, as blocks [i, f, o, g] of Hs rows; c_prev, c, tanh_c, h, dh, dc (Hs, B); peepholes p_* (Hs,).
 Any strides work; the loops vectorise where the arrays are C-contiguous, as the engine's
 are but h (a view into its stacked buffer), which is only written.
 `half` and `one` come typed as the arrays' dtype, so float32 stays float32
@@ -148,9 +148,10 @@ def lstm_cell(a, c_prev, gates, h_out, blocks):
 
 
 def _slot_of(out, slot):
-    """out (4Hs, B) and slot None, or out (4Hs, S, B) and a slot -> (a C-contiguous
-    (4Hs, S, B) array, the slot): da is written at [:, slot] with unit strides, where
-    NumPy would have to copy a (4Hs, B) result into the strided out[:, slot]."""
+    """out (rows, B) and slot None, or out (rows, S, B) and a slot -> ((rows, S, B), the
+    slot): a backward (da of an LSTM, dq of the latent) is written at [:, slot], with unit
+    strides where out is C-contiguous, where NumPy would copy a (rows, B) result into the
+    strided out[:, slot]."""
     return (out[:, None], 0) if slot is None else (out, slot)
 
 

@@ -385,3 +385,24 @@ def test_numba_latent_is_the_numpy_one_to_the_bit(numba_kernels, dtype):
     z_slots, _, stacked, dq = results["numba"]
     assert not z_slots[:, [0, 2]].any() and (stacked[:, :2] == -7.0).all()
     assert np.array_equal(stacked[:, 2], dq)
+
+
+# ---------------------------------------------------------------- centred differences
+# The kernels' backward passes are hand-written: the float64 centred-difference checks of
+# tests/test_model.py (the whole model) and tests/test_engine_attention.py (the windows)
+# run on them too.
+
+@pytest.mark.parametrize("name", ["attn_grey_nonsquare", "noattn_colour", "attn_write_n1"])
+def test_whole_model_gradients_on_numba_kernels(numba_kernels, name):
+    from test_model import test_whole_model_gradients
+    test_whole_model_gradients(name)
+    assert numba_kernels["lstm_cell_backward"] > 0 and numba_kernels["latent_backward"] > 0
+    assert numba_kernels["glimpse_error_backward"] > 0
+    assert (numba_kernels["gaussian_sums_backward"] > 0) == (name != "noattn_colour")
+
+
+@pytest.mark.parametrize("H,W,Ns", [(6, 6, (4, 2)), (5, 7, (3,))])
+def test_window_gradients_on_numba_kernels(numba_kernels, H, W, Ns):
+    from test_engine_attention import test_windows_gradients
+    test_windows_gradients(np.random.default_rng(11), H, W, Ns)
+    assert numba_kernels["gaussian_sums_backward"] >= 1
